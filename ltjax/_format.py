@@ -1,0 +1,549 @@
+"""The LT-Block format: `CompressedTensor`, its codecs, the host packer and the jnp reference decoder.
+
+Layout (format version 1)
+-------------------------
+A logical tensor ``x`` of shape ``S`` and a *channel axis* ``a`` (``-1`` → last axis for
+N-D tensors, ``None`` for 0-D/1-D tensors, which form one channel) is stored as a 2-D
+*storage matrix* ``X = moveaxis(x, a, 0).reshape(C, R)``: one row per channel (``C =
+S[a]``), ``R = size / C`` columns. For a ``flax.linen.Dense`` kernel ``[K, N]`` this is
+the output-channel-major ``[N, K]`` layout that XLA on CPU fuses into one pass.
+
+``X`` is cut into tiles of ``tile = (tile_rows, tile_cols)``; the last tile row/column may
+be ragged (nothing is padded in storage). ``tile_cols`` is a multiple of 32 unless it
+spans the whole row, so a tile's mask words never straddle two tiles. Tiles are
+numbered row-major over the tile grid ``(T_r, T_c)``.
+
+Codecs and their arrays (every array is a pytree leaf):
+
+=============  ==========================================================================
+``raw``        ``values  [C, R]  dtype``
+``int8``       ``codes   [C, R]  int8``, ``scales [C] float32``; ``X ≈ codes * scales[:, None]``
+``bitmask``    ``mask    [C, W]  uint32`` (``W = ceil(R / 32)``; bit ``b`` of word ``w`` in
+               row ``c`` is set iff ``X[c, 32 w + b]`` is nonzero, as bits: ``-0.0`` is
+               kept), ``values [nnz] dtype`` (the nonzeros, tile by tile, row-major inside
+               a tile), ``offsets [T_r * T_c] int32`` (exclusive prefix sum of the
+               per-tile nonzero counts)
+``bitmask_int8`` ``mask``, ``offsets`` as ``bitmask``, ``codes [nnz] int8``, ``scales [C] float32``
+=============  ==========================================================================
+
+Every codec also stores ``checksums [T_r * T_c] uint32``: the CRC32C of each tile's bytes,
+its rows' scales and its offset (see `tile_checksums`), so any damaged byte is pinned to
+one tile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import crc32c as _crc32c
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from ltjax._errors import ChecksumError
+
+FORMAT_VERSION = 1
+CODECS = ("raw", "int8", "bitmask", "bitmask_int8")
+LOSSLESS_CODECS = ("raw", "bitmask")
+DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+DEFAULT_TILE_ELEMENTS = 65536  # 64 KiB of int8 payload
+DEFAULT_TILE_COLS = 256
+_UINT_OF_WIDTH = {2: np.uint16, 4: np.uint32}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Header:
+    """The static part of a `CompressedTensor` (hashable, part of the pytree treedef)."""
+
+    codec: str
+    shape: tuple[int, ...]
+    dtype: str
+    axis: int | None
+    tile: tuple[int, int]
+    version: int = FORMAT_VERSION
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.axis is None else self.shape[self.axis]
+
+    @property
+    def storage_shape(self) -> tuple[int, int]:
+        size = math.prod(self.shape)
+        c = self.channels
+        return c, (size // c if c else 0)
+
+    @property
+    def tile_grid(self) -> tuple[int, int]:
+        (c, r), (tr, tc) = self.storage_shape, self.tile
+        return -(-c // tr), -(-r // tc)
+
+    @property
+    def num_tiles(self) -> int:
+        gr, gc = self.tile_grid
+        return gr * gc
+
+    @property
+    def mask_words(self) -> int:
+        return -(-self.storage_shape[1] // 32)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "codec": self.codec,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "axis": self.axis,
+            "tile": list(self.tile),
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Header":
+        return cls(
+            codec=str(d["codec"]),
+            shape=tuple(int(s) for s in d["shape"]),
+            dtype=str(d["dtype"]),
+            axis=None if d["axis"] is None else int(d["axis"]),
+            tile=(int(d["tile"][0]), int(d["tile"][1])),
+            version=int(d["version"]),
+        )
+
+
+_ARRAY_FIELDS = ("values", "codes", "scales", "mask", "offsets", "checksums")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CompressedTensor:
+    """A tensor kept in the LT-Block format; a JAX pytree (arrays are leaves, `header` is static).
+
+    Invariants (checked by `validate`):
+      * ``codec`` is one of ``raw``, ``int8``, ``bitmask``, ``bitmask_int8`` and exactly the
+        arrays of that codec are set (module docstring), with the shapes and dtypes listed there.
+      * ``int8``: ``decompress(ct) == (codes * scales[:, None]).astype(dtype)`` in storage
+        order, ``|codes| <= 127``; ``scales >= 0`` (a zero scale means an all-zero channel).
+      * bitmask codecs: ``offsets[t] == sum(popcount(mask words of tile u) for u < t)`` and
+        ``len(values or codes) == total popcount``; decoding is exact for ``bitmask``.
+      * ``checksums[t]`` is the CRC32C of tile ``t`` (`tile_checksums`); it is computed at
+        pack time and checked by `ltjax.load` / `verify` before data reaches a device.
+
+    Under ``jit``/``vmap``/``grad`` the leaves may be tracers; properties read only the header.
+    """
+
+    header: Header = dataclasses.field(metadata=dict(static=True))
+    values: Any = None
+    codes: Any = None
+    scales: Any = None
+    mask: Any = None
+    offsets: Any = None
+    checksums: Any = None
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def codec(self) -> str:
+        return self.header.codec
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.header.shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.header.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.header.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return DTYPES[self.header.dtype]
+
+    @property
+    def tile(self) -> tuple[int, int]:
+        return self.header.tile
+
+    def arrays(self) -> dict[str, Any]:
+        """The codec's arrays by field name (absent fields left out)."""
+        return {f: getattr(self, f) for f in _ARRAY_FIELDS if getattr(self, f) is not None}
+
+    @property
+    def nbytes(self) -> int:
+        """Every stored byte: codes or values, masks, scales, offsets and checksums."""
+        return int(sum(np.dtype(a.dtype).itemsize * math.prod(a.shape) for a in self.arrays().values()))
+
+    @property
+    def dense_nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_nbytes / self.nbytes if self.nbytes else float("inf")
+
+    @property
+    def nnz(self) -> int:
+        """Stored nonzeros for the bitmask codecs; the element count otherwise."""
+        if self.codec == "bitmask":
+            return int(self.values.shape[0])
+        if self.codec == "bitmask_int8":
+            return int(self.codes.shape[0])
+        return self.size
+
+    @property
+    def T(self) -> "CompressedTensor":
+        """The transpose of a 2-D tensor; free, since the storage matrix is unchanged."""
+        if self.ndim != 2:
+            raise ValueError(f"CompressedTensor.T needs a 2-D tensor, got shape={self.shape}")
+        h = self.header
+        axis = None if h.axis is None else 1 - h.axis
+        if h.axis is None:
+            raise ValueError("CompressedTensor.T needs a tensor with a channel axis")
+        return dataclasses.replace(self, header=dataclasses.replace(h, shape=h.shape[::-1], axis=axis))
+
+    def __repr__(self) -> str:
+        return (
+            f"CompressedTensor(codec={self.codec!r}, shape={self.shape}, dtype={self.header.dtype}, "
+            f"axis={self.header.axis}, tile={self.tile}, nbytes={self.nbytes}, ratio={self.ratio:.2f}x)"
+        )
+
+    def validate(self) -> None:
+        """Checks shapes and dtypes of the arrays against the header (not the checksums)."""
+        validate_arrays(self.header, self.arrays())
+
+
+# ---------------------------------------------------------------------- geometry
+def normalize_axis(shape: tuple[int, ...], axis: int | None | str = "default") -> int | None:
+    if axis == "default":
+        axis = -1 if len(shape) >= 2 else None
+    if axis is None:
+        return None
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"axis={axis} is out of range for a tensor of shape={shape}")
+    return axis % len(shape)
+
+
+def choose_tile(storage_shape: tuple[int, int], tile: int | tuple[int, int] | None) -> tuple[int, int]:
+    """Tile geometry for a storage matrix: an element count or explicit ``(rows, cols)``."""
+    c, r = storage_shape
+    if tile is None:
+        tile = DEFAULT_TILE_ELEMENTS
+    if isinstance(tile, (int, np.integer)):
+        if tile < 32:
+            raise ValueError(f"tile={tile} elements cannot fit: a tile holds at least 32 elements")
+        tc = r if r <= DEFAULT_TILE_COLS else DEFAULT_TILE_COLS
+        tc = max(tc, 1)
+        tr = max(1, min(max(c, 1), int(tile) // tc))
+        return tr, tc
+    if len(tile) != 2 or any(int(t) < 1 for t in tile):
+        raise ValueError(f"tile={tile!r} cannot fit: give an element count or (rows, cols) >= 1")
+    tr, tc = min(int(tile[0]), max(c, 1)), min(int(tile[1]), max(r, 1))
+    if tc < r and tc % 32:
+        raise ValueError(
+            f"tile={tuple(tile)} cannot fit a storage matrix of {storage_shape}: tile cols={tc} must be "
+            f"a multiple of 32 (mask words) or span the whole row ({r})"
+        )
+    return tr, tc
+
+
+def _tile_bounds(header: Header):
+    (c, r), (tr, tc) = header.storage_shape, header.tile
+    gr, gc = header.tile_grid
+    for i in range(gr):
+        for j in range(gc):
+            yield i * gc + j, i * tr, min(c, (i + 1) * tr), j * tc, min(r, (j + 1) * tc)
+
+
+# ---------------------------------------------------------------------- validation
+def expected_arrays(header: Header, nnz: int | None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes a codec's arrays must have (``nnz`` from the stored values)."""
+    c, r = header.storage_shape
+    dt = DTYPES[header.dtype]
+    t = header.num_tiles
+    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {"checksums": ((t,), np.dtype(np.uint32))}
+    if header.codec == "raw":
+        out["values"] = ((c, r), dt)
+    elif header.codec == "int8":
+        out["codes"] = ((c, r), np.dtype(np.int8))
+        out["scales"] = ((c,), np.dtype(np.float32))
+    else:
+        out["mask"] = ((c, header.mask_words), np.dtype(np.uint32))
+        out["offsets"] = ((t,), np.dtype(np.int32))
+        if header.codec == "bitmask":
+            out["values"] = ((nnz,), dt)
+        else:
+            out["codes"] = ((nnz,), np.dtype(np.int8))
+            out["scales"] = ((c,), np.dtype(np.float32))
+    return out
+
+
+def validate_header(header: Header) -> None:
+    from ltjax._errors import LTFormatError
+
+    if header.version > FORMAT_VERSION:
+        raise LTFormatError(
+            f"format version {header.version} is newer than this ltjax reads ({FORMAT_VERSION}): upgrade ltjax"
+        )
+    if header.version < 1:
+        raise LTFormatError(f"invalid format version {header.version}")
+    if header.codec not in CODECS:
+        raise LTFormatError(f"unknown codec {header.codec!r}; known: {CODECS}")
+    if header.dtype not in DTYPES:
+        raise LTFormatError(f"unsupported dtype {header.dtype!r}; supported: {tuple(DTYPES)}")
+    if any(s < 0 for s in header.shape):
+        raise LTFormatError(f"negative dimension in shape={header.shape}")
+    if header.axis is not None and not 0 <= header.axis < len(header.shape):
+        raise LTFormatError(f"axis={header.axis} out of range for shape={header.shape}")
+    try:
+        tile = choose_tile(header.storage_shape, header.tile)
+    except ValueError as e:
+        raise LTFormatError(str(e)) from None
+    if tile != header.tile:
+        raise LTFormatError(f"tile={header.tile} does not fit storage {header.storage_shape}")
+
+
+def validate_arrays(header: Header, arrays: dict[str, Any]) -> None:
+    from ltjax._errors import LTFormatError
+
+    validate_header(header)
+    nnz = None
+    if header.codec == "bitmask" and arrays.get("values") is not None:
+        nnz = int(arrays["values"].shape[0])
+    if header.codec == "bitmask_int8" and arrays.get("codes") is not None:
+        nnz = int(arrays["codes"].shape[0])
+    want = expected_arrays(header, nnz)
+    if set(arrays) != set(want):
+        raise LTFormatError(f"codec {header.codec!r} needs arrays {sorted(want)}, got {sorted(arrays)}")
+    for name, (shape, dt) in want.items():
+        a = arrays[name]
+        if tuple(a.shape) != shape or np.dtype(a.dtype) != dt:
+            raise LTFormatError(
+                f"array {name!r} of codec {header.codec!r} has shape={tuple(a.shape)} dtype={np.dtype(a.dtype)}, "
+                f"expected shape={shape} dtype={dt}"
+            )
+
+
+# ---------------------------------------------------------------------- host packer
+def _as_numpy(x: Any, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    dt = a.dtype
+    if dt not in DTYPES.values():
+        raise ValueError(
+            f"tensor {name!r} has unsupported dtype {dt}; supported: {', '.join(DTYPES)} "
+            f"(cast first, e.g. x.astype(np.float32))"
+        )
+    return a
+
+
+def check_finite(a: np.ndarray, name: str) -> None:
+    bad = ~np.isfinite(a.astype(np.float32, copy=False))
+    n = int(bad.sum())
+    if n:
+        nan = int(np.isnan(a.astype(np.float32, copy=False)).sum())
+        raise ValueError(f"tensor {name!r} has {n} non-finite values ({nan} NaN, {n - nan} Inf); cannot compress it")
+
+
+def to_storage(a: np.ndarray, axis: int | None) -> np.ndarray:
+    """The [C, R] storage matrix of a logical array (a view where possible)."""
+    if axis is None:
+        return a.reshape(1, a.size)
+    return np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
+
+
+def _nonzero_bits(x2: np.ndarray) -> np.ndarray:
+    return x2.view(_UINT_OF_WIDTH[x2.dtype.itemsize]) != 0
+
+
+def _pack_mask(nz: np.ndarray) -> np.ndarray:
+    c, r = nz.shape
+    w = -(-r // 32)
+    padded = np.zeros((c, w * 32), dtype=bool)
+    padded[:, :r] = nz
+    return np.packbits(padded, axis=1, bitorder="little").view("<u4").reshape(c, w).astype(np.uint32)
+
+
+def _tile_order(x2: np.ndarray, tile: tuple[int, int]) -> np.ndarray:
+    """Elements of the storage matrix reordered tile by tile, row-major inside each tile (zero padded)."""
+    c, r = x2.shape
+    tr, tc = tile
+    gr, gc = -(-c // tr), -(-r // tc)
+    if (gr * tr, gc * tc) != (c, r):
+        p = np.zeros((gr * tr, gc * tc), dtype=x2.dtype)
+        p[:c, :r] = x2
+        x2 = p
+    return x2.reshape(gr, tr, gc, tc).transpose(0, 2, 1, 3).reshape(gr * gc, tr * tc)
+
+
+def int8_quantize(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8: ``codes = round(x / s)``, ``s = max|x| / 127`` (f32)."""
+    xf = x2.astype(np.float32, copy=False)
+    scales = (np.abs(xf).max(axis=1) / np.float32(127.0)).astype(np.float32) if xf.size else np.zeros(
+        (x2.shape[0],), np.float32
+    )
+    safe = np.where(scales > 0, scales, np.float32(1.0))
+    codes = np.clip(np.rint(xf / safe[:, None]), -127, 127).astype(np.int8)
+    return codes, scales
+
+
+def pack(
+    x: Any,
+    codec: str,
+    *,
+    tile: int | tuple[int, int] | None = None,
+    axis: int | None | str = "default",
+    name: str = "tensor",
+) -> CompressedTensor:
+    """Packs a host array into one codec. Vectorised numpy; checksums computed here, once."""
+    if codec not in CODECS:
+        raise ValueError(f"{codec=} is not a codec; choose one of {CODECS}")
+    a = _as_numpy(x, name)
+    check_finite(a, name)
+    ax = normalize_axis(a.shape, axis)
+    x2 = to_storage(a, ax)
+    tile_rc = choose_tile(x2.shape, tile)
+    header = Header(
+        codec=codec,
+        shape=tuple(int(s) for s in a.shape),
+        dtype=_dtype_name(a.dtype),
+        axis=ax,
+        tile=tile_rc,
+    )
+    arrays: dict[str, np.ndarray] = {}
+    if codec == "raw":
+        arrays["values"] = np.ascontiguousarray(x2)
+    elif codec == "int8":
+        arrays["codes"], arrays["scales"] = int8_quantize(x2)
+    else:
+        nz = _nonzero_bits(x2)
+        arrays["mask"] = _pack_mask(nz)
+        nz_t = _tile_order(nz, tile_rc)
+        counts = nz_t.sum(axis=1, dtype=np.int64)
+        arrays["offsets"] = (np.cumsum(counts) - counts).astype(np.int32)
+        if counts.sum() >= 2**31:
+            raise ValueError(f"tensor {name!r} has {counts.sum()} nonzeros; the format's int32 offsets hold < 2**31")
+        if codec == "bitmask":
+            arrays["values"] = _tile_order(x2, tile_rc)[nz_t]
+        else:
+            codes, arrays["scales"] = int8_quantize(x2)
+            arrays["codes"] = _tile_order(codes, tile_rc)[nz_t]
+    arrays["checksums"] = tile_checksums(header, arrays)
+    return CompressedTensor(header=header, **arrays)
+
+
+def _dtype_name(dt: np.dtype) -> str:
+    for k, v in DTYPES.items():
+        if v == dt:
+            return k
+    raise ValueError(f"unsupported dtype {dt}")
+
+
+# ---------------------------------------------------------------------- checksums
+def tile_checksums(header: Header, arrays: dict[str, Any]) -> np.ndarray:
+    """CRC32C per tile over: payload of the tile, its mask words, its rows' scales, its offset.
+
+    For the bitmask codecs the payload of tile ``t`` is ``values[offsets[t]:offsets[t+1]]``.
+    """
+    a = {k: np.asarray(v) for k, v in arrays.items() if k != "checksums" and v is not None}
+    out = np.zeros((header.num_tiles,), np.uint32)
+    n_packed = None
+    packed = a.get("values") if header.codec == "bitmask" else a.get("codes") if header.codec == "bitmask_int8" else None
+    if packed is not None:
+        n_packed = packed.shape[0]
+    offsets = a.get("offsets")
+    for t, r0, r1, c0, c1 in _tile_bounds(header):
+        crc = 0
+        if header.codec == "raw":
+            crc = _crc32c.crc32c(np.ascontiguousarray(a["values"][r0:r1, c0:c1]).tobytes(), crc)
+        elif header.codec == "int8":
+            crc = _crc32c.crc32c(np.ascontiguousarray(a["codes"][r0:r1, c0:c1]).tobytes(), crc)
+        else:
+            w0, w1 = c0 // 32, -(-c1 // 32)
+            crc = _crc32c.crc32c(np.ascontiguousarray(a["mask"][r0:r1, w0:w1]).tobytes(), crc)
+            lo = int(offsets[t])
+            hi = int(offsets[t + 1]) if t + 1 < header.num_tiles else n_packed
+            lo, hi = max(0, min(lo, n_packed)), max(0, min(hi, n_packed))
+            crc = _crc32c.crc32c(np.ascontiguousarray(packed[lo:hi]).tobytes(), crc)
+            crc = _crc32c.crc32c(offsets[t : t + 1].tobytes(), crc)
+        if "scales" in a:
+            crc = _crc32c.crc32c(np.ascontiguousarray(a["scales"][r0:r1]).tobytes(), crc)
+        out[t] = crc
+    return out
+
+
+def verify_checksums(ct: CompressedTensor, name: str = "tensor") -> None:
+    """Raises `ChecksumError` naming the first damaged tile of ``ct`` (host arrays)."""
+    arrays = {k: np.asarray(v) for k, v in ct.arrays().items()}
+    got = tile_checksums(ct.header, arrays)
+    bad = np.flatnonzero(got != arrays["checksums"])
+    if bad.size:
+        t = int(bad[0])
+        raise ChecksumError(
+            f"tensor {name!r}: checksum mismatch in tile {t} of {ct.header.num_tiles} "
+            f"({bad.size} damaged tile(s)); the stored bytes are corrupt",
+            tensor=name,
+            tile=t,
+        )
+    if ct.codec in ("bitmask", "bitmask_int8"):
+        # Offsets must be the prefix sums the mask implies, or decoding reads the wrong values.
+        counts = _tile_order(np.unpackbits(arrays["mask"].view(np.uint8), axis=1, bitorder="little")[
+            :, : ct.header.storage_shape[1]].astype(bool), ct.header.tile).sum(axis=1)
+        want = np.cumsum(counts) - counts
+        if not np.array_equal(want, arrays["offsets"]) or counts.sum() != ct.nnz:
+            raise ChecksumError(f"tensor {name!r}: tile offsets disagree with the mask", tensor=name)
+
+
+# ---------------------------------------------------------------------- jnp reference decoder
+def unpack_mask(mask: jax.Array, r: int) -> jax.Array:
+    """uint32 mask words [C, W] → bool [C, r] (bit b of word w is column 32 w + b)."""
+    bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
+    return bits.reshape(mask.shape[0], -1)[:, :r].astype(bool)
+
+
+def packed_index(header: Header, bits: jax.Array, offsets: jax.Array) -> jax.Array:
+    """For each storage element, its index into the packed values (valid where ``bits``)."""
+    (c, r), (tr, tc) = header.storage_shape, header.tile
+    gr, gc = header.tile_grid
+    b = jnp.pad(bits.astype(jnp.int32), ((0, gr * tr - c), (0, gc * tc - r)))
+    b = b.reshape(gr, tr, gc, tc).transpose(0, 2, 1, 3).reshape(gr, gc, tr * tc)
+    rank = jnp.cumsum(b, axis=-1) - b + offsets.reshape(gr, gc, 1)
+    rank = rank.reshape(gr, gc, tr, tc).transpose(0, 2, 1, 3).reshape(gr * tr, gc * tc)
+    return rank[:c, :r]
+
+
+def decode_storage(ct: CompressedTensor, dtype=None) -> jax.Array:
+    """The [C, R] storage matrix in ``dtype`` (default: the logical dtype). Pure jnp."""
+    h = ct.header
+    dtype = ct.dtype if dtype is None else dtype
+    c, r = h.storage_shape
+    if h.codec == "raw":
+        return jnp.asarray(ct.values).astype(dtype)
+    if h.codec == "int8":
+        return (jnp.asarray(ct.codes).astype(jnp.float32) * jnp.asarray(ct.scales)[:, None]).astype(dtype)
+    bits = unpack_mask(jnp.asarray(ct.mask), r)
+    packed = jnp.asarray(ct.values if h.codec == "bitmask" else ct.codes)
+    if packed.shape[0] == 0:
+        return jnp.zeros((c, r), dtype)
+    idx = packed_index(h, bits, jnp.asarray(ct.offsets))
+    gathered = jnp.take(packed, jnp.clip(idx, 0, packed.shape[0] - 1), axis=0)
+    if h.codec == "bitmask":
+        return jnp.where(bits, gathered, jnp.zeros((), packed.dtype)).astype(dtype)
+    dense = jnp.where(bits, gathered.astype(jnp.float32), 0.0) * jnp.asarray(ct.scales)[:, None]
+    return dense.astype(dtype)
+
+
+def from_storage(x2: jax.Array, header: Header) -> jax.Array:
+    """Inverse of `to_storage`, in jnp."""
+    if header.axis is None:
+        return x2.reshape(header.shape)
+    rest = header.shape[: header.axis] + header.shape[header.axis + 1 :]
+    return jnp.moveaxis(x2.reshape((header.channels,) + rest), 0, header.axis)
+
+
+def decompress_reference(ct: CompressedTensor) -> jax.Array:
+    """The dense logical tensor, in pure jnp: the numerical ground truth of every decoder."""
+    return from_storage(decode_storage(ct), ct.header)
