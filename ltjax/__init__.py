@@ -1,7 +1,25 @@
-"""ltjax: compressed tensors that JAX programs compute on directly."""
+"""ltjax: compressed tensors that JAX programs compute on directly.
 
+>>> import numpy as np, ltjax
+>>> w = np.random.default_rng(0).standard_normal((256, 128)).astype(np.float32)
+>>> ct = ltjax.compress(w, "int8")
+>>> ct.codec, ct.shape, round(ct.ratio, 2)
+('int8', (256, 128), 3.9)
+"""
+
+from ltjax._analyze import (
+    AnalysisReport,
+    CompressionReport,
+    Policy,
+    TensorStats,
+    analyze,
+    compress,
+    compress_tree,
+    tree_report,
+)
 from ltjax._errors import ChecksumError, LTFormatError
 from ltjax._format import CODECS, FORMAT_VERSION, CompressedTensor, Header
+from ltjax._io import load, save, verify
 from ltjax._ops import decompress, matmul
 
 __version__ = "0.1.0"
@@ -9,10 +27,21 @@ __version__ = "0.1.0"
 __all__ = [
     "CODECS",
     "FORMAT_VERSION",
+    "AnalysisReport",
     "ChecksumError",
     "CompressedTensor",
+    "CompressionReport",
     "Header",
     "LTFormatError",
+    "Policy",
+    "TensorStats",
+    "analyze",
+    "compress",
+    "compress_tree",
     "decompress",
+    "load",
     "matmul",
+    "save",
+    "tree_report",
+    "verify",
 ]

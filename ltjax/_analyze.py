@@ -1,0 +1,468 @@
+"""The pattern analyzer, `compress`, and whole-tree compression under a `Policy`."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import logging
+import math
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+
+from ltjax._format import (
+    CODECS,
+    DTYPES,
+    LOSSLESS_CODECS,
+    CompressedTensor,
+    Header,
+    check_finite,
+    choose_tile,
+    expected_arrays,
+    int8_quantize,
+    normalize_axis,
+    pack,
+    to_storage,
+    _as_numpy,
+    _dtype_name,
+    _nonzero_bits,
+    _tile_order,
+)
+
+log = logging.getLogger("ltjax")
+
+OUTLIER_SIGMAS = 6.0
+
+
+# ---------------------------------------------------------------------- per-tensor analysis
+@dataclasses.dataclass(frozen=True)
+class CodecEstimate:
+    """What one codec would cost and lose on one tensor (bytes are exact, not estimated)."""
+
+    codec: str
+    nbytes: int
+    ratio: float
+    rel_error: float  # ‖dense − decoded‖ / ‖dense‖ (0 for an exact round trip)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorStats:
+    """Measured statistics of one tensor and the cost of each codec on it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    dense_nbytes: int
+    zeros: float  # fraction of elements whose bits are all zero
+    min: float
+    max: float
+    absmax: float
+    rms: float
+    outliers: float  # fraction of |x| > OUTLIER_SIGMAS * rms
+    codecs: tuple[CodecEstimate, ...]
+
+    def estimate(self, codec: str) -> CodecEstimate:
+        return next(c for c in self.codecs if c.codec == codec)
+
+    def best(self, error_budget: float | None = None, codecs: Iterable[str] = CODECS) -> CodecEstimate:
+        """The smallest allowed codec within the budget; `raw` when nothing saves space."""
+        budget = 0.0 if error_budget is None else float(error_budget)
+        ok = [c for c in self.codecs if c.codec in tuple(codecs) and c.rel_error <= budget]
+        ok = [c for c in ok if c.nbytes < self.dense_nbytes]
+        if not ok:
+            return self.estimate("raw")
+        return min(ok, key=lambda c: (c.nbytes, CODECS.index(c.codec)))
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def _rel_error(x: np.ndarray, decoded: np.ndarray) -> float:
+    x64 = x.astype(np.float64)
+    num = float(np.linalg.norm(decoded.astype(np.float64) - x64))
+    den = float(np.linalg.norm(x64))
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def _nbytes(header: Header, nnz: int) -> int:
+    return int(sum(math.prod(s) * dt.itemsize for s, dt in expected_arrays(header, nnz).values()))
+
+
+def analyze_array(
+    x: Any, *, name: str = "tensor", tile: int | tuple[int, int] | None = None, axis: int | None | str = "default"
+) -> TensorStats:
+    """Measures one tensor: zeros, range, outliers, and every codec's exact size and error."""
+    a = _as_numpy(x, name)
+    if a.size == 0:
+        raise ValueError(f"tensor {name!r} is empty (shape={a.shape}); nothing to compress")
+    check_finite(a, name)
+    ax = normalize_axis(a.shape, axis)
+    x2 = to_storage(a, ax)
+    tile_rc = choose_tile(x2.shape, tile)
+    xf = x2.astype(np.float32)
+    nz = _nonzero_bits(x2)
+    nnz = int(nz.sum())
+    rms = float(np.sqrt(np.mean(np.square(xf, dtype=np.float64))))
+    codes, scales = int8_quantize(x2)
+    dec_int8 = (codes.astype(np.float32) * scales[:, None]).astype(a.dtype)
+    err_int8 = _rel_error(x2, dec_int8)
+    estimates = []
+    for codec in CODECS:
+        h = Header(codec=codec, shape=tuple(a.shape), dtype=_dtype_name(a.dtype), axis=ax, tile=tile_rc)
+        nb = _nbytes(h, nnz)
+        err = 0.0 if codec in LOSSLESS_CODECS else err_int8
+        estimates.append(CodecEstimate(codec, nb, a.nbytes / nb, err))
+    return TensorStats(
+        name=name,
+        shape=tuple(int(s) for s in a.shape),
+        dtype=_dtype_name(a.dtype),
+        dense_nbytes=int(a.nbytes),
+        zeros=1.0 - nnz / a.size,
+        min=float(xf.min()),
+        max=float(xf.max()),
+        absmax=float(np.abs(xf).max()),
+        rms=rms,
+        outliers=float(np.mean(np.abs(xf) > OUTLIER_SIGMAS * rms)) if rms > 0 else 0.0,
+        codecs=tuple(estimates),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisReport:
+    """Per-tensor statistics; prints as a table, serialises with `to_json`."""
+
+    tensors: tuple[TensorStats, ...]
+    skipped: tuple[tuple[str, str], ...] = ()  # (path, reason)
+    error_budget: float | None = None
+
+    def __str__(self) -> str:
+        head = ["tensor", "shape", "dtype", "zeros", "absmax", "outl", *[f"{c} x / err" for c in CODECS], "pick"]
+        rows = []
+        for t in self.tensors:
+            cells = [
+                t.name,
+                "x".join(map(str, t.shape)),
+                t.dtype,
+                f"{t.zeros:.1%}",
+                f"{t.absmax:.3g}",
+                f"{t.outliers:.1e}",
+            ]
+            cells += [f"{e.ratio:.2f} / {e.rel_error:.1e}" for e in t.codecs]
+            cells.append(t.best(self.error_budget).codec)
+            rows.append(cells)
+        out = _table(head, rows)
+        for path, why in self.skipped:
+            out += f"\nskipped {path}: {why}"
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "error_budget": self.error_budget,
+                "tensors": [t.to_json() for t in self.tensors],
+                "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            }
+        )
+
+
+def analyze(tree: Any, *, error_budget: float | None = None, tile=None) -> AnalysisReport:
+    """Analyzes an array or every float leaf of a pytree (e.g. Flax params)."""
+    if _is_array(tree):
+        return AnalysisReport((analyze_array(tree, tile=tile),), error_budget=error_budget)
+    stats, skipped = [], []
+    for path, leaf in tree_leaves_with_paths(tree):
+        if isinstance(leaf, CompressedTensor):
+            skipped.append((path, f"already compressed ({leaf.codec})"))
+            continue
+        why = _unsupported(leaf)
+        if why:
+            skipped.append((path, why))
+            continue
+        stats.append(analyze_array(leaf, name=path, tile=tile))
+    return AnalysisReport(tuple(stats), tuple(skipped), error_budget)
+
+
+# ---------------------------------------------------------------------- compress
+def compress(
+    x: Any,
+    codec: str = "auto",
+    *,
+    error_budget: float | None = None,
+    tile: int | tuple[int, int] | None = None,
+    axis: int | None | str = "default",
+    codecs: Iterable[str] = CODECS,
+    name: str = "tensor",
+) -> CompressedTensor:
+    """Packs ``x`` (host side) into the LT-Block format.
+
+    Args:
+      x: a float32 / bfloat16 / float16 array (numpy or jax), any shape.
+      codec: one of `ltjax.CODECS`, or ``"auto"``: the smallest of ``codecs`` whose relative
+        error ‖x − decoded‖/‖x‖ is within ``error_budget`` (``None`` → lossless only), and
+        ``raw`` when nothing saves space.
+      error_budget: the relative error ``auto`` may spend; ignored for an explicit codec.
+      tile: tile geometry: elements per tile (default 65536) or ``(rows, cols)`` of the
+        storage matrix.
+      axis: the channel axis (one int8 scale per channel); default: the last axis of an N-D
+        tensor (a flax Dense kernel's output axis), one channel for 0-D and 1-D tensors.
+      codecs: the codecs ``auto`` may choose from.
+      name: used in error messages.
+
+    >>> import numpy as np, ltjax
+    >>> ct = ltjax.compress(np.eye(64, dtype=np.float32))   # 98% zeros: lossless bitmask
+    >>> ct.codec, ct.shape
+    ('bitmask', (64, 64))
+    """
+    if codec == "auto":
+        bad = [c for c in codecs if c not in CODECS]
+        if bad:
+            raise ValueError(f"unknown codecs {bad}; choose from {CODECS}")
+        if error_budget is not None and not error_budget >= 0:
+            raise ValueError(f"{error_budget=} must be >= 0")
+        codec = analyze_array(x, name=name, tile=tile, axis=axis).best(error_budget, codecs).codec
+    elif codec not in CODECS:
+        raise ValueError(f"{codec=} is not a codec; choose 'auto' or one of {CODECS}")
+    else:
+        a = _as_numpy(x, name)
+        if a.size == 0:
+            raise ValueError(f"tensor {name!r} is empty (shape={a.shape}); nothing to compress")
+    return pack(x, codec, tile=tile, axis=axis, name=name)
+
+
+# ---------------------------------------------------------------------- trees
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Which leaves of a tree to compress, and how.
+
+    Attributes:
+      codec: ``"auto"`` or one codec for every selected leaf.
+      codecs: the codecs ``auto`` may choose from.
+      error_budget: relative error ``auto`` may spend per tensor (``None``: lossless).
+      min_size: leaves with fewer elements stay dense.
+      min_ndim: leaves of lower rank stay dense (biases, norm scales).
+      skip: glob patterns on the ``a/b/kernel`` path of leaves to keep dense.
+      axes: ``(pattern, axis)`` pairs overriding the channel axis (first match wins), e.g.
+        ``(("*embedding", 0),)`` so an embedding's rows are its channels.
+      tile: tile geometry for every tensor.
+    """
+
+    codec: str = "auto"
+    codecs: tuple[str, ...] = CODECS
+    error_budget: float | None = None
+    min_size: int = 4096
+    min_ndim: int = 2
+    skip: tuple[str, ...] = ()
+    axes: tuple[tuple[str, int | None], ...] = (("*embedding", 0),)
+    tile: int | tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.codec != "auto" and self.codec not in CODECS:
+            raise ValueError(f"Policy codec={self.codec!r} is not 'auto' or one of {CODECS}")
+        bad = [c for c in self.codecs if c not in CODECS]
+        if bad:
+            raise ValueError(f"Policy codecs={self.codecs} has unknown codecs {bad}")
+        if isinstance(self.skip, str):
+            object.__setattr__(self, "skip", (self.skip,))
+
+    def axis_for(self, path: str) -> int | None | str:
+        for pattern, axis in self.axes:
+            if fnmatch.fnmatchcase(path, pattern):
+                return axis
+        return "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafReport:
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    codec: str  # "dense" when left as is
+    dense_nbytes: int
+    nbytes: int
+    rel_error: float | None = None
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionReport:
+    """Bytes before and after, per leaf and in total."""
+
+    leaves: tuple[LeafReport, ...]
+    unmatched_skip: tuple[str, ...] = ()
+
+    @property
+    def dense_nbytes(self) -> int:
+        return sum(l.dense_nbytes for l in self.leaves)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(l.nbytes for l in self.leaves)
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_nbytes / self.nbytes if self.nbytes else float("inf")
+
+    def __str__(self) -> str:
+        rows = [
+            [
+                l.path,
+                "x".join(map(str, l.shape)),
+                l.dtype,
+                l.codec,
+                _fmt_bytes(l.dense_nbytes),
+                _fmt_bytes(l.nbytes),
+                f"{l.dense_nbytes / l.nbytes:.2f}x" if l.nbytes else "-",
+                "-" if l.rel_error is None else f"{l.rel_error:.2e}",
+                l.reason,
+            ]
+            for l in self.leaves
+        ]
+        rows.append(["TOTAL", "", "", "", _fmt_bytes(self.dense_nbytes), _fmt_bytes(self.nbytes), f"{self.ratio:.2f}x", "", ""])
+        out = _table(["leaf", "shape", "dtype", "codec", "dense", "stored", "ratio", "rel err", "note"], rows)
+        if self.unmatched_skip:
+            out += f"\nskip patterns that matched no leaf: {', '.join(self.unmatched_skip)}"
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "dense_nbytes": self.dense_nbytes,
+                "nbytes": self.nbytes,
+                "ratio": self.ratio,
+                "unmatched_skip": list(self.unmatched_skip),
+                "leaves": [dict(dataclasses.asdict(l), shape=list(l.shape)) for l in self.leaves],
+            }
+        )
+
+
+def compress_tree(tree: Any, policy: Policy | None = None, *, return_report: bool = False):
+    """Compresses every leaf of ``tree`` that ``policy`` selects; the rest stays as it is.
+
+    Returns the tree with `CompressedTensor` leaves (same structure), or ``(tree, report)``
+    with ``return_report=True``. Skip patterns that match no leaf are reported (and logged),
+    never silently ignored.
+    """
+    policy = Policy() if policy is None else policy
+    paths_leaves = tree_leaves_with_paths(tree)
+    used = set()
+    new_leaves, reports = [], []
+    for path, leaf in paths_leaves:
+        skip_hit = [p for p in policy.skip if fnmatch.fnmatchcase(path, p)]
+        used.update(skip_hit)
+        if isinstance(leaf, CompressedTensor):
+            new_leaves.append(leaf)
+            reports.append(LeafReport(path, leaf.shape, leaf.header.dtype, leaf.codec, leaf.dense_nbytes, leaf.nbytes, None, "already compressed"))
+            continue
+        why = _unsupported(leaf)
+        shape = tuple(getattr(leaf, "shape", ()))
+        dtype = str(getattr(leaf, "dtype", type(leaf).__name__))
+        nb = int(getattr(leaf, "nbytes", 0) or 0)
+        if not why and skip_hit:
+            why = f"skipped by pattern {skip_hit[0]!r}"
+        if not why and math.prod(shape) < policy.min_size:
+            why = f"size {math.prod(shape)} < min_size {policy.min_size}"
+        if not why and len(shape) < policy.min_ndim:
+            why = f"ndim {len(shape)} < min_ndim {policy.min_ndim}"
+        if why:
+            new_leaves.append(leaf)
+            reports.append(LeafReport(path, shape, dtype, "dense", nb, nb, None, why))
+            continue
+        axis = policy.axis_for(path)
+        if policy.codec == "auto":
+            stats = analyze_array(leaf, name=path, tile=policy.tile, axis=axis)
+            codec = stats.best(policy.error_budget, policy.codecs).codec
+            err = stats.estimate(codec).rel_error
+        else:
+            codec, err = policy.codec, None
+        ct = pack(leaf, codec, tile=policy.tile, axis=axis, name=path)
+        if err is None:
+            err = _measured_error(leaf, ct)
+        new_leaves.append(ct)
+        reports.append(LeafReport(path, shape, ct.header.dtype, codec, ct.dense_nbytes, ct.nbytes, err))
+    unmatched = tuple(p for p in policy.skip if p not in used)
+    if unmatched:
+        log.warning("ltjax.compress_tree: skip patterns matched no leaf: %s", ", ".join(unmatched))
+    treedef = jax.tree_util.tree_structure(tree, is_leaf=_is_ct)
+    out = jax.tree_util.tree_unflatten(treedef, new_leaves)
+    report = CompressionReport(tuple(reports), unmatched)
+    return (out, report) if return_report else out
+
+
+def tree_report(tree: Any) -> CompressionReport:
+    """Bytes of every leaf of a (possibly compressed) tree."""
+    leaves = []
+    for path, leaf in tree_leaves_with_paths(tree):
+        if isinstance(leaf, CompressedTensor):
+            leaves.append(LeafReport(path, leaf.shape, leaf.header.dtype, leaf.codec, leaf.dense_nbytes, leaf.nbytes))
+        elif hasattr(leaf, "nbytes"):
+            leaves.append(LeafReport(path, tuple(leaf.shape), str(leaf.dtype), "dense", int(leaf.nbytes), int(leaf.nbytes)))
+    return CompressionReport(tuple(leaves))
+
+
+def _measured_error(x: Any, ct: CompressedTensor) -> float:
+    if ct.codec in LOSSLESS_CODECS:
+        return 0.0
+    a = np.asarray(x)
+    codes, scales = int8_quantize(to_storage(a, ct.header.axis))
+    return _rel_error(to_storage(a, ct.header.axis), (codes.astype(np.float32) * scales[:, None]).astype(a.dtype))
+
+
+# ---------------------------------------------------------------------- helpers
+def _is_ct(x: Any) -> bool:
+    return isinstance(x, CompressedTensor)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (np.ndarray, jax.Array))
+
+
+def _unsupported(leaf: Any) -> str:
+    if not _is_array(leaf):
+        return f"not an array ({type(leaf).__name__})"
+    if np.dtype(leaf.dtype) not in DTYPES.values():
+        return f"dtype {np.dtype(leaf.dtype)} is not one of {', '.join(DTYPES)}"
+    if math.prod(leaf.shape) == 0:
+        return "empty"
+    return ""
+
+
+def path_str(path) -> str:
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(str(k.name))
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(k.key))
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def tree_leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
+    """(``a/b/kernel`` path, leaf) pairs; `CompressedTensor`s count as leaves."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_ct)
+    return [(path_str(p), leaf) for p, leaf in flat]
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
