@@ -378,6 +378,10 @@ def compress_tree(tree: Any, policy: Policy | None = None, *, return_report: boo
             stats = analyze_array(leaf, name=path, tile=policy.tile, axis=axis)
             codec = stats.best(policy.error_budget, policy.codecs).codec
             err = stats.estimate(codec).rel_error
+            if codec == "raw":  # nothing saves space: the plain array is smaller and faster
+                new_leaves.append(leaf)
+                reports.append(LeafReport(path, shape, dtype, "dense", nb, nb, None, "no allowed codec saves space"))
+                continue
         else:
             codec, err = policy.codec, None
         ct = pack(leaf, codec, tile=policy.tile, axis=axis, name=path)

@@ -402,6 +402,8 @@ def pack(
     if codec not in CODECS:
         raise ValueError(f"{codec=} is not a codec; choose one of {CODECS}")
     a = _as_numpy(x, name)
+    if a.size == 0:
+        raise ValueError(f"tensor {name!r} is empty (shape={a.shape}); nothing to compress")
     check_finite(a, name)
     ax = normalize_axis(a.shape, axis)
     x2 = to_storage(a, ax)
@@ -431,6 +433,7 @@ def pack(
         else:
             codes, arrays["scales"] = int8_quantize(x2)
             arrays["codes"] = _tile_order(codes, tile_rc)[nz_t]
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     arrays["checksums"] = tile_checksums(header, arrays)
     return CompressedTensor(header=header, **arrays)
 

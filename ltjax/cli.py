@@ -1,0 +1,144 @@
+"""The ``ltjax`` command line: analyze, compress, inspect and verify tensor files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from ltjax._analyze import Policy, _table, _fmt_bytes, analyze, compress_tree, tree_leaves_with_paths
+from ltjax._errors import LTFormatError
+from ltjax._format import CODECS, CompressedTensor
+from ltjax._io import HEADER_CRC_NAME, read_leaves, read_safetensors, save, verify
+
+
+def _is_ltjax_file(path: str) -> bool:
+    try:
+        _, meta, _ = read_safetensors(path)
+    except LTFormatError:
+        return False
+    return meta.get("format") == "ltjax"
+
+
+def read_tensors(path: str) -> dict[str, Any]:
+    """Tensors of a ``.npz``, safetensors or ltjax file, by name (compressed ones as `CompressedTensor`)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    if _is_ltjax_file(path):
+        return dict(read_leaves(path))
+    arrays, _, _ = read_safetensors(path)
+    arrays.pop(HEADER_CRC_NAME, None)
+    return arrays
+
+
+def _decoded(tensors: dict[str, Any]) -> dict[str, Any]:
+    from ltjax._format import decompress_reference
+
+    return {k: np.asarray(decompress_reference(v)) if isinstance(v, CompressedTensor) else v for k, v in tensors.items()}
+
+
+def _cmd_analyze(args) -> int:
+    report = analyze(_decoded(read_tensors(args.file)), error_budget=args.error_budget)
+    print(report.to_json() if args.json else report)
+    return 0
+
+
+def _cmd_compress(args) -> int:
+    tensors = read_tensors(args.file)
+    policy = Policy(
+        codec=args.codec,
+        error_budget=args.error_budget,
+        min_size=args.min_size,
+        min_ndim=args.min_ndim,
+        skip=tuple(args.skip or ()),
+    )
+    tree, report = compress_tree(_decoded(tensors), policy, return_report=True)
+    save(args.output, tree)
+    print(report.to_json() if args.json else f"{report}\nwrote {args.output} ({_fmt_bytes(os.path.getsize(args.output))})")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    leaves = read_leaves(args.file)
+    rows = []
+    for path, leaf in leaves:
+        if isinstance(leaf, CompressedTensor):
+            h = leaf.header
+            rows.append(dict(path=path, codec=h.codec, shape=list(h.shape), dtype=h.dtype, axis=h.axis,
+                             tile=list(h.tile), tiles=h.num_tiles, nnz=leaf.nnz, nbytes=leaf.nbytes,
+                             dense_nbytes=leaf.dense_nbytes, ratio=leaf.ratio))
+        else:
+            rows.append(dict(path=path, codec="dense", shape=list(leaf.shape), dtype=str(leaf.dtype), axis=None,
+                             tile=None, tiles=0, nnz=None, nbytes=int(leaf.nbytes), dense_nbytes=int(leaf.nbytes), ratio=1.0))
+    if args.json:
+        print(json.dumps({"path": args.file, "version": 1, "tensors": rows}))
+        return 0
+    table = [[r["path"], r["codec"], "x".join(map(str, r["shape"])), r["dtype"], str(r["axis"]),
+              "-" if r["tile"] is None else "x".join(map(str, r["tile"])), str(r["tiles"]),
+              _fmt_bytes(r["dense_nbytes"]), _fmt_bytes(r["nbytes"]), f"{r['ratio']:.2f}x"] for r in rows]
+    dense, stored = sum(r["dense_nbytes"] for r in rows), sum(r["nbytes"] for r in rows)
+    table.append(["TOTAL", "", "", "", "", "", "", _fmt_bytes(dense), _fmt_bytes(stored), f"{dense / max(stored, 1):.2f}x"])
+    print(_table(["tensor", "codec", "shape", "dtype", "axis", "tile", "tiles", "dense", "stored", "ratio"], table))
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    summary = verify(args.file)
+    print(json.dumps(summary) if args.json else
+          f"OK {args.file}: {summary['leaves']} tensors ({summary['compressed']} compressed, "
+          f"{summary['tiles']} tiles) verified, {summary['file_bytes']} bytes")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ltjax", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    a = sub.add_parser("analyze", help="per-tensor statistics and the size/error of every codec")
+    a.add_argument("file", help="a .safetensors, .npz or ltjax file")
+    a.add_argument("--error-budget", type=float, default=None, help="relative error the 'pick' column may spend")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(fn=_cmd_analyze)
+
+    c = sub.add_parser("compress", help="compress every tensor of a file into an ltjax file")
+    c.add_argument("file")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--codec", default="auto", choices=("auto",) + CODECS)
+    c.add_argument("--error-budget", type=float, default=None)
+    c.add_argument("--min-size", type=int, default=4096)
+    c.add_argument("--min-ndim", type=int, default=2)
+    c.add_argument("--skip", action="append", help="glob pattern of tensor names to keep dense (repeatable)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=_cmd_compress)
+
+    i = sub.add_parser("inspect", help="list the tensors of an ltjax file (after verifying it)")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=_cmd_inspect)
+
+    v = sub.add_parser("verify", help="check the header and every tile checksum of an ltjax file")
+    v.add_argument("file")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(fn=_cmd_verify)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (LTFormatError, ValueError, FileNotFoundError, OSError) as e:
+        print(f"ltjax {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

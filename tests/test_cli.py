@@ -1,0 +1,63 @@
+"""The `ltjax` command line on real files it makes."""
+
+import json
+
+import numpy as np
+import pytest
+
+import ltjax
+from ltjax.cli import main
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    safetensors = pytest.importorskip("safetensors.numpy")
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 128)).astype(np.float32)
+    s = w.copy()
+    s[rng.random(s.shape) < 0.8] = 0
+    p = tmp_path / "m.safetensors"
+    safetensors.save_file({"l1.weight": w, "l2.weight": s, "l1.bias": rng.standard_normal(128).astype(np.float32)}, str(p))
+    return p
+
+
+def test_analyze_compress_inspect_verify(model_file, tmp_path, capsys):
+    assert main(["analyze", str(model_file)]) == 0
+    out = capsys.readouterr().out
+    assert "l2.weight" in out and "bitmask" in out
+    assert main(["analyze", str(model_file), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["tensors"]) == 3
+
+    lt = tmp_path / "m.lt"
+    assert main(["compress", str(model_file), "-o", str(lt), "--error-budget", "0.01", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    codecs = {l["path"]: l["codec"] for l in rep["leaves"]}
+    assert codecs == {"l1.weight": "int8", "l2.weight": "bitmask_int8", "l1.bias": "dense"}
+
+    assert main(["inspect", str(lt)]) == 0
+    assert "bitmask_int8" in capsys.readouterr().out
+    assert main(["inspect", str(lt), "--json"]) == 0
+    assert {t["path"] for t in json.loads(capsys.readouterr().out)["tensors"]} == set(codecs)
+    assert main(["verify", str(lt)]) == 0
+    assert capsys.readouterr().out.startswith("OK ")
+
+    back = ltjax.load(lt)
+    np.testing.assert_allclose(np.asarray(ltjax.decompress(back["l2.weight"])), np.asarray(
+        ltjax.decompress(ltjax.compress(np.asarray(ltjax.decompress(back["l2.weight"])), "raw"))))
+    assert main(["analyze", str(lt)]) == 0  # an ltjax file is analyzed through its decoded tensors
+
+
+def test_npz_input(tmp_path, capsys):
+    p = tmp_path / "a.npz"
+    np.savez(p, w=np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32))
+    assert main(["compress", str(p), "-o", str(tmp_path / "a.lt"), "--codec", "int8", "--min-size", "1"]) == 0
+    assert ltjax.load(tmp_path / "a.lt")["w"].codec == "int8"
+
+
+def test_errors_are_reported_not_raised(tmp_path, capsys):
+    bad = tmp_path / "bad.lt"
+    bad.write_bytes(b"garbage" * 10)
+    assert main(["verify", str(bad)]) == 1
+    assert "not an ltjax file" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "missing.lt")]) == 1
+    assert "no such file" in capsys.readouterr().err.lower()
