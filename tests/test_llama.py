@@ -127,6 +127,51 @@ def _asdict(c):
   return {f: getattr(c, f) for f in c.__dataclass_fields__}
 
 
+def test_intercept_methods_sees_every_projection_and_the_embedding():
+  # ltjax swaps layers from outside with nn.intercept_methods: every weight use
+  # must be a Dense/Embed method call, which this checks by fake-quantising the
+  # kernels inside the interceptor and comparing with fake-quantised params.
+  import flax.linen as nn
+
+  c = llama.LlamaConfig(**{**_asdict(TINY), "tie_embeddings": False})
+  params = _params(c)
+  tokens = _tokens(c, (1, 6))
+  seen = []
+
+  def fq(w):  # Per-output-channel int8 round trip of a [in, out] kernel.
+    scale = jnp.max(jnp.abs(w), axis=0) / 127
+    return jnp.round(w / scale) * scale
+
+  def interceptor(next_fun, args, kwargs, context):
+    m = context.module
+    if isinstance(m, nn.Dense) and context.method_name == "__call__":
+      seen.append(m.name)
+      return args[0] @ fq(m.get_variable("params", "kernel"))
+    if isinstance(m, nn.Embed) and context.method_name != "setup":
+      seen.append(f"embed.{context.method_name}")
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    got, _ = llama.Llama(c).apply({"params": params}, tokens)
+  assert len(seen) == 7 * c.n_layers + 2 and seen.count("lm_head") == 1
+  assert "embed.__call__" in seen
+  fq_params = jax.tree_util.tree_map_with_path(
+      lambda path, w: fq(w) if path[-1].key == "kernel" else w, params)
+  want, _ = llama.Llama(c).apply({"params": fq_params}, tokens)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_safetensors_checkpoint_loads_as_float32(tmp_path):
+  import ml_dtypes
+
+  c = LOADER_CFG
+  tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in _hf_tensors(c).items()}
+  params, _ = loaders.load_safetensors(_write_hf(str(tmp_path / "hf"), c, tensors))
+  w = params["layers_0"]["mlp"]["up_proj"]["kernel"]
+  assert w.dtype == np.float32
+  np.testing.assert_array_equal(w, tensors["model.layers.0.mlp.up_proj.weight"].astype(np.float32).T)
+
+
 # ------------------------------------------------------------------- KV cache
 
 
