@@ -496,3 +496,26 @@ def test_smollm2_greedy_says_paris():
   ids = tok.encode("The capital of France is").ids
   out, _ = gen.generate(params, config, ids, 2, max_len=16)
   assert tok.decode(out[0].tolist()).startswith(" Paris")
+
+
+# ----------------------------------------------------------------- perplexity
+
+
+def test_perplexity_matches_numpy_reference():
+  from models import perplexity as ppl
+
+  params = _params(TINY)
+  windows = ppl.make_windows(_tokens(TINY, (40,)), 2, 16)
+  got = ppl.perplexity(params, TINY, windows)
+  nll = []
+  for w in windows:
+    logits = np_forward(params, TINY, w)[:-1]
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll.extend(logz - logits[np.arange(15), w[1:]])
+  assert got["tokens"] == 30
+  np.testing.assert_allclose(got["perplexity"], np.exp(np.mean(nll)), rtol=1e-5)
+  kv8 = ppl.perplexity(params, TINY, windows, kv_cache="int8")
+  assert kv8["perplexity"] != got["perplexity"]
+  np.testing.assert_allclose(kv8["perplexity"], got["perplexity"], rtol=0.02)
+  with pytest.raises(ValueError, match="need 64 tokens"):
+    ppl.make_windows(np.arange(40), 4, 16)
