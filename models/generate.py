@@ -65,10 +65,13 @@ def make_apply_fn(config: LlamaConfig, codec: str | None = None) -> ApplyFn:
     return apply
   if codec not in CODECS:
     raise ValueError(f"{codec=} must be one of {CODECS}")
-  import ltjax  # pylint: disable=import-outside-toplevel
+  from ltjax import nn as lnn  # pylint: disable=import-outside-toplevel
+
+  if not hasattr(lnn, "intercept"):
+    raise ImportError("ltjax.nn.intercept is not available in this ltjax build")
 
   def apply_compressed(params, tokens, cache=None, start_pos=0):
-    with ltjax.nn.intercept():
+    with lnn.intercept():
       return model.apply({"params": params}, tokens, cache, start_pos)
   return apply_compressed
 
@@ -285,8 +288,11 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
 
   params, config, encode, decode, eos = load_model(args.checkpoint, args.random_init, args.seed)
-  apply_fn = make_apply_fn(config, args.codec)
-  params = compress_params(params, args.codec)
+  try:
+    apply_fn = make_apply_fn(config, args.codec)
+    params = compress_params(params, args.codec)
+  except ImportError as e:
+    p.error(f"--codec {args.codec} needs ltjax weight compression, not available here: {e}")
   ids = encode(args.prompt)
   if not ids:
     raise ValueError(f"prompt {args.prompt!r} encodes to no tokens")
