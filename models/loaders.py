@@ -144,11 +144,9 @@ def _open_gguf(path: str):
 
 
 def _field(reader, key, default=None):
+  """The value of GGUF metadata ``key``, or ``default`` when absent."""
   f = reader.fields.get(key)
-  if f is None:
-    return default
-  v = f.contents()
-  return v
+  return default if f is None else f.contents()
 
 
 def gguf_config(reader, path: str = "<gguf>") -> LlamaConfig:
