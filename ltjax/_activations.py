@@ -103,7 +103,9 @@ def pack_sparse_reference(x: jax.Array, capacity: int):
     flat = jnp.ravel(x)
     mask = _nonzero_bits(flat)
     pos = jnp.cumsum(mask, dtype=jnp.int32) - 1
-    nnz = pos[-1] + 1
+    # A separate reduction, not pos[-1]: XLA fuses that slice into its consumer in the
+    # backward pass and keeps the whole int32 prefix sum alive until then.
+    nnz = jnp.sum(mask, dtype=jnp.int32)
     idx = jnp.where(mask, pos, capacity)  # zeros go out of bounds and are dropped
     values = jnp.zeros((capacity,), x.dtype).at[idx].set(flat, mode="drop")
     return pack_mask_reference(mask), values, nnz
@@ -277,9 +279,6 @@ def _relu_fwd(x):
 
 
 def _relu_bwd(words, g):
-    # Tie the unpack to the cotangent so XLA cannot hoist every layer's unpack to the
-    # start of the backward pass (that would keep all dense masks alive at once).
-    words, g = lax.optimization_barrier((words, g))
     mask = unpack_mask(words, g.size).reshape(g.shape)
     return (lax.select(mask, g, jnp.zeros_like(g)),)
 
@@ -330,6 +329,9 @@ def _compressed_fwd(cfg: _ResidualConfig, x, args):
     if cap >= x.size:
         return y, (x, None, None, args)
     words, values, nnz = pack_sparse(x, cap)
+    # The output must wait for the packed residual, or XLA's scheduler sinks the
+    # packing into the backward pass and keeps the dense x alive until then.
+    y = _after(y, values, words, nnz)
     if cfg.report_overflow:
         jax.debug.callback(_record_overflow, nnz > cap)
     return y, (words, values, nnz, args)
@@ -341,17 +343,51 @@ def _compressed_bwd(cfg: _ResidualConfig, res, g):
         x = stored
         overflow = None
     else:
-        words, values, g = lax.optimization_barrier((stored, values, g))
+        # The unpack must wait for the cotangent, or XLA hoists every layer's unpack
+        # to the start of the backward pass (all dense copies alive at once).
+        words, values = _after((stored, values), g)
         x = unpack_sparse(words, values, cfg.x_shape, values.dtype)
         overflow = nnz > values.shape[0]
     _, vjp = jax.vjp(cfg.fn, x, *args)
     cts = vjp(g)
+    arg_cts = [c for c in jax.tree.leaves(cts[1:]) if jnp.issubdtype(c.dtype, jnp.inexact)]
+    if arg_cts:
+        # dx waits for the other cotangents (dW): otherwise XLA defers every layer's dW
+        # to the end of the backward pass, keeping each layer's dy and unpacked x alive.
+        cts = (_after(cts[0], *arg_cts),) + tuple(cts[1:])
     if overflow is not None:
         cts = jax.tree.map(lambda c: _poison(c, overflow), cts)
     return cts[0], tuple(cts[1:])
 
 
 _compressed_call.defvjp(_compressed_fwd, _compressed_bwd)
+
+
+def _zero_from(a) -> jax.Array:
+    """A uint32 0 that XLA cannot fold away and that data-depends on ``a``'s first element.
+
+    ``lax.optimization_barrier`` does not survive XLA's CPU pipeline; a data dependency
+    does. ``min(bits, 0)`` on an unsigned integer is always 0 (no known-bits folding).
+    """
+    first = jnp.ravel(a)[0]
+    if jnp.issubdtype(first.dtype, jnp.floating):
+        uint = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[first.dtype.itemsize]
+        first = lax.bitcast_convert_type(first, uint)
+    return jnp.minimum(first.astype(jnp.uint32), jnp.uint32(0))
+
+
+def _after(tree, *deps):
+    """``tree`` unchanged bit for bit, but scheduled after ``deps`` are computed."""
+    zero = functools.reduce(jnp.bitwise_or, [_zero_from(d) for d in jax.tree.leaves(deps)])
+
+    def tie(a):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            # x + (-0.0) == x for every x, including -0.0, +0.0 and NaN payloads.
+            neg_zero = lax.bitcast_convert_type(zero | jnp.uint32(0x80000000), jnp.float32)
+            return a + neg_zero.astype(a.dtype)
+        return a | zero.astype(a.dtype)
+
+    return jax.tree.map(tie, tree)
 
 
 def _poison(ct, overflow):
