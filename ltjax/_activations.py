@@ -116,8 +116,9 @@ def unpack_sparse_reference(words: jax.Array, values: jax.Array, shape, dtype) -
     n = math.prod(shape)
     mask = unpack_mask_reference(words, n)
     pos = jnp.cumsum(mask, dtype=jnp.int32) - 1
+    keep = mask & (pos < values.shape[0])  # overflowed nonzeros read as 0
     gathered = values[jnp.clip(pos, 0, values.shape[0] - 1)]
-    return jnp.where(mask, gathered, jnp.zeros((), dtype)).reshape(shape)
+    return jnp.where(keep, gathered, jnp.zeros((), dtype)).reshape(shape)
 
 
 # --------------------------------------------------------------------------------------
