@@ -261,3 +261,46 @@ def test_non_float_input_raises():
         A.sparse_dense(jnp.arange(6).reshape(2, 3), jnp.ones((3, 2)))
     with pytest.raises(ValueError, match="kernel"):
         A.sparse_dense(jnp.ones((2, 3)), jnp.ones((4, 2)))
+
+
+# ------------------------------------------------------------------ Pallas kernels
+
+from ltjax.pallas import residual as R  # noqa: E402
+
+_SMALL = R.BlockSizes(block_words=4)  # keep interpreted grids small
+
+
+@pytest.mark.parametrize("n", [5, 33, 300])
+def test_pallas_kernels_interpret_match_reference(n):
+    mask = jax.random.bernoulli(jax.random.key(n + 100), 0.4, (n,))
+    x = jnp.where(mask, jax.random.normal(jax.random.key(n + 101), (n,)), 0.0)
+    words = R.pack_mask(mask, block_sizes=_SMALL, interpret=True)
+    assert _bits_equal(words, A.pack_mask_reference(mask))
+    np.testing.assert_array_equal(R.unpack_mask(words, n, block_sizes=_SMALL, interpret=True),
+                                  mask)
+    for cap in (max(1, n // 4), n):  # overflow and fit
+        got = R.pack_sparse(x, cap, block_sizes=_SMALL, interpret=True)
+        ref = A.pack_sparse_reference(x, cap)
+        _assert_tree_bits_equal(got, ref)
+        dense = R.unpack_sparse(got[0], got[1], (n,), x.dtype, block_sizes=_SMALL,
+                                interpret=True)
+        assert _bits_equal(dense, A.unpack_sparse_reference(ref[0], ref[1], (n,), x.dtype))
+    assert _bits_equal(dense, x)
+
+
+def test_pallas_kernels_lower_for_cuda():
+    n = 4096 + 7
+    m = jax.ShapeDtypeStruct((n,), jnp.bool_)
+    x = jax.ShapeDtypeStruct((n,), jnp.float32)
+    w = jax.ShapeDtypeStruct((A.num_words(n),), jnp.uint32)
+    v = jax.ShapeDtypeStruct((n // 2,), jnp.float32)
+    cases = [(R.pack_mask, (m,)), (lambda w: R.unpack_mask(w, n), (w,)),
+             (lambda x: R.pack_sparse(x, n // 2), (x,)),
+             (lambda w, v: R.unpack_sparse(w, v, (n,), jnp.float32), (w, v))]
+    for fn, args in cases:
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "triton" in text
+
+
+def test_dispatch_predicate_on_cpu():
+    assert not R.can_use_pallas_pack(1024) or jax.default_backend() == "gpu"
