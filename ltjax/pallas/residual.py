@@ -114,13 +114,21 @@ def _block_offsets(words_padded, bw: int):
     return jnp.cumsum(counts) - counts, jnp.sum(counts)
 
 
+def _popcount(v):
+    """Bit count of uint32 words by SWAR shifts (upstream Triton rejects math.ctpop)."""
+    v = v - ((v >> 1) & jnp.uint32(0x55555555))
+    v = (v & jnp.uint32(0x33333333)) + ((v >> 2) & jnp.uint32(0x33333333))
+    v = (v + (v >> 4)) & jnp.uint32(0x0F0F0F0F)
+    return ((v * jnp.uint32(0x01010101)) >> 24).astype(jnp.int32)
+
+
 def _positions(words, block_offset):
     """Global packed index of each bit of a (block_words,) word block: (block_words, 32)."""
-    pop = lax.population_count(words).astype(jnp.int32)
+    pop = _popcount(words)
     word_excl = jnp.cumsum(pop) - pop  # (block_words,)
     iota = _bit_iota((words.shape[0], _WORD_BITS))
     below = words[:, None] & ((jnp.uint32(1) << iota) - jnp.uint32(1))
-    rank = lax.population_count(below).astype(jnp.int32)
+    rank = _popcount(below)
     bits = ((words[:, None] >> iota) & jnp.uint32(1)) == 1
     return block_offset + word_excl[:, None] + rank, bits
 
