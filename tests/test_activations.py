@@ -270,7 +270,7 @@ from ltjax.pallas import residual as R  # noqa: E402
 _SMALL = R.BlockSizes(block_words=4)  # keep interpreted grids small
 
 
-@pytest.mark.parametrize("n", [5, 33, 300])
+@pytest.mark.parametrize("n", [5, 70])
 def test_pallas_kernels_interpret_match_reference(n):
     mask = jax.random.bernoulli(jax.random.key(n + 100), 0.4, (n,))
     x = jnp.where(mask, jax.random.normal(jax.random.key(n + 101), (n,)), 0.0)
