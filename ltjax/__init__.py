@@ -17,6 +17,15 @@ from ltjax._analyze import (
     compress_tree,
     tree_report,
 )
+from ltjax._activations import (
+    compressed_residual,
+    dense_residuals,
+    overflow_events,
+    reset_overflow_events,
+    sparse_dense,
+    suggest_capacity,
+    value_and_grad_exact,
+)
 from ltjax._errors import ChecksumError, LTFormatError
 from ltjax._format import CODECS, FORMAT_VERSION, CompressedTensor, Header
 from ltjax._io import load, save, verify
@@ -38,6 +47,13 @@ __all__ = [
     "analyze",
     "compress",
     "compress_tree",
+    "compressed_residual",
+    "dense_residuals",
+    "overflow_events",
+    "reset_overflow_events",
+    "sparse_dense",
+    "suggest_capacity",
+    "value_and_grad_exact",
     "decompress",
     "load",
     "matmul",
