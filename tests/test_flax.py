@@ -219,3 +219,57 @@ def test_unknown_paths_reported(mlp):
         lnn.compress_params(params, INT8, stacked="nope/*")
     with pytest.raises(ValueError, match="stacked"):
         run(MLP(), lnn.compress_params(jax.tree.map(lambda p: jnp.stack([p, p]), params), INT8, stacked="*"), jnp.ones((1, 128)))
+
+
+# ---------------------------------------------------------------------- nnx
+def _nnx_model():
+    from flax import nnx
+
+    from _models import NnxModel
+
+    return NnxModel(nnx.Rngs(3))
+
+
+def test_nnx_compress_model_int8():
+    from flax import nnx
+
+    import ltjax.nnx as lnnx
+
+    model = _nnx_model()
+    ids = jax.random.randint(jax.random.fold_in(KEY, 8), (2, 16), 0, 512)
+    dense_out = model(ids)
+    report = lnnx.compress_model(model, ltjax.Policy(codec="int8", skip=("missing/*",)))
+    assert report.unmatched_skip == ("missing/*",)
+    assert type(model.layers[0]).__name__ == "CompressedLinear"
+    assert type(model.seq.layers[2]).__name__ == "CompressedLinear"
+    assert type(model.attn_in).__name__ == "CompressedLinearGeneral"
+    assert type(model.embed).__name__ == "CompressedEmbed"
+    assert {l.codec for l in report.leaves} == {"int8"} and len(report.leaves) == 7
+    out = nnx.jit(lambda m, i: m(i))(model, ids)
+    assert rel(out, dense_out) < 2e-2
+    # Independent reference: the same architecture with the decoded kernels, dense.
+    ref_model = _nnx_model()
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, lnnx.CompressedParam):
+            target = ref_model
+            for k in path[:-1]:
+                target = target[k] if isinstance(k, int) else getattr(target, k)
+            dense_var = getattr(target, path[-1])
+            dense_var.set_value(ltjax.decompress(var.get_value()).reshape(dense_var.shape))
+        elif isinstance(var, nnx.Param):
+            pass
+    np.testing.assert_allclose(out, ref_model(ids), rtol=1e-4, atol=1e-4)
+    # Compressed leaves are not Params: grads and optimizers see only biases, norms.
+    assert not any(_is_ct(l) for l in jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=_is_ct))
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    tgt = jax.random.normal(KEY, dense_out.shape)
+
+    @nnx.jit
+    def step(model, opt):
+        loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(ids) - tgt) ** 2))(model)
+        opt.update(model, g)
+        return loss
+
+    losses = [float(step(model, opt)) for _ in range(4)]
+    assert losses[-1] < losses[0]
+    assert isinstance(model.layers[0].kernel.get_value(), ltjax.CompressedTensor)
