@@ -273,3 +273,60 @@ def test_nnx_compress_model_int8():
     losses = [float(step(model, opt)) for _ in range(4)]
     assert losses[-1] < losses[0]
     assert isinstance(model.layers[0].kernel.get_value(), ltjax.CompressedTensor)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _assert_same_tree(a, b):
+    fa, ta = jax.tree_util.tree_flatten(a, is_leaf=_is_ct)
+    fb, tb = jax.tree_util.tree_flatten(b, is_leaf=_is_ct)
+    assert ta == tb
+    for x, y in zip(fa, fb):
+        if _is_ct(x):
+            assert x.header == y.header
+            for name, arr in x.arrays().items():
+                np.testing.assert_array_equal(np.asarray(arr), np.asarray(y.arrays()[name]))
+        else:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_checkpoints_ltjax_and_orbax(mlp, tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    model, params, x = mlp
+    cparams = ltjax.compress_tree(params, INT8)
+    ltjax.save(tmp_path / "mlp.lt", cparams)
+    _assert_same_tree(ltjax.load(tmp_path / "mlp.lt"), cparams)
+    # orbax (the standard Flax checkpointer): headers are static, so restore against an abstract target.
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "orbax", cparams)
+        ckptr.wait_until_finished()
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, cparams)
+        restored = ckptr.restore(tmp_path / "orbax", abstract)
+    _assert_same_tree(restored, cparams)
+    np.testing.assert_array_equal(run(model, restored, x), run(model, cparams, x))
+
+
+# ---------------------------------------------------------------------- memory
+def _mem(fn, *args):
+    m = jax.jit(fn).lower(*args).compile().memory_analysis()
+    return m.argument_size_in_bytes, m.temp_size_in_bytes
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="today's reference ltjax.matmul decodes each weight to a dense temp (XLA hoists them); "
+    "passes once the fused ops land",
+)
+def test_compiled_memory_below_dense():
+    model = MLP(hidden=1024, out=1024)
+    x = jax.random.normal(KEY, (1, 1024))
+    params = jax.jit(model.init)(KEY, x)["params"]
+    cparams, report = ltjax.compress_tree(params, INT8, return_report=True)
+
+    def capply(p, x):
+        with lnn.intercept():
+            return model.apply({"params": p}, x)
+
+    dense_args, dense_temp = _mem(lambda p, x: model.apply({"params": p}, x), params, x)
+    c_args, c_temp = _mem(capply, cparams, x)
+    print(f"dense args={dense_args} temp={dense_temp}; compressed args={c_args} temp={c_temp}; ratio={report.ratio:.2f}")
+    assert (c_args + c_temp) * report.ratio * 0.9 <= dense_args
