@@ -35,7 +35,7 @@ def shard(ct: CompressedTensor, sharding: NamedSharding) -> CompressedTensor:
     >>> ct = ltjax.compress(np.ones((64, 256), np.float32), "int8", tile=(64, 64))
     >>> mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
     >>> ltjax.shard(ct, NamedSharding(mesh, P(None, "model"))).codes.sharding.spec
-    PartitionSpec('model', None)
+    P('model', None)
     """
     if not isinstance(sharding, NamedSharding):
         raise ValueError(f"ltjax.shard needs a jax.sharding.NamedSharding, got {type(sharding).__name__}")
