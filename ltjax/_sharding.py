@@ -42,7 +42,7 @@ def shard(ct: CompressedTensor, sharding: NamedSharding) -> CompressedTensor:
     if ct.ndim != 2 or ct.header.axis is None:
         raise ValueError(f"ltjax.shard needs a 2-D tensor with a channel axis, got shape={ct.shape} axis={ct.header.axis}")
     if ct.checksums.ndim != 1:
-        raise ValueError(f"ltjax.shard does not place stacked (per-layer) tensors; got arrays with leading axes")
+        raise ValueError("ltjax.shard does not place stacked (per-layer) tensors; got arrays with leading axes")
     spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
     if len(spec) != 2:
         raise ValueError(f"sharding spec={sharding.spec} has more entries than the 2-D weight shape={ct.shape}")

@@ -36,7 +36,6 @@ from flax import linen
 from flax.linen import initializers
 from flax.linen.dtypes import promote_dtype as _promote_dtype
 from flax.linen.linear import default_embed_init, default_kernel_init
-from jax import lax
 
 from ltjax import _layers
 from ltjax._analyze import CompressionReport, LeafReport, Policy, analyze_array, compress_tree, tree_leaves_with_paths
