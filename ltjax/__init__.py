@@ -30,6 +30,7 @@ from ltjax._errors import ChecksumError, LTFormatError
 from ltjax._format import CODECS, FORMAT_VERSION, CompressedTensor, Header
 from ltjax._io import load, save, verify
 from ltjax._ops import decompress, matmul
+from ltjax._sharding import shard
 
 __version__ = "0.1.0"
 
@@ -58,6 +59,7 @@ __all__ = [
     "load",
     "matmul",
     "save",
+    "shard",
     "tree_report",
     "verify",
 ]
