@@ -31,6 +31,7 @@ from ltjax._format import CODECS, FORMAT_VERSION, CompressedTensor, Header
 from ltjax._io import load, save, verify
 from ltjax._ops import decompress, matmul
 from ltjax._sharding import shard
+from ltjax import monitor, nn, nnx  # noqa: E402  (submodules, after the names they use)
 
 __version__ = "0.1.0"
 
@@ -58,6 +59,9 @@ __all__ = [
     "decompress",
     "load",
     "matmul",
+    "monitor",
+    "nn",
+    "nnx",
     "save",
     "shard",
     "tree_report",

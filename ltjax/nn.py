@@ -38,11 +38,16 @@ from flax.linen.dtypes import promote_dtype as _promote_dtype
 from flax.linen.linear import default_embed_init, default_kernel_init
 
 from ltjax import _layers
+from ltjax._activation_modules import CompressedReLU, SparseDense
+from ltjax._activations import relu
 from ltjax._analyze import CompressionReport, LeafReport, Policy, analyze_array, compress_tree, tree_leaves_with_paths
 from ltjax._format import CompressedTensor, pack
 
 __all__ = [
     "CompressedDense",
+    "CompressedReLU",
+    "SparseDense",
+    "relu",
     "CompressedDenseGeneral",
     "CompressedEmbed",
     "compress_params",

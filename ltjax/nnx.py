@@ -29,10 +29,14 @@ from flax.nnx.nn.linear import default_embed_init, default_kernel_init
 from flax.nnx.nn.linear import default_bias_init
 
 from ltjax import _layers
+from ltjax._activation_modules import NnxCompressedReLU as CompressedReLU
+from ltjax._activation_modules import SparseLinear
 from ltjax._analyze import CompressionReport, Policy, compress_tree
 from ltjax._format import CompressedTensor
 
 __all__ = [
+    "CompressedReLU",
+    "SparseLinear",
     "CompressedEmbed",
     "CompressedLinear",
     "CompressedLinearGeneral",
