@@ -179,8 +179,23 @@ class CompressedTensor:
         return int(sum(np.dtype(a.dtype).itemsize * math.prod(a.shape) for a in self.arrays().values()))
 
     @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """Leading axes every array carries beyond the header: a stack of same-layout tensors
+        (e.g. the layers of ``nn.scan``, which slices them one at a time). ``()`` normally."""
+        return tuple(self.checksums.shape[:-1]) if self.checksums is not None else ()
+
+    def unstack(self) -> list["CompressedTensor"]:
+        """The tensors of a stack, in row-major order of `stack_shape` (``[self]`` if unstacked)."""
+        if not self.stack_shape:
+            return [self]
+        return [
+            CompressedTensor(header=self.header, **{k: v[idx] for k, v in self.arrays().items()})
+            for idx in np.ndindex(*self.stack_shape)
+        ]
+
+    @property
     def dense_nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
+        return self.size * self.dtype.itemsize * math.prod(self.stack_shape)
 
     @property
     def ratio(self) -> float:
@@ -311,16 +326,19 @@ def validate_arrays(header: Header, arrays: dict[str, Any]) -> None:
     from ltjax._errors import LTFormatError
 
     validate_header(header)
+    ck = arrays.get("checksums")
+    stack = tuple(ck.shape[:-1]) if ck is not None and len(ck.shape) >= 1 else ()
     nnz = None
-    if header.codec == "bitmask" and arrays.get("values") is not None:
-        nnz = int(arrays["values"].shape[0])
-    if header.codec == "bitmask_int8" and arrays.get("codes") is not None:
-        nnz = int(arrays["codes"].shape[0])
+    if header.codec == "bitmask" and arrays.get("values") is not None and len(arrays["values"].shape) > len(stack):
+        nnz = int(arrays["values"].shape[len(stack)])
+    if header.codec == "bitmask_int8" and arrays.get("codes") is not None and len(arrays["codes"].shape) > len(stack):
+        nnz = int(arrays["codes"].shape[len(stack)])
     want = expected_arrays(header, nnz)
     if set(arrays) != set(want):
         raise LTFormatError(f"codec {header.codec!r} needs arrays {sorted(want)}, got {sorted(arrays)}")
     for name, (shape, dt) in want.items():
         a = arrays[name]
+        shape = stack + shape
         if tuple(a.shape) != shape or np.dtype(a.dtype) != dt:
             raise LTFormatError(
                 f"array {name!r} of codec {header.codec!r} has shape={tuple(a.shape)} dtype={np.dtype(a.dtype)}, "
@@ -480,6 +498,10 @@ def tile_checksums(header: Header, arrays: dict[str, Any]) -> np.ndarray:
 
 def verify_checksums(ct: CompressedTensor, name: str = "tensor") -> None:
     """Raises `ChecksumError` naming the first damaged tile of ``ct`` (host arrays)."""
+    if ct.stack_shape:
+        for idx, layer in zip(np.ndindex(*ct.stack_shape), ct.unstack()):
+            verify_checksums(layer, name=f"{name}[{', '.join(map(str, idx))}]")
+        return
     arrays = {k: np.asarray(v) for k, v in ct.arrays().items()}
     got = tile_checksums(ct.header, arrays)
     bad = np.flatnonzero(got != arrays["checksums"])
@@ -548,5 +570,11 @@ def from_storage(x2: jax.Array, header: Header) -> jax.Array:
 
 
 def decompress_reference(ct: CompressedTensor) -> jax.Array:
-    """The dense logical tensor, in pure jnp: the numerical ground truth of every decoder."""
-    return from_storage(decode_storage(ct), ct.header)
+    """The dense logical tensor, in pure jnp: the numerical ground truth of every decoder.
+
+    A stacked tensor (`CompressedTensor.stack_shape`) decodes to ``stack_shape + shape``.
+    """
+    decode = lambda c: from_storage(decode_storage(c), c.header)
+    for _ in ct.stack_shape:
+        decode = jax.vmap(decode)
+    return decode(ct)

@@ -120,12 +120,17 @@ def _encode(tree: Any) -> tuple[bytes, list[np.ndarray]]:
         if isinstance(leaf, CompressedTensor):
             host = {k: np.asarray(v) for k, v in leaf.arrays().items()}
             validate_arrays(leaf.header, host)
-            host["checksums"] = tile_checksums(leaf.header, host)  # checksums of the bytes written
+            stack = leaf.stack_shape
+            # checksums of the bytes written, layer by layer for a stacked tensor
+            host["checksums"] = np.stack(
+                [tile_checksums(leaf.header, {k: v[i] for k, v in host.items()}) for i in np.ndindex(*stack)]
+            ).reshape(stack + (leaf.header.num_tiles,)) if stack else tile_checksums(leaf.header, host)
             entries.append(
                 {
                     "path": path,
                     "kind": "compressed",
                     "header": leaf.header.to_json(),
+                    "stack": list(stack),
                     "arrays": {f: add(f"{path}::{f}", a) for f, a in host.items()},
                 }
             )
@@ -278,6 +283,8 @@ def _read(path: str | os.PathLike) -> tuple[Any, list[tuple[str, Any]]]:
                 raise LTFormatError(f"{path}: malformed entry for tensor {p!r}: {err}") from None
             validate_arrays(header, host)
             ct = CompressedTensor(header=header, **host)
+            if list(ct.stack_shape) != list(e.get("stack", [])):
+                raise LTFormatError(f"{path}: tensor {p!r} has stack {ct.stack_shape}, its entry says {e.get('stack')}")
             verify_checksums(ct, name=p)
             leaves.append((p, ct))
         elif e["kind"] == "array":

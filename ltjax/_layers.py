@@ -38,7 +38,7 @@ def is_compressed(x: Any) -> bool:
 
 def batch_shape(ct: CompressedTensor) -> tuple[int, ...]:
     """Leading axes the arrays carry beyond the header (a stack of layers, e.g. for nn.scan)."""
-    return tuple(ct.checksums.shape[:-1])
+    return ct.stack_shape
 
 
 def check_unbatched(ct: CompressedTensor, where: str) -> None:

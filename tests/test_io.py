@@ -191,3 +191,28 @@ def test_load_to_device(tmp_path):
     assert back["dense"]["kernel"].codes.devices() == {jax.devices()[0]}
     y = jax.jit(ltjax.decompress)(back["dense"]["kernel"])
     assert y.shape == (96, 80) and bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_stacked_tensors_round_trip(tmp_path):
+    """A stack of same-layout tensors (the nn.scan convention): arrays carry the leading axis."""
+    rng = np.random.default_rng(11)
+    layers = [rng.standard_normal((64, 48)).astype(np.float32) for _ in range(3)]
+    cts = [pack(w, "int8", tile=(16, 32)) for w in layers]
+    stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *cts)
+    assert stacked.stack_shape == (3,)
+    assert stacked.dense_nbytes == 3 * cts[0].dense_nbytes
+    assert stacked.ratio == pytest.approx(cts[0].ratio)
+    np.testing.assert_array_equal(np.asarray(ltjax.decompress(stacked)), np.stack([np.asarray(ltjax.decompress(c)) for c in cts]))
+    p = tmp_path / "s.lt"
+    ltjax.save(p, {"scan": {"kernel": stacked}})
+    back = ltjax.load(p)["scan"]["kernel"]
+    assert back.stack_shape == (3,) and back.header == stacked.header
+    _same(back, stacked)
+    # damage in layer 2 is pinned to that layer
+    arrays, _, header = _io.read_safetensors(p)
+    lo, _ = json.loads(header)["scan/kernel::codes"]["data_offsets"]
+    buf = bytearray(p.read_bytes())
+    buf[8 + len(header) + lo + 2 * 64 * 48 + 7] ^= 1
+    p.write_bytes(bytes(buf))
+    with pytest.raises(ltjax.ChecksumError, match=r"scan/kernel\[2\]"):
+        ltjax.load(p)
