@@ -39,6 +39,11 @@ ffi::Error CheckWeight(const ffi::AnyBuffer& mask, const ffi::AnyBuffer& offsets
   return MakeGeometry(mask, offsets, packed.dimensions()[0], n, k, tile_rows, tile_cols, &w->g);
 }
 
+// Chunks start on tile rows when there are enough of them, so cursors need no mask scan.
+int64_t TileAlign(const BitmaskGeometry& g) {
+  return (g.tr % kNB == 0 && g.gr >= 2 * Pool::Get().size()) ? g.tr : kNB;
+}
+
 ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer offsets, ffi::AnyBuffer packed,
                        const ffi::AnyBuffer* scales, ffi::Result<ffi::AnyBuffer> y, int64_t tile_rows,
                        int64_t tile_cols) {
@@ -60,7 +65,7 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer off
   const float* xs = PaddedF32(elt, x.untyped_data(), m, k, kp, 2);
   bool ok = Forward(m, k, n, kp, xs, w.scales, elt, y->untyped_data(), [&](int64_t row0) {
     return std::make_unique<BitmaskRows>(w.g, w.packed_kind, w.packed, row0);
-  }, nullptr);
+  }, nullptr, TileAlign(w.g));
   LTJAX_CHECK(ok, "ltjax: bitmask offsets/mask disagree with the packed values (damaged tensor)");
   return ffi::Error::Success();
 }
@@ -85,7 +90,7 @@ ffi::Error TransposedImpl(ffi::AnyBuffer dy, ffi::AnyBuffer mask, ffi::AnyBuffer
   const float* dys = PaddedF32(elt, dy.untyped_data(), m, n, n, 1);
   bool ok = Transposed(m, k, n, kp, dys, w.scales, elt, dx->untyped_data(), [&](int64_t row0) {
     return std::make_unique<BitmaskRows>(w.g, w.packed_kind, w.packed, row0);
-  });
+  }, TileAlign(w.g));
   LTJAX_CHECK(ok, "ltjax: bitmask offsets/mask disagree with the packed values (damaged tensor)");
   return ffi::Error::Success();
 }

@@ -20,51 +20,64 @@ inline bool PackedOf(ffi::DataType t, Packed* p) {
   }
 }
 
-// Row `cur.row()` as f32 into dst[0 : 32 * words] (zeros where the mask is clear); advances cur.
+// 32 packed elements expanded by mask word m, as two f32 vectors (AVX-512 VBMI2).
 template <Packed P>
-LTJAX_AVX512 bool RowF32_512(RowCursor& cur, const void* packed, int64_t words, float* dst) {
-  for (int64_t w = 0; w < words; ++w) {
-    uint32_t m = cur.MaskWord(w);
-    int64_t s;
-    if (!cur.Word(w, m, &s)) return false;
-    unsigned cnt = __builtin_popcount(m);
-    float* d = dst + 32 * w;
-    if constexpr (P == Packed::kI8) {
-      auto* p = static_cast<const int8_t*>(packed) + s;
-      __m256i v = _mm256_maskz_expand_epi8(m, _mm256_maskz_loadu_epi8(_bzhi_u32(~0u, cnt), p));
-      _mm512_storeu_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v))));
-      _mm512_storeu_ps(d + 16, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1))));
-    } else if constexpr (P == Packed::kF32) {
-      auto* p = static_cast<const float*>(packed) + s;
-      __mmask16 lo = static_cast<__mmask16>(m), hi = static_cast<__mmask16>(m >> 16);
-      unsigned clo = __builtin_popcount(lo);
-      _mm512_storeu_ps(d, _mm512_maskz_expand_ps(lo, _mm512_maskz_loadu_ps(_bzhi_u32(0xffffu, clo), p)));
-      _mm512_storeu_ps(d + 16,
-                       _mm512_maskz_expand_ps(hi, _mm512_maskz_loadu_ps(_bzhi_u32(0xffffu, cnt - clo), p + clo)));
+LTJAX_AVX512 inline void Expand32_512(uint32_t m, const void* packed, int64_t s, __m512* lo, __m512* hi) {
+  unsigned cnt = __builtin_popcount(m);
+  if constexpr (P == Packed::kI8) {
+    auto* p = static_cast<const int8_t*>(packed) + s;
+    __m256i v = _mm256_maskz_expand_epi8(m, _mm256_maskz_loadu_epi8(_bzhi_u32(~0u, cnt), p));
+    *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+    *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+  } else if constexpr (P == Packed::kF32) {
+    auto* p = static_cast<const float*>(packed) + s;
+    __mmask16 ml = static_cast<__mmask16>(m), mh = static_cast<__mmask16>(m >> 16);
+    unsigned cl = __builtin_popcount(ml);
+    *lo = _mm512_maskz_expand_ps(ml, _mm512_maskz_loadu_ps(_bzhi_u32(0xffffu, cl), p));
+    *hi = _mm512_maskz_expand_ps(mh, _mm512_maskz_loadu_ps(_bzhi_u32(0xffffu, cnt - cl), p + cl));
+  } else {
+    auto* p = static_cast<const uint16_t*>(packed) + s;
+    __m512i v = _mm512_maskz_expand_epi16(m, _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, cnt), p));
+    __m256i a = _mm512_castsi512_si256(v), b = _mm512_extracti64x4_epi64(v, 1);
+    if constexpr (P == Packed::kBf16) {
+      *lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(a), 16));
+      *hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
     } else {
-      auto* p = static_cast<const uint16_t*>(packed) + s;
-      __m512i v = _mm512_maskz_expand_epi16(m, _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, cnt), p));
-      __m256i a = _mm512_castsi512_si256(v), b = _mm512_extracti64x4_epi64(v, 1);
-      if constexpr (P == Packed::kBf16) {
-        _mm512_storeu_ps(d, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(a), 16)));
-        _mm512_storeu_ps(d + 16, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
-      } else {
-        _mm512_storeu_ps(d, _mm512_cvtph_ps(a));
-        _mm512_storeu_ps(d + 16, _mm512_cvtph_ps(b));
-      }
+      *lo = _mm512_cvtph_ps(a);
+      *hi = _mm512_cvtph_ps(b);
     }
   }
-  cur.Next();
-  return true;
+}
+
+// Row `cur.row()` as f32 into dst[0 : 32 * words] (zeros where the mask is clear); advances cur.
+template <Packed P>
+LTJAX_AVX512 bool RowF32_512(RowCursor& cur, const void* packed, int64_t, float* dst) {
+  return cur.Row([&](int64_t w, uint32_t m, int64_t s) LTJAX_AVX512 {
+    __m512 lo, hi;
+    Expand32_512<P>(m, packed, s, &lo, &hi);
+    _mm512_storeu_ps(dst + 32 * w, lo);
+    _mm512_storeu_ps(dst + 32 * w + 16, hi);
+  });
+}
+
+// dot(row `cur.row()`, x) without writing the row anywhere (x padded to 32 * words); advances cur.
+template <Packed P>
+LTJAX_AVX512 bool RowDot_512(RowCursor& cur, const void* packed, const float* x, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  bool ok = cur.Row([&](int64_t w, uint32_t m, int64_t s) LTJAX_AVX512 {
+    __m512 lo, hi;
+    Expand32_512<P>(m, packed, s, &lo, &hi);
+    a0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + 32 * w), a0);
+    a1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 32 * w + 16), a1);
+  });
+  *out = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  return ok;
 }
 
 // Row `cur.row()` as the packed elements' own bits (elements of 1, 2 or 4 bytes) into dst.
 template <Packed P>
-LTJAX_AVX512 bool RowBits_512(RowCursor& cur, const void* packed, int64_t words, void* dst) {
-  for (int64_t w = 0; w < words; ++w) {
-    uint32_t m = cur.MaskWord(w);
-    int64_t s;
-    if (!cur.Word(w, m, &s)) return false;
+LTJAX_AVX512 bool RowBits_512(RowCursor& cur, const void* packed, int64_t, void* dst) {
+  return cur.Row([&](int64_t w, uint32_t m, int64_t s) LTJAX_AVX512 {
     unsigned cnt = __builtin_popcount(m);
     if constexpr (P == Packed::kF32) {
       auto* p = static_cast<const int32_t*>(packed) + s;
@@ -83,9 +96,7 @@ LTJAX_AVX512 bool RowBits_512(RowCursor& cur, const void* packed, int64_t words,
       _mm512_storeu_si512(static_cast<__m512i*>(dst) + w,
                           _mm512_maskz_expand_epi16(m, _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, cnt), p)));
     }
-  }
-  cur.Next();
-  return true;
+  });
 }
 
 inline float PackedToF32(Packed P, const void* packed, int64_t i) {
@@ -100,29 +111,28 @@ inline float PackedToF32(Packed P, const void* packed, int64_t i) {
 // Portable (AVX2-machine) versions: one set bit at a time.
 inline bool RowF32_Scalar(Packed P, RowCursor& cur, const void* packed, int64_t words, float* dst) {
   std::fill(dst, dst + 32 * words, 0.0f);
-  for (int64_t w = 0; w < words; ++w) {
-    uint32_t m = cur.MaskWord(w);
-    int64_t s;
-    if (!cur.Word(w, m, &s)) return false;
+  return cur.Row([&](int64_t w, uint32_t m, int64_t s) {
     for (float* d = dst + 32 * w; m; m &= m - 1) d[__builtin_ctz(m)] = PackedToF32(P, packed, s++);
-  }
-  cur.Next();
-  return true;
+  });
 }
 
 inline bool RowBits_Scalar(Packed P, RowCursor& cur, const void* packed, int64_t words, void* dst) {
   size_t es = P == Packed::kI8 ? 1 : P == Packed::kF32 ? 4 : 2;
   std::memset(dst, 0, 32 * words * es);
-  for (int64_t w = 0; w < words; ++w) {
-    uint32_t m = cur.MaskWord(w);
-    int64_t s;
-    if (!cur.Word(w, m, &s)) return false;
+  return cur.Row([&](int64_t w, uint32_t m, int64_t s) {
     for (; m; m &= m - 1, ++s)
       std::memcpy(static_cast<char*>(dst) + (32 * w + __builtin_ctz(m)) * es,
                   static_cast<const char*>(packed) + s * es, es);
+  });
+}
+
+inline bool RowDot(Packed P, RowCursor& cur, const void* packed, const float* x, float* out) {
+  switch (P) {
+    case Packed::kI8: return RowDot_512<Packed::kI8>(cur, packed, x, out);
+    case Packed::kF32: return RowDot_512<Packed::kF32>(cur, packed, x, out);
+    case Packed::kBf16: return RowDot_512<Packed::kBf16>(cur, packed, x, out);
+    default: return RowDot_512<Packed::kF16>(cur, packed, x, out);
   }
-  cur.Next();
-  return true;
 }
 
 inline bool RowF32(Packed P, RowCursor& cur, const void* packed, int64_t words, float* dst) {
@@ -157,6 +167,11 @@ class BitmaskRows : public RowDecoder {
   bool Row(int64_t n, float* dst) override {
     if (n != cur_.row()) return false;
     return RowF32(p_, cur_, packed_, words_, dst);
+  }
+  bool HasDot() const override { return CurrentIsa() == Isa::kAvx512; }
+  bool Dot(int64_t n, const float* x, float* out) override {
+    if (n != cur_.row()) return false;
+    return RowDot(p_, cur_, packed_, x, out);
   }
 
  private:

@@ -38,7 +38,7 @@ ffi::Error UnpackImpl(ffi::AnyBuffer mask, ffi::AnyBuffer offsets, ffi::AnyBuffe
   const size_t oes = EltSize(oelt);
   char* o = static_cast<char*>(out->untyped_data());
   std::atomic<bool> ok{true};
-  ParallelRange(c, 1, 8, [&](int64_t r0, int64_t r1) {
+  ParallelRange(c, 1, 8, [&](int64_t r0, int64_t r1, int) {
     RowCursor cur(g, r0);
     float* row = Scratch(0, 32 * g.w);
     for (int64_t n = r0; n < r1; ++n) {

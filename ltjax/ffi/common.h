@@ -47,25 +47,24 @@ inline Isa CurrentIsa() {
 }
 
 // ---------------------------------------------------------------- thread pool
-// A small persistent pool of std::threads. `Run(n, f)` calls f(0..n-1), the caller taking part.
+// A small persistent pool of std::threads. `Run(n, f)` calls f(task, slot) for task in [0, n):
+// tasks are taken from a shared counter, the caller (slot 0) working too, so when the machine
+// is oversubscribed and a worker is late the caller simply does more of the tasks.
 // Jobs are serialised; a caller that finds the pool busy (XLA may run two custom calls at
 // once) runs its job inline instead of waiting, so the pool can never deadlock XLA.
 class Pool {
  public:
+  using Task = std::function<void(int task, int slot)>;
   static Pool& Get() {
     static Pool* pool = new Pool();  // leaked on purpose: no destruction-order issues at exit
     return *pool;
   }
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
-  void Run(int n, const std::function<void(int)>& f) {
-    if (n <= 1 || workers_.empty()) {
-      for (int i = 0; i < n; ++i) f(i);
-      return;
-    }
-    std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
-    if (!busy.owns_lock()) {
-      for (int i = 0; i < n; ++i) f(i);
+  void Run(int n, const Task& f) {
+    std::unique_lock<std::mutex> busy(run_mu_, std::defer_lock);
+    if (n <= 1 || workers_.empty() || !busy.try_lock()) {
+      for (int i = 0; i < n; ++i) f(i, 0);
       return;
     }
     {
@@ -77,8 +76,11 @@ class Pool {
       ++generation_;
     }
     cv_.notify_all();
-    Work(f, n);
-    while (done_.load(std::memory_order_acquire) < n) _mm_pause();
+    Work(f, n, 0);
+    for (int spins = 0; done_.load(std::memory_order_acquire) < n; ++spins) {
+      if (spins < 4096) _mm_pause();
+      else std::this_thread::yield();
+    }
     std::lock_guard<std::mutex> lk(mu_);
     job_ = nullptr;
   }
@@ -88,21 +90,21 @@ class Pool {
     int n = static_cast<int>(std::thread::hardware_concurrency());
     if (const char* e = std::getenv("LTJAX_FFI_THREADS")) n = std::atoi(e);
     n = std::max(1, std::min(n, 64));
-    for (int i = 1; i < n; ++i) workers_.emplace_back([this] { Loop(); });
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { Loop(i); });
     for (auto& t : workers_) t.detach();
   }
 
-  void Work(const std::function<void(int)>& f, int n) {
+  void Work(const Task& f, int n, int slot) {
     for (int i; (i = next_.fetch_add(1)) < n;) {
-      f(i);
+      f(i, slot);
       done_.fetch_add(1, std::memory_order_release);
     }
   }
 
-  void Loop() {
+  void Loop(int slot) {
     uint64_t seen = 0;
     for (;;) {
-      const std::function<void(int)>* job;
+      const Task* job;
       int n;
       {
         std::unique_lock<std::mutex> lk(mu_);
@@ -111,31 +113,31 @@ class Pool {
         job = job_;
         n = n_tasks_;
       }
-      Work(*job, n);
+      Work(*job, n, slot);
     }
   }
 
   std::vector<std::thread> workers_;
   std::mutex run_mu_, mu_;
   std::condition_variable cv_;
-  const std::function<void(int)>* job_ = nullptr;
+  const Task* job_ = nullptr;
   int n_tasks_ = 0;
   uint64_t generation_ = 0;
   std::atomic<int> next_{0}, done_{0};
 };
 
-// Splits [0, n) into one contiguous chunk per pool thread (chunk starts aligned to `align`)
-// and runs f(begin, end) on each.
+// Splits [0, n) into chunks (starts aligned to `align`, at least `min_chunk` long, about 4 per
+// pool thread) and runs f(begin, end, slot) on the pool.
 inline void ParallelRange(int64_t n, int64_t align, int64_t min_chunk,
-                          const std::function<void(int64_t, int64_t)>& f) {
+                          const std::function<void(int64_t, int64_t, int)>& f) {
   Pool& pool = Pool::Get();
-  int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.size(), n / std::max<int64_t>(min_chunk, 1)));
-  int64_t chunk = (n + parts - 1) / parts;
+  int64_t want = pool.size() == 1 ? 1 : 4 * pool.size();
+  int64_t chunk = std::max<int64_t>({1, min_chunk, (n + want - 1) / want});
   chunk = (chunk + align - 1) / align * align;
-  parts = chunk ? (n + chunk - 1) / chunk : 1;
-  pool.Run(static_cast<int>(parts), [&](int i) {
+  int64_t parts = (n + chunk - 1) / chunk;
+  pool.Run(static_cast<int>(parts), [&](int i, int slot) {
     int64_t b = i * chunk, e = std::min(n, b + chunk);
-    if (b < e) f(b, e);
+    if (b < e) f(b, e, slot);
   });
 }
 
@@ -251,7 +253,6 @@ struct BitmaskGeometry {
   const uint32_t* mask;
   const int32_t* offsets;
 
-  int64_t WordTile(int64_t word) const { return (word * 32) / tc; }
 };
 
 inline ffi::Error MakeGeometry(const ffi::AnyBuffer& mask, const ffi::AnyBuffer& offsets, int64_t nnz,
@@ -277,46 +278,52 @@ inline ffi::Error MakeGeometry(const ffi::AnyBuffer& mask, const ffi::AnyBuffer&
 }
 
 // Walks the rows of a bitmask matrix from any starting row, tracking where each tile column's
-// packed values continue. Every span it hands out is checked against [0, nnz): damaged
-// offsets or masks give an error, never an out-of-bounds read.
+// packed values continue. Every span it hands out is checked against [0, nnz) before any
+// value is read: damaged offsets or masks give an error, never an out-of-bounds read.
 class RowCursor {
  public:
-  RowCursor(const BitmaskGeometry& g, int64_t row0) : g_(g), cur_(g.gc), row_(row0) {
+  RowCursor(const BitmaskGeometry& g, int64_t row0)
+      : g_(g), wpt_(g.gc == 1 ? g.w : g.tc / 32), cur_(g.gc), row_(row0) {
     Reset(row0 - row0 % g.tr);
-    for (int64_t n = row0 - row0 % g.tr; n < row0; ++n) Advance(n);
+    for (int64_t n = row0 - row0 % g.tr; n < row0; ++n) {
+      for (int64_t j = 0; j < g_.gc; ++j) cur_[j] += Count(n, j);
+    }
   }
-  // Packed-value start of mask word `word` of the current row; `count` values follow.
-  // Must be called for every word of the row in increasing order, then Next().
-  bool Word(int64_t word, uint32_t m, int64_t* start) {
-    int64_t j = g_.WordTile(word);
-    *start = cur_[j];
-    int64_t cnt = __builtin_popcount(m);
-    cur_[j] += cnt;
-    return *start >= 0 && cur_[j] <= g_.nnz;
-  }
-  uint32_t MaskWord(int64_t word) const {
-    uint32_t m = g_.mask[row_ * g_.w + word];
-    return word == g_.w - 1 ? (m & g_.last_word) : m;
-  }
-  void Next() {
+  // Calls f(word, mask_bits, packed_start) for every mask word of the current row, in order,
+  // then moves to the next row. Returns false (calling nothing more) on inconsistent data.
+  template <class F>
+  bool Row(F&& f) {
+    const uint32_t* mrow = g_.mask + row_ * g_.w;
+    for (int64_t j = 0; j < g_.gc; ++j) {
+      int64_t s = cur_[j], cnt = Count(row_, j);
+      if (s < 0 || s + cnt > g_.nnz) return false;
+      int64_t w0 = j * wpt_, w1 = std::min(g_.w, w0 + wpt_);
+      for (int64_t w = w0; w < w1; ++w) {
+        uint32_t m = w == g_.w - 1 ? (mrow[w] & g_.last_word) : mrow[w];
+        f(w, m, s);
+        s += __builtin_popcount(m);
+      }
+      cur_[j] = s;
+    }
     ++row_;
-    if (row_ % g_.tr == 0) Reset(row_);
+    if (row_ % g_.tr == 0 && row_ < g_.c) Reset(row_);
+    return true;
   }
   int64_t row() const { return row_; }
 
  private:
+  int64_t Count(int64_t n, int64_t j) const {
+    const uint32_t* mrow = g_.mask + n * g_.w;
+    int64_t w0 = j * wpt_, w1 = std::min(g_.w, w0 + wpt_), c = 0;
+    for (int64_t w = w0; w < w1; ++w) c += __builtin_popcount(w == g_.w - 1 ? (mrow[w] & g_.last_word) : mrow[w]);
+    return c;
+  }
   void Reset(int64_t row) {
     int64_t i = std::min(row / g_.tr, g_.gr - 1);
     for (int64_t j = 0; j < g_.gc; ++j) cur_[j] = g_.offsets[i * g_.gc + j];
   }
-  void Advance(int64_t n) {
-    for (int64_t w = 0; w < g_.w; ++w) {
-      uint32_t m = g_.mask[n * g_.w + w];
-      if (w == g_.w - 1) m &= g_.last_word;
-      cur_[g_.WordTile(w)] += __builtin_popcount(m);
-    }
-  }
   const BitmaskGeometry& g_;
+  int64_t wpt_;  // mask words per tile column
   std::vector<int64_t> cur_;
   int64_t row_;
 };

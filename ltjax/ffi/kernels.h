@@ -195,6 +195,9 @@ class RowDecoder {
  public:
   virtual ~RowDecoder() = default;
   virtual bool Row(int64_t n, float* dst) = 0;
+  // Optional fused dot(row n, x) for M == 1 (x padded f32); same order rules as Row.
+  virtual bool HasDot() const { return false; }
+  virtual bool Dot(int64_t, const float*, float*) { return false; }
 };
 using DecoderFactory = std::function<std::unique_ptr<RowDecoder>(int64_t row0)>;
 
@@ -216,10 +219,11 @@ inline void StoreOut(Elt elt, void* out, int64_t idx, float v) {
 
 // y[m, n] = scale[n] * sum_k x[m, k] W[n, k];  x: padded f32 [M, kp]; y: [M, N] of `elt`.
 // `int8_rows` (optional) lets M == 1 stream int8 rows straight from the codes.
+// `align`: chunk starts (a multiple of kNB; the tile height lets bitmask cursors start at a tile).
 inline bool Forward(int64_t M, int64_t K, int64_t N, int64_t kp, const float* xs, const float* scales,
-                    Elt elt, void* y, const DecoderFactory& make, const int8_t* int8_rows) {
+                    Elt elt, void* y, const DecoderFactory& make, const int8_t* int8_rows, int64_t align = kNB) {
   std::atomic<bool> ok{true};
-  ParallelRange(N, kNB, 16, [&](int64_t n0, int64_t n1) {
+  ParallelRange(N, align, 16, [&](int64_t n0, int64_t n1, int) {
     if (M == 1 && int8_rows != nullptr) {
       bool avx512 = CurrentIsa() == Isa::kAvx512;
       for (int64_t n = n0; n < n1; n += 2) {
@@ -234,6 +238,14 @@ inline bool Forward(int64_t M, int64_t K, int64_t N, int64_t kp, const float* xs
       return;
     }
     std::unique_ptr<RowDecoder> dec = make(n0);
+    if (M == 1 && dec->HasDot()) {
+      for (int64_t n = n0; n < n1; ++n) {
+        float d;
+        if (!dec->Dot(n, xs, &d)) return ok.store(false);
+        StoreOut(elt, y, n, d * (scales ? scales[n] : 1.0f));
+      }
+      return;
+    }
     float* w = Scratch(0, kNB * kp);
     float acc[4 * kNB];
     for (int64_t n = n0; n < n1; n += kNB) {
@@ -260,43 +272,40 @@ inline bool Forward(int64_t M, int64_t K, int64_t N, int64_t kp, const float* xs
 
 // dx[m, k] = sum_n dy[m, n] scale[n] W[n, k];  dy: f32 [M, N]; dx: [M, K] of `elt`.
 inline bool Transposed(int64_t M, int64_t K, int64_t N, int64_t kp, const float* dy, const float* scales,
-                       Elt elt, void* dx, const DecoderFactory& make) {
+                       Elt elt, void* dx, const DecoderFactory& make, int64_t align = kNB) {
   std::atomic<bool> ok{true};
-  const int parts_max = Pool::Get().size();
-  float* partial = Scratch(3, static_cast<int64_t>(parts_max) * M * kp);  // caller's buffer
-  std::atomic<int> used{0};
-  int64_t chunk = std::max<int64_t>(kNB, RoundUp((N + parts_max - 1) / std::max(parts_max, 1), kNB));
-  int parts = static_cast<int>(std::max<int64_t>(1, (N + chunk - 1) / chunk));
-  if (N == 0) parts = 0;
-  Pool::Get().Run(parts, [&](int p) {
-    int64_t n0 = p * chunk, n1 = std::min(N, n0 + chunk);
-    float* acc = partial + p * M * kp;
-    std::fill(acc, acc + M * kp, 0.0f);
-    used.fetch_add(1);
+  const int slots = Pool::Get().size();
+  float* partial = Scratch(3, static_cast<int64_t>(slots) * M * kp);  // caller's buffer, one per slot
+  std::vector<char> used(slots, 0);                                    // each written by its own slot
+  ParallelRange(N, align, 16, [&](int64_t n0, int64_t n1, int slot) {
+    float* acc = partial + slot * M * kp;
+    if (!used[slot]) {
+      std::fill(acc, acc + M * kp, 0.0f);
+      used[slot] = 1;
+    }
     std::unique_ptr<RowDecoder> dec = make(n0);
     float* w = Scratch(0, kNB * kp);
     for (int64_t n = n0; n < n1; n += kNB) {
       int nb = static_cast<int>(std::min<int64_t>(kNB, n1 - n));
       for (int j = 0; j < nb; ++j)
-        if (!dec->Row(n + j, w + j * kp)) {
-          ok.store(false);
-          return;
-        }
+        if (!dec->Row(n + j, w + j * kp)) return ok.store(false);
+      for (int j = nb; j < kNB; ++j) std::fill(w + j * kp, w + (j + 1) * kp, 0.0f);
       for (int64_t m = 0; m < M; ++m) {
         float coef[kNB] = {0, 0, 0, 0};
         for (int j = 0; j < nb; ++j) coef[j] = dy[m * N + n + j] * (scales ? scales[n + j] : 1.0f);
-        if (nb < kNB)
-          for (int j = nb; j < kNB; ++j) std::fill(w + j * kp, w + (j + 1) * kp, 0.0f);
         Axpy(acc + m * kp, w, kp, coef);
       }
     }
   });
   if (!ok.load()) return false;
-  ParallelRange(M * K, 256, 4096, [&](int64_t b, int64_t e) {
+  std::vector<const float*> parts;
+  for (int p = 0; p < slots; ++p)
+    if (used[p]) parts.push_back(partial + p * M * kp);
+  ParallelRange(M * K, 256, 4096, [&](int64_t b, int64_t e, int) {
     for (int64_t i = b; i < e; ++i) {
       int64_t m = i / K, k = i % K;
       float v = 0.0f;
-      for (int p = 0; p < parts; ++p) v += partial[p * M * kp + m * kp + k];
+      for (const float* p : parts) v += p[m * kp + k];
       StoreOut(elt, dx, i, v);
     }
   });
