@@ -1,0 +1,162 @@
+"""CPU FFI matmul benchmark: fused int8 / bitmask kernels vs XLA's dense dots, same run.
+
+    python -m benchmarks.ffi_matmul [--sizes 1024 4096] [--ms 1 4 16] [--seconds 0.6]
+                                    [--out benchmarks/results/ffi_cpu.json]
+
+Prints one table row per (size, M, candidate): median latency, GB/s of weight bytes read,
+and the ratio to XLA's f32 dot measured in the same round-robin. Candidates are timed in
+interleaved rounds (one call each per round), so load from other processes hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ltjax.ffi as lffi
+from ltjax._format import decompress_reference, pack
+
+
+def _timeit_round_robin(fns: dict, args: dict, seconds: float, min_rounds: int = 30) -> dict[str, list[float]]:
+    for name, f in fns.items():  # compile + warm up
+        for _ in range(3):
+            jax.block_until_ready(f(*args[name]))
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    t_end = time.perf_counter() + seconds * len(fns)
+    rounds = 0
+    while rounds < min_rounds or time.perf_counter() < t_end:
+        for name, f in fns.items():
+            a = args[name]
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*a))
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+        if rounds >= 2000:
+            break
+    return times
+
+
+def _temp_bytes(f, *a) -> int:
+    return int(jax.jit(f).lower(*a).compile().memory_analysis().temp_size_in_bytes)
+
+
+def _weight(rng, k: int, n: int, sparsity: float) -> np.ndarray:
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    if sparsity:
+        w[rng.random((k, n)) < sparsity] = 0.0
+    return w
+
+
+def run(sizes, ms, seconds: float) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for size, m in itertools.product(sizes, ms):
+        k = n = size
+        w_dense = _weight(rng, k, n, 0.0)
+        w_sparse = _weight(rng, k, n, 0.5)
+        x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
+        xb = x.astype(jnp.bfloat16)
+        cts = {
+            "int8": jax.tree.map(jnp.asarray, pack(w_dense, "int8")),
+            "bitmask_int8": jax.tree.map(jnp.asarray, pack(w_sparse, "bitmask_int8")),
+            "bitmask": jax.tree.map(jnp.asarray, pack(w_sparse, "bitmask")),
+        }
+        wf = jnp.asarray(w_dense)
+        wb = wf.astype(jnp.bfloat16)
+        ct8 = cts["int8"]
+
+        def xla_int8_fused(x, codes, s):
+            # the best XLA path ltjax had (design.md): multiply-reduce over the [N, K] int8 storage,
+            # x seen as 1-D at M = 1; a dot_general over the converted codes for M > 1.
+            if x.shape[0] == 1:
+                return (jnp.sum(codes.astype(jnp.float32) * x[0], axis=-1) * s)[None]
+            return jnp.einsum("mk,nk->mn", x, codes.astype(jnp.float32)) * s
+
+        fns = {
+            "xla_f32_dot": jax.jit(lambda x, w: x @ w),
+            "xla_bf16_dot": jax.jit(lambda x, w: x @ w),
+            "xla_int8_fused": jax.jit(xla_int8_fused),
+            "naive_int8_decompress": jax.jit(lambda x, ct: x @ decompress_reference(ct)),
+        }
+        args = {
+            "xla_f32_dot": (x, wf),
+            "xla_bf16_dot": (xb, wb),
+            "xla_int8_fused": (x, ct8.codes, ct8.scales),
+            "naive_int8_decompress": (x, ct8),
+        }
+        weight_bytes = {
+            "xla_f32_dot": k * n * 4,
+            "xla_bf16_dot": k * n * 2,
+            "xla_int8_fused": ct8.codes.size + ct8.scales.size * 4,
+            "naive_int8_decompress": ct8.nbytes,
+        }
+        for codec, ct in cts.items():
+            fns[f"ffi_{codec}"] = jax.jit(lffi.matmul)
+            args[f"ffi_{codec}"] = (x, ct)
+            weight_bytes[f"ffi_{codec}"] = ct.nbytes - ct.checksums.size * 4
+        fns["ffi_int8_bf16x"] = jax.jit(lffi.matmul)
+        args["ffi_int8_bf16x"] = (xb, ct8)
+        weight_bytes["ffi_int8_bf16x"] = weight_bytes["ffi_int8"]
+
+        times = _timeit_round_robin(fns, args, seconds)
+        base = statistics.median(times["xla_f32_dot"])
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            row = {
+                "K": k, "N": n, "M": m, "candidate": name,
+                "median_us": med * 1e6,
+                "p10_us": float(np.percentile(ts, 10)) * 1e6,
+                "runs": len(ts),
+                "weight_bytes": int(weight_bytes[name]),
+                "weight_GBps": weight_bytes[name] / med / 1e9,
+                "speedup_vs_f32_dot": base / med,
+            }
+            if name.startswith("ffi_") or name.startswith("naive"):
+                row["temp_bytes"] = _temp_bytes(fns[name], *args[name])
+            rows.append(row)
+            print(
+                f"K=N={k:5d} M={m:3d} {name:24s} {med * 1e6:10.1f} us  {row['weight_GBps']:6.1f} GB/s  "
+                f"x{row['speedup_vs_f32_dot']:5.2f} vs f32 dot"
+                + (f"  temp={row['temp_bytes']}" if "temp_bytes" in row else ""),
+                flush=True,
+            )
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
+    p.add_argument("--ms", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--seconds", type=float, default=0.6, help="timing budget per candidate per config")
+    p.add_argument("--out", default="benchmarks/results/ffi_cpu.json")
+    a = p.parse_args(argv)
+    if not lffi.available():
+        raise SystemExit(f"ltjax.ffi is unavailable: {lffi.unavailable_reason()}")
+    rows = run(a.sizes, a.ms, a.seconds)
+    meta = {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "ffi": lffi.info(),
+        "note": "2 shared CPU cores: other processes may run; candidates interleaved round-robin, medians",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+// The Python extension `ltjax.ffi._ltjax_ffi`: hands the handlers to Python as PyCapsules
+// (for jax.ffi.register_ffi_target) and reports the instruction set chosen at run time.
+// Plain CPython API: the module has two functions, so it needs no binding library.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "common.h"
+
+extern "C" {
+XLA_FFI_Error* LtjaxInt8Matmul(XLA_FFI_CallFrame*);
+XLA_FFI_Error* LtjaxInt8MatmulT(XLA_FFI_CallFrame*);
+XLA_FFI_Error* LtjaxBitmaskInt8Matmul(XLA_FFI_CallFrame*);
+XLA_FFI_Error* LtjaxBitmaskInt8MatmulT(XLA_FFI_CallFrame*);
+XLA_FFI_Error* LtjaxBitmaskMatmul(XLA_FFI_CallFrame*);
+XLA_FFI_Error* LtjaxBitmaskMatmulT(XLA_FFI_CallFrame*);
+XLA_FFI_Error* LtjaxBitmaskUnpack(XLA_FFI_CallFrame*);
+XLA_FFI_Error* LtjaxBitmaskInt8Unpack(XLA_FFI_CallFrame*);
+}
+
+namespace {
+
+using Handler = XLA_FFI_Error* (*)(XLA_FFI_CallFrame*);
+struct Target {
+  const char* name;
+  Handler fn;
+};
+const Target kTargets[] = {
+    {"ltjax_int8_matmul", LtjaxInt8Matmul},
+    {"ltjax_int8_matmul_t", LtjaxInt8MatmulT},
+    {"ltjax_bitmask_int8_matmul", LtjaxBitmaskInt8Matmul},
+    {"ltjax_bitmask_int8_matmul_t", LtjaxBitmaskInt8MatmulT},
+    {"ltjax_bitmask_matmul", LtjaxBitmaskMatmul},
+    {"ltjax_bitmask_matmul_t", LtjaxBitmaskMatmulT},
+    {"ltjax_bitmask_unpack", LtjaxBitmaskUnpack},
+    {"ltjax_bitmask_int8_unpack", LtjaxBitmaskInt8Unpack},
+};
+
+PyObject* Targets(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  if (!d) return nullptr;
+  for (const Target& t : kTargets) {
+    PyObject* cap = PyCapsule_New(reinterpret_cast<void*>(t.fn), nullptr, nullptr);
+    if (!cap || PyDict_SetItemString(d, t.name, cap) < 0) {
+      Py_XDECREF(cap);
+      Py_DECREF(d);
+      return nullptr;
+    }
+    Py_DECREF(cap);
+  }
+  return d;
+}
+
+PyObject* IsaName(PyObject*, PyObject*) {
+  switch (ltjax::CurrentIsa()) {
+    case ltjax::Isa::kAvx512: return PyUnicode_FromString("avx512");
+    case ltjax::Isa::kAvx2: return PyUnicode_FromString("avx2");
+    default: return PyUnicode_FromString("none");
+  }
+}
+
+PyObject* NumThreads(PyObject*, PyObject*) { return PyLong_FromLong(ltjax::Pool::Get().size()); }
+
+PyMethodDef kMethods[] = {
+    {"targets", Targets, METH_NOARGS, "dict: FFI target name -> PyCapsule of its XLA FFI handler"},
+    {"isa", IsaName, METH_NOARGS, "instruction set chosen at run time: 'avx512', 'avx2' or 'none'"},
+    {"num_threads", NumThreads, METH_NOARGS, "threads of the handlers' pool (caller included)"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_ltjax_ffi", "ltjax CPU XLA FFI handlers", -1, kMethods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__ltjax_ffi(void) { return PyModule_Create(&kModule); }

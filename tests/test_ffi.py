@@ -1,0 +1,251 @@
+"""CPU XLA FFI handlers (ltjax.ffi) against the jnp reference decoder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ltjax.ffi as lffi
+from ltjax._format import decode_storage, decompress_reference, pack
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_ffi = pytest.mark.skipif(not lffi.available(), reason=f"ltjax.ffi unavailable: {lffi.unavailable_reason()}")
+
+CODECS = ("int8", "bitmask_int8", "bitmask")
+# (K, N, M, tile): ragged sizes (not multiples of 32 / 16 / 4), tiles that cut rows mid-way.
+SHAPES = [(100, 70, 3, (16, 32)), (300, 257, 5, (7, 64)), (1, 9, 2, None), (513, 130, 17, None)]
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.6e-2}
+
+
+def _pack(key, k, n, codec, tile, dtype=np.float32):
+    rng = np.random.default_rng(key)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    if codec != "int8":
+        w[rng.random((k, n)) < 0.5] = 0.0
+    return jax.tree.map(jnp.asarray, pack(w.astype(dtype), codec, tile=tile))
+
+
+def _close(got, want, dtype):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, atol=TOL[dtype] * scale, rtol=TOL[dtype])
+
+
+@needs_ffi
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_matmul_and_transposed_match_reference(codec, shape, xdtype):
+    k, n, m, tile = shape
+    ct = _pack(k * 7 + n, k, n, codec, tile)
+    w = decompress_reference(ct)
+    x = jax.random.normal(jax.random.key(m), (m, k)).astype(xdtype)
+    dy = jax.random.normal(jax.random.key(m + 1), (m, n)).astype(xdtype)
+    y = jax.jit(lffi.matmul)(x, ct)
+    dx = jax.jit(lffi.matmul_t)(dy, ct)
+    assert y.shape == (m, n) and y.dtype == xdtype
+    assert dx.shape == (m, k) and dx.dtype == xdtype
+    _close(y, x.astype(jnp.float32) @ w, xdtype)
+    _close(dx, dy.astype(jnp.float32) @ w.T, xdtype)
+
+
+@needs_ffi
+@pytest.mark.parametrize("vdtype", [np.float32, jnp.bfloat16, np.float16], ids=["f32", "bf16", "f16"])
+def test_bitmask_values_dtypes(vdtype):
+    ct = _pack(3, 96, 40, "bitmask", (8, 32), vdtype)
+    x = jax.random.normal(jax.random.key(0), (4, 96))
+    _close(lffi.matmul(x, ct), x @ decompress_reference(ct).astype(jnp.float32), jnp.float32)
+    # unpack is bit-exact in the values' own dtype (-0.0 included)
+    got = np.asarray(jax.jit(lffi.unpack_bitmask)(ct))
+    want = np.asarray(decode_storage(ct))
+    assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+
+
+@needs_ffi
+def test_unpack_keeps_negative_zero_and_nd_shapes():
+    x = np.zeros((3, 5, 70), np.float32)
+    x[0, 0, :3] = [-0.0, 1.5, -2.0]
+    x[2, 4, 69] = 7.0
+    ct = pack(x, "bitmask", tile=(2, 32))
+    got = np.asarray(lffi.unpack_bitmask(ct))
+    assert got.tobytes() == np.asarray(decode_storage(ct)).tobytes()
+    ct8 = pack(np.random.default_rng(0).standard_normal((4, 6, 50)).astype(np.float32), "bitmask_int8")
+    np.testing.assert_allclose(lffi.unpack_bitmask(ct8), decode_storage(ct8), rtol=1e-6, atol=1e-7)
+
+
+@needs_ffi
+@pytest.mark.parametrize("codec", CODECS)
+def test_batch_dims_and_vmap(codec):
+    ct = _pack(1, 80, 48, codec, (16, 32))
+    w = decompress_reference(ct)
+    x = jax.random.normal(jax.random.key(2), (2, 3, 80))
+    _close(lffi.matmul(x, ct), x @ w, jnp.float32)
+    # vmap over activations: folded into M (one call)
+    _close(jax.jit(jax.vmap(lffi.matmul, in_axes=(0, None)))(x, ct), x @ w, jnp.float32)
+    dy = jax.random.normal(jax.random.key(3), (2, 3, 48))
+    _close(jax.vmap(lffi.matmul_t, in_axes=(0, None))(dy, ct), dy @ w.T, jnp.float32)
+    if codec != "int8":  # stacked bitmask weights (equal nnz): test_vmap_over_stacked_bitmask_weights
+        return
+    # vmap over stacked weights: one call per weight
+    ct2 = _pack(2, 80, 48, codec, (16, 32))
+    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), ct, ct2)
+    ys = jax.vmap(lffi.matmul, in_axes=(0, 0))(x[:, 0], stacked)
+    _close(ys[1], x[1, 0] @ decompress_reference(ct2), jnp.float32)
+
+
+@needs_ffi
+def test_vmap_over_stacked_bitmask_weights():
+    ct = _pack(5, 64, 32, "bitmask_int8", (8, 32))
+    stacked = jax.tree.map(lambda a: jnp.stack([a, a]), ct)
+    stacked = type(ct)(header=ct.header, **{**stacked.arrays(), "scales": stacked.scales * jnp.array([[1.0], [2.0]])})
+    x = jax.random.normal(jax.random.key(1), (2, 3, 64))
+    ys = jax.vmap(lffi.matmul)(x, stacked)
+    w = decompress_reference(ct)
+    _close(ys[0], x[0] @ w, jnp.float32)
+    _close(ys[1], 2 * (x[1] @ w), jnp.float32)
+
+
+@needs_ffi
+@pytest.mark.parametrize("codec", CODECS)
+def test_gradients_through_vjp(codec):
+    ct = _pack(9, 70, 45, codec, (16, 32))
+    x = jax.random.normal(jax.random.key(4), (3, 70))
+    c = jax.random.normal(jax.random.key(5), (3, 45))
+
+    def loss_ffi(x, ct):
+        return jnp.sum(lffi.matmul_vjp(x, ct) * c)
+
+    def loss_ref(x, ct):
+        return jnp.sum((x @ decompress_reference(ct)) * c)
+
+    gx, gct = jax.jit(jax.grad(loss_ffi, argnums=(0, 1), allow_int=True))(x, ct)
+    rx, rct = jax.grad(loss_ref, argnums=(0, 1), allow_int=True)(x, ct)
+    _close(gx, rx, jnp.float32)
+    for name in ("scales", "values"):
+        if getattr(ct, name) is not None:
+            _close(getattr(gct, name), getattr(rct, name), jnp.float32)
+
+
+@needs_ffi
+def test_no_dense_temp():
+    ct = _pack(0, 1024, 1024, "bitmask_int8", None)
+    ct8 = _pack(0, 1024, 1024, "int8", None)
+    x = jnp.ones((16, 1024))
+    for c in (ct, ct8):
+        temp = jax.jit(lffi.matmul).lower(x, c).compile().memory_analysis().temp_size_in_bytes
+        assert temp < 1024 * 1024, temp  # a dense f32 weight would be 4 MiB
+
+
+@needs_ffi
+def test_avx2_path_matches_reference():
+    """The AVX2 kernels (forced with LTJAX_FFI_ISA=avx2) give the same answers."""
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        import ltjax.ffi as F
+        from ltjax._format import pack, decompress_reference, decode_storage
+        assert F.info()["isa"] == "avx2", F.info()
+        rng = np.random.default_rng(0)
+        for codec in ("int8", "bitmask_int8", "bitmask"):
+            w = rng.standard_normal((300, 77)).astype(np.float32); w[rng.random(w.shape) < .5] = 0
+            ct = pack(w, codec, tile=(7, 64)); ref = decompress_reference(ct)
+            for m in (1, 5):
+                x = jnp.asarray(rng.standard_normal((m, 300)).astype(np.float32))
+                dy = jnp.asarray(rng.standard_normal((m, 77)).astype(np.float32))
+                np.testing.assert_allclose(F.matmul(x, ct), x @ ref, rtol=2e-5, atol=2e-4)
+                np.testing.assert_allclose(F.matmul_t(dy, ct), dy @ ref.T, rtol=2e-5, atol=2e-4)
+            if codec != "int8":
+                np.testing.assert_allclose(F.unpack_bitmask(ct), decode_storage(ct), rtol=1e-6, atol=1e-7)
+        print("ok")
+        """
+    )
+    env = {**os.environ, "LTJAX_FFI_ISA": "avx2", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------- bad input at the handler
+def _raises_xla_error(fn, match="ltjax"):
+    with pytest.raises(Exception) as e:
+        jax.block_until_ready(fn())
+    assert match in str(e.value), str(e.value)
+
+
+@needs_ffi
+def test_bad_input_gives_xla_errors():
+    x = jnp.ones((2, 64), jnp.float32)
+    codes = jnp.ones((16, 64), jnp.int8)
+    scales = jnp.ones((16,), jnp.float32)
+    out = jax.ShapeDtypeStruct((2, 16), jnp.float32)
+    call = lambda *a: jax.ffi.ffi_call("ltjax_int8_matmul", out)(*a)  # noqa: E731
+    _raises_xla_error(lambda: call(x, codes.astype(jnp.int32), scales), "int8")  # wrong dtype
+    _raises_xla_error(lambda: call(x[None], codes, scales), "2-D")  # wrong rank
+    _raises_xla_error(lambda: call(jnp.ones((2, 63)), codes, scales), "shape")  # K mismatch
+    _raises_xla_error(lambda: call(x, codes, jnp.ones((15,))), "shape")  # scales mismatch
+    _raises_xla_error(lambda: call(x.astype(jnp.float16), codes, scales), "float32 or bfloat16")
+    bad_out = jax.ShapeDtypeStruct((2, 17), jnp.float32)
+    _raises_xla_error(lambda: jax.ffi.ffi_call("ltjax_int8_matmul", bad_out)(x, codes, scales), "shape")
+
+
+@needs_ffi
+@pytest.mark.parametrize("damage", ["offsets_big", "offsets_negative", "mask_extra_bits", "values_short"])
+def test_damaged_bitmask_is_an_error_not_a_crash(damage):
+    ct = _pack(0, 64, 48, "bitmask_int8", (8, 32))
+    mask, offsets, codes = np.asarray(ct.mask).copy(), np.asarray(ct.offsets).copy(), np.asarray(ct.codes)
+    if damage == "offsets_big":
+        offsets[-1] = 10**6
+    elif damage == "offsets_negative":
+        offsets[1] = -5
+    elif damage == "mask_extra_bits":
+        mask[-1, :] = 0xFFFFFFFF
+    else:
+        codes = codes[:-3]
+    x = jnp.ones((2, 64))
+    out = jax.ShapeDtypeStruct((2, 48), jnp.float32)
+    f = jax.ffi.ffi_call("ltjax_bitmask_int8_matmul", out)
+    _raises_xla_error(lambda: f(x, mask, offsets, codes, ct.scales, tile_rows=8, tile_cols=32), "damaged")
+    outu = jax.ShapeDtypeStruct((48, 64), jnp.float32)
+    g = jax.ffi.ffi_call("ltjax_bitmask_int8_unpack", outu)
+    _raises_xla_error(lambda: g(mask, offsets, codes, ct.scales, tile_rows=8, tile_cols=32), "damaged")
+
+
+# ---------------------------------------------------------------------- fallback without the extension
+@pytest.mark.parametrize("how", ["missing", "disabled"])
+def test_fallback_when_extension_absent(how):
+    """Simulated absence: the import of `_ltjax_ffi` fails (or is disabled); the package still works."""
+    code = textwrap.dedent(
+        """
+        import logging, sys
+        logging.basicConfig(level=logging.WARNING, format="LOG %(message)s", stream=sys.stdout)
+        if sys.argv[1] == "missing":
+            sys.modules["ltjax.ffi._ltjax_ffi"] = None  # import of the extension now raises ImportError
+        import jax.numpy as jnp, numpy as np
+        import ltjax, ltjax.ffi as F
+        from ltjax._format import pack
+        assert not F.available()
+        print("REASON", F.unavailable_reason())
+        ct = pack(np.ones((64, 32), np.float32), "int8")
+        x = jnp.ones((2, 64))
+        assert not F.can_use_ffi(x, ct) and not F.can_use_ffi(x, ct)
+        y = ltjax.matmul(x, ct)  # the XLA path
+        np.testing.assert_allclose(y, 64 * np.ones((2, 32)), rtol=1e-5)
+        print("ok")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("LTJAX_DISABLE_FFI", None)
+    if how == "disabled":
+        env["LTJAX_DISABLE_FFI"] = "1"
+    r = subprocess.run([sys.executable, "-c", code, how], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    assert r.stdout.count("LOG ltjax: CPU FFI kernels unavailable") == 1, r.stdout
+    want = "not built" if how == "missing" else "LTJAX_DISABLE_FFI"
+    assert want in r.stdout
