@@ -406,7 +406,7 @@ def _check_matmul_args(x: Any, ct: Any) -> None:
             f"ltjax.matmul: x.shape={shape} does not match ct.shape={ct.shape}: "
             f"x[..., K] @ W[K, N] needs x.shape[-1] == K == {ct.shape[0]}"
         )
-    dt = np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+    dt = np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
     if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(
             f"ltjax.matmul needs a floating-point x (float32, bfloat16, float16); got x.dtype={dt} "
