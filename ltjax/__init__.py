@@ -2,7 +2,7 @@
 
 from ltjax._errors import ChecksumError, LTFormatError
 from ltjax._format import CODECS, FORMAT_VERSION, CompressedTensor, Header
-from ltjax._ops import decompress, matmul
+from ltjax._ops import decompress, matmul, matmul_reference
 
 __version__ = "0.1.0"
 
@@ -15,4 +15,5 @@ __all__ = [
     "LTFormatError",
     "decompress",
     "matmul",
+    "matmul_reference",
 ]

@@ -22,6 +22,12 @@ M     f32 dense    1-D fused multiply-reduce   3-D ``[M, N, K]`` reduce  dot ove
 64    11.4–24      —                           25.6                    **11.2–12.9**
 ====  ===========  ==========================  ======================  ========================
 
+Below about 4M weights (measured at 1024² and 2048², not at 4096²) XLA CPU instead emits
+``x1d @ f32(codes).T`` as a single loop fusion split over both cores, with no temp: 0.16 ms
+vs 0.26 (1-D reduce) and 0.28 (f32 dense) at 1024², 0.38 vs 0.95 and 0.78 at 2048²; at
+4096² the same expression materialises an f32 copy (64 MiB temp, 125 ms). So M = 1 uses
+that form for ``int8``/``raw`` up to `_LOOP_DOT_MAX_ELEMENTS`, the 1-D reduce above it.
+
 Converting all codes to f32 and calling one dot ran 17–45 ms at every M (it materialises an
 f32 copy of W); a bf16 copy ran 11–20 ms. So: M = 1 → the 1-D form, 2 ≤ M ≤ `_VMAP_MAX_M`
 → the 3-D fused reduce, larger M → a loop over row chunks, each decoded to f32 (a few MiB,
@@ -71,6 +77,7 @@ except ImportError:  # pragma: no cover
     _ffi = None
 
 IMPLS = ("pallas", "ffi", "xla", "reference")
+_LOOP_DOT_MAX_ELEMENTS = 2048 * 2048  # M = 1: up to here XLA fuses convert+dot into one loop
 _VMAP_MAX_M = 16  # largest M for the 3-D fused multiply-reduce; beyond it, chunked dots
 _FWD_CHUNK_ROWS = 256  # rows of W^T decoded per step of the chunked forward (4 MiB f32 at K=4096)
 _BWD_CHUNK_ROWS = 128  # rows of W^T decoded per step of the backward dx scan
@@ -261,7 +268,10 @@ def _xla_acc(x2: jax.Array, ct: CompressedTensor) -> jax.Array:
     xf = x2.astype(jnp.float32)
     base = _base_of(ct)
     if m == 1:  # x as 1-D: a [1, K] broadcast is the 100x cliff
-        return jnp.sum(_decode_rows(ct, base, 0, n) * xf[0][None, :], axis=-1)[None, :]
+        w = _decode_rows(ct, base, 0, n)
+        if n * k <= _LOOP_DOT_MAX_ELEMENTS and ct.codec in ("raw", "int8"):
+            return (xf[0] @ w.T)[None, :]  # emitted as one 2-thread loop fusion, no temp
+        return jnp.sum(w * xf[0][None, :], axis=-1)[None, :]
     if m <= _VMAP_MAX_M:
         return jnp.sum(_decode_rows(ct, base, 0, n)[None, :, :] * xf[:, None, :], axis=-1)
     nb, rows, rem = _chunks(n, _FWD_CHUNK_ROWS)
