@@ -521,4 +521,8 @@ def decompress(ct: CompressedTensor, *, impl: str | None = None) -> jax.Array:
     if not isinstance(ct, CompressedTensor):
         raise ValueError(f"ltjax.decompress needs a CompressedTensor, got {type(ct).__name__}")
     with jax.named_scope("ltjax.decompress"):
-        return _decompress(_choose_decompress_impl(ct, impl), ct)
+        cfg = _choose_decompress_impl(ct, impl)
+        decode = functools.partial(_decompress, cfg)
+        for _ in ct.stack_shape:  # a stack of tensors (nn.scan layers) decodes layer by layer
+            decode = jax.vmap(decode)
+        return decode(ct)
