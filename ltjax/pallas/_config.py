@@ -61,18 +61,22 @@ class BlockSizes:
 # NOTE: chosen from the offline Triton compile (registers, no spills, sm_80/sm_90) and the
 # memory-bound arithmetic, not yet from a GPU sweep (no GPU in the build environment).
 TUNED_BLOCK_SIZES: tuple[tuple[tuple[str, int], BlockSizes], ...] = tuple(sorted([
-    (("bitmask_matmul", 4), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul", 4), BlockSizes(block_m=4, block_n=8, block_k=256, split=0, num_warps=4, num_stages=1)),
     (("bitmask_matmul", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
     (("bitmask_matmul", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
-    (("bitmask_matmul_t", 4), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul_t", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul_t", 4), BlockSizes(block_m=4, block_n=8, block_k=256, split=0, num_warps=4, num_stages=1)),
     (("bitmask_matmul_t", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
     (("bitmask_matmul_t", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
     (("bitmask_unpack", 1 << 30), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
     (("int8_dequant", 1 << 30), BlockSizes(block_m=1, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
-    (("int8_matmul", 4), BlockSizes(block_m=1, block_n=16, block_k=256, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul", 4), BlockSizes(block_m=4, block_n=16, block_k=128, split=1, num_warps=4, num_stages=3)),
     (("int8_matmul", 64), BlockSizes(block_m=16, block_n=32, block_k=128, split=1, num_warps=4, num_stages=3)),
     (("int8_matmul", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=64, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul_t", 4), BlockSizes(block_m=1, block_n=16, block_k=256, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul_t", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul_t", 4), BlockSizes(block_m=4, block_n=16, block_k=128, split=1, num_warps=4, num_stages=3)),
     (("int8_matmul_t", 64), BlockSizes(block_m=16, block_n=32, block_k=128, split=1, num_warps=4, num_stages=3)),
     (("int8_matmul_t", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=64, split=1, num_warps=4, num_stages=3)),
 ]))

@@ -37,6 +37,20 @@ def row_popcounts(mask_ref, r0, r_end, w0, w_end, n_chunks, *, bn: int, nw: int)
     return lax.fori_loop(0, n_chunks, body, jnp.zeros((bn,), jnp.int32))
 
 
+def tile_row_starts(mask_ref, offsets_ref, tile_index, carry, r0, r_end, tw0, tw_end, *, bn, nwb, n_cc, words0):
+    """Packed index of each row's first nonzero in its tile (rows ``[r0, r0 + bn)``), and the rows' total.
+
+    ``carry`` counts the tile's nonzeros in rows above ``r0``; ``words0`` are the first
+    column chunk's words (the whole tile row when ``n_cc == 1``, so no second load).
+    """
+    if n_cc == 1:
+        rowcnt = popc(words0).sum(axis=1)
+    else:
+        rowcnt = row_popcounts(mask_ref, r0, r_end, tw0, tw_end, n_cc, bn=bn, nw=nwb)
+    start = offsets_ref[tile_index] + carry + excl_cumsum(rowcnt, axis=0)
+    return start, rowcnt.sum()
+
+
 def gather_packed(packed_ref, words: jax.Array, row_start: jax.Array) -> jax.Array:
     """Decodes a [bn, nw] block of mask words into the [bn, 32 nw] values they select.
 
@@ -65,7 +79,7 @@ def contract(a: jax.Array, b: jax.Array, *, use_dot: bool, transposed: bool) -> 
     """
     if use_dot:
         prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-        return pl.dot(a, b, trans_b=not transposed, precision=prec)
+        return plgpu.dot(a, b, trans_b=not transposed, precision=prec)
     a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
     if transposed:
         return (a32[:, :, None] * b32[None, :, :]).sum(axis=1)

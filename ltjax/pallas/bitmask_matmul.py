@@ -14,21 +14,7 @@ from jax.experimental.pallas import triton as plgpu
 from ltjax._format import CompressedTensor, decode_storage
 from ltjax.pallas import _config
 from ltjax.pallas._config import BlockSizes
-from ltjax.pallas._decode import contract, excl_cumsum, gather_packed, iota, load_words, popc, row_popcounts
-
-
-def _tile_row_starts(mask_ref, offsets_ref, tile_index, carry, r0, r_end, tw0, tw_end, *, bn, nwb, n_cc, words0):
-    """Packed index of each row's first nonzero in its tile (rows ``[r0, r0 + bn)``), and the rows' total.
-
-    ``carry`` counts the tile's nonzeros in rows above ``r0``; ``words0`` are the first
-    column chunk's words (the whole tile row when ``n_cc == 1``, so no second load).
-    """
-    if n_cc == 1:
-        rowcnt = popc(words0).sum(axis=1)
-    else:
-        rowcnt = row_popcounts(mask_ref, r0, r_end, tw0, tw_end, n_cc, bn=bn, nw=nwb)
-    start = offsets_ref[tile_index] + carry + excl_cumsum(rowcnt, axis=0)
-    return start, rowcnt.sum()
+from ltjax.pallas._decode import contract, gather_packed, iota, load_words, popc, row_popcounts, tile_row_starts
 
 
 def _bitmask_matmul_kernel(
@@ -62,7 +48,7 @@ def _bitmask_matmul_kernel(
             tw_end = pl.cdiv(c_end, 32)
             words0 = load_words(mask_ref, r0, r_end, tw0, tw_end, bn=bn, nw=nwb)
             carry = jnp.where(iota(gp) == jj, carries, 0).sum()
-            start, total = _tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, r0, r_end, tw0, tw_end,
+            start, total = tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, r0, r_end, tw0, tw_end,
                                             bn=bn, nwb=nwb, n_cc=n_cc, words0=words0)
             carries = jnp.where(iota(gp) == jj, carries + total, carries)
 
@@ -128,10 +114,10 @@ def _bitmask_matmul_t_kernel(
                 r0 = rs + rc * bn
                 words = load_words(mask_ref, r0, r_end, wq0, tw_end, bn=bn, nw=nwb)
                 if n_cc == 1:
-                    start, total = _tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, r0, r_end, tw0, tw_end,
+                    start, total = tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, r0, r_end, tw0, tw_end,
                                                     bn=bn, nwb=nwb, n_cc=1, words0=words)
                 else:
-                    start, total = _tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, r0, r_end, tw0, tw_end,
+                    start, total = tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, r0, r_end, tw0, tw_end,
                                                     bn=bn, nwb=nwb, n_cc=n_cc, words0=None)
                     start = start + row_popcounts(mask_ref, r0, r_end, tw0, tw_end, q, bn=bn, nw=nwb)
                 vals = gather_packed(packed_ref, words, start).astype(cdt)
