@@ -56,29 +56,36 @@ class BlockSizes:
         return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-# Tuned table: (kernel, max M) -> BlockSizes, sorted by kernel then max M; the first row
-# whose max M covers the call wins, `DEFAULT_BLOCK_SIZES` otherwise.
+# Tuned table: (kernel, activation dtype or "*", max M) -> BlockSizes, sorted; looked up by
+# `get_block_sizes`, `DEFAULT_BLOCK_SIZES` where no row covers the call.
+# f32 activations take the IEEE (FMA, not TF32) tl.dot, which needs more registers: their rows
+# are the bf16 ones shrunk (or 8 warps) until the offline compile showed no spills.
 # NOTE: chosen from the offline Triton compile (registers, no spills, sm_80/sm_90) and the
 # memory-bound arithmetic, not yet from a GPU sweep (no GPU in the build environment).
-TUNED_BLOCK_SIZES: tuple[tuple[tuple[str, int], BlockSizes], ...] = tuple(sorted([
-    (("bitmask_matmul", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_matmul", 4), BlockSizes(block_m=4, block_n=8, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_matmul", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_matmul", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
-    (("bitmask_matmul_t", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_matmul_t", 4), BlockSizes(block_m=4, block_n=8, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_matmul_t", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_matmul_t", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
-    (("bitmask_unpack", 1 << 30), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("int8_dequant", 1 << 30), BlockSizes(block_m=1, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
-    (("int8_matmul", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul", 4), BlockSizes(block_m=4, block_n=16, block_k=128, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul", 64), BlockSizes(block_m=16, block_n=32, block_k=128, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=64, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul_t", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul_t", 4), BlockSizes(block_m=4, block_n=16, block_k=128, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul_t", 64), BlockSizes(block_m=16, block_n=32, block_k=128, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul_t", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=64, split=1, num_warps=4, num_stages=3)),
+TUNED_BLOCK_SIZES: tuple[tuple[tuple[str, str, int], BlockSizes], ...] = tuple(sorted([
+    (("bitmask_matmul", "*", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul", "*", 4), BlockSizes(block_m=4, block_n=8, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul", "*", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul", "*", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
+    (("bitmask_matmul", "float32", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=1)),
+    (("bitmask_matmul_t", "*", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul_t", "*", 4), BlockSizes(block_m=4, block_n=8, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul_t", "*", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul_t", "*", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
+    (("bitmask_matmul_t", "float32", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=1)),
+    (("bitmask_unpack", "*", 1 << 30), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("int8_dequant", "*", 1 << 30), BlockSizes(block_m=1, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
+    (("int8_matmul", "*", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul", "*", 4), BlockSizes(block_m=4, block_n=16, block_k=128, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul", "*", 64), BlockSizes(block_m=16, block_n=32, block_k=128, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul", "float32", 64), BlockSizes(block_m=16, block_n=32, block_k=64, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul", "*", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=64, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul", "float32", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=32, split=1, num_warps=8, num_stages=2)),
+    (("int8_matmul_t", "*", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul_t", "*", 4), BlockSizes(block_m=4, block_n=16, block_k=128, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul_t", "*", 64), BlockSizes(block_m=16, block_n=32, block_k=128, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul_t", "*", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=64, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul_t", "float32", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=32, split=1, num_warps=8, num_stages=2)),
 ]))
 DEFAULT_BLOCK_SIZES = BlockSizes()
 
@@ -87,13 +94,16 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def get_block_sizes(kernel: str, m: int) -> BlockSizes:
-    """The tuned block sizes of ``kernel`` for ``m`` activation rows, with ``block_m`` fitted to ``m``."""
-    bs = DEFAULT_BLOCK_SIZES
-    for (name, max_m), cand in TUNED_BLOCK_SIZES:
-        if name == kernel and m <= max_m:
-            bs = cand
-            break
+def get_block_sizes(kernel: str, m: int, dtype=None) -> BlockSizes:
+    """The tuned block sizes of ``kernel`` for ``m`` activation rows of ``dtype``, ``block_m`` fitted to ``m``.
+
+    The row with the smallest max M that covers ``m`` wins; on a tie, the row for the exact
+    dtype beats the ``"*"`` row.
+    """
+    name = "*" if dtype is None else jnp.dtype(dtype).name
+    rows = [(max_m, dt != name, i) for i, ((kern, dt, max_m), _) in enumerate(TUNED_BLOCK_SIZES)
+            if kern == kernel and dt in (name, "*") and m <= max_m]
+    bs = TUNED_BLOCK_SIZES[min(rows)[2]][1] if rows else DEFAULT_BLOCK_SIZES
     return fit_block_m(bs, m)
 
 

@@ -106,14 +106,14 @@ def _int8_matmul(x, ct: CompressedTensor, *, transposed: bool, interpret: bool, 
 
 def int8_matmul(x, ct: CompressedTensor, *, interpret: bool | None = None, block_sizes: BlockSizes | None = None):
     """``x [M, K] @ S[N, K].T -> [M, N]`` for int8 storage ``S ≈ codes * scales[:, None]``, dequantised in registers."""
-    bs = block_sizes or _config.get_block_sizes("int8_matmul", x.shape[0])
+    bs = block_sizes or _config.get_block_sizes("int8_matmul", x.shape[0], x.dtype)
     return _int8_matmul(x, ct, transposed=False, interpret=_config.resolve_interpret(interpret),
                         block_sizes=_config.fit_block_m(bs, x.shape[0]))
 
 
 def int8_matmul_t(dy, ct: CompressedTensor, *, interpret: bool | None = None, block_sizes: BlockSizes | None = None):
     """``dy [M, N] @ S[N, K] -> [M, K]`` for int8 storage ``S``, dequantised in registers."""
-    bs = block_sizes or _config.get_block_sizes("int8_matmul_t", dy.shape[0])
+    bs = block_sizes or _config.get_block_sizes("int8_matmul_t", dy.shape[0], dy.dtype)
     return _int8_matmul(dy, ct, transposed=True, interpret=_config.resolve_interpret(interpret),
                         block_sizes=_config.fit_block_m(bs, dy.shape[0]))
 
