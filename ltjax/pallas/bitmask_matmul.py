@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ def _bitmask_matmul_kernel(
     (m, n, k), (tr, tc), bs = shape, tile, block_sizes
     bm, bn, bk = bs.block_m, bs.block_n, bs.block_k
     nwb = bk // 32
-    gr, gc = pl.cdiv(n, tr), pl.cdiv(k, tc)
+    gc = pl.cdiv(k, tc)
     n_cc = pl.cdiv(tc, bk)  # column chunks per tile
     m0, i, s = pl.program_id(0) * bm, pl.program_id(1), pl.program_id(2)
     rs, r_end = i * tr, jnp.minimum((i + 1) * tr, n)
