@@ -78,8 +78,10 @@ def contract(a: jax.Array, b: jax.Array, *, use_dot: bool, transposed: bool) -> 
     broadcast multiply-reduce in registers, the right tool for batch-1 decoding.
     """
     if use_dot:
+        # Plain dot_general (not `plgpu.dot`, which newer JAX drops); HIGHEST -> IEEE f32, not TF32.
         prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-        return plgpu.dot(a, b, trans_b=not transposed, precision=prec)
+        dims = (((1,), (0 if transposed else 1,)), ((), ()))
+        return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
     a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
     if transposed:
         return (a32[:, :, None] * b32[None, :, :]).sum(axis=1)
