@@ -1,0 +1,45 @@
+"""Pallas GPU kernels (Triton lowering): fused int8 / bitmask decode-matmul and decode-to-dense.
+
+The op layer dispatches here through `can_use_pallas` / `matmul` / `matmul_t` / `decompress`.
+Kernels, one file each: `int8_matmul` (forward and transposed), `bitmask_matmul` (forward
+and transposed), `int8_dequant`, `bitmask_unpack`; each exports its ``*_reference``.
+"""
+
+from ltjax.pallas._api import MATMUL_CODECS, can_use_pallas, decompress, matmul, matmul_t, why_not_pallas
+from ltjax.pallas._config import (
+    DEFAULT_BLOCK_SIZES,
+    INTERPRET_ENV,
+    TUNED_BLOCK_SIZES,
+    BlockSizes,
+    get_block_sizes,
+    resolve_interpret,
+)
+from ltjax.pallas.bitmask_matmul import bitmask_matmul, bitmask_matmul_reference, bitmask_matmul_t
+from ltjax.pallas.bitmask_unpack import bitmask_unpack, bitmask_unpack_reference
+from ltjax.pallas.int8_dequant import int8_dequant, int8_dequant_reference
+from ltjax.pallas.int8_matmul import int8_matmul, int8_matmul_reference, int8_matmul_t
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZES",
+    "INTERPRET_ENV",
+    "MATMUL_CODECS",
+    "TUNED_BLOCK_SIZES",
+    "BlockSizes",
+    "bitmask_matmul",
+    "bitmask_matmul_reference",
+    "bitmask_matmul_t",
+    "bitmask_unpack",
+    "bitmask_unpack_reference",
+    "can_use_pallas",
+    "decompress",
+    "get_block_sizes",
+    "int8_dequant",
+    "int8_dequant_reference",
+    "int8_matmul",
+    "int8_matmul_reference",
+    "int8_matmul_t",
+    "matmul",
+    "matmul_t",
+    "resolve_interpret",
+    "why_not_pallas",
+]

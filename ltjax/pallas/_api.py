@@ -1,0 +1,107 @@
+"""The Pallas fast path the op layer dispatches to: `matmul`, `matmul_t`, `decompress`, `can_use_pallas`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ltjax._format import CompressedTensor, from_storage
+from ltjax.pallas import _config
+from ltjax.pallas._config import BlockSizes
+from ltjax.pallas.bitmask_matmul import bitmask_matmul, bitmask_matmul_t
+from ltjax.pallas.bitmask_unpack import bitmask_unpack
+from ltjax.pallas.int8_dequant import int8_dequant
+from ltjax.pallas.int8_matmul import int8_matmul, int8_matmul_t
+
+MATMUL_CODECS = ("raw", "int8", "bitmask", "bitmask_int8")
+_MAX_PACKED = 2**31 - 2**16  # packed indices are int32 in the kernels
+
+
+def why_not_pallas(x, ct, *, transpose: bool = False, interpret: bool = False) -> str | None:
+    """Why `matmul(x, ct)` (``transpose``: `matmul_t(x, ct)`) cannot take the Pallas path, or None if it can.
+
+    ``interpret=True`` drops the GPU-backend requirement (the kernels then run in Pallas
+    interpret mode, for tests).
+    """
+    if not interpret and jax.default_backend() != "gpu":
+        return f"the default backend is {jax.default_backend()!r}, not 'gpu'"
+    if not isinstance(ct, CompressedTensor):
+        return f"the weight is a {type(ct).__name__}, not a CompressedTensor"
+    if ct.codec not in MATMUL_CODECS:
+        return f"codec {ct.codec!r} has no Pallas kernel (have {MATMUL_CODECS})"
+    if ct.ndim != 2 or ct.header.axis is None:
+        return f"the weight must be 2-D with a channel axis, got shape={ct.shape} axis={ct.header.axis}"
+    if getattr(x, "ndim", None) != 2:
+        return f"x must be 2-D [M, K], got shape={getattr(x, 'shape', None)}"
+    if jnp.dtype(x.dtype) not in _config.X_DTYPES:
+        return f"x dtype {jnp.dtype(x.dtype)} is not one of {[str(d) for d in _config.X_DTYPES]}"
+    want = ct.shape[1] if transpose else ct.shape[0]
+    if x.shape[1] != want:
+        return f"x has {x.shape[1]} columns but the weight{'ᵀ' if transpose else ''} has {want} rows"
+    if ct.codec in ("bitmask", "bitmask_int8") and ct.nnz > _MAX_PACKED:
+        return f"{ct.nnz} packed nonzeros exceed the kernels' int32 indices"
+    if ct.size >= 2**31:
+        return f"the weight has {ct.size} elements; the kernels index with int32"
+    return None
+
+
+def can_use_pallas(x, ct, *, transpose: bool = False, interpret: bool = False) -> bool:
+    """True when `matmul(x, ct)` (or `matmul_t` with ``transpose``) can run the Pallas kernels."""
+    return why_not_pallas(x, ct, transpose=transpose, interpret=interpret) is None
+
+
+def _storage_matmul(x, ct: CompressedTensor, *, contract_cols: bool, interpret, block_sizes):
+    """``x @ S.T`` (``contract_cols``) or ``x @ S`` over the storage matrix ``S`` of ``ct``."""
+    if ct.codec == "raw":  # a dense weight: XLA's own GEMM is the right kernel
+        s = ct.values
+        cdt = _config.compute_dtype(x.dtype, s.dtype)
+        y = jnp.dot(x.astype(cdt), (s.T if contract_cols else s).astype(cdt),
+                    preferred_element_type=jnp.float32,
+                    precision=jax.lax.Precision.HIGHEST if cdt == jnp.float32 else None)
+        return y.astype(x.dtype)
+    if ct.codec == "int8":
+        f = int8_matmul if contract_cols else int8_matmul_t
+    else:
+        f = bitmask_matmul if contract_cols else bitmask_matmul_t
+    return f(x, ct, interpret=interpret, block_sizes=block_sizes)
+
+
+def _require(x, ct, transpose: bool) -> None:
+    why = why_not_pallas(x, ct, transpose=transpose, interpret=True)
+    if why is not None:
+        raise ValueError(f"ltjax.pallas.{'matmul_t' if transpose else 'matmul'}: {why}")
+
+
+def matmul(x2, ct: CompressedTensor, *, interpret: bool | None = None, block_sizes: BlockSizes | None = None):
+    """``x2 [M, K] @ W [K, N] -> [M, N]`` in ``x2.dtype`` (f32 accumulation), ``W`` held by ``ct``.
+
+    int8 and bitmask codecs decode inside the kernel (registers only, no dense copy of W in
+    device memory); raw goes to XLA's GEMM. ``interpret=None`` follows
+    ``$LTJAX_PALLAS_INTERPRET`` (default: interpret off-GPU).
+    """
+    _require(x2, ct, transpose=False)
+    with jax.named_scope("ltjax.pallas.matmul"):
+        return _storage_matmul(x2, ct, contract_cols=ct.header.axis == 1, interpret=interpret,
+                               block_sizes=block_sizes)
+
+
+def matmul_t(dy2, ct: CompressedTensor, *, interpret: bool | None = None, block_sizes: BlockSizes | None = None):
+    """``dy2 [M, N] @ Wᵀ [N, K] -> [M, K]`` (the input cotangent of `matmul`), decoding ``W`` in registers."""
+    _require(dy2, ct, transpose=True)
+    with jax.named_scope("ltjax.pallas.matmul_t"):
+        return _storage_matmul(dy2, ct, contract_cols=ct.header.axis == 0, interpret=interpret,
+                               block_sizes=block_sizes)
+
+
+def decompress(ct: CompressedTensor, *, interpret: bool | None = None):
+    """The dense logical tensor of ``ct`` (any codec, any shape) via the unpack / dequant kernels."""
+    with jax.named_scope("ltjax.pallas.decompress"):
+        if ct.codec == "raw":
+            s = ct.values
+        elif ct.codec == "int8":
+            s = int8_dequant(ct, interpret=interpret)
+        elif ct.codec in ("bitmask", "bitmask_int8"):
+            s = bitmask_unpack(ct, interpret=interpret)
+        else:
+            raise ValueError(f"ltjax.pallas.decompress: codec {ct.codec!r} has no kernel")
+        return from_storage(s, ct.header)

@@ -1,0 +1,139 @@
+"""Tiling configuration, Triton compiler parameters and interpret-mode policy for the Pallas kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import triton as plgpu
+
+INTERPRET_ENV = "LTJAX_PALLAS_INTERPRET"
+
+# Activation dtypes the matmul kernels take; weights of any `ltjax` dtype decode into them.
+X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+# Below this many (padded) activation rows the kernels contract with a broadcast
+# multiply-reduce in registers; from here up they pad M to >= 16 and use `tl.dot`.
+DOT_MIN_M = 8
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockSizes:
+    """Block geometry of one kernel launch (hashable: a static argument under `jit`).
+
+    Attributes:
+      block_m: activation rows per program (a power of 2; >= 16 on the `tl.dot` path).
+      block_n: storage rows (output channels) decoded per step, a power of 2.
+      block_k: storage columns decoded per step, a power of 2; for the bitmask kernels a
+        multiple of 32 (whole mask words), best equal to the tile's column count.
+      split: programs along the reduced axis. int8: K (forward) / N (transposed) is cut
+        into `split` ranges; bitmask: the tile columns (forward) / tile rows (transposed)
+        are cut into `split` groups (0 = one group per tile). Partial sums are added in XLA.
+      num_warps, num_stages: Triton compiler parameters.
+    """
+
+    block_m: int = 16
+    block_n: int = 32
+    block_k: int = 128
+    split: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of 2 (Triton block shapes)")
+        if self.split < 0:
+            raise ValueError(f"split={self.split} must be >= 0")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps={self.num_warps} must be a power of 2 in [1, 16]")
+
+    def compiler_params(self) -> plgpu.CompilerParams:
+        """Triton compiler parameters: passing them selects the Triton lowering (Ampere and Hopper)."""
+        return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+# Tuned table: (kernel, activation dtype or "*", max M) -> BlockSizes, sorted; looked up by
+# `get_block_sizes`, `DEFAULT_BLOCK_SIZES` where no row covers the call.
+# f32 activations take the IEEE (FMA, not TF32) tl.dot, which needs more registers: their rows
+# are the bf16 ones shrunk (or 8 warps) until the offline compile showed no spills.
+# NOTE: chosen from the offline Triton compile (registers, no spills, sm_80/sm_90) and the
+# memory-bound arithmetic, not yet from a GPU sweep (no GPU in the build environment).
+TUNED_BLOCK_SIZES: tuple[tuple[tuple[str, str, int], BlockSizes], ...] = tuple(sorted([
+    (("bitmask_matmul", "*", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul", "*", 4), BlockSizes(block_m=4, block_n=8, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul", "*", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul", "*", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
+    (("bitmask_matmul", "float32", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=1)),
+    (("bitmask_matmul_t", "*", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul_t", "*", 4), BlockSizes(block_m=4, block_n=8, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul_t", "*", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul_t", "*", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
+    (("bitmask_matmul_t", "float32", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=1)),
+    (("bitmask_unpack", "*", 1 << 30), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("int8_dequant", "*", 1 << 30), BlockSizes(block_m=1, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
+    (("int8_matmul", "*", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul", "*", 4), BlockSizes(block_m=4, block_n=16, block_k=128, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul", "*", 64), BlockSizes(block_m=16, block_n=32, block_k=128, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul", "float32", 64), BlockSizes(block_m=16, block_n=32, block_k=64, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul", "*", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=64, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul", "float32", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=32, split=1, num_warps=8, num_stages=2)),
+    (("int8_matmul_t", "*", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul_t", "*", 4), BlockSizes(block_m=4, block_n=16, block_k=128, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul_t", "*", 64), BlockSizes(block_m=16, block_n=32, block_k=128, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul_t", "*", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=64, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul_t", "float32", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=32, split=1, num_warps=8, num_stages=2)),
+]))
+DEFAULT_BLOCK_SIZES = BlockSizes()
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def get_block_sizes(kernel: str, m: int, dtype=None) -> BlockSizes:
+    """The tuned block sizes of ``kernel`` for ``m`` activation rows of ``dtype``, ``block_m`` fitted to ``m``.
+
+    The row with the smallest max M that covers ``m`` wins; on a tie, the row for the exact
+    dtype beats the ``"*"`` row.
+    """
+    name = "*" if dtype is None else jnp.dtype(dtype).name
+    rows = [(max_m, dt != name, i) for i, ((kern, dt, max_m), _) in enumerate(TUNED_BLOCK_SIZES)
+            if kern == kernel and dt in (name, "*") and m <= max_m]
+    bs = TUNED_BLOCK_SIZES[min(rows)[2]][1] if rows else DEFAULT_BLOCK_SIZES
+    return fit_block_m(bs, m)
+
+
+def fit_block_m(bs: BlockSizes, m: int) -> BlockSizes:
+    """Shrinks ``block_m`` to the padded row count, and lifts it to 16 on the `tl.dot` path."""
+    bm = min(bs.block_m, next_pow2(m))
+    if bm >= DOT_MIN_M:
+        bm = max(bm, 16)
+    return bs if bm == bs.block_m else dataclasses.replace(bs, block_m=bm)
+
+
+def uses_dot(bs: BlockSizes) -> bool:
+    return bs.block_m >= DOT_MIN_M
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """``interpret`` if given, else ``$LTJAX_PALLAS_INTERPRET`` ("1"/"0"), else True off-GPU."""
+    if interpret is not None:
+        return bool(interpret)
+    env = os.environ.get(INTERPRET_ENV)
+    if env is not None and env.strip() != "":
+        return env.strip().lower() not in ("0", "false", "no", "off")
+    return jax.default_backend() != "gpu"
+
+
+def compute_dtype(x_dtype, w_dtype) -> jnp.dtype:
+    """Dtype the decoded weight block enters the contraction in (f32 accumulation always)."""
+    x_dtype, w_dtype = jnp.dtype(x_dtype), jnp.dtype(w_dtype)
+    if x_dtype == jnp.float32 or w_dtype == jnp.float32:
+        return jnp.dtype(jnp.float32)
+    if w_dtype == jnp.int8:
+        return x_dtype
+    return x_dtype if x_dtype == w_dtype else jnp.dtype(jnp.float32)

@@ -1,0 +1,205 @@
+"""Fused bitmask / bitmask_int8 decode-matmul: ``x @ S.T`` and ``dy @ S`` over the packed storage ``S``, decoded in registers."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ltjax._format import CompressedTensor, decode_storage
+from ltjax.pallas import _config
+from ltjax.pallas._config import BlockSizes
+from ltjax.pallas._decode import contract, gather_packed, iota, load_words, popc, row_popcounts, tile_row_starts
+
+
+def _bitmask_matmul_kernel(
+    x_ref,  # (M, K) whole; read in (block_m, block_k) blocks
+    mask_ref,  # (N, W) int32 whole; read in (block_n, block_k // 32) blocks
+    packed_ref,  # (nnz,) int8 codes or values, gathered element by element
+    offsets_ref,  # (T_r * T_c,) int32
+    scales_ref,  # (N,) f32
+    o_ref,  # (split, M, N); written in (block_m, block_n) blocks
+    *, shape, tile, groups, block_sizes, cdt,
+):
+    (m, n, k), (tr, tc), bs = shape, tile, block_sizes
+    bm, bn, bk = bs.block_m, bs.block_n, bs.block_k
+    nwb = bk // 32
+    gc = pl.cdiv(k, tc)
+    n_cc = pl.cdiv(tc, bk)  # column chunks per tile
+    m0, i, s = pl.program_id(0) * bm, pl.program_id(1), pl.program_id(2)
+    rs, r_end = i * tr, jnp.minimum((i + 1) * tr, n)
+    j_lo = s * groups
+    n_j = jnp.minimum(groups, gc - j_lo)
+    gp = _config.next_pow2(groups)
+    mrow_ok = (m0 + iota(bm)) < m
+
+    def row_chunk(rc, carries):  # carries[jj]: nonzeros of tile (i, j_lo + jj) above this chunk
+        r0 = rs + rc * bn
+
+        def tile_col(jj, state):
+            acc, carries = state
+            j = j_lo + jj
+            tw0, c_end = (j * tc) // 32, jnp.minimum((j + 1) * tc, k)
+            tw_end = pl.cdiv(c_end, 32)
+            words0 = load_words(mask_ref, r0, r_end, tw0, tw_end, bn=bn, nw=nwb)
+            carry = jnp.where(iota(gp) == jj, carries, 0).sum()
+            start, total = tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, r0, r_end, tw0, tw_end,
+                                            bn=bn, nwb=nwb, n_cc=n_cc, words0=words0)
+            carries = jnp.where(iota(gp) == jj, carries + total, carries)
+
+            def col_chunk(q, st):
+                acc, start = st
+                words = words0 if n_cc == 1 else load_words(mask_ref, r0, r_end, tw0 + q * nwb, tw_end, bn=bn, nw=nwb)
+                vals = gather_packed(packed_ref, words, start).astype(cdt)
+                c0 = j * tc + q * bk
+                x_ok = mrow_ok[:, None] & ((c0 + iota(bk)) < c_end)[None, :]
+                x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(c0, bk)], mask=x_ok, other=0).astype(cdt)
+                acc = acc + contract(x, vals, use_dot=_config.uses_dot(bs), transposed=False)
+                return acc, start + popc(words).sum(axis=1)
+
+            if n_cc == 1:
+                acc, _ = col_chunk(0, (acc, start))
+            else:
+                acc, _ = lax.fori_loop(0, n_cc, col_chunk, (acc, start))
+            return acc, carries
+
+        acc, carries = lax.fori_loop(0, n_j, tile_col, (jnp.zeros((bm, bn), jnp.float32), carries))
+        rows = r0 + iota(bn)
+        r_ok = rows < r_end
+        scale = plgpu.load(scales_ref.at[pl.ds(r0, bn)], mask=r_ok, other=0.0)
+        plgpu.store(o_ref.at[s, pl.ds(m0, bm), pl.ds(r0, bn)], (acc * scale[None, :]).astype(o_ref.dtype),
+                 mask=mrow_ok[:, None] & r_ok[None, :])
+        return carries
+
+    lax.fori_loop(0, pl.cdiv(r_end - rs, bn), row_chunk, jnp.zeros((gp,), jnp.int32))
+
+
+def _bitmask_matmul_t_kernel(
+    dy_ref,  # (M, N) whole; read in (block_m, block_n) blocks
+    mask_ref,  # (N, W) int32 whole; read in (block_n, block_k // 32) blocks
+    packed_ref,  # (nnz,) int8 codes or values, gathered element by element
+    offsets_ref,  # (T_r * T_c,) int32
+    scales_ref,  # (N,) f32
+    o_ref,  # (split, M, K); written in (block_m, block_k) blocks
+    *, shape, tile, groups, block_sizes, cdt,
+):
+    (m, n, k), (tr, tc), bs = shape, tile, block_sizes
+    bm, bn, bk = bs.block_m, bs.block_n, bs.block_k
+    nwb = bk // 32
+    gr, gc = pl.cdiv(n, tr), pl.cdiv(k, tc)
+    n_cc = pl.cdiv(tc, bk)
+    m0, j, s = pl.program_id(0) * bm, pl.program_id(1), pl.program_id(2)
+    tw0 = (j * tc) // 32  # tc % 32 == 0 unless one tile spans the row
+    c_end = jnp.minimum((j + 1) * tc, k)
+    tw_end = pl.cdiv(c_end, 32)
+    i_lo = s * groups
+    n_i = jnp.minimum(groups, gr - i_lo)
+    mrow_ok = (m0 + iota(bm)) < m
+
+    def col_chunk(q, _):
+        c0 = j * tc + q * bk
+        wq0 = tw0 + q * nwb
+
+        def tile_row(ii, acc):
+            i = i_lo + ii
+            rs, r_end = i * tr, jnp.minimum((i + 1) * tr, n)
+
+            def row_chunk(rc, st):
+                acc, carry = st
+                r0 = rs + rc * bn
+                words = load_words(mask_ref, r0, r_end, wq0, tw_end, bn=bn, nw=nwb)
+                if n_cc == 1:
+                    start, total = tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, r0, r_end, tw0, tw_end,
+                                                    bn=bn, nwb=nwb, n_cc=1, words0=words)
+                else:
+                    start, total = tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, r0, r_end, tw0, tw_end,
+                                                    bn=bn, nwb=nwb, n_cc=n_cc, words0=None)
+                    start = start + row_popcounts(mask_ref, r0, r_end, tw0, tw_end, q, bn=bn, nw=nwb)
+                vals = gather_packed(packed_ref, words, start).astype(cdt)
+                r_ok = (r0 + iota(bn)) < r_end
+                dy_ok = mrow_ok[:, None] & r_ok[None, :]
+                dy = plgpu.load(dy_ref.at[pl.ds(m0, bm), pl.ds(r0, bn)], mask=dy_ok, other=0).astype(jnp.float32)
+                scale = plgpu.load(scales_ref.at[pl.ds(r0, bn)], mask=r_ok, other=0.0)
+                dys = (dy * scale[None, :]).astype(cdt)
+                return acc + contract(dys, vals, use_dot=_config.uses_dot(bs), transposed=True), carry + total
+
+            acc, _ = lax.fori_loop(0, pl.cdiv(r_end - rs, bn), row_chunk, (acc, jnp.int32(0)))
+            return acc
+
+        acc = lax.fori_loop(0, n_i, tile_row, jnp.zeros((bm, bk), jnp.float32))
+        c_ok = (c0 + iota(bk)) < jnp.minimum(c_end, c0 + bk)
+        plgpu.store(o_ref.at[s, pl.ds(m0, bm), pl.ds(c0, bk)], acc.astype(o_ref.dtype),
+                 mask=mrow_ok[:, None] & c_ok[None, :])
+        return 0
+
+    lax.fori_loop(0, n_cc, col_chunk, 0)
+
+
+def _operands(ct: CompressedTensor):
+    n = ct.header.storage_shape[0]
+    packed = ct.codes if ct.codec == "bitmask_int8" else ct.values
+    scales = ct.scales if ct.codec == "bitmask_int8" else jnp.ones((n,), jnp.float32)
+    mask = lax.bitcast_convert_type(ct.mask, jnp.int32)
+    return mask, packed, ct.offsets, scales
+
+
+def _check_blocks(ct: CompressedTensor, bs: BlockSizes) -> None:
+    if bs.block_k % 32:
+        raise ValueError(f"block_k={bs.block_k} must be a multiple of 32 (whole mask words) for codec {ct.codec!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("transposed", "interpret", "block_sizes"))
+def _bitmask_matmul(x, ct: CompressedTensor, *, transposed: bool, interpret: bool, block_sizes: BlockSizes):
+    h = ct.header
+    (n, k), tile = h.storage_shape, h.tile
+    gr, gc = h.tile_grid
+    m = x.shape[0]
+    out_len = k if transposed else n
+    packed_len = (ct.codes if ct.codec == "bitmask_int8" else ct.values).shape[0]
+    if m == 0 or packed_len == 0:
+        return jnp.zeros((m, out_len), x.dtype)
+    bs = block_sizes
+    _check_blocks(ct, bs)
+    n_groups = gr if transposed else gc  # tiles along the reduced axis
+    split = n_groups if bs.split == 0 else min(bs.split, n_groups)
+    groups = -(-n_groups // split)
+    split = -(-n_groups // groups)
+    out_dtype = x.dtype if split == 1 else jnp.float32
+    cdt = _config.compute_dtype(x.dtype, (ct.codes if ct.codec == "bitmask_int8" else ct.values).dtype)
+    kernel = _bitmask_matmul_t_kernel if transposed else _bitmask_matmul_kernel
+    name = "ltjax_bitmask_matmul_t" if transposed else "ltjax_bitmask_matmul"
+    out = pl.pallas_call(
+        functools.partial(kernel, shape=(m, n, k), tile=tile, groups=groups, block_sizes=bs, cdt=cdt),
+        out_shape=jax.ShapeDtypeStruct((split, m, out_len), out_dtype),
+        grid=(pl.cdiv(m, bs.block_m), gc if transposed else gr, split),
+        compiler_params=bs.compiler_params(),
+        interpret=interpret,
+        name=name,
+    )(x, *_operands(ct))
+    return out[0] if split == 1 else out.sum(axis=0).astype(x.dtype)
+
+
+def bitmask_matmul(x, ct: CompressedTensor, *, interpret: bool | None = None, block_sizes: BlockSizes | None = None):
+    """``x [M, K] @ S[N, K].T -> [M, N]`` for a bitmask / bitmask_int8 storage matrix ``S``, decoded in registers."""
+    bs = block_sizes or _config.get_block_sizes("bitmask_matmul", x.shape[0], x.dtype)
+    return _bitmask_matmul(x, ct, transposed=False, interpret=_config.resolve_interpret(interpret),
+                           block_sizes=_config.fit_block_m(bs, x.shape[0]))
+
+
+def bitmask_matmul_t(dy, ct: CompressedTensor, *, interpret: bool | None = None,
+                     block_sizes: BlockSizes | None = None):
+    """``dy [M, N] @ S[N, K] -> [M, K]`` for a bitmask / bitmask_int8 storage matrix ``S``, decoded in registers."""
+    bs = block_sizes or _config.get_block_sizes("bitmask_matmul_t", dy.shape[0], dy.dtype)
+    return _bitmask_matmul(dy, ct, transposed=True, interpret=_config.resolve_interpret(interpret),
+                           block_sizes=_config.fit_block_m(bs, dy.shape[0]))
+
+
+def bitmask_matmul_reference(x, ct: CompressedTensor, *, transposed: bool = False):
+    """Pure jnp: the storage matrix decoded by the format's reference decoder, then one f32 matmul."""
+    s = decode_storage(ct, jnp.float32)
+    y = x.astype(jnp.float32) @ (s if transposed else s.T)
+    return y.astype(x.dtype)

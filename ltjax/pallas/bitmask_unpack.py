@@ -1,0 +1,98 @@
+"""Bitmask / bitmask_int8 unpack to a dense storage matrix: one program per tile, popcount + prefix offsets, no global scan."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ltjax._format import CompressedTensor, decode_storage
+from ltjax.pallas import _config
+from ltjax.pallas._config import BlockSizes
+from ltjax.pallas._decode import gather_packed, iota, load_words, popc, tile_row_starts
+
+
+def _bitmask_unpack_kernel(
+    mask_ref,  # (N, W) int32 whole; read in (block_n, block_k // 32) blocks
+    packed_ref,  # (nnz,) int8 codes or values, gathered element by element
+    offsets_ref,  # (T_r * T_c,) int32
+    scales_ref,  # (N,) f32
+    o_ref,  # (N, K) dense storage; written in (block_n, block_k) blocks
+    *, shape, tile, block_sizes, scaled,
+):
+    (n, k), (tr, tc), bs = shape, tile, block_sizes
+    bn, bk = bs.block_n, bs.block_k
+    nwb = bk // 32
+    gc = pl.cdiv(k, tc)
+    n_cc = pl.cdiv(tc, bk)
+    i, j = pl.program_id(0), pl.program_id(1)
+    rs, r_end = i * tr, jnp.minimum((i + 1) * tr, n)
+    tw0 = (j * tc) // 32  # tc % 32 == 0 unless one tile spans the row
+    c_end = jnp.minimum((j + 1) * tc, k)
+    tw_end = pl.cdiv(c_end, 32)
+
+    def row_chunk(rc, carry):
+        r0 = rs + rc * bn
+        r_ok = (r0 + iota(bn)) < r_end
+        words0 = load_words(mask_ref, r0, r_end, tw0, tw_end, bn=bn, nw=nwb)
+        start, total = tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, r0, r_end, tw0, tw_end,
+                                       bn=bn, nwb=nwb, n_cc=n_cc, words0=words0)
+        scale = plgpu.load(scales_ref.at[pl.ds(r0, bn)], mask=r_ok, other=0.0) if scaled else None
+
+        def col_chunk(q, start):
+            words = words0 if n_cc == 1 else load_words(mask_ref, r0, r_end, tw0 + q * nwb, tw_end, bn=bn, nw=nwb)
+            vals = gather_packed(packed_ref, words, start)
+            if scaled:
+                vals = vals.astype(jnp.float32) * scale[:, None]
+            c0 = j * tc + q * bk
+            c_ok = (c0 + iota(bk)) < c_end
+            plgpu.store(o_ref.at[pl.ds(r0, bn), pl.ds(c0, bk)], vals.astype(o_ref.dtype),
+                        mask=r_ok[:, None] & c_ok[None, :])
+            return start + popc(words).sum(axis=1)
+
+        if n_cc == 1:
+            col_chunk(0, start)
+        else:
+            lax.fori_loop(0, n_cc, col_chunk, start)
+        return carry + total
+
+    lax.fori_loop(0, pl.cdiv(r_end - rs, bn), row_chunk, jnp.int32(0))
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "dtype"))
+def _bitmask_unpack(ct: CompressedTensor, *, interpret: bool, block_sizes: BlockSizes, dtype):
+    h = ct.header
+    (n, k), tile = h.storage_shape, h.tile
+    scaled = ct.codec == "bitmask_int8"
+    packed = ct.codes if scaled else ct.values
+    if n == 0 or k == 0 or packed.shape[0] == 0:
+        return jnp.zeros((n, k), dtype)
+    bs = block_sizes
+    if bs.block_k % 32:
+        raise ValueError(f"block_k={bs.block_k} must be a multiple of 32 (whole mask words)")
+    scales = ct.scales if scaled else jnp.ones((n,), jnp.float32)
+    return pl.pallas_call(
+        functools.partial(_bitmask_unpack_kernel, shape=(n, k), tile=tile, block_sizes=bs, scaled=scaled),
+        out_shape=jax.ShapeDtypeStruct((n, k), dtype),
+        grid=h.tile_grid,
+        compiler_params=bs.compiler_params(),
+        interpret=interpret,
+        name="ltjax_bitmask_unpack",
+    )(lax.bitcast_convert_type(ct.mask, jnp.int32), packed, ct.offsets, scales)
+
+
+def bitmask_unpack(ct: CompressedTensor, *, dtype=None, interpret: bool | None = None,
+                   block_sizes: BlockSizes | None = None):
+    """The dense [N, K] storage matrix of a bitmask / bitmask_int8 tensor (``dtype`` default: its own)."""
+    return _bitmask_unpack(ct, interpret=_config.resolve_interpret(interpret),
+                           block_sizes=block_sizes or _config.get_block_sizes("bitmask_unpack", 1),
+                           dtype=jnp.dtype(ct.dtype if dtype is None else dtype))
+
+
+def bitmask_unpack_reference(ct: CompressedTensor, *, dtype=None):
+    """Pure jnp: the format's reference decoder of the storage matrix."""
+    return decode_storage(ct, dtype)

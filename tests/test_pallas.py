@@ -1,0 +1,207 @@
+"""Pallas kernels against the jnp reference: natively on GPU, in interpret mode on CPU.
+
+``LTJAX_PALLAS_INTERPRET`` picks the mode ("1" default off-GPU; the GPU check sets "0").
+Shapes are small and ragged (K, N not multiples of any block) to keep interpret grids cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ltjax._format import decompress_reference, decode_storage, pack
+from ltjax import pallas as lp
+from ltjax.pallas import BlockSizes
+
+INTERPRET = lp.resolve_interpret(None)
+TOL = {jnp.float32: dict(rtol=2e-5, atol=2e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       jnp.float16: dict(rtol=5e-3, atol=5e-3)}
+
+
+def _weight(key, k, n, sparsity=0.5, dtype=np.float32):
+    rng = np.random.default_rng(key)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    w[rng.random((k, n)) < sparsity] = 0.0
+    return w.astype(dtype)
+
+
+def _x(key, shape, dtype):
+    return jnp.asarray(np.random.default_rng(key).standard_normal(shape).astype(np.float32)).astype(dtype)
+
+
+def _ref_matmul(x, ct, transpose=False):
+    w = decompress_reference(ct).astype(jnp.float32)
+    y = x.astype(jnp.float32) @ (w.T if transpose else w)
+    return y.astype(x.dtype)
+
+
+def _close(got, want, dtype):
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
+    tol = TOL[dtype]
+    scale = float(jnp.abs(want.astype(jnp.float32)).max()) or 1.0
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+# ------------------------------------------------------------------ fused matmul, both directions
+# (codec, K, N, tile): ragged K and N, tiles that cut the matrix into several ragged tiles.
+CASES = [
+    ("int8", 300, 70, None),
+    ("bitmask_int8", 150, 40, (16, 64)),
+    ("bitmask_int8", 150, 40, (24, 150)),  # one tile spans the row: tile_cols not a multiple of 32
+    ("bitmask", 150, 40, (16, 64)),
+    ("raw", 150, 40, None),
+]
+
+
+@pytest.mark.parametrize("codec,k,n,tile", CASES)
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_and_matmul_t(codec, k, n, tile, m, xdtype):
+    seed = zlib.crc32(repr((codec, k, n, tile, m, jnp.dtype(xdtype).name)).encode())  # fixed per case
+    ct = pack(_weight(seed, k, n), codec, tile=tile)
+    x = _x(seed + 1, (m, k), xdtype)
+    _close(lp.matmul(x, ct, interpret=INTERPRET), _ref_matmul(x, ct), xdtype)
+    dy = _x(seed + 2, (m, n), xdtype)
+    _close(lp.matmul_t(dy, ct, interpret=INTERPRET), _ref_matmul(dy, ct, transpose=True), xdtype)
+
+
+# Block geometries that exercise the other code paths: several column chunks per tile
+# (block_k < tile_cols), a split of the reduced axis (partials summed in XLA), M blocks.
+BLOCKS = [
+    BlockSizes(block_m=1, block_n=8, block_k=32, split=2),
+    BlockSizes(block_m=16, block_n=16, block_k=64, split=0),
+    BlockSizes(block_m=2, block_n=32, block_k=128, split=1),
+]
+
+
+@pytest.mark.parametrize("codec", ["int8", "bitmask_int8"])
+@pytest.mark.parametrize("bs", BLOCKS, ids=lambda b: f"m{b.block_m}n{b.block_n}k{b.block_k}s{b.split}")
+def test_block_geometries(codec, bs):
+    k, n, m = 200, 45, 3
+    ct = pack(_weight(7, k, n, sparsity=0.7), codec, tile=(20, 128))
+    x, dy = _x(8, (m, k), jnp.float32), _x(9, (m, n), jnp.float32)
+    _close(lp.matmul(x, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(x, ct), jnp.float32)
+    _close(lp.matmul_t(dy, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(dy, ct, True), jnp.float32)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.95])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bitmask_sparsity_extremes(sparsity, seed):
+    """Dense and nearly empty masks; 8-row tiles of 3 mask words, so words past a tile's end are masked."""
+    k, n = 96 * 2 + 17, 29
+    ct = pack(_weight(100 + seed, k, n, sparsity=sparsity), "bitmask_int8", tile=(8, 96))
+    x, dy = _x(200 + seed, (1, k), jnp.float32), _x(300 + seed, (1, n), jnp.float32)
+    _close(lp.matmul(x, ct, interpret=INTERPRET), _ref_matmul(x, ct), jnp.float32)
+    _close(lp.matmul_t(dy, ct, interpret=INTERPRET), _ref_matmul(dy, ct, True), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(lp.decompress(ct, interpret=INTERPRET)),
+                                  np.asarray(decompress_reference(ct)))
+
+
+@pytest.mark.parametrize("codec", ["int8", "bitmask_int8"])
+def test_channel_axis_0_and_transpose_view(codec):
+    """A weight stored [K, N] (channel axis 0) and `ct.T` route to the other kernel direction."""
+    k, n = 96, 50
+    ct = pack(_weight(11, k, n), codec, axis=0, tile=(32, 32))
+    x = _x(12, (2, k), jnp.float32)
+    _close(lp.matmul(x, ct, interpret=INTERPRET), _ref_matmul(x, ct), jnp.float32)
+    dy = _x(13, (2, n), jnp.float32)
+    _close(lp.matmul(dy, ct.T, interpret=INTERPRET), _ref_matmul(dy, ct.T), jnp.float32)
+
+
+def test_f16_bf16_weights_and_all_zero_rows():
+    w = _weight(21, 64, 33, sparsity=0.8, dtype=np.float16)
+    w[:, 5] = 0  # an all-zero output channel
+    ct = pack(w, "bitmask", tile=(8, 32))
+    x = _x(22, (1, 64), jnp.float16)
+    _close(lp.matmul(x, ct, interpret=INTERPRET), _ref_matmul(x, ct), jnp.float16)
+    ct8 = pack(_weight(23, 64, 33).astype(jnp.bfloat16), "bitmask_int8", tile=(8, 64))
+    xb = _x(24, (5, 64), jnp.bfloat16)
+    _close(lp.matmul(xb, ct8, interpret=INTERPRET), _ref_matmul(xb, ct8), jnp.bfloat16)
+
+
+def test_matmul_under_jit_with_traced_weight():
+    ct = pack(_weight(31, 100, 36), "bitmask_int8", tile=(16, 64))
+    x = _x(32, (1, 100), jnp.float32)
+    f = jax.jit(functools.partial(lp.matmul, interpret=INTERPRET))
+    _close(f(x, ct), _ref_matmul(x, ct), jnp.float32)
+
+
+def test_empty_weight():
+    ct = pack(np.zeros((64, 16), np.float32), "bitmask_int8", tile=(16, 32))
+    x = _x(41, (1, 64), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(lp.matmul(x, ct, interpret=INTERPRET)), np.zeros((1, 16)))
+
+
+# ------------------------------------------------------------------ decode to dense
+@pytest.mark.parametrize("codec", ["raw", "int8", "bitmask", "bitmask_int8"])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_decompress(codec, dtype):
+    w = _weight(51, 130, 45, dtype=dtype)
+    ct = pack(w, codec, tile=(16, 64))
+    got = lp.decompress(ct, interpret=INTERPRET)
+    want = decompress_reference(ct)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_decompress_nd_and_multi_chunk_unpack():
+    w = _weight(61, 6, 50 * 7).reshape(6, 50, 7)
+    ct = pack(w, "bitmask", axis=1, tile=(8, 96))
+    np.testing.assert_array_equal(np.asarray(lp.decompress(ct, interpret=INTERPRET)), np.asarray(decompress_reference(ct)))
+    ct8 = pack(_weight(62, 300, 20), "bitmask_int8", tile=(12, 256))
+    got = lp.bitmask_unpack(ct8, interpret=INTERPRET, block_sizes=BlockSizes(block_n=8, block_k=64))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(decode_storage(ct8)))
+
+
+# ------------------------------------------------------------------ CUDA lowering (on any host)
+def _lower_cuda(fn, *args):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("codec", ["int8", "bitmask_int8", "bitmask"])
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_kernels_lower_for_cuda(codec, m):
+    """Every kernel lowers through Pallas' Triton backend for CUDA (checks Triton-side rules on CPU)."""
+    k, n = 512, 384
+    ct = pack(_weight(71, k, n), codec, tile=(64, 256))
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    dy = jax.ShapeDtypeStruct((m, n), jnp.float32)
+    _lower_cuda(functools.partial(lp.matmul, interpret=False), x, ct)
+    _lower_cuda(functools.partial(lp.matmul_t, interpret=False), dy, ct)
+    if m == 1:
+        _lower_cuda(functools.partial(lp.decompress, interpret=False), ct)
+
+
+# ------------------------------------------------------------------ predicates and config
+def test_can_use_pallas():
+    ct = pack(_weight(81, 64, 32), "int8")
+    x = jnp.zeros((2, 64), jnp.float32)
+    on_gpu = jax.default_backend() == "gpu"
+    assert lp.can_use_pallas(x, ct) == on_gpu
+    assert lp.can_use_pallas(x, ct, interpret=True)
+    assert "columns" in lp.why_not_pallas(jnp.zeros((2, 63)), ct, interpret=True)
+    assert lp.can_use_pallas(jnp.zeros((2, 32)), ct, transpose=True, interpret=True)
+    assert "2-D" in lp.why_not_pallas(jnp.zeros((64,)), ct, interpret=True)
+    assert "dtype" in lp.why_not_pallas(jnp.zeros((2, 64), jnp.int32), ct, interpret=True)
+    with pytest.raises(ValueError, match="columns"):
+        lp.matmul(jnp.zeros((2, 63)), ct, interpret=True)
+
+
+def test_block_sizes_config():
+    bs = lp.get_block_sizes("int8_matmul", 1)
+    assert hash(bs) == hash(BlockSizes(**{f: getattr(bs, f) for f in BlockSizes.__slots__}))
+    assert lp.get_block_sizes("int8_matmul", 5).block_m == 16  # tl.dot path pads M to 16
+    assert lp.get_block_sizes("nope", 3).block_m == 4
+    keys = [k for k, _ in lp.TUNED_BLOCK_SIZES]
+    assert keys == sorted(keys)
+    with pytest.raises(ValueError, match="power of 2"):
+        BlockSizes(block_k=96)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ct = pack(_weight(91, 64, 32), "bitmask_int8")
+        lp.matmul(jnp.zeros((1, 64)), ct, interpret=True, block_sizes=BlockSizes(block_k=16))
