@@ -124,12 +124,16 @@ def _module_has(mod: Any, *names: str) -> bool:
 
 def _pallas_reason(x2: Any, ct: CompressedTensor, *, need_gpu: bool = True) -> str | None:
     """Why the Pallas kernels cannot run this matmul (None: they can)."""
-    if not _module_has(_pallas, "can_use_pallas", "matmul", "matmul_t"):
+    if not _module_has(_pallas, "can_use_pallas", "why_not_pallas", "matmul", "matmul_t"):
         return "ltjax.pallas kernels are not available in this installation"
     if need_gpu and not _is_gpu():
         return f"Pallas kernels need a GPU; the backend is {_backend()!r}"
-    if not _pallas.can_use_pallas(x2, ct):
-        return f"ltjax.pallas.can_use_pallas said no for x{tuple(x2.shape)} {x2.dtype} and {ct!r}"
+    interpret = not need_gpu
+    dy2 = jax.ShapeDtypeStruct((x2.shape[0], ct.shape[1]), x2.dtype)
+    for a, transpose in ((x2, False), (dy2, True)):  # the forward kernel and the backward's (dx)
+        if not _pallas.can_use_pallas(a, ct, transpose=transpose, interpret=interpret):
+            why = _pallas.why_not_pallas(a, ct, transpose=transpose, interpret=interpret)
+            return f"ltjax.pallas cannot run x{tuple(x2.shape)} {x2.dtype} @ {ct!r}: {why}"
     return None
 
 
