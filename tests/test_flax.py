@@ -312,11 +312,6 @@ def _mem(fn, *args):
     return m.argument_size_in_bytes, m.temp_size_in_bytes
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="today's reference ltjax.matmul decodes each weight to a dense temp (XLA hoists them); "
-    "passes once the fused ops land",
-)
 def test_compiled_memory_below_dense():
     model = MLP(hidden=1024, out=1024)
     x = jax.random.normal(KEY, (1, 1024))
