@@ -85,6 +85,22 @@ def _conforms(mod) -> str:
     return ""
 
 
+def order(selected: dict[str, str]) -> dict[str, str]:
+    """Benchmarks that declare ``DEPENDS_ON`` (names whose JSON they read from the same run
+    directory) run after those; otherwise alphabetical."""
+    deps = {}
+    for name, mod in selected.items():
+        try:
+            deps[name] = set(getattr(importlib.import_module(mod), "DEPENDS_ON", ())) & set(selected)
+        except Exception:  # reported by run_one
+            deps[name] = set()
+    out: list[str] = []
+    while len(out) < len(selected):
+        ready = [n for n in selected if n not in out and deps[n] <= set(out)]
+        out.append(ready[0] if ready else next(n for n in selected if n not in out))  # cycles: break them
+    return {n: selected[n] for n in out}
+
+
 def run_one(name: str, modname: str, out_dir: str, quick: bool) -> dict[str, Any]:
     path = os.path.join(out_dir, f"{name}.json")
     entry: dict[str, Any] = {"status": "skipped", "seconds": 0.0, "json": None, "result": None}
@@ -206,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     selected = {n: m for n, m in found.items() if (not args.only or n in args.only) and n not in args.skip}
 
+    selected = order(selected)
     out_dir = args.out or default_out_dir(args.quick)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
