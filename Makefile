@@ -25,7 +25,7 @@ test: setup
 	$(PY) -m pytest
 
 bench: setup
-	$(PY) -m benchmarks.pack
+	$(PY) -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -19,7 +19,7 @@ Measured (nothing assumed):
     depth for jax.nn.relu and ltjax relu,
   * median step time of each variant.
 
-Usage: python benchmarks/activations.py [--steps 150] [--out benchmarks/results/activations_cpu.json]
+Usage: python -m benchmarks.activations [--steps 150] [--quick] [--out benchmarks/results/activations_cpu.json]
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def relu_chain_temp(act, depth, batch, width):
     return temp_bytes(jax.grad(f), x, ws)
 
 
-def main():
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=2048)
@@ -109,7 +109,10 @@ def main():
     ap.add_argument("--mem-batch", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", default="benchmarks/results/activations_cpu.json")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="CI-sized run: 10 steps, batch 256, width 128")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.batch, args.width, args.mem_batch = 10, 256, 128, 512
 
     digits = load_digits()
     data_x = jnp.asarray(digits.data / 16.0, jnp.float32)
@@ -210,7 +213,8 @@ def main():
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

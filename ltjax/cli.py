@@ -1,4 +1,4 @@
-"""The ``ltjax`` command line: analyze, compress, inspect and verify tensor files."""
+"""The ``ltjax`` command line: analyze, compress, inspect and verify tensor files; run the benchmarks."""
 
 from __future__ import annotations
 
@@ -128,10 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=_cmd_verify)
 
+    b = sub.add_parser("bench", help="run the benchmark harness (benchmarks.run); see `ltjax bench --help`",
+                       add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to benchmarks.run")
+    b.set_defaults(fn=_cmd_bench)
+
     return p
 
 
+def _cmd_bench(args) -> int:
+    from benchmarks.run import main as bench_main  # lazy: matplotlib and the benchmarks load only here
+
+    return bench_main(args.bench_args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every option after `bench` belongs to the harness, --help included
+        return _cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

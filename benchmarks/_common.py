@@ -1,0 +1,165 @@
+"""Shared pieces of the benchmark scripts: the environment record, timing, JSON output.
+
+Every benchmark module in this package follows one convention so `benchmarks.run` can
+find it: it exposes ``main(argv) -> int`` (a dict is accepted too) whose parser takes
+``--quick`` (a CI-sized run) and ``--out PATH`` (where its JSON goes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+
+NOISE_NOTE = ("timings taken on a machine shared with other jobs (see loadavg_start/end); "
+              "treat them as indicative, not as peak figures")
+
+
+def parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    """An argument parser with the two options every benchmark takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="CI-sized run: small shapes, few repetitions")
+    p.add_argument("--out", default=default_out, help="JSON output path")
+    return p
+
+
+def median_time(fn: Callable[[], Any], *, reps: int, warmup: int = 2) -> float:
+    """Median wall seconds of ``fn()`` after ``warmup`` calls; waits for every result."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_info() -> dict[str, Any]:
+    """Commit, branch and whether tracked files differ from it ('unknown' outside a checkout)."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": "unknown", "branch": None, "dirty": None}
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
+            "dirty": bool(status)}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def mem_total_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _version(mod: str) -> str | None:
+    try:
+        from importlib.metadata import version
+        return version(mod)
+    except Exception:  # not installed
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Machine, backend, device and versions: what a figure depends on."""
+    import numpy as np
+
+    import ltjax
+
+    dev = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "arch": platform.machine(),
+            "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "mem_total_bytes": mem_total_bytes(),
+            "python": sys.version.split()[0],
+        },
+        "backend": jax.default_backend(),
+        "device_name": str(dev.device_kind),
+        "device_count": jax.device_count(),
+        "versions": {
+            "jax": jax.__version__,
+            "jaxlib": _version("jaxlib"),
+            "flax": _version("flax"),
+            "numpy": np.__version__,
+            "ltjax": ltjax.__version__,
+        },
+        "git": git_info(),
+    }
+
+
+def write_json(path: str, obj: dict[str, Any]) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=_json_default)
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(x):
+    import numpy as np
+
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def result(benchmark: str, quick: bool, **fields) -> dict[str, Any]:
+    """The common head of a benchmark's JSON (environment, load, noise note) plus ``fields``."""
+    return {"benchmark": benchmark, "quick": quick, **environment(), "loadavg": loadavg(),
+            "timing_note": NOISE_NOTE, **fields}
+
+
+def table(head: list[str], rows: list[list[Any]]) -> str:
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])

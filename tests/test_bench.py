@@ -1,0 +1,107 @@
+"""The benchmark harness: discovery, a --quick run's JSON schema, its plots. No speed is asserted."""
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from benchmarks import run as R  # noqa: E402
+
+FAST = ["gemm_overhead", "effective_memory"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc = R.main(["--quick", "--only", *FAST, "--out", str(out)])
+    with open(out / "run.json") as f:
+        return rc, out, json.load(f)
+
+
+def test_discovery_finds_the_benchmarks_and_not_the_harness():
+    found = R.discover()
+    for name in ("claims", "effective_memory", "gemm_overhead", "pack", "activations"):
+        assert name in found
+    assert not set(found) & {"run", "plots", "make_readme", "_common", "_llama"}
+
+
+def test_claims_runs_after_what_it_reads():
+    names = list(R.order({n: f"benchmarks.{n}" for n in ("claims", "effective_memory", "gemm_overhead")}))
+    assert names.index("claims") > names.index("gemm_overhead")
+    assert names.index("claims") > names.index("effective_memory")
+
+
+def test_quick_run_json_is_valid(quick_run):
+    rc, out, run = quick_run
+    assert rc == 0, {n: e.get("error") for n, e in run["benchmarks"].items()}
+    assert R.validate_run(run) == []
+    assert set(run["benchmarks"]) == set(FAST)
+    assert all(e["status"] == "ok" for e in run["benchmarks"].values())
+    assert run["quick"] is True and run["git"]["commit"]
+    for k in ("jax", "jaxlib", "flax", "numpy", "ltjax"):
+        assert k in run["versions"]
+    # Each benchmark's JSON sits beside run.json and is embedded in it.
+    for name, e in run["benchmarks"].items():
+        assert os.path.exists(out / e["json"])
+        assert e["result"]["benchmark"] == name
+    gemm = run["benchmarks"]["gemm_overhead"]["result"]
+    assert {"M", "K", "codec", "t_ltjax_ms", "t_f32_ms", "t_bf16_ms", "overhead_vs_f32"} <= set(gemm["rows"][0])
+    em = run["benchmarks"]["effective_memory"]["result"]
+    assert {f["variant"] for f in em["fits"]} == {"dense_f32", "dense_bf16", "ltjax_int8", "ltjax_int8+kv8"}
+    assert all(r["program_bytes"] > 0 for r in em["rows"])
+
+
+def test_quick_run_draws_nonempty_plots(quick_run):
+    _, out, run = quick_run
+    assert set(run["plots"]) == {"throughput_vs_M", "ratio_vs_sparsity", "memory_dense_vs_compressed"}
+    for p in run["plots"].values():
+        path = out / p["file"]
+        assert path.exists() and path.stat().st_size > 1000
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_run_logs_one_monitor_record(quick_run):
+    _, out, run = quick_run
+    lines = (out / "monitor.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    assert rec == run["monitor"]
+    assert "benchmark/gemm_overhead" in rec["latency"]
+
+
+def test_schema_validation_catches_problems(quick_run):
+    _, _, run = quick_run
+    bad = dict(run)
+    del bad["git"]
+    assert any("git" in e for e in R.validate_run(bad))
+    bad = json.loads(json.dumps(run))
+    bad["benchmarks"]["gemm_overhead"]["status"] = "fine"
+    assert any("status" in e for e in R.validate_run(bad))
+
+
+def test_unknown_benchmark_is_an_error(tmp_path, capsys):
+    assert R.main(["--only", "no_such_bench", "--out", str(tmp_path)]) == 2
+    assert "no_such_bench" in capsys.readouterr().err
+
+
+def test_cli_bench_forwards_to_the_harness(capsys):
+    from ltjax.cli import main
+
+    assert main(["bench", "--list"]) == 0
+    assert "gemm_overhead" in capsys.readouterr().out
+
+
+def test_make_readme_from_a_run(quick_run, tmp_path):
+    from benchmarks import make_readme
+
+    _, out, run = quick_run
+    results = tmp_path / "results"
+    os.makedirs(results / "r1")
+    with open(results / "r1" / "run.json", "w") as f:
+        json.dump(run, f)
+    md = tmp_path / "README.md"
+    assert make_readme.main(["--results", str(results), "--out", str(md), "--include-quick"]) == 0
+    text = md.read_text()
+    assert run["git"]["commit"] in text and "GEMM overhead" in text and "Effective memory" in text
