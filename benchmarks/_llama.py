@@ -1,69 +1,21 @@
 """Running the unmodified `models.llama` model on ltjax-compressed params, for benchmarks.
 
-`intercept()` is ``ltjax.nn.intercept()`` where this ltjax build has it; otherwise a
-minimal stand-in with the same contract for what the Llama model uses (``nn.Dense``
-without bias, ``nn.Embed.__call__`` and ``nn.Embed.attend``): a compressed kernel computes
-through the public ``ltjax.matmul`` / ``ltjax.decompress``. `INTERCEPT` names which one ran.
+The model runs inside ``ltjax.nn.intercept()``: its ``nn.Dense`` and ``nn.Embed`` (lookup and
+``attend``) compute through the public ``ltjax.matmul`` / row-gather decode.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import ltjax
 from ltjax._format import CompressedTensor, Header, choose_tile, expected_arrays, normalize_axis
+from ltjax.nn import intercept  # noqa: F401  (re-exported for the benchmarks)
 
-
-def _fallback_interceptor(next_fun, args, kwargs, context):
-    m, name = context.module, context.method_name
-    if isinstance(m, nn.Dense) and name == "__call__":
-        kernel = m.variables.get("params", {}).get("kernel")
-        if isinstance(kernel, CompressedTensor):
-            y = ltjax.matmul(args[0], kernel)
-            bias = m.variables["params"].get("bias")
-            return y if bias is None else y + bias
-    if isinstance(m, nn.Embed) and name in ("__call__", "attend"):
-        table = m.variables.get("params", {}).get("embedding")
-        if isinstance(table, CompressedTensor):
-            if name == "__call__":
-                return jnp.take(ltjax.decompress(table), args[0], axis=0)
-            return ltjax.matmul(args[0], table.T)
-    return next_fun(*args, **kwargs)
-
-
-def _own_submodule(name: str) -> bool:
-    """Whether ``ltjax.<name>`` exists in the ltjax package actually imported (an editable
-    install's finder can otherwise resolve it from another checkout, against another format)."""
-    here = os.path.dirname(ltjax.__file__)
-    return os.path.exists(os.path.join(here, f"{name}.py")) or os.path.isdir(os.path.join(here, name))
-
-
-_ltjax_intercept = None
-INTERCEPT = "benchmarks._llama fallback interceptor (ltjax.nn.intercept not in this build)"
-if _own_submodule("nn"):  # the real one, once ltjax.nn is merged
-    try:
-        from ltjax.nn import intercept as _ltjax_intercept  # type: ignore[attr-defined]
-
-        INTERCEPT = "ltjax.nn.intercept"
-    except ImportError:
-        pass
-
-
-@contextlib.contextmanager
-def intercept():
-    if _ltjax_intercept is not None:
-        with _ltjax_intercept():
-            yield
-    else:
-        with nn.intercept_methods(_fallback_interceptor):
-            yield
+INTERCEPT = "ltjax.nn.intercept"
 
 
 POLICY = ltjax.Policy(codec="int8", min_size=4096)
