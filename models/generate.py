@@ -33,22 +33,52 @@ ApplyFn = Callable  # (params, tokens, cache, start_pos) -> (logits, cache)
 # ------------------------------------------------------------------ ltjax hook
 
 
-def compress_params(params, codec: str | None):
+DEFAULT_ERROR_BUDGET = 0.01
+
+
+def weight_policy(codec: str, error_budget: float | None = DEFAULT_ERROR_BUDGET):
+    """The `ltjax.Policy` for ``codec``: one codec for every weight, or the analyzer's pick.
+
+    ``"int8"`` / ``"raw"``: every Dense kernel and the embedding in that codec. ``"auto"``:
+    per tensor, the smallest codec whose relative error is within ``error_budget`` (``None``:
+    lossless only), tensors that nothing shrinks stay dense. 1-D leaves (norm scales) and
+    leaves under 4096 elements stay dense under every policy; the embedding's rows are its
+    channels (`ltjax.Policy`'s default ``axes``), so a lookup decodes only its rows.
+    """
+    import ltjax  # pylint: disable=import-outside-toplevel
+
+    if codec not in CODECS or codec == "none":
+        raise ValueError(f"{codec=} must be one of {CODECS[1:]}")
+    if codec == "auto":
+        if error_budget is not None and not error_budget >= 0:
+            raise ValueError(f"{error_budget=} must be >= 0 (or None for lossless only)")
+        return ltjax.Policy(codec="auto", error_budget=error_budget, min_size=4096)
+    return ltjax.Policy(codec=codec, min_size=4096)
+
+
+def compress_params(
+    params, codec: str | None, *, error_budget: float | None = DEFAULT_ERROR_BUDGET, return_report: bool = False
+):
     """Compresses Dense/Embed weights with ltjax (``codec`` in `CODECS`); "none" returns ``params``.
 
+    Goes through ``ltjax.compress_tree`` under `weight_policy` (``error_budget`` is used by
+    ``"auto"`` only). With ``return_report=True`` returns ``(params, report)``, the report
+    being the `ltjax.CompressionReport` (``None`` for "none").
+
     Raises:
-      ValueError: unknown codec.
-      ImportError: ltjax (or its ``compress_tree``) is not available yet.
+      ValueError: unknown codec or a negative error budget.
+      ImportError: ltjax (or its ``compress_tree``) is not available.
     """
     if codec in (None, "none"):
-        return params
+        return (params, None) if return_report else params
     if codec not in CODECS:
         raise ValueError(f"{codec=} must be one of {CODECS}")
     import ltjax  # pylint: disable=import-outside-toplevel
 
     if not hasattr(ltjax, "compress_tree"):
         raise ImportError("ltjax.compress_tree is not available in this ltjax build")
-    return ltjax.compress_tree(params, policy=ltjax.Policy(codecs=(codec,), min_size=4096))
+    policy = weight_policy(codec, error_budget)
+    return ltjax.compress_tree(params, policy=policy, return_report=return_report)
 
 
 def make_apply_fn(config: LlamaConfig, codec: str | None = None) -> ApplyFn:
@@ -312,6 +342,12 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--codec", choices=CODECS, default="none", help="ltjax weight codec for Dense/Embed kernels")
+    p.add_argument(
+        "--error-budget",
+        type=float,
+        default=DEFAULT_ERROR_BUDGET,
+        help="relative error per tensor that --codec auto may spend (default %(default)s)",
+    )
     p.add_argument("--kv-cache", choices=("dense", "int8"), default="dense")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -320,16 +356,29 @@ def main(argv=None) -> int:
     p.add_argument("--random-init", action="store_true", help="random weights, same shapes")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the EOS token")
     args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if not args.error_budget >= 0:
+        p.error(f"--error-budget {args.error_budget} must be >= 0")
+    if args.temperature < 0 or not 0.0 < args.top_p <= 1.0:
+        p.error(f"--temperature {args.temperature} must be >= 0 and --top-p {args.top_p} in (0, 1]")
 
     params, config, encode, decode, eos = load_model(args.checkpoint, args.random_init, args.seed)
     try:
         apply_fn = make_apply_fn(config, args.codec)
-        params = compress_params(params, args.codec)
+        params, report = compress_params(params, args.codec, error_budget=args.error_budget, return_report=True)
     except ImportError as e:
         p.error(f"--codec {args.codec} needs ltjax weight compression, not available here: {e}")
+    if report is not None:
+        codecs = sorted({leaf.codec for leaf in report.leaves})
+        print(
+            f"[codec={args.codec}] weights {report.dense_nbytes / 2**20:.1f} MiB dense -> "
+            f"{report.nbytes / 2**20:.1f} MiB ({report.ratio:.2f}x; leaf codecs: {', '.join(codecs)})",
+            file=sys.stderr,
+        )
     ids = encode(args.prompt)
     if not ids:
-        raise ValueError(f"prompt {args.prompt!r} encodes to no tokens")
+        p.error(f"--prompt {args.prompt!r} encodes to no tokens")
     out, stats = generate(
         params,
         config,
