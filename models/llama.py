@@ -26,8 +26,12 @@ Parameter tree (flax Dense kernels are ``[in, out]``)::
 
 KV cache: a tuple with one dict per layer. Dense: ``{"k", "v"}`` of shape
 ``[batch, max_len, n_kv_heads, head_dim]``. Int8: ``{"k", "v"}`` int8 of the same
-shape plus ``{"k_scale", "v_scale"}`` float32 ``[batch, max_len, n_kv_heads]``, with
-``dense ≈ codes * scale[..., None]`` (symmetric, one scale per token per head).
+shape plus ``{"k_scale", "v_scale"}`` ``[batch, max_len, n_kv_heads]`` (bfloat16 by
+default, float32 on request), with ``dense ≈ codes * scale[..., None]`` (symmetric, one
+scale per token per head). The codes are computed with the scale as stored, so the error
+stays within half a step (scale / 2) per element; rounding the scale to bf16 changes the
+step by at most 0.4%. A bf16 scale makes the cache 1.03 bytes per element (1.94x smaller
+than bf16) instead of 1.06 with f32 scales (1.88x).
 The cache kind is read from the dtype of ``k``; the model has no cache option.
 """
 
@@ -104,22 +108,34 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Symmetric int8 per ``x[..., :]`` row: returns (codes int8, scale f32[...])."""
+def quantize_kv(x: jax.Array, scale_dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 per ``x[..., :]`` row: returns (codes int8, scale ``scale_dtype[...]``).
+
+    The scale ``amax / 127`` is rounded to ``scale_dtype`` first and the codes are computed
+    with that stored scale, so ``|x - codes * scale| <= scale / 2`` holds for the stored
+    scale (a rounded-down scale can push ``amax / scale`` to at most 127.25, which the clip
+    to 127 absorbs within the same bound).
+    """
     x = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=-1)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    codes = jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(scale_dtype)
+    codes = jnp.clip(jnp.round(x / scale.astype(jnp.float32)[..., None]), -127, 127).astype(jnp.int8)
     return codes, scale
 
 
 def dequantize_kv(codes: jax.Array, scale: jax.Array) -> jax.Array:
     """Inverse of `quantize_kv`: ``codes * scale[..., None]`` in float32."""
-    return codes.astype(jnp.float32) * scale[..., None]
+    return codes.astype(jnp.float32) * scale.astype(jnp.float32)[..., None]
 
 
 def init_cache(
-    config: LlamaConfig, batch: int, max_len: int | None = None, *, kind: str = "dense", dtype=jnp.float32
+    config: LlamaConfig,
+    batch: int,
+    max_len: int | None = None,
+    *,
+    kind: str = "dense",
+    dtype=jnp.float32,
+    scale_dtype=jnp.bfloat16,
 ) -> tuple[dict[str, jax.Array], ...]:
     """Allocates an empty KV cache (see the module docstring for its layout).
 
@@ -129,6 +145,7 @@ def init_cache(
       max_len: Cache length in tokens; defaults to ``config.max_seq_len``.
       kind: ``"dense"`` (``dtype`` keys and values) or ``"int8"``.
       dtype: Element type of a dense cache.
+      scale_dtype: Element type of an int8 cache's per-token, per-head scales.
 
     Returns:
       A tuple of ``config.n_layers`` dicts of zero arrays.
@@ -145,8 +162,8 @@ def init_cache(
         layer = lambda: {
             "k": jnp.zeros(shape, jnp.int8),
             "v": jnp.zeros(shape, jnp.int8),
-            "k_scale": jnp.ones(shape[:-1], jnp.float32),
-            "v_scale": jnp.ones(shape[:-1], jnp.float32),
+            "k_scale": jnp.ones(shape[:-1], scale_dtype),
+            "v_scale": jnp.ones(shape[:-1], scale_dtype),
         }
     return tuple(layer() for _ in range(config.n_layers))
 
@@ -165,8 +182,8 @@ def _write_cache(layer_cache, k, v, start_pos):
     """Writes k, v ``[b, t, hkv, d]`` at ``start_pos``; returns (new cache, dense k, dense v)."""
     update = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, start_pos, axis=1)
     if cache_kind(layer_cache) == "int8":
-        kq, ks = quantize_kv(k)
-        vq, vs = quantize_kv(v)
+        kq, ks = quantize_kv(k, layer_cache["k_scale"].dtype)
+        vq, vs = quantize_kv(v, layer_cache["v_scale"].dtype)
         new = {
             "k": update(layer_cache["k"], kq),
             "v": update(layer_cache["v"], vq),

@@ -8,6 +8,7 @@ import json
 import os
 
 import jax
+import ml_dtypes
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -58,8 +59,8 @@ def _rope(x, pos, theta):
 
 
 def _fake_quant(x):
-    """Symmetric int8 round trip with one scale per ``x[..., :]`` row."""
-    scale = np.abs(x).max(-1, keepdims=True) / 127
+    """Symmetric int8 round trip with one scale per ``x[..., :]`` row, the scale stored as bf16."""
+    scale = (np.abs(x).max(-1, keepdims=True) / 127).astype(ml_dtypes.bfloat16).astype(np.float64)
     return np.clip(np.round(x / scale), -127, 127) * scale
 
 
@@ -216,8 +217,11 @@ def test_int8_cache_decode_matches_quantized_reference():
     layer = cache[0]
     assert layer["k"].dtype == jnp.int8 and layer["k_scale"].shape == (2, 32, 2)
     dense_bytes = llama.cache_nbytes(llama.init_cache(TINY, 2, 32))
-    # int8 codes (1/4 of f32) plus one f32 scale per head_dim=8 elements (1/8 of f32).
-    assert llama.cache_nbytes(cache) == dense_bytes // 4 + dense_bytes // 8
+    # int8 codes (1/4 of f32) plus one bf16 scale per head_dim=8 elements (1/16 of f32).
+    assert layer["k_scale"].dtype == jnp.bfloat16
+    assert llama.cache_nbytes(cache) == dense_bytes // 4 + dense_bytes // 16
+    f32_scales = llama.init_cache(TINY, 2, 32, kind="int8", scale_dtype=jnp.float32)
+    assert llama.cache_nbytes(f32_scales) == dense_bytes // 4 + dense_bytes // 8
 
 
 def test_int8_cache_error_vs_dense_is_small():
@@ -237,12 +241,15 @@ def test_int8_cache_error_vs_dense_is_small():
     assert (inc.argmax(-1) == full.argmax(-1)).mean() >= 0.9
 
 
-def test_quantize_kv_roundtrip_error_bound():
+@pytest.mark.parametrize("scale_dtype, rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2**-8)])
+def test_quantize_kv_roundtrip_error_bound(scale_dtype, rtol):
     x = jax.random.normal(jax.random.key(3), (3, 7, 2, 16)) * 4.0
-    codes, scale = llama.quantize_kv(x)
+    codes, scale = llama.quantize_kv(x, scale_dtype)
+    assert scale.dtype == scale_dtype
     err = np.abs(np.asarray(llama.dequantize_kv(codes, scale)) - np.asarray(x))
-    assert np.all(err <= np.asarray(scale)[..., None] / 2 + 1e-6)
-    np.testing.assert_allclose(scale, np.abs(np.asarray(x)).max(-1) / 127, rtol=1e-6)
+    s32 = np.asarray(scale, np.float32)
+    assert np.all(err <= s32[..., None] / 2 + 1e-6)
+    np.testing.assert_allclose(s32, np.abs(np.asarray(x)).max(-1) / 127, rtol=rtol)
 
 
 # ----------------------------------------------------------------- generation
