@@ -14,8 +14,11 @@ Rows:
              from it (the prefill reads the cache, as decode would).
   int8       ltjax int8 weights (``compress_params``), plain attention.
   int8+kv8   both.
-A row whose weight codec is not available yet (ltjax not built) reports
-``{"unavailable": reason}``.
+The int8 rows compress every Dense kernel and the embedding with
+``ltjax.compress_tree(params, Policy(codec="int8"))`` and run the unmodified model under
+``ltjax.nn.intercept()`` (`models.generate.compress_params` / `make_apply_fn`). A row whose
+weight codec is not available (an ltjax without ``compress_tree``) reports
+``{"unavailable": reason}``. ``--json`` prints one object (see `report`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
@@ -85,7 +89,11 @@ def perplexity(params, config: LlamaConfig, windows: np.ndarray, *, apply_fn=Non
 
 
 def run_variants(params, config, windows, variants=tuple(VARIANTS)) -> dict:
-    """Runs each named variant of `VARIANTS`; a missing weight codec gives ``{"unavailable": ...}``."""
+    """Runs each named variant of `VARIANTS`; a missing weight codec gives ``{"unavailable": ...}``.
+
+    Each available row also carries ``vs_dense`` (its perplexity over the dense row's) when
+    the dense row ran.
+    """
     results = {}
     compressed = {}
     for name in variants:
@@ -98,6 +106,10 @@ def run_variants(params, config, windows, variants=tuple(VARIANTS)) -> dict:
             continue
         cparams, apply_fn = compressed[codec]
         results[name] = perplexity(cparams, config, windows, apply_fn=apply_fn, kv_cache=kv)
+    dense = results.get("dense", {}).get("perplexity")
+    for r in results.values():
+        if dense and "perplexity" in r:
+            r["vs_dense"] = r["perplexity"] / dense
     return results
 
 
@@ -108,36 +120,72 @@ def main(argv=None) -> int:
     p.add_argument("--window-len", type=int, default=512)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
     p.add_argument("--checkpoint", help="GGUF file or HF safetensors dir (default: SmolLM2)")
-    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--random-init", action="store_true", help="random weights of the same shape")
+    p.add_argument("--tiny", action="store_true", help="a random tiny model with a byte tokenizer (tests)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (schema: see `report`)")
     args = p.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if unknown or not variants:
+        p.error(f"--variants {args.variants!r}: unknown {unknown}; choose from {list(VARIANTS)}")
+    if args.windows < 1 or args.window_len < 2:
+        p.error(f"--windows {args.windows} must be >= 1 and --window-len {args.window_len} >= 2")
+    if args.text_file and not os.path.isfile(args.text_file):
+        p.error(f"--text-file {args.text_file!r} does not exist")
 
     from models.generate import load_model  # pylint: disable=import-outside-toplevel
 
-    params, config, encode, _, _ = load_model(args.checkpoint)
+    params, config, encode, _, _, source = load_model(args.checkpoint, args.random_init, tiny=args.tiny)
     params = jax.device_put(params)
     if args.text_file:
         with open(args.text_file, encoding="utf-8") as f:
             text = f.read()
     else:
         text = default_text()
-    windows = make_windows(encode(text), args.windows, args.window_len)
+    try:
+        windows = make_windows(encode(text), args.windows, args.window_len)
+    except ValueError as e:
+        p.error(str(e))
+    load_before = os.getloadavg()
     results = run_variants(params, config, windows, variants)
+    out = report(
+        results,
+        model=source,
+        text=args.text_file or "pydoc_data.topics",
+        windows=args.windows,
+        window_len=args.window_len,
+        loadavg=[load_before, os.getloadavg()],
+    )
     if args.json:
-        print(json.dumps(results))
+        print(json.dumps(out))
         return 0
-    dense = results.get("dense", {}).get("perplexity")
+    print(f"model: {source}; text: {out['text']}; {args.windows} x {args.window_len}-token windows")
     print(f"{'variant':<10} {'perplexity':>11} {'vs dense':>9} {'tokens':>7} {'seconds':>8}")
     for name, r in results.items():
         if "unavailable" in r:
             print(f"{name:<10} {'unavailable':>11}  ({r['unavailable']})")
             continue
-        ratio = f"{r['perplexity'] / dense:.4f}" if dense else "-"
+        ratio = f"{r['vs_dense']:.4f}" if "vs_dense" in r else "-"
         print(f"{name:<10} {r['perplexity']:>11.3f} {ratio:>9} {r['tokens']:>7} {r['seconds']:>8.1f}")
+    print(f"load average (1, 5, 15 min) before {load_before}, after {out['loadavg'][1]}")
     return 0
+
+
+def report(results: dict, *, model: str, text: str, windows: int, window_len: int, loadavg) -> dict:
+    """The ``--json`` object.
+
+    ``{"model": str, "text": str, "windows": int, "window_len": int,
+    "loadavg": [[1, 5, 15 min before], [... after]],
+    "variants": {name: {"perplexity", "nll", "tokens", "seconds", "vs_dense"} | {"unavailable": str}}}``
+    """
+    return {
+        "model": model,
+        "text": text,
+        "windows": windows,
+        "window_len": window_len,
+        "loadavg": [list(x) for x in loadavg],
+        "variants": results,
+    }
 
 
 if __name__ == "__main__":
