@@ -170,6 +170,32 @@ def _compile(jitted, *args):
     return _COMPILED[key]
 
 
+def default_max_len(prompt_len: int, max_new_tokens: int) -> int:
+    """The cache length `generate` uses: prompt + new tokens rounded up to 128."""
+    return -(-(prompt_len + max_new_tokens) // 128) * 128
+
+
+def compiled_decode_step(
+    params, config: LlamaConfig, *, apply_fn: ApplyFn | None = None, batch: int = 1, max_len: int,
+    kv_cache: str = "dense", temperature: float = 0.0, top_p: float = 1.0,
+):
+    """The AOT-compiled decode step `generate` runs for these shapes (shared with it, not recompiled).
+
+    ``.memory_analysis()`` on the result gives the program's argument / temp / output bytes.
+    """
+    apply_fn = _default_apply(config) if apply_fn is None else apply_fn
+    _, decode_step = _programs(apply_fn, float(temperature), float(top_p))
+    cache = jax.eval_shape(lambda: init_cache(config, batch, max_len, kind=kv_cache))
+    return _compile(
+        decode_step,
+        params,
+        jax.ShapeDtypeStruct((batch,), jnp.int32),
+        cache,
+        jnp.asarray(1, jnp.int32),
+        jax.random.key(0),
+    )
+
+
 def generate(
     params,
     config: LlamaConfig,
@@ -220,7 +246,7 @@ def generate(
         raise ValueError(f"{max_new_tokens=} must be >= 1")
     b, t = prompt.shape
     need = t + max_new_tokens
-    max_len = -(-need // 128) * 128 if max_len is None else max_len
+    max_len = default_max_len(t, max_new_tokens) if max_len is None else max_len
     if max_len < need:
         raise ValueError(f"{max_len=} is shorter than prompt + new tokens = {need}")
     if apply_fn is None:
