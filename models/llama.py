@@ -118,7 +118,9 @@ def quantize_kv(x: jax.Array, scale_dtype=jnp.float32) -> tuple[jax.Array, jax.A
     """
     x = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=-1)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(scale_dtype)
+    # Floored at the smallest normal number of scale_dtype: a scale that underflows (to a
+    # subnormal or to 0 in float16) would lose its precision or divide by zero.
+    scale = jnp.maximum(jnp.where(amax > 0, amax / 127.0, 1.0), jnp.finfo(scale_dtype).tiny).astype(scale_dtype)
     codes = jnp.clip(jnp.round(x / scale.astype(jnp.float32)[..., None]), -127, 127).astype(jnp.int8)
     return codes, scale
 

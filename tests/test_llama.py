@@ -241,7 +241,7 @@ def test_int8_cache_error_vs_dense_is_small():
     assert (inc.argmax(-1) == full.argmax(-1)).mean() >= 0.9
 
 
-@pytest.mark.parametrize("scale_dtype, rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2**-8)])
+@pytest.mark.parametrize("scale_dtype, rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2**-8), (jnp.float16, 2**-11)])
 def test_quantize_kv_roundtrip_error_bound(scale_dtype, rtol):
     x = jax.random.normal(jax.random.key(3), (3, 7, 2, 16)) * 4.0
     codes, scale = llama.quantize_kv(x, scale_dtype)
@@ -250,6 +250,16 @@ def test_quantize_kv_roundtrip_error_bound(scale_dtype, rtol):
     s32 = np.asarray(scale, np.float32)
     assert np.all(err <= s32[..., None] / 2 + 1e-6)
     np.testing.assert_allclose(s32, np.abs(np.asarray(x)).max(-1) / 127, rtol=rtol)
+
+
+@pytest.mark.parametrize("scale_dtype", [jnp.bfloat16, jnp.float16])
+def test_quantize_kv_tiny_and_zero_rows_stay_finite(scale_dtype):
+    # amax / 127 underflows float16 here; the scale is floored at its smallest normal.
+    x = jnp.concatenate([jnp.zeros((1, 8)), jnp.full((1, 8), 1e-7), jnp.linspace(-1e-6, 1e-6, 8)[None]])
+    codes, scale = llama.quantize_kv(x, scale_dtype)
+    back = np.asarray(llama.dequantize_kv(codes, scale))
+    assert np.all(np.asarray(scale, np.float32) > 0) and np.all(np.isfinite(back))
+    assert np.all(np.abs(back - np.asarray(x)) <= np.asarray(scale, np.float32)[:, None] / 2 + 1e-12)
 
 
 # ----------------------------------------------------------------- generation
