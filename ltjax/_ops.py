@@ -3,7 +3,7 @@
 Dispatch (one place: `_choose_impl`)
 ------------------------------------
 ``impl=None`` picks, in order: ``"pallas"`` on GPU when `ltjax.pallas.can_use_pallas` says yes;
-``"ffi"`` on CPU when `ltjax.ffi.can_use_ffi` says yes; ``"xla"`` when `can_use_xla` says yes
+``"ffi"`` on CPU when `ltjax.ffi.can_use_ffi` says yes (single device: a custom call is not SPMD-partitioned); ``"xla"`` when `can_use_xla` says yes
 (2-D tensors in the output-channel-major storage of a Dense kernel, any codec, any backend);
 ``"reference"`` otherwise. Each fallback is logged once per reason on the ``"ltjax"`` logger.
 A user can force any of them; a forced impl that cannot run raises `ValueError` with the
@@ -142,6 +142,10 @@ def _ffi_reason(x2: Any, ct: CompressedTensor) -> str | None:
         return "ltjax.ffi handlers are not available in this installation"
     if _backend() != "cpu":
         return f"FFI handlers run on CPU; the backend is {_backend()!r}"
+    if jax.device_count() > 1:
+        # A custom call is opaque to SPMD partitioning: sharded operands would be all-gathered
+        # around it. The XLA path partitions like any other XLA op and keeps shards local.
+        return f"FFI custom calls are not partitioned across the {jax.device_count()} devices"
     if not _ffi.can_use_ffi(x2, ct):
         return f"ltjax.ffi.can_use_ffi said no for x{tuple(x2.shape)} {x2.dtype} and {ct!r}"
     return None

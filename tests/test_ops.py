@@ -146,10 +146,14 @@ def test_dense_scale_cotangent_fits_finetuning():
 
 
 # ------------------------------------------------------------------------ dispatch
-def test_dispatch_cpu_default_is_xla():
+def test_dispatch_cpu_default():
+    """On CPU: the FFI handlers when they are built (one device), else the fused XLA path."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks the CPU dispatch rule")
     ct = make_ct("int8", 64, 32, None)
-    assert _ops._choose_impl(rand((1, 64)), ct, None).impl == ("xla" if jax.default_backend() == "cpu" else
-                                                              _ops._choose_impl(rand((1, 64)), ct, None).impl)
+    want = "ffi" if _ops.can_use_ffi(rand((1, 64)), ct) else "xla"
+    assert _ops._choose_impl(rand((1, 64)), ct, None).impl == want
+    assert _ops._choose_impl(rand((1, 64)), ct, "xla").impl == "xla"
 
 
 def test_fallback_to_reference_is_logged_once(caplog):
@@ -190,7 +194,8 @@ def _fake_kernels(calls):
         calls.append(("matmul_t", kw))
         return (dy2.astype(jnp.float32) @ decompress_reference(ct).astype(jnp.float32).T).astype(dy2.dtype)
 
-    return types.SimpleNamespace(can_use_pallas=lambda x, ct: True, can_use_ffi=lambda x, ct: True,
+    return types.SimpleNamespace(can_use_pallas=lambda x, ct, **kw: True, why_not_pallas=lambda x, ct, **kw: None,
+                                 can_use_ffi=lambda x, ct: True,
                                  matmul=matmul, matmul_t=matmul_t,
                                  decompress=lambda ct, **kw: decompress_reference(ct))
 
