@@ -49,7 +49,7 @@ def claims_section(run: dict) -> list[str]:
     c = _res(run, "claims")
     if not c:
         return []
-    out = [f"## Claims table, measured\n", f"Source: {_src(run)}. Model: {c.get('model')}.\n",
+    out = ["## Claims table, measured\n", f"Source: {_src(run)}. Model: {c.get('model')}.\n",
            "| row | claimed | ours vs f32 | ours vs bf16 | f32 | bf16 | ltjax | codec | rel. error | effect on output | verdict |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in c["table"]:
@@ -96,7 +96,7 @@ def gemm_section(run: dict) -> list[str]:
     g = _res(run, "gemm_overhead")
     if not g:
         return []
-    out = [f"## GEMM overhead: t(ltjax.matmul) / t(dense dot)\n", f"Source: {_src(run)}.\n",
+    out = ["## GEMM overhead: t(ltjax.matmul) / t(dense dot)\n", f"Source: {_src(run)}.\n",
            f"Claimed: \"GEMM overhead < 10%\". >1 means the compressed matmul is slower. Paths: "
            f"{sorted({r.get('impl', '?') for r in g['rows']})}.\n"]
     ms = sorted({r["M"] for r in g["rows"]})
@@ -116,7 +116,7 @@ def memory_section(run: dict) -> list[str]:
     e = _res(run, "effective_memory")
     if not e:
         return []
-    out = [f"## Effective memory: the largest model whose decode step fits\n", f"Source: {_src(run)}.\n",
+    out = ["## Effective memory: the largest model whose decode step fits\n", f"Source: {_src(run)}.\n",
            f"Method: {e['method']}; batch 1, KV cache of {e['context']} tokens; weights through {e['weights_through']}.",
            "\"compiled\" is the compiled program's own memory (temp included); \"args only\" counts just the "
            "inputs (the bound a fused decode approaches). Claimed: \"24 GB → 164 GB effective\".\n",
@@ -174,8 +174,8 @@ def main(argv=None) -> int:
                      f"ltjax {run['versions'].get('ltjax')}")
         lines.append(f"- Commit `{run['git'].get('commit')}`; date {run['date']}; load average "
                      f"{run.get('loadavg_start')} → {run.get('loadavg_end')}; {run['seconds']:.0f} s in all")
-        lines.append(f"- Benchmarks: " + ", ".join(f"{n} ({e['status']})" for n, e in run["benchmarks"].items()))
-        lines.append(f"- Plots: " + ", ".join(f"[{k}]({d}/{v['file']})" for k, v in run["plots"].items()) + "\n")
+        lines.append("- Benchmarks: " + ", ".join(f"{n} ({e['status']})" for n, e in run["benchmarks"].items()))
+        lines.append("- Plots: " + ", ".join(f"[{k}]({d}/{v['file']})" for k, v in run["plots"].items()) + "\n")
         for section in (claims_section, gemm_section, memory_section, other_section):
             lines += section(run)
     text = "\n".join(lines).rstrip() + "\n"

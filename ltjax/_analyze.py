@@ -28,7 +28,6 @@ from ltjax._format import (
     _as_numpy,
     _dtype_name,
     _nonzero_bits,
-    _tile_order,
 )
 
 log = logging.getLogger("ltjax")

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ltjax._analyze import Policy, _table, _fmt_bytes, analyze, compress_tree, tree_leaves_with_paths
+from ltjax._analyze import Policy, _table, _fmt_bytes, analyze, compress_tree
 from ltjax._errors import LTFormatError
 from ltjax._format import CODECS, CompressedTensor
 from ltjax._io import HEADER_CRC_NAME, read_leaves, read_safetensors, save, verify
