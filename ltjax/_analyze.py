@@ -18,14 +18,11 @@ from ltjax._format import (
     LOSSLESS_CODECS,
     CompressedTensor,
     Header,
-    check_finite,
-    choose_tile,
     expected_arrays,
     int8_quantize,
-    normalize_axis,
     pack,
+    prepare,
     to_storage,
-    _as_numpy,
     _dtype_name,
     _nonzero_bits,
 )
@@ -97,13 +94,7 @@ def analyze_array(
     x: Any, *, name: str = "tensor", tile: int | tuple[int, int] | None = None, axis: int | None | str = "default"
 ) -> TensorStats:
     """Measures one tensor: zeros, range, outliers, and every codec's exact size and error."""
-    a = _as_numpy(x, name)
-    if a.size == 0:
-        raise ValueError(f"tensor {name!r} is empty (shape={a.shape}); nothing to compress")
-    check_finite(a, name)
-    ax = normalize_axis(a.shape, axis)
-    x2 = to_storage(a, ax)
-    tile_rc = choose_tile(x2.shape, tile)
+    a, ax, x2, tile_rc = prepare(x, name=name, axis=axis, tile=tile)
     xf = x2.astype(np.float32)
     nz = _nonzero_bits(x2)
     nnz = int(nz.sum())
@@ -227,10 +218,6 @@ def compress(
         codec = analyze_array(x, name=name, tile=tile, axis=axis).best(error_budget, codecs).codec
     elif codec not in CODECS:
         raise ValueError(f"{codec=} is not a codec; choose 'auto' or one of {CODECS}")
-    else:
-        a = _as_numpy(x, name)
-        if a.size == 0:
-            raise ValueError(f"tensor {name!r} is empty (shape={a.shape}); nothing to compress")
     return pack(x, codec, tile=tile, axis=axis, name=name)
 
 

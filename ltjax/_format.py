@@ -408,6 +408,17 @@ def int8_quantize(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scales
 
 
+def prepare(x: Any, *, name: str, axis: int | None | str, tile) -> tuple[np.ndarray, int | None, np.ndarray, tuple[int, int]]:
+    """Checks a host tensor (dtype, empty, non-finite) and lays it out: (array, axis, storage, tile)."""
+    a = _as_numpy(x, name)
+    if a.size == 0:
+        raise ValueError(f"tensor {name!r} is empty (shape={a.shape}); nothing to compress")
+    check_finite(a, name)
+    ax = normalize_axis(a.shape, axis)
+    x2 = to_storage(a, ax)
+    return a, ax, x2, choose_tile(x2.shape, tile)
+
+
 def pack(
     x: Any,
     codec: str,
@@ -419,13 +430,7 @@ def pack(
     """Packs a host array into one codec. Vectorised numpy; checksums computed here, once."""
     if codec not in CODECS:
         raise ValueError(f"{codec=} is not a codec; choose one of {CODECS}")
-    a = _as_numpy(x, name)
-    if a.size == 0:
-        raise ValueError(f"tensor {name!r} is empty (shape={a.shape}); nothing to compress")
-    check_finite(a, name)
-    ax = normalize_axis(a.shape, axis)
-    x2 = to_storage(a, ax)
-    tile_rc = choose_tile(x2.shape, tile)
+    a, ax, x2, tile_rc = prepare(x, name=name, axis=axis, tile=tile)
     header = Header(
         codec=codec,
         shape=tuple(int(s) for s in a.shape),
