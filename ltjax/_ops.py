@@ -468,6 +468,8 @@ def matmul_reference(x: jax.Array, ct: CompressedTensor) -> jax.Array:
 def _decompress_impl(cfg: _Config, ct: CompressedTensor) -> jax.Array:
     if cfg.impl == "pallas":
         return _pallas.decompress(ct, interpret=cfg.interpret)
+    if cfg.impl == "ffi":
+        return from_storage(_ffi.unpack_bitmask(ct), ct.header)
     if cfg.impl == "xla":
         return _xla_decompress(ct)
     return decompress_reference(ct)
@@ -511,20 +513,27 @@ def _choose_decompress_impl(ct: CompressedTensor, impl: str | None) -> _Config:
         if not has_pallas:
             raise ValueError("impl='pallas' cannot run: ltjax.pallas.decompress is not available")
         return _Config("pallas", interpret=not _is_gpu())
-    if impl in ("xla", "ffi", "reference"):
-        return _Config("reference" if impl == "reference" else "xla")
+    ffi_ok = _backend() == "cpu" and jax.device_count() == 1 and _module_has(_ffi, "can_use_unpack", "unpack_bitmask")
+    ffi_ok = ffi_ok and _ffi.can_use_unpack(ct)
+    if impl == "ffi":
+        if not ffi_ok:
+            raise ValueError(f"impl='ffi' cannot decompress {ct!r}: the CPU handlers unpack bitmask codecs only")
+        return _Config("ffi")
+    if impl in ("xla", "reference"):
+        return _Config(impl)
     if _is_gpu():
         if has_pallas:
             return _Config("pallas")
         _log_fallback_once("decompress falls back from Pallas: ltjax.pallas.decompress is not available")
-    return _Config("xla")
+    return _Config("ffi" if ffi_ok else "xla")
 
 
 def decompress(ct: CompressedTensor, *, impl: str | None = None) -> jax.Array:
     """The dense logical tensor of ``ct`` (jittable; differentiable w.r.t. its float leaves).
 
-    ``impl``: ``None`` (Pallas on GPU, else the XLA decoder), ``"pallas"``, ``"xla"`` or
-    ``"reference"`` (``"ffi"`` has no decompress handler and means ``"xla"``).
+    ``impl``: ``None`` (Pallas on GPU; on CPU the FFI unpack handler for bitmask codecs, about
+    4.5× faster than XLA's gather at 4096², else the XLA decoder), ``"pallas"``, ``"ffi"``
+    (bitmask codecs on CPU), ``"xla"`` or ``"reference"``.
     """
     if not isinstance(ct, CompressedTensor):
         raise ValueError(f"ltjax.decompress needs a CompressedTensor, got {type(ct).__name__}")

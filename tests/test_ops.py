@@ -127,6 +127,18 @@ def test_decompress_and_vjp(codec, k, n, tile, impl=None):
             assert_close(getattr(g, f), getattr(r, f), 1e-5)
 
 
+@pytest.mark.parametrize("codec", ["bitmask", "bitmask_int8"])
+def test_decompress_cpu_default_uses_ffi_unpack(codec):
+    """On one CPU device with the extension built, bitmask decompress runs the FFI unpack handler."""
+    ct = make_ct(codec, 70, 45, (16, 32))
+    cfg = _ops._choose_decompress_impl(ct, None)
+    from ltjax import ffi
+
+    if jax.default_backend() == "cpu" and jax.device_count() == 1 and ffi.available():
+        assert cfg.impl == "ffi"
+    np.testing.assert_array_equal(ltjax.decompress(ct, impl=cfg.impl), decompress_reference(ct))
+
+
 def test_decompress_other_axis():
     ct = pack(np.random.default_rng(0).standard_normal((6, 40, 5)).astype(np.float32), "bitmask_int8", axis=1)
     np.testing.assert_array_equal(ltjax.decompress(ct), decompress_reference(ct))
