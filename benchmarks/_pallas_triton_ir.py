@@ -1,6 +1,6 @@
 """Dumps the Triton IR of every ltjax Pallas kernel at the tuned block sizes (no GPU needed).
 
-Usage (project venv):  python benchmarks/pallas_triton_offline.py build/ttir
+Usage (project venv):  python benchmarks/_pallas_triton_ir.py build/ttir
 then:                  ../shared/tools/triton-offline-check build/ttir --cc 90 80 --json out.json
 Shapes: a 4096 x 4096 Dense kernel (default 256 x 256 tiles), M = 1, 4, 16, 128, bf16 and f32.
 """
