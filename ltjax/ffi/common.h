@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -52,6 +53,14 @@ inline Isa CurrentIsa() {
 // is oversubscribed and a worker is late the caller simply does more of the tasks.
 // Jobs are serialised; a caller that finds the pool busy (XLA may run two custom calls at
 // once) runs its job inline instead of waiting, so the pool can never deadlock XLA.
+//
+// Wake-up cost: a worker asleep on a condition variable takes tens of µs to wake (futex + an
+// idle vCPU's wake-up), longer than a whole 576x576 GEMV. So after each job a worker spins
+// (`_mm_pause`) for `LTJAX_FFI_SPIN_US` µs (default 200) watching for the next job, and only
+// then sleeps; the caller signals the condition variable only when a worker is asleep.
+// Memory safety: a worker announces itself in `active_` before it reads the job pointer, and
+// the caller, after all tasks are done, clears the pointer and waits for `active_ == 0`, so a
+// late worker can never call a job whose caller has returned.
 class Pool {
  public:
   using Task = std::function<void(int task, int slot)>;
@@ -67,22 +76,24 @@ class Pool {
       for (int i = 0; i < n; ++i) f(i, 0);
       return;
     }
+    next_.store(0, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    n_tasks_.store(n, std::memory_order_relaxed);
+    job_.store(&f, std::memory_order_seq_cst);
+    bool wake;
     {
       std::lock_guard<std::mutex> lk(mu_);
-      job_ = &f;
-      n_tasks_ = n;
-      next_.store(0);
-      done_.store(0);
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_seq_cst);
+      wake = sleepers_ > 0;
     }
-    cv_.notify_all();
+    if (wake) cv_.notify_all();
     Work(f, n, 0);
     for (int spins = 0; done_.load(std::memory_order_acquire) < n; ++spins) {
       if (spins < 4096) _mm_pause();
       else std::this_thread::yield();
     }
-    std::lock_guard<std::mutex> lk(mu_);
-    job_ = nullptr;
+    job_.store(nullptr, std::memory_order_seq_cst);
+    while (active_.load(std::memory_order_seq_cst) != 0) _mm_pause();
   }
 
  private:
@@ -90,6 +101,8 @@ class Pool {
     int n = static_cast<int>(std::thread::hardware_concurrency());
     if (const char* e = std::getenv("LTJAX_FFI_THREADS")) n = std::atoi(e);
     n = std::max(1, std::min(n, 64));
+    spin_us_ = 200;
+    if (const char* e = std::getenv("LTJAX_FFI_SPIN_US")) spin_us_ = std::max(0, std::atoi(e));
     for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { Loop(i); });
     for (auto& t : workers_) t.detach();
   }
@@ -101,29 +114,47 @@ class Pool {
     }
   }
 
+  // Joins the current job if it is still open.
+  void Join(int slot) {
+    active_.fetch_add(1, std::memory_order_seq_cst);
+    const Task* job = job_.load(std::memory_order_seq_cst);
+    if (job != nullptr) Work(*job, n_tasks_.load(std::memory_order_relaxed), slot);
+    active_.fetch_sub(1, std::memory_order_seq_cst);
+  }
+
   void Loop(int slot) {
-    uint64_t seen = 0;
+    uint64_t seen = generation_.load();
     for (;;) {
-      const Task* job;
-      int n;
-      {
-        std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return generation_ != seen && job_ != nullptr; });
-        seen = generation_;
-        job = job_;
-        n = n_tasks_;
+      // Spin a while for the next job ...
+      auto t0 = std::chrono::steady_clock::now();
+      const auto spin = std::chrono::microseconds(spin_us_);
+      bool got = false;
+      for (int k = 0;; ++k) {
+        if (generation_.load(std::memory_order_acquire) != seen) { got = true; break; }
+        _mm_pause();
+        if ((k & 63) == 63 && std::chrono::steady_clock::now() - t0 >= spin) break;
       }
-      Work(*job, n, slot);
+      // ... then sleep.
+      if (!got) {
+        std::unique_lock<std::mutex> lk(mu_);
+        ++sleepers_;
+        cv_.wait(lk, [&] { return generation_.load() != seen; });
+        --sleepers_;
+      }
+      seen = generation_.load();
+      Join(slot);
     }
   }
 
   std::vector<std::thread> workers_;
   std::mutex run_mu_, mu_;
   std::condition_variable cv_;
-  const Task* job_ = nullptr;
-  int n_tasks_ = 0;
-  uint64_t generation_ = 0;
-  std::atomic<int> next_{0}, done_{0};
+  int sleepers_ = 0;  // guarded by mu_
+  int spin_us_ = 200;
+  std::atomic<const Task*> job_{nullptr};
+  std::atomic<int> n_tasks_{0};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> next_{0}, done_{0}, active_{0};
 };
 
 // Splits [0, n) into chunks (starts aligned to `align`, at least `min_chunk` long, about 4 per

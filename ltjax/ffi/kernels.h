@@ -12,6 +12,7 @@
 namespace ltjax {
 
 constexpr int kNB = 4;  // storage rows (output channels) per block
+constexpr int64_t kInlineWork = 128 * 1024;  // M*N*K below which Forward stays on the caller
 
 // ---------------------------------------------------------------- AVX-512
 // acc[i * kNB + j] = dot(x[i, :Kp], w[j, :Kp]) for i < MB (x, w padded with zeros to Kp % 32 == 0).
@@ -223,7 +224,10 @@ inline void StoreOut(Elt elt, void* out, int64_t idx, float v) {
 inline bool Forward(int64_t M, int64_t K, int64_t N, int64_t kp, const float* xs, const float* scales,
                     Elt elt, void* y, const DecoderFactory& make, const int8_t* int8_rows, int64_t align = kNB) {
   std::atomic<bool> ok{true};
-  ParallelRange(N, align, 16, [&](int64_t n0, int64_t n1, int) {
+  // Small problems (< kInlineWork multiply-adds, e.g. a 576x192 GEMV: ~5 µs) run on the caller
+  // alone: handing half of it to a worker costs about as much as it saves.
+  const int64_t min_chunk = M * N * K < kInlineWork ? N : 16;
+  ParallelRange(N, align, min_chunk, [&](int64_t n0, int64_t n1, int) {
     if (M == 1 && int8_rows != nullptr) {
       bool avx512 = CurrentIsa() == Isa::kAvx512;
       for (int64_t n = n0; n < n1; n += 2) {
