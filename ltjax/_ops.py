@@ -3,7 +3,7 @@
 Dispatch (one place: `_choose_impl`)
 ------------------------------------
 ``impl=None`` picks, in order: ``"pallas"`` on GPU when `ltjax.pallas.can_use_pallas` says yes;
-``"ffi"`` on CPU when `ltjax.ffi.can_use_ffi` says yes (single device: a custom call is not SPMD-partitioned); ``"xla"`` when `can_use_xla` says yes
+``"ffi"`` on CPU when `ltjax.ffi.can_use_ffi` says yes (single device: a custom call is not SPMD-partitioned; M <= 64: above it the XLA path is faster); ``"xla"`` when `can_use_xla` says yes
 (2-D tensors in the output-channel-major storage of a Dense kernel, any codec, any backend);
 ``"reference"`` otherwise. Each fallback is logged once per reason on the ``"ltjax"`` logger.
 A user can force any of them; a forced impl that cannot run raises `ValueError` with the
@@ -137,11 +137,20 @@ def _pallas_reason(x2: Any, ct: CompressedTensor, *, need_gpu: bool = True) -> s
     return None
 
 
+# Above this many rows the FFI GEMM loses to the XLA path (row chunks decoded to f32 fed to
+# XLA's dot), measured at K = N = 1024 / 4096 on 2 cores (ms, ffi / xla / dense f32):
+# M=64 0.94/1.99/1.37 and 22.6/27.1/13.7; M=256 3.96/3.21/2.23 and 171/79/81;
+# M=1024 21.5/10.5/8.5 and 625/287/284.
+_FFI_MAX_M = 64
+
+
 def _ffi_reason(x2: Any, ct: CompressedTensor) -> str | None:
     if not _module_has(_ffi, "can_use_ffi", "matmul", "matmul_t"):
         return "ltjax.ffi handlers are not available in this installation"
     if _backend() != "cpu":
         return f"FFI handlers run on CPU; the backend is {_backend()!r}"
+    if x2.shape[0] > _FFI_MAX_M:
+        return f"M={x2.shape[0]} > {_FFI_MAX_M}: the XLA path's chunked dots are faster there"
     if jax.device_count() > 1:
         # A custom call is opaque to SPMD partitioning: sharded operands would be all-gathered
         # around it. The XLA path partitions like any other XLA op and keeps shards local.
