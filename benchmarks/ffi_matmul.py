@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -34,8 +35,15 @@ def _timeit_round_robin(fns: dict, args: dict, seconds: float, min_rounds: int =
     times: dict[str, list[float]] = {k: [] for k in fns}
     t_end = time.perf_counter() + seconds * len(fns)
     rounds = 0
+    names = list(fns)
+    rng = random.Random(0)
     while rounds < min_rounds or time.perf_counter() < t_end:
-        for name, f in fns.items():
+        # A fresh random order every round so no candidate always follows the same one: the
+        # call before decides what the cache holds (e.g. the 64 MiB of dirty lines left by
+        # naive_int8_decompress made whichever candidate came next ~1.5x slower).
+        rng.shuffle(names)
+        for name in names:
+            f = fns[name]
             a = args[name]
             t0 = time.perf_counter()
             jax.block_until_ready(f(*a))

@@ -340,7 +340,26 @@ class RowCursor {
     if (row_ % g_.tr == 0 && row_ < g_.c) Reset(row_);
     return true;
   }
+  // Like Row, but calls f(mask_row, w0, w1, packed_start) once per tile column (mask words
+  // [w0, w1) of the current row; the caller masks word words() - 1 with last_word()), after
+  // the same bounds check, so a kernel can consume several mask words per step.
+  template <class F>
+  bool Spans(F&& f) {
+    const uint32_t* mrow = g_.mask + row_ * g_.w;
+    for (int64_t j = 0; j < g_.gc; ++j) {
+      int64_t s = cur_[j], cnt = Count(row_, j);
+      if (s < 0 || s + cnt > g_.nnz) return false;
+      int64_t w0 = j * wpt_, w1 = std::min(g_.w, w0 + wpt_);
+      f(mrow, w0, w1, s);
+      cur_[j] = s + cnt;
+    }
+    ++row_;
+    if (row_ % g_.tr == 0 && row_ < g_.c) Reset(row_);
+    return true;
+  }
   int64_t row() const { return row_; }
+  int64_t words() const { return g_.w; }
+  uint32_t last_word() const { return g_.last_word; }
 
  private:
   int64_t Count(int64_t n, int64_t j) const {

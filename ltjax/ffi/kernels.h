@@ -88,6 +88,55 @@ LTJAX_AVX512 inline void DotCodes2_512(const int8_t* c0, const int8_t* c1, const
   out[1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
 }
 
+// Four rows of int8 codes (row stride `ld`) against one f32 x: out[j] = dot(c0 + j*ld, x).
+// Cold-cache streaming (see docs/ffi.md "Cold-cache GEMV"): a row of K = 4096 codes is exactly
+// one 4 KiB page and the hardware stream prefetchers stop at page boundaries, so every row
+// restarts a stream. Four rows in flight plus a software prefetch of the four rows at `pf`
+// (the caller passes the block 8 rows ahead, clamped to the matrix) keep enough misses
+// outstanding to run at the DRAM read rate. Summation: two partial sums per row.
+LTJAX_AVX512 inline void DotCodes4_512(const int8_t* c0, int64_t ld, const float* x, int64_t k,
+                                       const int8_t* pf, float* out) {
+  const int8_t* c1 = c0 + ld;
+  const int8_t* c2 = c1 + ld;
+  const int8_t* c3 = c2 + ld;
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+#define LTJAX_CV(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p))))
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    if ((i & 63) == 0) {
+      const char* q = reinterpret_cast<const char*>(pf) + i;
+      _mm_prefetch(q, _MM_HINT_T0);
+      _mm_prefetch(q + ld, _MM_HINT_T0);
+      _mm_prefetch(q + 2 * ld, _MM_HINT_T0);
+      _mm_prefetch(q + 3 * ld, _MM_HINT_T0);
+    }
+    __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
+    a0 = _mm512_fmadd_ps(LTJAX_CV(c0 + i), x0, a0);
+    b0 = _mm512_fmadd_ps(LTJAX_CV(c0 + i + 16), x1, b0);
+    a1 = _mm512_fmadd_ps(LTJAX_CV(c1 + i), x0, a1);
+    b1 = _mm512_fmadd_ps(LTJAX_CV(c1 + i + 16), x1, b1);
+    a2 = _mm512_fmadd_ps(LTJAX_CV(c2 + i), x0, a2);
+    b2 = _mm512_fmadd_ps(LTJAX_CV(c2 + i + 16), x1, b2);
+    a3 = _mm512_fmadd_ps(LTJAX_CV(c3 + i), x0, a3);
+    b3 = _mm512_fmadd_ps(LTJAX_CV(c3 + i + 16), x1, b3);
+  }
+#undef LTJAX_CV
+#define LTJAX_CM(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)))
+  for (; i < k; i += 16) {
+    __mmask16 m = k - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (k - i)) - 1u);
+    __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
+    a0 = _mm512_fmadd_ps(LTJAX_CM(c0 + i), xv, a0);
+    a1 = _mm512_fmadd_ps(LTJAX_CM(c1 + i), xv, a1);
+    a2 = _mm512_fmadd_ps(LTJAX_CM(c2 + i), xv, a2);
+    a3 = _mm512_fmadd_ps(LTJAX_CM(c3 + i), xv, a3);
+  }
+#undef LTJAX_CM
+  out[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
+  out[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
+  out[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2));
+  out[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3));
+}
+
 // ---------------------------------------------------------------- AVX2
 LTJAX_AVX2 inline float Hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -230,7 +279,17 @@ inline bool Forward(int64_t M, int64_t K, int64_t N, int64_t kp, const float* xs
   ParallelRange(N, align, min_chunk, [&](int64_t n0, int64_t n1, int) {
     if (M == 1 && int8_rows != nullptr) {
       bool avx512 = CurrentIsa() == Isa::kAvx512;
-      for (int64_t n = n0; n < n1; n += 2) {
+      int64_t n = n0;
+      if (avx512) {
+        for (; n + 4 <= n1; n += 4) {
+          const int8_t* c0 = int8_rows + n * K;
+          const int8_t* pf = int8_rows + std::min(n + 8, N - 4) * K;  // 4 rows, all inside W
+          float d[4];
+          DotCodes4_512(c0, K, xs, K, pf, d);
+          for (int j = 0; j < 4; ++j) StoreOut(elt, y, n + j, d[j] * scales[n + j]);
+        }
+      }
+      for (; n < n1; n += 2) {
         const int8_t* c0 = int8_rows + n * K;
         const int8_t* c1 = n + 1 < n1 ? c0 + K : c0;
         float d[2];
