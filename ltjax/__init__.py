@@ -29,7 +29,7 @@ from ltjax._activations import (
 from ltjax._errors import ChecksumError, LTFormatError
 from ltjax._format import CODECS, FORMAT_VERSION, CompressedTensor, Header
 from ltjax._io import load, save, verify
-from ltjax._ops import decompress, matmul, matmul_reference
+from ltjax._ops import decompress, matmul, matmul_impl, matmul_reference
 from ltjax._sharding import shard
 from ltjax import monitor, nn, nnx  # noqa: E402  (submodules, after the names they use)
 
@@ -59,6 +59,7 @@ __all__ = [
     "decompress",
     "load",
     "matmul",
+    "matmul_impl",
     "matmul_reference",
     "monitor",
     "nn",

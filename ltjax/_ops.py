@@ -450,6 +450,14 @@ def _check_matmul_args(x: Any, ct: Any) -> None:
         )
 
 
+def matmul_impl(x: Any, ct: CompressedTensor, *, impl: str | None = None) -> str:
+    """The implementation ``matmul(x, ct, impl=impl)`` runs here: ``"pallas"``, ``"ffi"``,
+    ``"xla"`` or ``"reference"`` (``x`` may be a `jax.ShapeDtypeStruct`). Same dispatch as `matmul`."""
+    _check_matmul_args(x, ct)
+    x2 = jax.ShapeDtypeStruct((int(np.prod(np.shape(x)[:-1], dtype=np.int64)), ct.shape[0]), x.dtype)
+    return _choose_impl(x2, ct, impl).impl
+
+
 def matmul(x: jax.Array, ct: CompressedTensor, *, impl: str | None = None) -> jax.Array:
     """``x[..., K] @ W[K, N]`` where ``ct`` holds ``W`` (logical [K, N], the flax Dense kernel).
 

@@ -312,10 +312,7 @@ def main(argv=None) -> int:
                  "save_verify_load_s": time.perf_counter() - t0}
     if not args.out_dir:
         shutil.rmtree(out_dir, ignore_errors=True)
-    first_ct = next(
-        (l for l in jax.tree_util.tree_leaves(cparams, is_leaf=lambda x: isinstance(x, ltjax.CompressedTensor))
-         if isinstance(l, ltjax.CompressedTensor)), None)
-    op = gen.op_path(first_ct) if first_ct is not None else {"path": "none", "why": "no tensor was compressed"}
+    op = gen.op_path(cparams)
 
     params = jax.device_put(params)
     cparams = jax.device_put(cparams)

@@ -379,41 +379,25 @@ def load_model(checkpoint: str | None = None, random_init: bool = False, seed: i
 # ------------------------------------------------------------------ op path
 
 
-def op_path(ct, m: int = 1) -> dict:
-    """Which `ltjax.matmul` implementation serves ``x[m, K] @ ct``, as far as ltjax says.
+def op_path(tree_or_ct, m: int = 1) -> dict:
+    """Which `ltjax.matmul` implementation serves ``x[m, K] @ W`` for the Dense kernels here.
 
-    Reads the dispatch predicates (``can_use_pallas`` / ``can_use_ffi`` / ``can_use_xla``)
-    that the op layer exposes once its fast paths are merged, in its dispatch order. A build
-    without them runs the pure-jnp reference (decode the weight, then a dense dot).
+    Asks the op layer's own dispatch (`ltjax.matmul_impl`) about the first compressed 2-D
+    kernel stored output-channel-major (a Dense kernel; embeddings are row-major).
 
     Returns:
-      ``{"path": "pallas" | "ffi" | "xla" | "reference", "why": str}``.
+      ``{"path": "pallas" | "ffi" | "xla" | "reference" | "none", "why": str}``.
     """
-    import importlib  # pylint: disable=import-outside-toplevel
+    import ltjax  # pylint: disable=import-outside-toplevel
 
-    ops = importlib.import_module("ltjax._ops")
-    names = [n for n in ("can_use_pallas", "can_use_ffi", "can_use_xla") if callable(getattr(ops, n, None))]
-    if not names:
-        return {
-            "path": "reference",
-            "why": "ltjax._ops has no impl selector (no can_use_* predicates): ltjax.matmul decodes "
-            "each weight to a dense array and calls a dense dot",
-        }
+    is_ct = lambda x: isinstance(x, ltjax.CompressedTensor)
+    cts = [l for l in jax.tree_util.tree_leaves(tree_or_ct, is_leaf=is_ct) if is_ct(l)]
+    kernels = [c for c in cts if c.ndim == 2 and c.header.axis == 1 and not c.stack_shape]
+    if not kernels:
+        return {"path": "none", "why": "no compressed Dense kernel"}
+    ct = kernels[0]
     x = jax.ShapeDtypeStruct((m, ct.shape[0]), jnp.float32)
-    said = {}
-    for name in names:
-        if name == "can_use_pallas" and jax.default_backend() not in ("gpu", "cuda", "rocm"):
-            said[name] = "skipped (not a GPU backend)"
-            continue
-        try:
-            ok = bool(getattr(ops, name)(x, ct))
-        except Exception as e:  # A predicate that cannot judge a shape struct: record it, go on.
-            said[name] = f"raised {type(e).__name__}: {e}"
-            continue
-        said[name] = ok
-        if ok:
-            return {"path": name.removeprefix("can_use_"), "why": f"{said}"}
-    return {"path": "reference", "why": f"every fast-path predicate said no: {said}"}
+    return {"path": ltjax.matmul_impl(x, ct), "why": f"ltjax.matmul_impl for x[{m}, {ct.shape[0]}] @ {ct!r}"}
 
 
 def main(argv=None) -> int:
@@ -459,12 +443,7 @@ def main(argv=None) -> int:
             f"{report.nbytes / 2**20:.1f} MiB ({report.ratio:.2f}x; leaf codecs: {', '.join(codecs)})",
             file=sys.stderr,
         )
-        import ltjax  # pylint: disable=import-outside-toplevel  (compress_params imported it already)
-
-        is_ct = lambda x: isinstance(x, ltjax.CompressedTensor)
-        ct = next((leaf for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_ct) if is_ct(leaf)), None)
-        if ct is not None:
-            print(f"[ltjax.matmul path, M=1] {op_path(ct)}", file=sys.stderr)
+        print(f"[ltjax.matmul path, M=1] {op_path(params)}", file=sys.stderr)
     ids = encode(args.prompt)
     if not ids:
         p.error(f"--prompt {args.prompt!r} encodes to no tokens")
