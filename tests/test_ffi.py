@@ -172,6 +172,87 @@ def test_avx2_path_matches_reference():
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
+# ---------------------------------------------------------------------- M = 1 bitmask_int8 GEMV
+# (K, N, tile): the 256-column tile span of the two-row VNNI kernel; a ragged K (partial last
+# mask word); 7-row tiles with N large enough to split across the pool (chunks start mid-tile)
+# and 3 mask words per tile column (odd
+# word tail); one tile column spanning the row.
+GEMV_SHAPES = [(4096, 300, None), (300, 257, (7, 64)), (1000, 600, (7, 96)), (70, 33, (5, 96)), (2048, 130, (64, 2048))]
+
+
+def _gemv_bound(x64, codes, scales, y64, vnni):
+    """Largest |y - y_exact| a correct kernel may give: with VNNI, x rounded to 24-bit fixed point
+    (half a step of max|x| / 8355711 per element) plus two f32 roundings of the result; without, a
+    generous f32-accumulation bound."""
+    absb = np.abs(codes).astype(np.float64) @ np.ones(codes.shape[1])  # sum_k |b| per row
+    if vnni:
+        qs = np.abs(x64).max() / 8355711
+        return scales * absb * qs / 2 + np.abs(y64) * 2.0**-22 + 1e-30
+    return scales * (np.abs(codes) @ np.abs(x64)) * codes.shape[1] * 2.0**-23 + 1e-30
+
+
+@needs_ffi
+@pytest.mark.parametrize("shape", GEMV_SHAPES, ids=str)
+@pytest.mark.parametrize("outliers", [False, True], ids=["normal", "outliers"])
+def test_m1_bitmask_int8_within_stated_error(shape, outliers):
+    """M = 1 bitmask_int8 (the VNNI integer path where the CPU has it) against a float64 reference,
+    within the error docs/ffi.md states; also never worse than the f32 walk by more than the bound."""
+    k, n, tile = shape
+    rng = np.random.default_rng(k + n)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    w[rng.random((k, n)) < 0.5] = 0.0
+    ct = jax.tree.map(jnp.asarray, pack(w, "bitmask_int8", tile=tile))
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    if outliers:  # LLM-like activations: a few channels 100x the rest
+        x[0, rng.choice(k, max(1, k // 100), replace=False)] *= 100.0
+    codes = np.asarray(decode_storage(ct)).astype(np.float64) / np.asarray(ct.scales, np.float64)[:, None]
+    codes = np.rint(codes)  # [N, K] integer codes, exactly
+    scales = np.asarray(ct.scales, np.float64)
+    y64 = scales * (codes @ x[0].astype(np.float64))
+    y = np.asarray(jax.jit(lffi.matmul)(jnp.asarray(x), ct), np.float64)[0]
+    bound = _gemv_bound(x[0].astype(np.float64), codes, scales, y64, lffi.info()["vnni"])
+    err = np.abs(y - y64)
+    assert np.all(err <= bound), (err.max(), bound[np.argmax(err - bound)])
+    # the bound is not vacuous: it is far below the values themselves
+    assert np.median(bound / np.maximum(np.abs(y64), 1e-30)) < 1e-4
+
+
+@needs_ffi
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_m1_bitmask_int8_non_finite_x_propagates(bad):
+    """x with NaN/inf cannot be written as integer digits: the f32 walk runs and the result is
+    NaN/inf exactly where the reference's is."""
+    ct = _pack(3, 96, 40, "bitmask_int8", (8, 32))
+    x = np.random.default_rng(1).standard_normal((1, 96)).astype(np.float32)
+    x[0, 5] = bad
+    y = np.asarray(jax.jit(lffi.matmul)(jnp.asarray(x), ct))
+    want = np.asarray(jnp.asarray(x) @ decompress_reference(ct))
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(want))
+
+
+@needs_ffi
+def test_m1_bitmask_int8_f32_walk_when_vnni_off():
+    """LTJAX_FFI_VNNI=0 forces the f32 walk (the path of AVX-512 CPUs without VNNI)."""
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        import ltjax.ffi as F
+        from ltjax._format import pack, decompress_reference
+        assert F.info()["vnni"] is False, F.info()
+        rng = np.random.default_rng(0)
+        w = rng.standard_normal((1000, 600)).astype(np.float32); w[rng.random(w.shape) < .5] = 0
+        ct = pack(w, "bitmask_int8", tile=(16, 96))
+        x = jnp.asarray(rng.standard_normal((1, 1000)).astype(np.float32))
+        np.testing.assert_allclose(F.matmul(x, ct), x @ decompress_reference(ct), rtol=2e-5, atol=2e-4)
+        print("ok")
+        """
+    )
+    env = {**os.environ, "LTJAX_FFI_VNNI": "0", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------- bad input at the handler
 def _raises_xla_error(fn, match="ltjax"):
     with pytest.raises(Exception) as e:
@@ -208,10 +289,10 @@ def test_damaged_bitmask_is_an_error_not_a_crash(damage):
         mask[-1, :] = 0xFFFFFFFF
     else:
         codes = codes[:-3]
-    x = jnp.ones((2, 64))
-    out = jax.ShapeDtypeStruct((2, 48), jnp.float32)
-    f = jax.ffi.ffi_call("ltjax_bitmask_int8_matmul", out)
-    _raises_xla_error(lambda: f(x, mask, offsets, codes, ct.scales, tile_rows=8, tile_cols=32), "damaged")
+    for m in (2, 1):  # M = 1 takes the GEMV kernel (VNNI where present), which checks spans per row block
+        x = jnp.asarray(np.random.default_rng(m).standard_normal((m, 64)).astype(np.float32))
+        f = jax.ffi.ffi_call("ltjax_bitmask_int8_matmul", jax.ShapeDtypeStruct((m, 48), jnp.float32))
+        _raises_xla_error(lambda: f(x, mask, offsets, codes, ct.scales, tile_rows=8, tile_cols=32), "damaged")
     outu = jax.ShapeDtypeStruct((48, 64), jnp.float32)
     g = jax.ffi.ffi_call("ltjax_bitmask_int8_unpack", outu)
     _raises_xla_error(lambda: g(mask, offsets, codes, ct.scales, tile_rows=8, tile_cols=32), "damaged")

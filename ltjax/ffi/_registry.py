@@ -14,7 +14,9 @@ logger = logging.getLogger("ltjax")
 _MODULE = "ltjax.ffi._ltjax_ffi"
 _BUILD_INFO = Path(__file__).with_name("_build_info.txt")
 
-_state: dict = {"loaded": False, "reason": None, "isa": None, "threads": None, "targets": (), "logged": False}
+_state: dict = {
+    "loaded": False, "reason": None, "isa": None, "vnni": False, "threads": None, "targets": (), "logged": False
+}
 
 
 def _load() -> None:
@@ -34,7 +36,9 @@ def _load() -> None:
     targets = mod.targets()
     for name, capsule in targets.items():
         jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-    _state.update(loaded=True, isa=isa, threads=mod.num_threads(), targets=tuple(sorted(targets)))
+    _state.update(
+        loaded=True, isa=isa, vnni=bool(mod.vnni()), threads=mod.num_threads(), targets=tuple(sorted(targets))
+    )
 
 
 def available() -> bool:
@@ -54,8 +58,8 @@ def log_unavailable_once() -> None:
 
 
 def info() -> dict:
-    """Instruction set and thread count of the loaded handlers (for benchmarks)."""
-    return {k: _state[k] for k in ("loaded", "reason", "isa", "threads", "targets")}
+    """Instruction set, VNNI use, thread count of the loaded handlers (for benchmarks)."""
+    return {k: _state[k] for k in ("loaded", "reason", "isa", "vnni", "threads", "targets")}
 
 
 _load()

@@ -63,9 +63,23 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer off
   }
   int64_t kp = 32 * w.g.w;
   const float* xs = PaddedF32(elt, x.untyped_data(), m, k, kp, 2);
-  bool ok = Forward(m, k, n, kp, xs, w.scales, elt, y->untyped_data(), [&](int64_t row0) {
-    return std::make_unique<BitmaskRows>(w.g, w.packed_kind, w.packed, row0);
-  }, nullptr, TileAlign(w.g));
+  bool ok;
+  XDigits xd;
+  if (m == 1 && w.packed_kind == Packed::kI8 && HasVnni() && VnniRowFits(w.g) &&
+      MakeXDigits(xs, kp, reinterpret_cast<int8_t*>(Scratch(1, (3 * (kp + 64) + 3) / 4)), &xd)) {
+    std::atomic<bool> good{true};
+    const int64_t min_chunk = n * k < kInlineWork ? n : 16;
+    auto body = [&](int64_t n0, int64_t n1, int) {
+      if (!GemvI8_Vnni(w.g, static_cast<const int8_t*>(w.packed), xd, w.scales, n0, n1, elt, y->untyped_data()))
+        good.store(false);
+    };
+    ParallelRange(n, TileAlign(w.g), min_chunk, body);
+    ok = good.load();
+  } else {
+    ok = Forward(m, k, n, kp, xs, w.scales, elt, y->untyped_data(), [&](int64_t row0) {
+      return std::make_unique<BitmaskRows>(w.g, w.packed_kind, w.packed, row0);
+    }, nullptr, TileAlign(w.g));
+  }
   LTJAX_CHECK(ok, "ltjax: bitmask offsets/mask disagree with the packed values (damaged tensor)");
   return ffi::Error::Success();
 }

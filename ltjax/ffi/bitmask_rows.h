@@ -128,8 +128,8 @@ inline bool RowBits_Scalar(Packed P, RowCursor& cur, const void* packed, int64_t
 
 // int8 version of RowDot_512 taking two mask words per step: one masked load of
 // popcount(64-bit mask) codes, one 64-byte vpexpandb, four conversions + FMAs (half the
-// popcounts, loads and expands per element of the 32-bit walk; the M = 1 bitmask_int8 path is
-// compute-bound, see docs/ffi.md "Cold-cache GEMV").
+// popcounts, loads and expands per element of the 32-bit walk). The M = 1 bitmask_int8 GEMV
+// uses it only where VNNI is missing or x is not finite: GemvI8_Vnni below is ~1.8x faster.
 LTJAX_AVX512 inline bool RowDotI8_512(RowCursor& cur, const void* packed, const float* x, float* out) {
   const int8_t* base = static_cast<const int8_t*>(packed);
   const int64_t last = cur.words() - 1;
@@ -159,10 +159,194 @@ LTJAX_AVX512 inline bool RowDotI8_512(RowCursor& cur, const void* packed, const 
       Expand32_512<Packed::kI8>(m, packed, s, &lo, &hi);
       a0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + 32 * w), a0);
       a1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 32 * w + 16), a1);
+      s += __builtin_popcount(m);
     }
+    return s;
   });
   *out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
   return ok;
+}
+
+// ---------------------------------------------------------------- M = 1 bitmask_int8 on VNNI
+// At M = 1 every weight is used once, so the f32 walk above pays, per 64 columns, one
+// vpexpandb plus 16-lane sign extensions, conversions and FMAs for all 64 (zeros included):
+// it is bound by ports 0/5, not by memory (docs/ffi.md "bitmask_int8 at M = 1"). With VNNI the
+// expanded codes feed vpdpbusd directly, 64 multiply-adds per instruction, no conversion:
+//
+//   x ~= qs * q,  q = e0 + 256 e1 + 65536 e2,  e_d in [-128, 127] (balanced base-256 digits),
+//   |q| <= 8355711, qs = max|x| / 8355711        (x rounded to 24-bit fixed point, per call)
+//   sum_k b_k q_k = sum_d 256^d (sum_k (b_k + 128) e_d[k] - 128 E_d),  E_d = sum_k e_d[k]
+//
+// (b + 128 is the code with its sign bit flipped: the unsigned operand of vpdpbusd; a masked-out
+// column contributes 128 e_d[k], which E_d removes.) The integer sums are exact, so the only
+// error is rounding x to qs: |y - y_exact| <= scale * (qs / 2) * sum_k |b_k|, i.e. each x off by
+// at most 2^-24 of max|x|: the size of one f32 rounding of the largest element (tested against
+// a float64 reference in tests/test_ffi.py). Non-finite x takes the f32 walk instead.
+struct XDigits {
+  const int8_t* d;  // [3][stride]: digit d of column k at d[d * stride + k]; zero past kp
+  int64_t stride;
+  int64_t sum[3];   // E_d
+  double qs;
+};
+
+constexpr int64_t kQMax = 8355711;  // 127 * (1 + 256 + 65536): the largest |q| with digits in range
+
+// Digits of x[0 : kp] (kp a multiple of 32) into buf (3 * (kp + 64) bytes). False if x is not finite.
+LTJAX_AVX512 inline bool MakeXDigits(const float* x, int64_t kp, int8_t* buf, XDigits* out) {
+  __m512 amax = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int64_t k = 0; k < kp; k += 16) {
+    __m512 v = _mm512_loadu_ps(x + k);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);  // max_ps drops NaNs: look for them explicitly
+  }
+  float a = _mm512_reduce_max_ps(amax);
+  if (nan || !(a <= 3.4028234663852886e38f)) return false;
+  const int64_t stride = kp + 64;
+  out->d = buf;
+  out->stride = stride;
+  out->qs = a > 0 ? static_cast<double>(a) / kQMax : 1.0;
+  const __m512d inv = _mm512_set1_pd(1.0 / out->qs);
+  const __m512i lim = _mm512_set1_epi32(static_cast<int32_t>(kQMax)), c128 = _mm512_set1_epi32(128),
+                c255 = _mm512_set1_epi32(255);
+  __m512i e_sum[3] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+  for (int64_t k = 0; k < kp; k += 16) {
+    __m512 v = _mm512_loadu_ps(x + k);
+    __m256i q_lo = _mm512_cvtpd_epi32(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), inv));
+    __m256i q_hi = _mm512_cvtpd_epi32(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)), inv));
+    __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q_lo), q_hi, 1);
+    q = _mm512_max_epi32(_mm512_min_epi32(q, lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim));
+    for (int d = 0; d < 3; ++d) {
+      __m512i e = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(q, c128), c255), c128);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(buf + d * stride + k), _mm512_cvtepi32_epi8(e));
+      e_sum[d] = _mm512_add_epi32(e_sum[d], e);
+      q = _mm512_srai_epi32(_mm512_sub_epi32(q, e), 8);  // exact: q - e is a multiple of 256
+    }
+  }
+  for (int d = 0; d < 3; ++d) {
+    std::memset(buf + d * stride + kp, 0, 64);
+    out->sum[d] = _mm512_reduce_add_epi32(e_sum[d]);  // |sum| <= 128 kp: no overflow below 2^24 columns
+  }
+  return true;
+}
+
+// One span (mask words [w0, w1) of one row, packed codes from base + s) into the row's three
+// int32 digit accumulators acc[0..2]; returns where its codes ended. `last_bits` masks word
+// `last` (the row's final, partial word); an odd final word loads only 32 digits.
+LTJAX_AVX512_VNNI LTJAX_INLINE int64_t SpanVnni(const uint32_t* mrow, int64_t w0, int64_t w1, int64_t last,
+                                                uint32_t last_bits, const int8_t* base, int64_t s,
+                                                const int8_t* const* d, __m512i* acc) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i c0 = _mm512_loadu_si512(acc), c1 = _mm512_loadu_si512(acc + 1), c2 = _mm512_loadu_si512(acc + 2);
+  int64_t w = w0;
+  for (; w + 2 <= w1; w += 2) {
+    uint64_t lo = mrow[w], hi = w + 1 == last ? (mrow[w + 1] & last_bits) : mrow[w + 1];
+    uint64_t m = lo | (hi << 32);
+    __m512i v = _mm512_xor_si512(_mm512_maskz_expandloadu_epi8(m, base + s), flip);
+    s += __builtin_popcountll(m);
+    c0 = _mm512_dpbusd_epi32(c0, v, _mm512_loadu_si512(d[0] + 32 * w));
+    c1 = _mm512_dpbusd_epi32(c1, v, _mm512_loadu_si512(d[1] + 32 * w));
+    c2 = _mm512_dpbusd_epi32(c2, v, _mm512_loadu_si512(d[2] + 32 * w));
+  }
+  if (w < w1) {
+    uint32_t m = w == last ? (mrow[w] & last_bits) : mrow[w];
+    __m512i v = _mm512_xor_si512(_mm512_maskz_expandloadu_epi8(m, base + s), flip);
+    s += __builtin_popcount(m);
+    c0 = _mm512_dpbusd_epi32(c0, v, _mm512_maskz_loadu_epi8(0xffffffffull, d[0] + 32 * w));
+    c1 = _mm512_dpbusd_epi32(c1, v, _mm512_maskz_loadu_epi8(0xffffffffull, d[1] + 32 * w));
+    c2 = _mm512_dpbusd_epi32(c2, v, _mm512_maskz_loadu_epi8(0xffffffffull, d[2] + 32 * w));
+  }
+  _mm512_storeu_si512(acc, c0), _mm512_storeu_si512(acc + 1, c1), _mm512_storeu_si512(acc + 2, c2);
+  return s;
+}
+
+// The common span, 256 full columns (8 mask words), for two rows at once: the span's 12
+// digit vectors stay in registers for the whole block of rows, the two rows' expands overlap.
+LTJAX_AVX512_VNNI LTJAX_INLINE int64_t Span8x2Vnni(const uint32_t* ma, const uint32_t* mb, const int8_t* base,
+                                                   int64_t s, const __m512i (*X)[3], __m512i* acc) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  uint64_t m[8];
+  std::memcpy(m, ma, 32);
+  std::memcpy(m + 4, mb, 32);
+  int64_t sa = s, sb = s;
+  for (int q = 0; q < 4; ++q) sb += __builtin_popcountll(m[q]);
+  __m512i a0 = _mm512_loadu_si512(acc), a1 = _mm512_loadu_si512(acc + 1), a2 = _mm512_loadu_si512(acc + 2);
+  __m512i b0 = _mm512_loadu_si512(acc + 3), b1 = _mm512_loadu_si512(acc + 4), b2 = _mm512_loadu_si512(acc + 5);
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) {
+    __m512i va = _mm512_xor_si512(_mm512_maskz_expandloadu_epi8(m[q], base + sa), flip);
+    __m512i vb = _mm512_xor_si512(_mm512_maskz_expandloadu_epi8(m[4 + q], base + sb), flip);
+    sa += __builtin_popcountll(m[q]);
+    sb += __builtin_popcountll(m[4 + q]);
+    a0 = _mm512_dpbusd_epi32(a0, va, X[q][0]), a1 = _mm512_dpbusd_epi32(a1, va, X[q][1]);
+    a2 = _mm512_dpbusd_epi32(a2, va, X[q][2]);
+    b0 = _mm512_dpbusd_epi32(b0, vb, X[q][0]), b1 = _mm512_dpbusd_epi32(b1, vb, X[q][1]);
+    b2 = _mm512_dpbusd_epi32(b2, vb, X[q][2]);
+  }
+  _mm512_storeu_si512(acc, a0), _mm512_storeu_si512(acc + 1, a1), _mm512_storeu_si512(acc + 2, a2);
+  _mm512_storeu_si512(acc + 3, b0), _mm512_storeu_si512(acc + 4, b1), _mm512_storeu_si512(acc + 5, b2);
+  return sb;
+}
+
+// Whether GemvI8_Vnni's int32 lanes are safe: a row adds at most 4 * 255 * 128 per 64 columns.
+inline bool VnniRowFits(const BitmaskGeometry& g) { return (g.w + 1) / 2 * 4 * 255 * 128 < (int64_t{1} << 31); }
+
+// y[n] = scales[n] * dot(row n, x) for rows [n0, n1) of a bitmask_int8 matrix, from x's digits.
+// Rows go in blocks of up to kRows inside one tile row, and each block walks the tile columns
+// in turn (the span's digits stay in registers; per-row accumulators in a thread's scratch).
+// Every block's span of codes is checked against [0, nnz) before it is read, as in RowCursor.
+LTJAX_AVX512_VNNI inline bool GemvI8_Vnni(const BitmaskGeometry& g, const int8_t* base, const XDigits& xd,
+                                          const float* scales, int64_t n0, int64_t n1, Elt elt, void* y) {
+  // Cold-cache prefetch (measured: docs/ffi.md "bitmask_int8 at M = 1"): a row's mask words of
+  // one tile column are 4*w bytes apart from the next row's, a stride the hardware prefetchers
+  // do not follow ahead, and the codes of a tile column are one sequential stream per block.
+  constexpr int64_t kRows = 128, kMaskAhead = 16, kCodesAhead = 4096;
+  const int64_t wpt = g.gc == 1 ? g.w : g.tc / 32, last = g.w - 1;
+  const int8_t* d[3] = {xd.d, xd.d + xd.stride, xd.d + 2 * xd.stride};
+  auto* acc = reinterpret_cast<__m512i*>(Scratch(0, kRows * 3 * 16));
+  std::vector<int64_t> cur(g.gc);
+  RowCursor start(g, n0);  // where each tile column's codes continue at row n0
+  for (int64_t j = 0; j < g.gc; ++j) cur[j] = start.next(j);
+  for (int64_t n = n0; n < n1;) {
+    const int64_t tile_end = (n / g.tr + 1) * g.tr, nb = std::min({n1, tile_end, n + kRows}) - n;
+    std::memset(static_cast<void*>(acc), 0, nb * 3 * 64);
+    for (int64_t j = 0; j < g.gc; ++j) {
+      const int64_t w0 = j * wpt, w1 = std::min(g.w, w0 + wpt);
+      int64_t s = cur[j];
+      if (s < 0 || s + 32 * (w1 - w0) * nb > g.nnz) {  // near the end of the codes: count exactly
+        int64_t cnt = 0;
+        for (int64_t r = n; r < n + nb; ++r) cnt += SpanCount(g, r, j, wpt);
+        if (s < 0 || s + cnt > g.nnz) return false;
+      }
+      const uint32_t* mrow = g.mask + n * g.w;
+      int64_t r = 0;
+      if (w1 - w0 == 8 && (w1 < g.w || g.last_word == 0xffffffffu)) {
+        __m512i X[4][3];
+        for (int q = 0; q < 4; ++q)
+          for (int e = 0; e < 3; ++e) X[q][e] = _mm512_loadu_si512(d[e] + 32 * (w0 + 2 * q));
+        for (; r + 2 <= nb; r += 2) {
+          if ((j & 1) == 0 && r + kMaskAhead + 2 <= nb) {  // one 64-byte line holds two tile columns
+            _mm_prefetch(reinterpret_cast<const char*>(mrow + (r + kMaskAhead) * g.w + w0), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(mrow + (r + kMaskAhead + 1) * g.w + w0), _MM_HINT_T0);
+          }
+          for (int q = 0; q < 4; ++q) _mm_prefetch(reinterpret_cast<const char*>(base + s + kCodesAhead + 64 * q), _MM_HINT_T0);
+          s = Span8x2Vnni(mrow + r * g.w + w0, mrow + (r + 1) * g.w + w0, base, s, X, acc + 3 * r);
+        }
+      }
+      for (; r < nb; ++r) s = SpanVnni(mrow + r * g.w, w0, w1, last, g.last_word, base, s, d, acc + 3 * r);
+      cur[j] = s;
+    }
+    for (int64_t r = 0; r < nb; ++r) {
+      int64_t q[3];
+      for (int e = 0; e < 3; ++e) q[e] = _mm512_reduce_add_epi32(_mm512_loadu_si512(acc + 3 * r + e)) - 128 * xd.sum[e];
+      double dot = static_cast<double>(q[0] + 256 * q[1] + 65536 * q[2]) * xd.qs;
+      StoreOut(elt, y, n + r, static_cast<float>(dot) * scales[n + r]);
+    }
+    n += nb;
+    if (n == tile_end && n < g.c)
+      for (int64_t j = 0; j < g.gc; ++j) cur[j] = g.offsets[(n / g.tr) * g.gc + j];
+  }
+  return true;
 }
 
 inline bool RowDot(Packed P, RowCursor& cur, const void* packed, const float* x, float* out) {

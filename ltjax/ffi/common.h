@@ -26,6 +26,9 @@ namespace ffi = xla::ffi;
 #define LTJAX_AVX2 __attribute__((target("avx2,fma,f16c,bmi,bmi2,popcnt")))
 #define LTJAX_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,fma,f16c,bmi,bmi2,popcnt")))
+#define LTJAX_AVX512_VNNI \
+  __attribute__((target("avx512vnni,avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,fma,f16c,bmi,bmi2,popcnt")))
+#define LTJAX_INLINE inline __attribute__((always_inline))
 
 // ---------------------------------------------------------------- CPU level (runtime dispatch)
 enum class Isa : int { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -45,6 +48,16 @@ inline Isa DetectIsa() {
 inline Isa CurrentIsa() {
   static const Isa isa = DetectIsa();
   return isa;
+}
+
+// AVX-512 VNNI (vpdpbusd) on top of the AVX-512 level: the M = 1 bitmask_int8 GEMV then runs
+// in exact integer arithmetic (bitmask_rows.h, XDigits). LTJAX_FFI_VNNI=0 turns it off.
+inline bool HasVnni() {
+  static const bool vnni = [] {
+    const char* e = std::getenv("LTJAX_FFI_VNNI");
+    return CurrentIsa() == Isa::kAvx512 && __builtin_cpu_supports("avx512vnni") && !(e && std::string(e) == "0");
+  }();
+  return vnni;
 }
 
 // ---------------------------------------------------------------- thread pool
@@ -308,6 +321,14 @@ inline ffi::Error MakeGeometry(const ffi::AnyBuffer& mask, const ffi::AnyBuffer&
   return ffi::Error::Success();
 }
 
+// Set mask bits of row n in tile column j (`wpt` mask words per tile column).
+inline int64_t SpanCount(const BitmaskGeometry& g, int64_t n, int64_t j, int64_t wpt) {
+  const uint32_t* mrow = g.mask + n * g.w;
+  int64_t w0 = j * wpt, w1 = std::min(g.w, w0 + wpt), c = 0;
+  for (int64_t w = w0; w < w1; ++w) c += __builtin_popcount(w == g.w - 1 ? (mrow[w] & g.last_word) : mrow[w]);
+  return c;
+}
+
 // Walks the rows of a bitmask matrix from any starting row, tracking where each tile column's
 // packed values continue. Every span it hands out is checked against [0, nnz) before any
 // value is read: damaged offsets or masks give an error, never an out-of-bounds read.
@@ -322,52 +343,44 @@ class RowCursor {
   }
   // Calls f(word, mask_bits, packed_start) for every mask word of the current row, in order,
   // then moves to the next row. Returns false (calling nothing more) on inconsistent data.
+  // (always_inline here and in Spans: the kernels calling these are compiled for AVX-512/AVX2,
+  // and GCC inlines their lambdas only once the walk itself sits inside the kernel; called out
+  // of line, each lambda call kept the kernel's accumulators in memory: 1.4x slower at M = 1.)
   template <class F>
-  bool Row(F&& f) {
-    const uint32_t* mrow = g_.mask + row_ * g_.w;
-    for (int64_t j = 0; j < g_.gc; ++j) {
-      int64_t s = cur_[j], cnt = Count(row_, j);
-      if (s < 0 || s + cnt > g_.nnz) return false;
-      int64_t w0 = j * wpt_, w1 = std::min(g_.w, w0 + wpt_);
+  LTJAX_INLINE bool Row(F&& f) {
+    return Spans([&](const uint32_t* mrow, int64_t w0, int64_t w1, int64_t s) {
       for (int64_t w = w0; w < w1; ++w) {
         uint32_t m = w == g_.w - 1 ? (mrow[w] & g_.last_word) : mrow[w];
         f(w, m, s);
         s += __builtin_popcount(m);
       }
-      cur_[j] = s;
-    }
-    ++row_;
-    if (row_ % g_.tr == 0 && row_ < g_.c) Reset(row_);
-    return true;
+      return s;
+    });
   }
   // Like Row, but calls f(mask_row, w0, w1, packed_start) once per tile column (mask words
-  // [w0, w1) of the current row; the caller masks word words() - 1 with last_word()), after
-  // the same bounds check, so a kernel can consume several mask words per step.
+  // [w0, w1) of the current row; the caller masks word words() - 1 with last_word()), so a
+  // kernel can consume several mask words per step. f returns where its packed values ended.
+  // Before f runs, the span is checked against [0, nnz): cheaply by its largest possible
+  // count (32 per word), by its exact popcount only within that distance of the end.
   template <class F>
-  bool Spans(F&& f) {
+  LTJAX_INLINE bool Spans(F&& f) {
     const uint32_t* mrow = g_.mask + row_ * g_.w;
     for (int64_t j = 0; j < g_.gc; ++j) {
-      int64_t s = cur_[j], cnt = Count(row_, j);
-      if (s < 0 || s + cnt > g_.nnz) return false;
-      int64_t w0 = j * wpt_, w1 = std::min(g_.w, w0 + wpt_);
-      f(mrow, w0, w1, s);
-      cur_[j] = s + cnt;
+      int64_t s = cur_[j], w0 = j * wpt_, w1 = std::min(g_.w, w0 + wpt_);
+      if (s < 0 || (s + 32 * (w1 - w0) > g_.nnz && s + Count(row_, j) > g_.nnz)) return false;
+      cur_[j] = f(mrow, w0, w1, s);
     }
     ++row_;
     if (row_ % g_.tr == 0 && row_ < g_.c) Reset(row_);
     return true;
   }
   int64_t row() const { return row_; }
+  int64_t next(int64_t j) const { return cur_[j]; }  // where tile column j's values continue
   int64_t words() const { return g_.w; }
   uint32_t last_word() const { return g_.last_word; }
 
  private:
-  int64_t Count(int64_t n, int64_t j) const {
-    const uint32_t* mrow = g_.mask + n * g_.w;
-    int64_t w0 = j * wpt_, w1 = std::min(g_.w, w0 + wpt_), c = 0;
-    for (int64_t w = w0; w < w1; ++w) c += __builtin_popcount(w == g_.w - 1 ? (mrow[w] & g_.last_word) : mrow[w]);
-    return c;
-  }
+  int64_t Count(int64_t n, int64_t j) const { return SpanCount(g_, n, j, wpt_); }
   void Reset(int64_t row) {
     int64_t i = std::min(row / g_.tr, g_.gr - 1);
     for (int64_t j = 0; j < g_.gc; ++j) cur_[j] = g_.offsets[i * g_.gc + j];

@@ -58,11 +58,14 @@ PyObject* IsaName(PyObject*, PyObject*) {
   }
 }
 
+PyObject* Vnni(PyObject*, PyObject*) { return PyBool_FromLong(ltjax::HasVnni()); }
+
 PyObject* NumThreads(PyObject*, PyObject*) { return PyLong_FromLong(ltjax::Pool::Get().size()); }
 
 PyMethodDef kMethods[] = {
     {"targets", Targets, METH_NOARGS, "dict: FFI target name -> PyCapsule of its XLA FFI handler"},
     {"isa", IsaName, METH_NOARGS, "instruction set chosen at run time: 'avx512', 'avx2' or 'none'"},
+    {"vnni", Vnni, METH_NOARGS, "whether the M = 1 bitmask_int8 GEMV uses AVX-512 VNNI (integer digits of x)"},
     {"num_threads", NumThreads, METH_NOARGS, "threads of the handlers' pool (caller included)"},
     {nullptr, nullptr, 0, nullptr},
 };
