@@ -5,7 +5,9 @@
 
 Prints one table row per (size, M, candidate): median latency, GB/s of weight bytes read,
 and the ratio to XLA's f32 dot measured in the same round-robin. Candidates are timed in
-interleaved rounds (one call each per round), so load from other processes hits them alike.
+interleaved rounds (one call each per round, a fresh random order each round), so load from
+other processes hits them alike; the two slow references (XLA's bf16 dot, the naive
+decompress-then-dot) in a round-robin of their own with the f32 dot (`group`; see HEAVY below).
 The main ones are also timed in bursts of consecutive calls (`burst_*` fields: the steady
 state of a decode loop; see BURST below and docs/ffi.md "bitmask_int8 at M = 1").
 """
@@ -55,6 +57,15 @@ def _timeit_round_robin(fns: dict, args: dict, seconds: float, min_rounds: int =
             break
     return times
 
+
+# Candidates many times slower than the f32 dot that leave the machine busy behind them (the
+# naive path writes a 64 MiB f32 temp, ~75 ms at 4096^2; XLA's bf16 dot on CPU takes ~16 ms) are
+# timed in a round-robin of their own, with the f32 dot as their same-run baseline. In one shared
+# shuffle, whatever ran after them paid a roughly fixed cost of theirs (measured at 4096^2, M = 1:
+# bitmask_int8 0.36-0.42 ms after the light candidates, 0.91 ms after the bf16 dot, 1.39 ms after
+# the naive path; docs/ffi.md "Benchmark method"): a cost that weighs ~4x more on a 0.4 ms kernel
+# than on a 1.6 ms dot, and that a decode loop never pays.
+HEAVY = ("xla_bf16_dot", "naive_int8_decompress")
 
 # Candidates also timed in bursts (the steady state of a decode loop, where the same kernel runs
 # layer after layer with the pool's worker awake): BURST consecutive calls per candidate, bursts
@@ -145,14 +156,18 @@ def run(sizes, ms, seconds: float) -> list[dict]:
         args["ffi_int8_bf16x"] = (xb, ct8)
         weight_bytes["ffi_int8_bf16x"] = weight_bytes["ffi_int8"]
 
-        times = _timeit_round_robin(fns, args, seconds)
+        light = {c: f for c, f in fns.items() if c not in HEAVY}
+        heavy = {c: fns[c] for c in ("xla_f32_dot", *HEAVY)}
+        groups = {"main": _timeit_round_robin(light, args, seconds),
+                  "heavy": _timeit_round_robin(heavy, args, seconds / 2, min_rounds=10)}
         bursts = _timeit_bursts({c: fns[c] for c in BURST_CANDIDATES}, args, seconds)
-        base = statistics.median(times["xla_f32_dot"])
         burst_base = statistics.median(bursts["xla_f32_dot"])
-        for name, ts in times.items():
+        timed = [(g, name, ts) for g, t in groups.items() for name, ts in t.items() if g == "main" or name in HEAVY]
+        for group, name, ts in timed:
+            base = statistics.median(groups[group]["xla_f32_dot"])
             med = statistics.median(ts)
             row = {
-                "K": k, "N": n, "M": m, "candidate": name,
+                "K": k, "N": n, "M": m, "candidate": name, "group": group,
                 "median_us": med * 1e6,
                 "p10_us": float(np.percentile(ts, 10)) * 1e6,
                 "runs": len(ts),
@@ -193,6 +208,7 @@ def main(argv=None) -> None:
         "cpu_count": os.cpu_count(),
         "ffi": lffi.info(),
         "note": "2 shared CPU cores: other processes may run; candidates interleaved round-robin, medians; "
+        f"group 'heavy': {', '.join(HEAVY)} timed in their own round-robin with the f32 dot as baseline; "
         f"burst_*: {BURST} consecutive calls per candidate (first dropped), bursts shuffled",
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
