@@ -189,7 +189,7 @@ def run(sizes, ms, seconds: float) -> list[dict]:
         burst_base = statistics.median(bursts["xla_f32_dot"])
         cold = _timeit_cold({c: fns[c] for c in BURST_CANDIDATES}, args)
         cold_base = statistics.median(cold["xla_f32_dot"])
-        timed = [(g, name, ts) for g, t in groups.items() for name, ts in t.items() if g == "main" or name in HEAVY]
+        timed = [("main", c, ts) for c, ts in groups["main"].items()] + [("heavy", c, groups["heavy"][c]) for c in HEAVY]
         for group, name, ts in timed:
             base = statistics.median(groups[group]["xla_f32_dot"])
             med = statistics.median(ts)
