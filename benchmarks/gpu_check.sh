@@ -1,36 +1,45 @@
 #!/usr/bin/env bash
-# One prepared GPU check: Pallas kernel tests run natively (interpret=False), then the matmul
-# benchmark at K = N = 8192; writes OUTDIR/gpu_check.json (device, jax version, commit, test
-# summary, benchmark rows) beside the raw logs.
+# One prepared GPU check: Pallas kernel and op tests run natively (interpret=False), the matmul
+# and unpack benchmark at K = N = 8192, then a block-size sweep of the fused kernels; writes
+# OUTDIR/gpu_check.json (device, jax version, commit, test summary, benchmark and sweep rows)
+# beside the raw logs.
 #
 #   benchmarks/gpu_check.sh OUTDIR
 #
 # Runs from the source tree (PYTHONPATH=.) under a preinstalled jax with the CUDA plugin, no
-# network. Budget: tests <= 180 s, benchmark <= 240 s (well under 8 minutes in all).
+# network. Each stage has its own time limit (tests 170 s, benchmark 210 s, sweep 100 s; under
+# 8 minutes in all) and the benchmarks rewrite their JSON after every row, so a stage cut short
+# still reports what it measured.
 # Knobs for a smoke run elsewhere: GPU_CHECK_SIZES (default 8192), GPU_CHECK_MS (default
-# "1 4 16 64"), GPU_CHECK_REPS (default 30), PYTHON (default python).
+# "1 4 16 64"), GPU_CHECK_REPS (default 20), GPU_CHECK_SWEEP_S (default 90), PYTHON (default python).
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
 export LTJAX_PALLAS_INTERPRET=0
 PY=${PYTHON:-python}
 SIZES=${GPU_CHECK_SIZES:-8192}
 MS=${GPU_CHECK_MS:-1 4 16 64}
-REPS=${GPU_CHECK_REPS:-30}
+REPS=${GPU_CHECK_REPS:-20}
+SWEEP_S=${GPU_CHECK_SWEEP_S:-90}
 START=$(date +%s)
 
 echo "== device"
-"$PY" -c "import jax; print(jax.__version__, jax.default_backend(), jax.devices())" 2>&1 | tee "$OUT/device.log"
+{ nvidia-smi -L 2>&1 | head -2
+  "$PY" -c "import jax; print(jax.__version__, jax.default_backend(), jax.devices())" 2>&1; } | tee "$OUT/device.log"
 
-echo "== Pallas kernel tests, native (LTJAX_PALLAS_INTERPRET=0)"
+echo "== Pallas kernel and op tests, native (LTJAX_PALLAS_INTERPRET=0)"
 shopt -s nullglob
 TESTS=(tests/test_pallas*.py)
+PAR=()
+# Several pytest workers share the one GPU: no preallocation, and compiles (CPU-bound) overlap.
+if "$PY" -c "import xdist" 2>/dev/null; then PAR=(-n 6); fi
 if [ ${#TESTS[@]} -gt 0 ]; then
-  timeout 180 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}" tests/test_ops.py \
-    --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 170 "$PY" -m pytest -q -p no:cacheprovider "${PAR[@]}" \
+    "${TESTS[@]}" tests/test_ops.py --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
   TEST_RC=$?
 else
   echo "no tests/test_pallas*.py in this tree" > "$OUT/tests.log"
@@ -41,16 +50,24 @@ TEST_END=$(date +%s)
 
 echo "== benchmark K=N=$SIZES M=$MS"
 # shellcheck disable=SC2086
-timeout 240 "$PY" -m benchmarks.matmul --sizes $SIZES --ms $MS --reps "$REPS" \
+timeout 210 "$PY" -m benchmarks.matmul --sizes $SIZES --ms $MS --reps "$REPS" \
   --out "$OUT/matmul_bench.json" --note "gpu_check.sh" 2>&1 | tee "$OUT/bench.log"
 BENCH_RC=${PIPESTATUS[0]}
+BENCH_END=$(date +%s)
+
+echo "== block-size sweep (${SWEEP_S} s)"
+timeout $((SWEEP_S + 10)) "$PY" -m benchmarks.pallas_sweep --budget "$SWEEP_S" --reps "$REPS" \
+  --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
+SWEEP_RC=$?
+tail -2 "$OUT/sweep.log"
 END=$(date +%s)
 
-"$PY" - "$OUT" "$TEST_RC" "$BENCH_RC" "$START" "$TEST_END" "$END" <<'PYEOF'
+"$PY" - "$OUT" "$TEST_RC" "$BENCH_RC" "$SWEEP_RC" "$START" "$TEST_END" "$BENCH_END" "$END" <<'PYEOF'
 import json, os, subprocess, sys
 import xml.etree.ElementTree as ET
 
-out, test_rc, bench_rc, t0, t1, t2 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *map(int, sys.argv[4:7])
+out = sys.argv[1]
+test_rc, bench_rc, sweep_rc, t0, t1, t2, t3 = map(int, sys.argv[2:9])
 
 def commit():
     try:
@@ -76,13 +93,14 @@ if os.path.exists(xml):
     tests["failed"] = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
                        if c.find("failure") is not None or c.find("error") is not None]
 bench_path = os.path.join(out, "matmul_bench.json")
-bench = json.load(open(bench_path)) if os.path.exists(bench_path) else None
+load = lambda p: json.load(open(p)) if os.path.exists(p) else None
+bench, sweep = load(bench_path), load(os.path.join(out, "sweep.json"))
 result = dict(device=device, backend=backend, jax_version=jax_version, commit=commit(),
               env={"LTJAX_PALLAS_INTERPRET": os.environ.get("LTJAX_PALLAS_INTERPRET")},
-              seconds={"tests": t1 - t0, "benchmark": t2 - t1},
-              tests=tests, benchmark_rc=bench_rc, benchmark=bench)
+              seconds={"tests": t1 - t0, "benchmark": t2 - t1, "sweep": t3 - t2},
+              tests=tests, benchmark_rc=bench_rc, benchmark=bench, sweep_rc=sweep_rc, sweep=sweep)
 with open(os.path.join(out, "gpu_check.json"), "w") as f:
     json.dump(result, f, indent=1)
 print(f"wrote {os.path.join(out, 'gpu_check.json')}: device={device} jax={jax_version} "
-      f"tests_rc={test_rc} bench_rc={bench_rc}")
+      f"tests_rc={test_rc} bench_rc={bench_rc} sweep_rc={sweep_rc}")
 PYEOF
