@@ -25,7 +25,6 @@ written for all three.
 
 from __future__ import annotations
 
-import argparse
 
 import jax
 import jax.numpy as jnp
