@@ -1,9 +1,9 @@
 """Block-size sweep of the fused Pallas matmul kernels on a GPU: the data behind `TUNED_BLOCK_SIZES`.
 
-For each kernel (int8, bitmask_int8 at 50% sparsity), M and candidate `BlockSizes` it times a
-jitted chain of ``--layers`` forward matmuls over distinct weight copies (as
-`benchmarks.matmul` does) with bf16 activations, and checks each candidate's output against
-the tuned configuration's. Rows are written to the JSON as they are measured; ``--budget``
+For each kernel (fused int8 and bitmask_int8 matmul, the unpack kernels), M, activation
+dtype and candidate `BlockSizes` it times a jitted chain of ``--layers`` forward matmuls over
+distinct weight copies (as `benchmarks.matmul` does), or ``--layers`` unpacks, and checks
+each candidate's output against the tuned configuration's. Rows are written to the JSON as they are measured; ``--budget``
 seconds bounds the whole sweep (candidates left when it runs out are listed as skipped).
 
     PYTHONPATH=. python -m benchmarks.pallas_sweep --out OUT.json        # GPU only
@@ -24,18 +24,38 @@ from ltjax._format import pack
 from ltjax.pallas import BlockSizes
 
 B = BlockSizes
-# (codec, sparsity, M) -> candidates; None is the tuned table's choice.
+# (kernel, codec, sparsity, M, activation dtype) -> candidates; None is the tuned table's choice.
+# A block_m >= 8 is the tl.dot path (M padded to 16), below it the broadcast multiply-reduce;
+# M = 1 and M = 16 run the same dot-path kernel, so most dot-path candidates are timed at M = 16.
 CANDIDATES = {
-    ("int8", 0.0, 1): [None, B(1, 32, 256, 1, 4, 3), B(1, 8, 512, 1, 4, 3), B(1, 16, 512, 1, 8, 3),
-                       B(1, 32, 128, 1, 4, 4), B(1, 64, 128, 1, 8, 3), B(1, 8, 256, 1, 2, 3), B(1, 4, 1024, 1, 4, 2)],
-    ("int8", 0.0, 16): [None, B(16, 64, 128, 1, 4, 3), B(16, 32, 256, 1, 4, 3), B(16, 16, 256, 1, 4, 4),
-                        B(16, 64, 256, 1, 8, 3), B(16, 128, 128, 1, 8, 3), B(16, 32, 128, 1, 4, 5)],
-    ("bitmask_int8", 0.5, 1): [None, B(1, 8, 256, 0, 4, 1), B(1, 32, 256, 0, 4, 1), B(1, 32, 256, 0, 8, 1),
-                               B(1, 16, 256, 0, 2, 1), B(1, 64, 256, 0, 8, 1), B(1, 16, 128, 0, 4, 1),
-                               B(1, 16, 256, 16, 4, 1)],
-    ("bitmask_int8", 0.5, 16): [None, B(16, 32, 256, 0, 4, 1), B(16, 8, 256, 0, 4, 1), B(16, 16, 256, 0, 8, 1),
-                                B(16, 32, 256, 0, 8, 1), B(16, 16, 128, 0, 4, 1)],
+    ("int8_matmul", "int8", 0.0, 16, "bfloat16"): [
+        None, B(16, 64, 256, 2, 8, 3), B(16, 64, 256, 4, 8, 3), B(16, 64, 256, 2, 4, 3), B(16, 64, 256, 2, 8, 4),
+        B(16, 32, 256, 2, 4, 3), B(16, 32, 256, 4, 4, 3), B(16, 32, 512, 2, 4, 3), B(16, 32, 512, 4, 8, 3),
+        B(16, 64, 512, 2, 8, 3), B(16, 64, 512, 1, 8, 3), B(16, 128, 256, 2, 8, 3), B(16, 128, 256, 4, 8, 3),
+        B(16, 128, 128, 4, 8, 4), B(16, 64, 128, 4, 4, 4), B(16, 32, 128, 8, 4, 4), B(16, 64, 256, 8, 8, 3),
+        B(16, 16, 512, 2, 4, 3), B(16, 128, 512, 2, 8, 3), B(16, 64, 512, 2, 8, 4), B(16, 128, 256, 2, 8, 4),
+        B(16, 32, 1024, 4, 4, 3), B(16, 64, 256, 2, 4, 5)],
+    ("int8_matmul", "int8", 0.0, 1, "bfloat16"): [None, B(16, 64, 256, 2, 8, 3), B(1, 4, 1024, 1, 4, 2)],
+    ("int8_matmul", "int8", 0.0, 16, "float32"): [None, B(16, 64, 256, 2, 8, 3), B(16, 32, 256, 2, 4, 3),
+                                                  B(16, 64, 128, 2, 8, 3)],
+    ("int8_matmul", "int8", 0.0, 64, "bfloat16"): [None, B(64, 64, 128, 2, 8, 3), B(64, 64, 256, 2, 8, 3),
+                                                   B(64, 128, 128, 2, 8, 3), B(64, 32, 256, 2, 4, 3),
+                                                   B(64, 64, 64, 4, 4, 4)],
+    ("bitmask_matmul", "bitmask_int8", 0.5, 16, "bfloat16"): [
+        None, B(16, 16, 256, 0, 2, 1), B(16, 32, 256, 0, 4, 1), B(16, 8, 256, 0, 2, 1), B(16, 16, 256, 0, 8, 1),
+        B(16, 32, 256, 0, 8, 2), B(16, 16, 128, 0, 4, 1), B(16, 64, 256, 0, 8, 1)],
+    ("bitmask_matmul", "bitmask_int8", 0.5, 1, "bfloat16"): [None, B(1, 16, 256, 0, 2, 1)],
+    ("bitmask_unpack_t", "bitmask_int8", 0.5, 0, "float32"): [
+        None, B(1, 16, 256, 0, 4, 1), B(1, 64, 256, 0, 8, 1), B(1, 32, 256, 0, 8, 1), B(1, 32, 128, 0, 4, 1),
+        B(1, 64, 128, 0, 4, 1), B(1, 16, 256, 0, 2, 1)],
+    ("bitmask_unpack", "bitmask_int8", 0.5, 0, "float32"): [None],
+    ("int8_dequant_t", "int8", 0.0, 0, "float32"): [
+        None, B(1, 32, 128, 1, 4, 1), B(1, 128, 64, 1, 4, 1), B(1, 64, 256, 1, 8, 1), B(1, 128, 128, 1, 8, 1),
+        B(1, 32, 256, 1, 4, 1)],
+    ("int8_dequant", "int8", 0.0, 0, "float32"): [None],
 }
+UNPACK = {"bitmask_unpack": (lp.bitmask_unpack, False), "bitmask_unpack_t": (lp.bitmask_unpack, True),
+          "int8_dequant": (lp.int8_dequant, False), "int8_dequant_t": (lp.int8_dequant, True)}
 
 
 def bs_dict(bs: BlockSizes) -> dict:
@@ -59,32 +79,42 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     rows, skipped = [], []
     save = lambda complete: _common.write_json(a.out, _common.result(
-        "pallas_sweep", a.quick, complete=complete, size=size, layers=layers, reps=reps, x_dtype="bfloat16",
+        "pallas_sweep", a.quick, complete=complete, size=size, layers=layers, reps=reps,
+        GBps_counts="matmul rows: compressed weight bytes; unpack rows (M = 0): weight bytes + f32 output bytes",
         rows=rows, skipped=skipped))
     cts_of = {}
-    for (codec, sparsity, m), cands in CANDIDATES.items():
+    interpret = None if a.quick else False
+    for (kernel, codec, sparsity, m, xdt), cands in CANDIDATES.items():
         if (codec, sparsity) not in cts_of:
             cts_of.clear()  # one weight set on the device at a time
             cts_of[(codec, sparsity)] = replicate(jax.device_put(pack(make_weight(rng, size, size, sparsity), codec)),
                                                   layers)
         cts = cts_of[(codec, sparsity)]
-        x = jnp.asarray(rng.standard_normal((m, size), dtype=np.float32)).astype(jnp.bfloat16)
+        x = jnp.asarray(rng.standard_normal((max(m, 1), size), dtype=np.float32)).astype(xdt)
         ref = None
         for bs in cands[:2] if a.quick else cands:
             tuned = bs is None
             if tuned:
-                bs = lp.get_block_sizes("int8_matmul" if codec == "int8" else "bitmask_matmul", m, x.dtype)
+                bs = lp.get_block_sizes(kernel, max(m, 1), x.dtype)
+            row = dict(kernel=kernel, codec=codec, sparsity=sparsity, M=m, x_dtype=xdt, K=size, N=size, tuned=tuned,
+                       **bs_dict(bs))
             if time.monotonic() > t_end:
-                skipped.append(dict(codec=codec, M=m, **bs_dict(bs)))
+                skipped.append(row)
                 continue
-            f = chain(lambda y, ct, bs=bs: lp.matmul(y, ct, interpret=False if not a.quick else None,
-                                                     block_sizes=bs))
-            row = dict(codec=codec, sparsity=sparsity, M=m, K=size, N=size, tuned=tuned, **bs_dict(bs))
+            if kernel in UNPACK:
+                fn, transposed = UNPACK[kernel]
+                f = jax.jit(lambda cs, fn=fn, transposed=transposed, bs=bs: [
+                    fn(c, interpret=interpret, transposed=transposed, block_sizes=bs) for c in cs])
+                args, moved = (cts,), cts[0].nbytes + size * size * 4
+            else:
+                f = chain(lambda y, ct, bs=bs: lp.matmul(y, ct, interpret=interpret, block_sizes=bs))
+                args, moved = (x, cts), cts[0].nbytes
             try:
-                out = f(x, cts)
+                out = f(*args)
+                out = out[0] if isinstance(out, list) else out
                 ref = out if tuned else ref
-                t = _common.median_time(lambda: f(x, cts), reps=reps) / layers
-                row.update(t_us=t * 1e6, weight_GBps=cts[0].nbytes / t / 1e9,
+                t = _common.median_time(lambda: f(*args), reps=reps) / layers
+                row.update(t_us=t * 1e6, GBps=moved / t / 1e9,
                            rel_diff_vs_tuned=rel_diff(out, ref) if ref is not None else None)
             except Exception as e:  # a candidate that fails to compile is a finding, not the end of the sweep
                 row.update(error=f"{type(e).__name__}: {str(e)[:300]}")

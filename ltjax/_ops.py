@@ -288,6 +288,11 @@ def _chunks(n: int, rows: int) -> tuple[int, int, int]:
     return n // rows, rows, n % rows
 
 
+# The XLA path's contractions are f32 by contract: on GPU a plain f32 dot runs in TF32 (about
+# 1e-3 relative), ten times the error budget the codecs are measured against.
+_F32 = lax.Precision.HIGHEST
+
+
 def _xla_acc(x2: jax.Array, ct: CompressedTensor) -> jax.Array:
     """f32 ``[M, N]``: ``x2 @ W^T`` over the unscaled storage rows (the shape-dependent forms)."""
     (n, k), m = ct.header.storage_shape, x2.shape[0]
@@ -296,7 +301,7 @@ def _xla_acc(x2: jax.Array, ct: CompressedTensor) -> jax.Array:
     if m == 1:  # x as 1-D: a [1, K] broadcast is the 100x cliff
         w = _decode_rows(ct, base, 0, n)
         if n * k <= _LOOP_DOT_MAX_ELEMENTS and ct.codec in ("raw", "int8"):
-            return (xf[0] @ w.T)[None, :]  # emitted as one 2-thread loop fusion, no temp
+            return jnp.matmul(xf[0], w.T, precision=_F32)[None, :]  # one 2-thread loop fusion, no temp
         return jnp.sum(w * xf[0][None, :], axis=-1)[None, :]
     if m <= _VMAP_MAX_M:
         return jnp.sum(_decode_rows(ct, base, 0, n)[None, :, :] * xf[:, None, :], axis=-1)
@@ -305,12 +310,13 @@ def _xla_acc(x2: jax.Array, ct: CompressedTensor) -> jax.Array:
 
     def step(i):
         w = _decode_rows(ct, base, i * rows, rows)  # (rows, K)
-        return lax.dot_general(xf, w, dims, preferred_element_type=jnp.float32)  # (M, rows)
+        return lax.dot_general(xf, w, dims, precision=_F32, preferred_element_type=jnp.float32)  # (M, rows)
 
     out = lax.map(step, jnp.arange(nb, dtype=jnp.int32))  # (nb, M, rows)
     out = jnp.transpose(out, (1, 0, 2)).reshape(m, nb * rows)
     if rem:
-        tail = lax.dot_general(xf, _decode_rows(ct, base, nb * rows, rem), dims, preferred_element_type=jnp.float32)
+        tail = lax.dot_general(xf, _decode_rows(ct, base, nb * rows, rem), dims, precision=_F32,
+                               preferred_element_type=jnp.float32)
         out = jnp.concatenate([out, tail], axis=1)
     return out
 
@@ -327,13 +333,14 @@ def _xla_matmul_t(dy2: jax.Array, ct: CompressedTensor) -> jax.Array:
     def step(acc, i):
         w = _decode_rows(ct, base, i * rows, rows)  # (rows, K)
         gi = lax.dynamic_slice_in_dim(g, i * rows, rows, 1)  # (M, rows)
-        return acc + jnp.dot(gi, w, preferred_element_type=jnp.float32), None
+        return acc + jnp.dot(gi, w, precision=_F32, preferred_element_type=jnp.float32), None
 
     acc = jnp.zeros((m, k), jnp.float32)
     if nb:
         acc, _ = lax.scan(step, acc, jnp.arange(nb, dtype=jnp.int32))
     if rem:
-        acc = acc + jnp.dot(g[:, nb * rows :], _decode_rows(ct, base, nb * rows, rem), preferred_element_type=jnp.float32)
+        acc = acc + jnp.dot(g[:, nb * rows :], _decode_rows(ct, base, nb * rows, rem), precision=_F32,
+                            preferred_element_type=jnp.float32)
     return acc
 
 
@@ -414,7 +421,7 @@ def _matmul2_bwd(cfg, res, dy):
     dyf, xf = dy.astype(jnp.float32), x2.astype(jnp.float32)
     cots: dict[str, Any] = {}
     if ct.codec == "raw":  # dW^T = dy^T x, dense because the weight is
-        cots["values"] = lax.dot_general(dyf, xf, (((0,), (0,)), ((), ()))).astype(ct.values.dtype)
+        cots["values"] = lax.dot_general(dyf, xf, (((0,), (0,)), ((), ())), precision=_F32).astype(ct.values.dtype)
     elif ct.codec == "bitmask":
         rows, cols = packed_positions(ct)
         cots["values"] = jnp.sum(jnp.take(dyf, rows, axis=1) * jnp.take(xf, cols, axis=1), axis=0).astype(

@@ -168,7 +168,8 @@ def test_dispatch_cpu_default():
     assert _ops._choose_impl(rand((1, 64)), ct, "xla").impl == "xla"
 
 
-def test_fallback_to_reference_is_logged_once(caplog):
+def test_fallback_to_reference_is_logged_once(caplog, monkeypatch):
+    monkeypatch.setattr(_ops, "_pallas", None)  # on a GPU the kernels would take this axis=0 weight
     ct = pack(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32), "int8", axis=0)
     x = rand((2, 64))
     _ops._logged_reasons.clear()
@@ -204,7 +205,8 @@ def _fake_kernels(calls):
 
     def matmul_t(dy2, ct, **kw):
         calls.append(("matmul_t", kw))
-        return (dy2.astype(jnp.float32) @ decompress_reference(ct).astype(jnp.float32).T).astype(dy2.dtype)
+        w = decompress_reference(ct).astype(jnp.float32)
+        return jnp.matmul(dy2.astype(jnp.float32), w.T, precision=jax.lax.Precision.HIGHEST).astype(dy2.dtype)
 
     return types.SimpleNamespace(can_use_pallas=lambda x, ct, **kw: True, why_not_pallas=lambda x, ct, **kw: None,
                                  can_use_ffi=lambda x, ct: True,
@@ -216,6 +218,8 @@ def _fake_kernels(calls):
 def test_dispatch_to_kernel_modules(monkeypatch, which):
     calls = []
     monkeypatch.setattr(_ops, "_" + which, _fake_kernels(calls))
+    if which == "ffi":  # the FFI predicate also requires the CPU backend; the fake runs anywhere
+        monkeypatch.setattr(_ops, "_backend", lambda: "cpu")
     ct = make_ct("bitmask_int8", 70, 45, (16, 32))
     x = rand((3, 70))
     gx, gct = _grads(lambda x, ct: ltjax.matmul(x, ct, impl=which), x, ct)

@@ -17,6 +17,7 @@ import pytest
 from ltjax._format import decompress_reference, decode_storage, pack
 from ltjax import pallas as lp
 from ltjax.pallas import BlockSizes
+from ltjax.pallas._config import fit_block_m
 
 INTERPRET = lp.resolve_interpret(None)
 TOL = {jnp.float32: dict(rtol=2e-5, atol=2e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2),
@@ -36,7 +37,8 @@ def _x(key, shape, dtype):
 
 def _ref_matmul(x, ct, transpose=False):
     w = decompress_reference(ct).astype(jnp.float32)
-    y = x.astype(jnp.float32) @ (w.T if transpose else w)
+    # HIGHEST: on GPU a plain f32 `@` runs in TF32 (~1e-3 relative), far outside the kernels' f32 tolerance.
+    y = jnp.matmul(x.astype(jnp.float32), w.T if transpose else w, precision=jax.lax.Precision.HIGHEST)
     return y.astype(x.dtype)
 
 
@@ -159,6 +161,18 @@ def test_decompress_nd_and_multi_chunk_unpack():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(decode_storage(ct8)))
 
 
+@pytest.mark.parametrize("codec", ["int8", "bitmask_int8", "bitmask"])
+def test_unpack_transposed_output(codec):
+    """The kernels' [K, N] output (what `decompress` uses for a 2-D axis=1 weight) with ragged blocks."""
+    ct = pack(_weight(63, 200, 75), codec, tile=(24, 64))
+    want = np.asarray(decode_storage(ct)).T
+    unpack = lp.int8_dequant if codec == "int8" else lp.bitmask_unpack
+    for bs in (None, BlockSizes(block_n=16, block_k=32)):
+        got = unpack(ct, interpret=INTERPRET, transposed=True, block_sizes=bs)
+        assert got.shape == (200, 75)
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
 # ------------------------------------------------------------------ CUDA lowering (on any host)
 def _lower_cuda(fn, *args):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
@@ -197,7 +211,11 @@ def test_block_sizes_config():
     bs = lp.get_block_sizes("int8_matmul", 1)
     assert hash(bs) == hash(BlockSizes(**{f: getattr(bs, f) for f in BlockSizes.__slots__}))
     assert lp.get_block_sizes("int8_matmul", 5).block_m == 16  # tl.dot path pads M to 16
-    assert lp.get_block_sizes("nope", 3).block_m == 4
+    assert lp.get_block_sizes("int8_matmul", 1).block_m == 16  # batch 1 too
+    assert lp.get_block_sizes("nope", 3).block_m == 16  # the default is a dot-path config
+    assert fit_block_m(BlockSizes(block_m=64), 20).block_m == 32
+    assert fit_block_m(BlockSizes(block_m=4), 3).block_m == 4  # broadcast path: shrunk, never padded
+    assert fit_block_m(BlockSizes(block_m=4), 1).block_m == 1
     keys = [k for k, _ in lp.TUNED_BLOCK_SIZES]
     assert keys == sorted(keys)
     with pytest.raises(ValueError, match="power of 2"):

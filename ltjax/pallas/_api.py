@@ -95,13 +95,16 @@ def matmul_t(dy2, ct: CompressedTensor, *, interpret: bool | None = None, block_
 
 def decompress(ct: CompressedTensor, *, interpret: bool | None = None):
     """The dense logical tensor of ``ct`` (any codec, any shape) via the unpack / dequant kernels."""
+    # A 2-D weight stored channel-major (axis=1: storage [N, K], logical [K, N]) is written
+    # transposed by the kernel itself: the logical tensor, with no transpose pass after it.
+    logical = ct.ndim == 2 and ct.header.axis == 1
     with jax.named_scope("ltjax.pallas.decompress"):
         if ct.codec == "raw":
-            s = ct.values
+            s, logical = ct.values, False
         elif ct.codec == "int8":
-            s = int8_dequant(ct, interpret=interpret)
+            s = int8_dequant(ct, interpret=interpret, transposed=logical)
         elif ct.codec in ("bitmask", "bitmask_int8"):
-            s = bitmask_unpack(ct, interpret=interpret)
+            s = bitmask_unpack(ct, interpret=interpret, transposed=logical)
         else:
             raise ValueError(f"ltjax.pallas.decompress: codec {ct.codec!r} has no kernel")
-        return from_storage(s, ct.header)
+        return s if logical else from_storage(s, ct.header)

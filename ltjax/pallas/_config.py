@@ -14,8 +14,8 @@ INTERPRET_ENV = "LTJAX_PALLAS_INTERPRET"
 # Activation dtypes the matmul kernels take; weights of any `ltjax` dtype decode into them.
 X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
-# Below this many (padded) activation rows the kernels contract with a broadcast
-# multiply-reduce in registers; from here up they pad M to >= 16 and use `tl.dot`.
+# A `BlockSizes.block_m` below this selects the broadcast multiply-reduce in registers; from
+# here up the kernels take the `tl.dot` path, with M padded (masked) to at least 16 rows.
 DOT_MIN_M = 8
 
 
@@ -58,34 +58,30 @@ class BlockSizes:
 
 # Tuned table: (kernel, activation dtype or "*", max M) -> BlockSizes, sorted; looked up by
 # `get_block_sizes`, `DEFAULT_BLOCK_SIZES` where no row covers the call.
-# f32 activations take the IEEE (FMA, not TF32) tl.dot, which needs more registers: their rows
-# are the bf16 ones shrunk (or 8 warps) until the offline compile showed no spills.
-# NOTE: chosen from the offline Triton compile (registers, no spills, sm_80/sm_90) and the
-# memory-bound arithmetic, not yet from a GPU sweep (no GPU in the build environment).
+# Every matmul row takes the `tl.dot` path (block_m >= DOT_MIN_M), batch 1 included: on an H200
+# at K = N = 8192 the broadcast multiply-reduce streamed int8 weights at 0.3-1.1 TB/s (M = 1-4)
+# where the dot path reached 1.6 TB/s (`benchmarks.pallas_sweep`, results/2026-11-27-h200).
+# NOTE: rows are refined from the GPU sweep where one was measured (see that folder); the rest
+# come from the offline Triton compile (registers, no spills, sm_80/sm_90).
 TUNED_BLOCK_SIZES: tuple[tuple[tuple[str, str, int], BlockSizes], ...] = tuple(sorted([
-    (("bitmask_matmul", "*", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_matmul", "*", 4), BlockSizes(block_m=4, block_n=8, block_k=256, split=0, num_warps=4, num_stages=1)),
     (("bitmask_matmul", "*", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul", "float32", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=8, num_stages=1)),
     (("bitmask_matmul", "*", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
     (("bitmask_matmul", "float32", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=1)),
-    (("bitmask_matmul_t", "*", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_matmul_t", "*", 4), BlockSizes(block_m=4, block_n=8, block_k=256, split=0, num_warps=4, num_stages=1)),
     (("bitmask_matmul_t", "*", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul_t", "float32", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=8, num_stages=1)),
     (("bitmask_matmul_t", "*", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
     (("bitmask_matmul_t", "float32", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=1)),
     (("bitmask_unpack", "*", 1 << 30), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_unpack_t", "*", 1 << 30), BlockSizes(block_m=1, block_n=32, block_k=256, split=0, num_warps=4, num_stages=1)),
     (("int8_dequant", "*", 1 << 30), BlockSizes(block_m=1, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
-    (("int8_matmul", "*", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul", "*", 4), BlockSizes(block_m=4, block_n=16, block_k=128, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul", "*", 64), BlockSizes(block_m=16, block_n=32, block_k=128, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul", "float32", 64), BlockSizes(block_m=16, block_n=32, block_k=64, split=1, num_warps=4, num_stages=3)),
+    (("int8_dequant_t", "*", 1 << 30), BlockSizes(block_m=1, block_n=64, block_k=128, split=1, num_warps=4, num_stages=1)),
+    (("int8_matmul", "*", 16), BlockSizes(block_m=16, block_n=64, block_k=256, split=1, num_warps=8, num_stages=3)),
+    (("int8_matmul", "*", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=1, num_warps=8, num_stages=3)),
     (("int8_matmul", "*", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=64, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul", "float32", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=32, split=1, num_warps=8, num_stages=2)),
-    (("int8_matmul_t", "*", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul_t", "*", 4), BlockSizes(block_m=4, block_n=16, block_k=128, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul_t", "*", 64), BlockSizes(block_m=16, block_n=32, block_k=128, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul_t", "*", 16), BlockSizes(block_m=16, block_n=64, block_k=256, split=1, num_warps=8, num_stages=3)),
+    (("int8_matmul_t", "*", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=1, num_warps=8, num_stages=3)),
     (("int8_matmul_t", "*", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=64, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul_t", "float32", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=32, split=1, num_warps=8, num_stages=2)),
 ]))
 DEFAULT_BLOCK_SIZES = BlockSizes()
 
@@ -108,10 +104,15 @@ def get_block_sizes(kernel: str, m: int, dtype=None) -> BlockSizes:
 
 
 def fit_block_m(bs: BlockSizes, m: int) -> BlockSizes:
-    """Shrinks ``block_m`` to the padded row count, and lifts it to 16 on the `tl.dot` path."""
-    bm = min(bs.block_m, next_pow2(m))
-    if bm >= DOT_MIN_M:
-        bm = max(bm, 16)
+    """Fits ``block_m`` to ``m`` rows: a ``block_m >= DOT_MIN_M`` asks for the `tl.dot` path, whose
+    blocks have at least 16 rows (a batch-1 row padded, masked, to 16: on the tensor cores the
+    padding is free, and the dot path streams the weight faster than the broadcast reduce even
+    at M = 1); a smaller ``block_m`` is the broadcast multiply-reduce, shrunk to ``m``'s power of 2.
+    """
+    if bs.block_m >= DOT_MIN_M:
+        bm = max(16, min(bs.block_m, next_pow2(m)))
+    else:
+        bm = min(bs.block_m, next_pow2(m))
     return bs if bm == bs.block_m else dataclasses.replace(bs, block_m=bm)
 
 

@@ -61,27 +61,44 @@ def gather_packed(packed_ref, words: jax.Array, row_start: jax.Array) -> jax.Arr
     absent elements read nothing and come back 0).
     """
     bn, nw = words.shape
-    pc = popc(words)
-    word_base = excl_cumsum(pc, axis=1)  # [bn, nw]
-    bit = lax.broadcasted_iota(jnp.int32, (1, 1, 32), 2)
+    word_start = row_start[:, None] + excl_cumsum(popc(words), axis=1)  # [bn, nw]: per word, not per bit
+    one = jnp.int32(1) << lax.broadcasted_iota(jnp.int32, (1, 1, 32), 2)  # loop-invariant bit masks
     w3 = words[:, :, None]
-    below = popc(w3 & ((jnp.int32(1) << bit) - 1))  # [bn, nw, 32]
-    idx = (row_start[:, None, None] + word_base[:, :, None] + below).reshape(bn, nw * 32)
-    present = ((lax.shift_right_logical(w3, bit) & 1) != 0).reshape(bn, nw * 32)
+    # Per element: an AND, a popcount and an add for the index, an AND and a compare for the mask.
+    idx = (word_start[:, :, None] + popc(w3 & (one - 1))).reshape(bn, nw * 32)
+    present = ((w3 & one) != 0).reshape(bn, nw * 32)
     return plgpu.load(packed_ref.at[idx], mask=present, other=0)
+
+
+def _split_bf16(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """f32 ``a`` as ``hi + mid + lo``, three bf16 terms carrying its 24 significant bits."""
+    hi = a.astype(jnp.bfloat16)
+    r = a - hi.astype(jnp.float32)
+    mid = r.astype(jnp.bfloat16)
+    return hi, mid, (r - mid.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
 def contract(a: jax.Array, b: jax.Array, *, use_dot: bool, transposed: bool) -> jax.Array:
     """f32 ``a [bm, bk] @ b[bn, bk].T`` (``transposed=False``) or ``a [bm, bn] @ b [bn, bk]``.
 
-    ``use_dot``: Triton `tl.dot` (bm >= 16; f32 inputs at IEEE precision, not TF32); else a
-    broadcast multiply-reduce in registers, the right tool for batch-1 decoding.
+    ``a`` holds activations (f32, bf16 or f16), ``b`` decoded weights: int8 codes or float values.
+    ``use_dot``: Triton `tl.dot` on the tensor cores (``bm`` >= 16). Codes are exact in bf16 and
+    f16, so with f32 activations the dot runs as three bf16 dots over ``a``'s hi/mid/lo split:
+    f32-accurate (each product exact, f32 accumulation) at tensor-core speed, where an IEEE f32
+    `tl.dot` runs on the FMA units, 10x slower at M = 16 (H200, 8192², measured). Float weights
+    with f32 activations take the IEEE f32 dot (HIGHEST, not TF32).
+    Else a broadcast multiply-reduce in f32 registers.
     """
     if use_dot:
-        # Plain dot_general (not `plgpu.dot`, which newer JAX drops); HIGHEST -> IEEE f32, not TF32.
-        prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
         dims = (((1,), (0 if transposed else 1,)), ((), ()))
-        return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
+        dot = lambda u, v, prec=None: lax.dot_general(u, v, dims, precision=prec, preferred_element_type=jnp.float32)
+        if b.dtype == jnp.int8 and a.dtype == jnp.float32:
+            bb = b.astype(jnp.bfloat16)
+            hi, mid, lo = _split_bf16(a)
+            return dot(hi, bb) + dot(mid, bb) + dot(lo, bb)
+        b = b.astype(a.dtype)
+        # Plain dot_general (not `plgpu.dot`, which newer JAX drops); HIGHEST -> IEEE f32, not TF32.
+        return dot(a, b, lax.Precision.HIGHEST if a.dtype == jnp.float32 else None)
     a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
     if transposed:
         return (a32[:, :, None] * b32[None, :, :]).sum(axis=1)

@@ -54,7 +54,7 @@ def _bitmask_matmul_kernel(
             def col_chunk(q, st):
                 acc, start = st
                 words = words0 if n_cc == 1 else load_words(mask_ref, r0, r_end, tw0 + q * nwb, tw_end, bn=bn, nw=nwb)
-                vals = gather_packed(packed_ref, words, start).astype(cdt)
+                vals = gather_packed(packed_ref, words, start)
                 c0 = j * tc + q * bk
                 x_ok = mrow_ok[:, None] & ((c0 + iota(bk)) < c_end)[None, :]
                 x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(c0, bk)], mask=x_ok, other=0).astype(cdt)
@@ -119,7 +119,7 @@ def _bitmask_matmul_t_kernel(
                     start, total = tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, r0, r_end, tw0, tw_end,
                                                     bn=bn, nwb=nwb, n_cc=n_cc, words0=None)
                     start = start + row_popcounts(mask_ref, r0, r_end, tw0, tw_end, q, bn=bn, nw=nwb)
-                vals = gather_packed(packed_ref, words, start).astype(cdt)
+                vals = gather_packed(packed_ref, words, start)
                 r_ok = (r0 + iota(bn)) < r_end
                 dy_ok = mrow_ok[:, None] & r_ok[None, :]
                 dy = plgpu.load(dy_ref.at[pl.ds(m0, bm), pl.ds(r0, bn)], mask=dy_ok, other=0).astype(jnp.float32)

@@ -21,8 +21,8 @@ def _bitmask_unpack_kernel(
     packed_ref,  # (nnz,) int8 codes or values, gathered element by element
     offsets_ref,  # (T_r * T_c,) int32
     scales_ref,  # (N,) f32
-    o_ref,  # (N, K) dense storage; written in (block_n, block_k) blocks
-    *, shape, tile, block_sizes, scaled,
+    o_ref,  # (N, K) dense storage, or (K, N) when ``transposed``; written in (block_n, block_k) blocks
+    *, shape, tile, block_sizes, scaled, transposed,
 ):
     (n, k), (tr, tc), bs = shape, tile, block_sizes
     bn, bk = bs.block_n, bs.block_k
@@ -50,8 +50,11 @@ def _bitmask_unpack_kernel(
                 vals = vals.astype(jnp.float32) * scale[:, None]
             c0 = j * tc + q * bk
             c_ok = (c0 + iota(bk)) < c_end
-            plgpu.store(o_ref.at[pl.ds(r0, bn), pl.ds(c0, bk)], vals.astype(o_ref.dtype),
-                        mask=r_ok[:, None] & c_ok[None, :])
+            ok = r_ok[:, None] & c_ok[None, :]
+            if transposed:
+                plgpu.store(o_ref.at[pl.ds(c0, bk), pl.ds(r0, bn)], vals.astype(o_ref.dtype).T, mask=ok.T)
+            else:
+                plgpu.store(o_ref.at[pl.ds(r0, bn), pl.ds(c0, bk)], vals.astype(o_ref.dtype), mask=ok)
             return start + popc(words).sum(axis=1)
 
         if n_cc == 1:
@@ -63,21 +66,23 @@ def _bitmask_unpack_kernel(
     lax.fori_loop(0, pl.cdiv(r_end - rs, bn), row_chunk, jnp.int32(0))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "dtype"))
-def _bitmask_unpack(ct: CompressedTensor, *, interpret: bool, block_sizes: BlockSizes, dtype):
+@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "dtype", "transposed"))
+def _bitmask_unpack(ct: CompressedTensor, *, interpret: bool, block_sizes: BlockSizes, dtype, transposed: bool):
     h = ct.header
     (n, k), tile = h.storage_shape, h.tile
+    out = (k, n) if transposed else (n, k)
     scaled = ct.codec == "bitmask_int8"
     packed = ct.codes if scaled else ct.values
     if n == 0 or k == 0 or packed.shape[0] == 0:
-        return jnp.zeros((n, k), dtype)
+        return jnp.zeros(out, dtype)
     bs = block_sizes
     if bs.block_k % 32:
         raise ValueError(f"block_k={bs.block_k} must be a multiple of 32 (whole mask words)")
     scales = ct.scales if scaled else jnp.ones((n,), jnp.float32)
     return pl.pallas_call(
-        functools.partial(_bitmask_unpack_kernel, shape=(n, k), tile=tile, block_sizes=bs, scaled=scaled),
-        out_shape=jax.ShapeDtypeStruct((n, k), dtype),
+        functools.partial(_bitmask_unpack_kernel, shape=(n, k), tile=tile, block_sizes=bs, scaled=scaled,
+                          transposed=transposed),
+        out_shape=jax.ShapeDtypeStruct(out, dtype),
         grid=h.tile_grid,
         compiler_params=bs.compiler_params(),
         interpret=interpret,
@@ -86,11 +91,16 @@ def _bitmask_unpack(ct: CompressedTensor, *, interpret: bool, block_sizes: Block
 
 
 def bitmask_unpack(ct: CompressedTensor, *, dtype=None, interpret: bool | None = None,
-                   block_sizes: BlockSizes | None = None):
-    """The dense [N, K] storage matrix of a bitmask / bitmask_int8 tensor (``dtype`` default: its own)."""
+                   block_sizes: BlockSizes | None = None, transposed: bool = False):
+    """The dense [N, K] storage matrix of a bitmask / bitmask_int8 tensor (``dtype`` default: its own).
+
+    ``transposed``: its [K, N] transpose, written by the kernel (for a 2-D ``axis=1`` weight,
+    the logical tensor itself, with no transpose pass over the dense output).
+    """
+    kernel = "bitmask_unpack_t" if transposed else "bitmask_unpack"
     return _bitmask_unpack(ct, interpret=_config.resolve_interpret(interpret),
-                           block_sizes=block_sizes or _config.get_block_sizes("bitmask_unpack", 1),
-                           dtype=jnp.dtype(ct.dtype if dtype is None else dtype))
+                           block_sizes=block_sizes or _config.get_block_sizes(kernel, 1),
+                           dtype=jnp.dtype(ct.dtype if dtype is None else dtype), transposed=transposed)
 
 
 def bitmask_unpack_reference(ct: CompressedTensor, *, dtype=None):

@@ -18,8 +18,8 @@ from ltjax.pallas._decode import iota
 def _int8_dequant_kernel(
     codes_ref,  # (N, K) int8 whole; read in (block_n, block_k) blocks
     scales_ref,  # (N,) f32; read in (block_n,) blocks
-    o_ref,  # (N, K); written in (block_n, block_k) blocks
-    *, shape, block_sizes,
+    o_ref,  # (N, K), or (K, N) when ``transposed``; written in (block_n, block_k) blocks
+    *, shape, block_sizes, transposed,
 ):
     (n, k), bs = shape, block_sizes
     bn, bk = bs.block_n, bs.block_k
@@ -28,19 +28,23 @@ def _int8_dequant_kernel(
     ok = r_ok[:, None] & ((c0 + iota(bk)) < k)[None, :]
     codes = plgpu.load(codes_ref.at[pl.ds(r0, bn), pl.ds(c0, bk)], mask=ok, other=0)
     scale = plgpu.load(scales_ref.at[pl.ds(r0, bn)], mask=r_ok, other=0.0)
-    plgpu.store(o_ref.at[pl.ds(r0, bn), pl.ds(c0, bk)],
-                (codes.astype(jnp.float32) * scale[:, None]).astype(o_ref.dtype), mask=ok)
+    vals = (codes.astype(jnp.float32) * scale[:, None]).astype(o_ref.dtype)
+    if transposed:
+        plgpu.store(o_ref.at[pl.ds(c0, bk), pl.ds(r0, bn)], vals.T, mask=ok.T)
+    else:
+        plgpu.store(o_ref.at[pl.ds(r0, bn), pl.ds(c0, bk)], vals, mask=ok)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "dtype"))
-def _int8_dequant(ct: CompressedTensor, *, interpret: bool, block_sizes: BlockSizes, dtype):
+@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "dtype", "transposed"))
+def _int8_dequant(ct: CompressedTensor, *, interpret: bool, block_sizes: BlockSizes, dtype, transposed: bool):
     n, k = ct.header.storage_shape
+    out = (k, n) if transposed else (n, k)
     if n == 0 or k == 0:
-        return jnp.zeros((n, k), dtype)
+        return jnp.zeros(out, dtype)
     bs = block_sizes
     return pl.pallas_call(
-        functools.partial(_int8_dequant_kernel, shape=(n, k), block_sizes=bs),
-        out_shape=jax.ShapeDtypeStruct((n, k), dtype),
+        functools.partial(_int8_dequant_kernel, shape=(n, k), block_sizes=bs, transposed=transposed),
+        out_shape=jax.ShapeDtypeStruct(out, dtype),
         grid=(pl.cdiv(n, bs.block_n), pl.cdiv(k, bs.block_k)),
         compiler_params=bs.compiler_params(),
         interpret=interpret,
@@ -49,11 +53,16 @@ def _int8_dequant(ct: CompressedTensor, *, interpret: bool, block_sizes: BlockSi
 
 
 def int8_dequant(ct: CompressedTensor, *, dtype=None, interpret: bool | None = None,
-                 block_sizes: BlockSizes | None = None):
-    """The dense [N, K] storage matrix of an int8 tensor (``dtype`` default: its own)."""
+                 block_sizes: BlockSizes | None = None, transposed: bool = False):
+    """The dense [N, K] storage matrix of an int8 tensor (``dtype`` default: its own).
+
+    ``transposed``: its [K, N] transpose, written by the kernel (for a 2-D ``axis=1`` weight,
+    the logical tensor itself, with no transpose pass over the dense output).
+    """
+    kernel = "int8_dequant_t" if transposed else "int8_dequant"
     return _int8_dequant(ct, interpret=_config.resolve_interpret(interpret),
-                         block_sizes=block_sizes or _config.get_block_sizes("int8_dequant", 1),
-                         dtype=jnp.dtype(ct.dtype if dtype is None else dtype))
+                         block_sizes=block_sizes or _config.get_block_sizes(kernel, 1),
+                         dtype=jnp.dtype(ct.dtype if dtype is None else dtype), transposed=transposed)
 
 
 def int8_dequant_reference(ct: CompressedTensor, *, dtype=None):

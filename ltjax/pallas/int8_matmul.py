@@ -34,7 +34,7 @@ def _int8_matmul_kernel(
         c_ok = (c0 + iota(bk)) < k
         w = plgpu.load(codes_ref.at[pl.ds(r0, bn), pl.ds(c0, bk)], mask=r_ok[:, None] & c_ok[None, :], other=0)
         x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(c0, bk)], mask=m_ok[:, None] & c_ok[None, :], other=0)
-        return acc + contract(x.astype(cdt), w.astype(cdt), use_dot=_config.uses_dot(bs), transposed=False)
+        return acc + contract(x.astype(cdt), w, use_dot=_config.uses_dot(bs), transposed=False)
 
     k_lo = s * k_steps
     k_hi = jnp.minimum(k_lo + k_steps, pl.cdiv(k, bk))
@@ -64,7 +64,7 @@ def _int8_matmul_t_kernel(
         dy = plgpu.load(dy_ref.at[pl.ds(m0, bm), pl.ds(r0, bn)], mask=m_ok[:, None] & r_ok[None, :], other=0)
         scale = plgpu.load(scales_ref.at[pl.ds(r0, bn)], mask=r_ok, other=0.0)
         dys = (dy.astype(jnp.float32) * scale[None, :]).astype(cdt)  # the scale rides on the reduced axis
-        return acc + contract(dys, w.astype(cdt), use_dot=_config.uses_dot(bs), transposed=True)
+        return acc + contract(dys, w, use_dot=_config.uses_dot(bs), transposed=True)
 
     n_lo = s * n_steps
     n_hi = jnp.minimum(n_lo + n_steps, pl.cdiv(n, bn))
