@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU check: Pallas kernel and op tests run natively (interpret=False), the matmul
-# and unpack benchmark at K = N = 8192, then a block-size sweep of the fused kernels; writes
-# OUTDIR/gpu_check.json (device, jax version, commit, test summary, benchmark and sweep rows)
-# beside the raw logs.
+# One prepared GPU check: a block-size sweep of the kernels (the fastest candidate of each group
+# written as a tuned-table file), then, with that table ($LTJAX_PALLAS_TUNED), the matmul and
+# unpack benchmark at K = N = 8192 and the Pallas kernel and op tests run natively
+# (interpret=False); writes OUTDIR/gpu_check.json (device, jax version, commit, sweep, tuned
+# rows, benchmark rows, test summary) beside the raw logs (8 files in all).
 #
 #   benchmarks/gpu_check.sh OUTDIR
 #
@@ -13,7 +14,7 @@
 # ltjax's own dependencies must import there (crc32c is not in the GPU image: carry its wheel,
 # see benchmarks/README.md).
 # Knobs for a smoke run elsewhere: GPU_CHECK_SIZES (default 8192), GPU_CHECK_MS (default
-# "1 4 16 64"), GPU_CHECK_REPS (default 20), GPU_CHECK_SWEEP_S (default 100; 0 skips the sweep), PYTHON (default python).
+# "1 4 16 64"), GPU_CHECK_REPS (default 20), GPU_CHECK_SWEEP_ARGS (extra sweep options), GPU_CHECK_SWEEP_S (default 100; 0 skips the sweep), PYTHON (default python).
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -30,15 +31,37 @@ SWEEP_S=${GPU_CHECK_SWEEP_S:-100}
 START=$(date +%s)
 
 echo "== device"
-{ nvidia-smi -L 2>&1 | head -2
-  "$PY" -c "import jax; print(jax.__version__, jax.default_backend(), jax.devices())" 2>&1; } | tee "$OUT/device.log"
+DEVICE=$({ nvidia-smi -L 2>&1 | head -2
+  "$PY" -c "import jax; print(jax.__version__, jax.default_backend(), jax.devices())" 2>&1; })
+echo "$DEVICE"
+
+if [ "$SWEEP_S" -gt 0 ]; then
+  echo "== block-size sweep (${SWEEP_S} s), fastest per group -> tuned.json"
+  timeout $((SWEEP_S + 30)) "$PY" -m benchmarks.pallas_sweep --budget "$SWEEP_S" --reps "$REPS" \
+    --out "$OUT/sweep.json" --write-tuned "$OUT/tuned.json" ${GPU_CHECK_SWEEP_ARGS:-} > "$OUT/sweep.log" 2>&1
+  SWEEP_RC=$?
+  tail -2 "$OUT/sweep.log"
+else
+  echo "sweep skipped (GPU_CHECK_SWEEP_S=0)" > "$OUT/sweep.log"
+  SWEEP_RC=-1
+fi
+# The benchmark and the tests run with the block sizes this GPU measured fastest.
+if [ -s "$OUT/tuned.json" ]; then export LTJAX_PALLAS_TUNED="$OUT/tuned.json"; fi
+SWEEP_END=$(date +%s)
+
+echo "== benchmark K=N=$SIZES M=$MS"
+# shellcheck disable=SC2086
+timeout 180 "$PY" -m benchmarks.matmul --sizes $SIZES --ms $MS --reps "$REPS" \
+  --out "$OUT/matmul_bench.json" --note "gpu_check.sh" 2>&1 | tee "$OUT/bench.log"
+BENCH_RC=${PIPESTATUS[0]}
+BENCH_END=$(date +%s)
 
 echo "== Pallas kernel and op tests, native (LTJAX_PALLAS_INTERPRET=0)"
 shopt -s nullglob
 TESTS=(tests/test_pallas*.py)
 PAR=()
 # Several pytest workers share the one GPU: no preallocation, and compiles (CPU-bound) overlap.
-if "$PY" -c "import xdist" 2>/dev/null; then PAR=(-n 6); fi
+if "$PY" -c "import xdist" 2>/dev/null; then PAR=(-n 8); fi
 if [ ${#TESTS[@]} -gt 0 ]; then
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 "$PY" -m pytest -q -p no:cacheprovider "${PAR[@]}" \
     "${TESTS[@]}" tests/test_ops.py --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
@@ -48,28 +71,10 @@ else
   TEST_RC=-1
 fi
 tail -3 "$OUT/tests.log"
-TEST_END=$(date +%s)
-
-echo "== benchmark K=N=$SIZES M=$MS"
-# shellcheck disable=SC2086
-timeout 180 "$PY" -m benchmarks.matmul --sizes $SIZES --ms $MS --reps "$REPS" \
-  --out "$OUT/matmul_bench.json" --note "gpu_check.sh" 2>&1 | tee "$OUT/bench.log"
-BENCH_RC=${PIPESTATUS[0]}
-BENCH_END=$(date +%s)
-
-if [ "$SWEEP_S" -gt 0 ]; then
-  echo "== block-size sweep (${SWEEP_S} s)"
-  timeout $((SWEEP_S + 20)) "$PY" -m benchmarks.pallas_sweep --budget "$SWEEP_S" --reps "$REPS" \
-    --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
-  SWEEP_RC=$?
-  tail -2 "$OUT/sweep.log"
-else
-  echo "sweep skipped (GPU_CHECK_SWEEP_S=0)" > "$OUT/sweep.log"
-  SWEEP_RC=-1
-fi
 END=$(date +%s)
 
-"$PY" - "$OUT" "$TEST_RC" "$BENCH_RC" "$SWEEP_RC" "$START" "$TEST_END" "$BENCH_END" "$END" <<'PYEOF'
+export GPU_CHECK_DEVICE="$DEVICE"
+"$PY" - "$OUT" "$TEST_RC" "$BENCH_RC" "$SWEEP_RC" "$START" "$SWEEP_END" "$BENCH_END" "$END" <<'PYEOF'
 import json, os, subprocess, sys
 import xml.etree.ElementTree as ET
 
@@ -104,8 +109,10 @@ load = lambda p: json.load(open(p)) if os.path.exists(p) else None
 bench, sweep = load(bench_path), load(os.path.join(out, "sweep.json"))
 result = dict(device=device, backend=backend, jax_version=jax_version, commit=commit(),
               env={"LTJAX_PALLAS_INTERPRET": os.environ.get("LTJAX_PALLAS_INTERPRET")},
-              seconds={"tests": t1 - t0, "benchmark": t2 - t1, "sweep": t3 - t2},
-              tests=tests, benchmark_rc=bench_rc, benchmark=bench, sweep_rc=sweep_rc, sweep=sweep)
+              device_probe=os.environ.get("GPU_CHECK_DEVICE"), tuned_table=os.environ.get("LTJAX_PALLAS_TUNED"),
+              seconds={"sweep": t1 - t0, "benchmark": t2 - t1, "tests": t3 - t2},
+              tests=tests, benchmark_rc=bench_rc, benchmark=bench, sweep_rc=sweep_rc, sweep=sweep,
+              tuned=load(os.path.join(out, "tuned.json")))
 with open(os.path.join(out, "gpu_check.json"), "w") as f:
     json.dump(result, f, indent=1)
 print(f"wrote {os.path.join(out, 'gpu_check.json')}: device={device} jax={jax_version} "

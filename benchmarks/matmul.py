@@ -142,6 +142,21 @@ def run_unpack(sizes, cases, reps: int, layers: int, seed: int = 1, on_row=None)
     return rows
 
 
+def read_floor(sizes, reps: int, layers: int, seed: int = 2) -> list[dict]:
+    """What XLA's own row reduction over an int8 [K, N] array reads per second: the device's
+    practical bandwidth for the bytes an int8 matmul must stream (same chain of distinct copies)."""
+    rng = np.random.default_rng(seed)
+    f = jax.jit(lambda arrays: [jnp.sum(a, axis=1, dtype=jnp.int32) for a in arrays])
+    out = []
+    for kn in sizes:
+        arrays = replicate(jnp.asarray(rng.integers(-127, 128, (kn, kn), dtype=np.int8)), layers)
+        t = _common.median_time(lambda: f(arrays), reps=reps) / layers
+        out.append(dict(K=kn, N=kn, bytes=kn * kn, t_ms=t * 1e3, GBps=kn * kn / t / 1e9))
+        print(f"read floor {kn}²: XLA int8 row sums {t * 1e3:.4f} ms, {kn * kn / t / 1e9:.1f} GB/s", flush=True)
+        del arrays
+    return out
+
+
 HEADER = (
     f"{'M':>3} {'K=N':>5} {'codec':>12} {'sp':>4} {'x':>8} {'impl':>9} {'t_ltjax':>9} {'t_f32':>9} {'t_bf16':>9} "
     f"{'t_naive':>9} {'GB/s':>7} {'x f32':>6} {'x bf16':>6} {'x naive':>7} {'diff':>8}"
@@ -194,14 +209,14 @@ def main(argv=None) -> int:
     out = a.out or f"benchmarks/results/matmul_{backend}{'_quick' if a.quick else ''}.json"
     print(f"backend={backend} device={jax.devices()[0].device_kind} jax={jax.__version__} "
           f"reps={reps} layers={layers} (times are per layer)")
-    rows, unpack_rows = [], []
+    rows, unpack_rows, floor = [], [], []
     meta = dict(reps=reps, layers=layers, note=a.note,
                 timing=("median of reps after 2 warm-up calls of one jitted chain of `layers` layers over "
                         "distinct weight copies, block_until_ready, divided by `layers`"))
 
     def save(complete: bool):  # rewritten after every row: a run cut short keeps what it measured
         return _common.write_json(out, _common.result("ltjax.matmul", a.quick, complete=complete, **meta,
-                                                      rows=rows, unpack_rows=unpack_rows))
+                                                      read_floor=floor, rows=rows, unpack_rows=unpack_rows))
 
     def emit(fmt, dest):
         def on_row(r):
@@ -210,6 +225,7 @@ def main(argv=None) -> int:
             save(False)
         return on_row
 
+    floor.extend(read_floor(sizes, reps, layers))
     print(HEADER)
     run(sizes, ms, CASES, x_dtypes, reps, layers, on_row=emit(format_row, rows))
     if not a.no_unpack:

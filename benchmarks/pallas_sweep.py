@@ -24,43 +24,66 @@ from ltjax._format import pack
 from ltjax.pallas import BlockSizes
 
 B = BlockSizes
+S = lambda *a: BlockSizes(*a, swap_ab=True)
 # (kernel, codec, sparsity, M, activation dtype) -> candidates; None is the tuned table's choice.
-# A block_m >= 8 is the tl.dot path (M padded to 16), below it the broadcast multiply-reduce;
-# M = 1 and M = 16 run the same dot-path kernel, so most dot-path candidates are timed at M = 16.
+# A block_m >= 8 is the tl.dot path (M padded to 16); block_m = 1 the batch-1 FMA path.
+# M = 2..16 run the same dot-path kernel, so dot-path candidates are timed at M = 16.
 CANDIDATES = {
+    ("int8_matmul", "int8", 0.0, 1, "bfloat16"): [
+        None, B(1, 16, 256, 1, 4, 3), B(1, 16, 256, 2, 4, 3), B(1, 8, 512, 1, 4, 3), B(1, 32, 256, 1, 8, 3),
+        B(1, 16, 512, 1, 4, 2), B(1, 4, 1024, 1, 4, 2), B(1, 16, 256, 1, 4, 1), B(1, 32, 128, 1, 4, 3),
+        B(1, 64, 128, 2, 8, 3), B(16, 128, 256, 2, 8, 4)],
     ("int8_matmul", "int8", 0.0, 16, "bfloat16"): [
-        None, B(16, 64, 256, 2, 8, 3), B(16, 64, 256, 4, 8, 3), B(16, 64, 256, 2, 4, 3), B(16, 64, 256, 2, 8, 4),
-        B(16, 32, 256, 2, 4, 3), B(16, 32, 256, 4, 4, 3), B(16, 32, 512, 2, 4, 3), B(16, 32, 512, 4, 8, 3),
-        B(16, 64, 512, 2, 8, 3), B(16, 64, 512, 1, 8, 3), B(16, 128, 256, 2, 8, 3), B(16, 128, 256, 4, 8, 3),
-        B(16, 128, 128, 4, 8, 4), B(16, 64, 128, 4, 4, 4), B(16, 32, 128, 8, 4, 4), B(16, 64, 256, 8, 8, 3),
-        B(16, 16, 512, 2, 4, 3), B(16, 128, 512, 2, 8, 3), B(16, 64, 512, 2, 8, 4), B(16, 128, 256, 2, 8, 4),
-        B(16, 32, 1024, 4, 4, 3), B(16, 64, 256, 2, 4, 5)],
-    ("int8_matmul", "int8", 0.0, 1, "bfloat16"): [None, B(16, 64, 256, 2, 8, 3), B(1, 4, 1024, 1, 4, 2)],
-    ("int8_matmul", "int8", 0.0, 16, "float32"): [None, B(16, 64, 256, 2, 8, 3), B(16, 32, 256, 2, 4, 3),
-                                                  B(16, 64, 128, 2, 8, 3)],
-    ("int8_matmul", "int8", 0.0, 64, "bfloat16"): [None, B(64, 64, 128, 2, 8, 3), B(64, 64, 256, 2, 8, 3),
-                                                   B(64, 128, 128, 2, 8, 3), B(64, 32, 256, 2, 4, 3),
-                                                   B(64, 64, 64, 4, 4, 4)],
-    ("bitmask_matmul", "bitmask_int8", 0.5, 16, "bfloat16"): [
-        None, B(16, 16, 256, 0, 2, 1), B(16, 32, 256, 0, 4, 1), B(16, 8, 256, 0, 2, 1), B(16, 16, 256, 0, 8, 1),
-        B(16, 32, 256, 0, 8, 2), B(16, 16, 128, 0, 4, 1), B(16, 64, 256, 0, 8, 1)],
+        None, B(16, 64, 256, 2, 8, 3), B(16, 32, 256, 2, 4, 3), B(16, 32, 256, 4, 4, 3), B(16, 64, 512, 2, 8, 3),
+        B(16, 128, 256, 2, 8, 3), B(16, 128, 256, 4, 8, 3), B(16, 128, 256, 2, 8, 4), B(16, 128, 512, 2, 8, 3),
+        B(16, 128, 128, 2, 8, 6), B(16, 64, 128, 4, 8, 6), B(16, 128, 256, 4, 8, 5),
+        S(16, 64, 256, 2, 4, 3), S(16, 128, 256, 2, 8, 3), S(16, 128, 256, 2, 4, 3), S(16, 64, 128, 4, 4, 4)],
+    ("int8_matmul", "int8", 0.0, 16, "float32"): [None, B(16, 128, 256, 2, 8, 3), S(16, 128, 256, 2, 8, 3)],
+    ("int8_matmul", "int8", 0.0, 64, "bfloat16"): [None, B(64, 64, 128, 2, 8, 3), B(64, 128, 128, 2, 8, 3),
+                                                   B(64, 128, 256, 2, 8, 3), S(64, 128, 128, 2, 8, 3),
+                                                   B(64, 64, 128, 2, 4, 4)],
+    ("bitmask_matmul", "bitmask_int8", 0.5, 16, "bfloat16"): [None, B(16, 16, 256, 0, 2, 1), B(16, 8, 256, 0, 2, 1),
+                                                              B(16, 16, 256, 8, 4, 1)],
     ("bitmask_matmul", "bitmask_int8", 0.5, 1, "bfloat16"): [None, B(1, 16, 256, 0, 2, 1)],
-    ("bitmask_unpack_t", "bitmask_int8", 0.5, 0, "float32"): [
-        None, B(1, 16, 256, 0, 4, 1), B(1, 64, 256, 0, 8, 1), B(1, 32, 256, 0, 8, 1), B(1, 32, 128, 0, 4, 1),
-        B(1, 64, 128, 0, 4, 1), B(1, 16, 256, 0, 2, 1)],
+    ("bitmask_unpack_t", "bitmask_int8", 0.5, 0, "float32"): [None, B(1, 32, 128, 0, 4, 1), B(1, 64, 128, 0, 4, 1),
+                                                              B(1, 64, 128, 0, 8, 1)],
     ("bitmask_unpack", "bitmask_int8", 0.5, 0, "float32"): [None],
-    ("int8_dequant_t", "int8", 0.0, 0, "float32"): [
-        None, B(1, 32, 128, 1, 4, 1), B(1, 128, 64, 1, 4, 1), B(1, 64, 256, 1, 8, 1), B(1, 128, 128, 1, 8, 1),
-        B(1, 32, 256, 1, 4, 1)],
+    ("int8_dequant_t", "int8", 0.0, 0, "float32"): [None, B(1, 64, 256, 1, 8, 1), B(1, 32, 128, 1, 4, 1),
+                                                    B(1, 128, 128, 1, 8, 1)],
     ("int8_dequant", "int8", 0.0, 0, "float32"): [None],
 }
+# Largest relative difference from the tuned configuration's output a candidate may show and
+# still be eligible for --write-tuned (bf16 outputs round at 2^-8; f32 sums reorder).
+ELIGIBLE = {"bfloat16": 2e-2, "float32": 1e-4}
 UNPACK = {"bitmask_unpack": (lp.bitmask_unpack, False), "bitmask_unpack_t": (lp.bitmask_unpack, True),
           "int8_dequant": (lp.int8_dequant, False), "int8_dequant_t": (lp.int8_dequant, True)}
 
 
 def bs_dict(bs: BlockSizes) -> dict:
     return dict(block_m=bs.block_m, block_n=bs.block_n, block_k=bs.block_k, split=bs.split,
-                num_warps=bs.num_warps, num_stages=bs.num_stages)
+                num_warps=bs.num_warps, num_stages=bs.num_stages, swap_ab=bs.swap_ab)
+
+
+def tuned_rows(rows: list[dict]) -> list[dict]:
+    """The fastest eligible row of each sweep group, as tuned-table rows (`ltjax.pallas._config.load_tuned`).
+
+    Group -> table key: matmul at M = 1 -> (kernel, "*", 1); at M = 16 -> (kernel, dtype or "*"
+    for bf16, 16); at M = 64 -> (kernel, "*", 64); unpack kernels -> (kernel, "*", any M).
+    """
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        if "t_us" not in r or r["rel_diff_vs_tuned"] is None or r["rel_diff_vs_tuned"] > ELIGIBLE[r["x_dtype"]]:
+            continue
+        g = (r["kernel"], r["codec"], r["M"], r["x_dtype"])
+        if g not in best or r["t_us"] < best[g]["t_us"]:
+            best[g] = r
+    out = []
+    for (kernel, _, m, xdt), r in sorted(best.items()):
+        dtype = "float32" if xdt == "float32" and m > 1 else "*"
+        max_m = 1 << 30 if m == 0 else m
+        out.append(dict(kernel=kernel, dtype=dtype, max_m=max_m, block_sizes={f: r[f] for f in bs_dict(B())},
+                        t_us=r["t_us"], measured_at=dict(M=m, x_dtype=xdt, K=r["K"], N=r["N"])))
+    return out
 
 
 def main(argv=None) -> int:
@@ -69,6 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--budget", type=float, default=90.0, help="seconds for the whole sweep")
+    p.add_argument("--write-tuned", metavar="PATH",
+                   help="write the fastest eligible candidate of each group as a tuned-table file "
+                        "($LTJAX_PALLAS_TUNED reads it)")
     a = p.parse_args(argv)
     size, layers, reps = (256, 2, 2) if a.quick else (a.size, a.layers, a.reps)
     if jax.default_backend() != "gpu" and not a.quick:
@@ -122,6 +148,9 @@ def main(argv=None) -> int:
             print(row, flush=True)
             save(False)
     print(f"wrote {save(True)}")
+    if a.write_tuned:
+        env = _common.environment()
+        print(f"wrote {_common.write_json(a.write_tuned, dict(device=env['device_name'], date=env['date'], rows=tuned_rows(rows)))}")
     return 0
 
 

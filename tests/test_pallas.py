@@ -7,6 +7,7 @@ Shapes are small and ragged (K, N not multiples of any block) to keep interpret 
 from __future__ import annotations
 
 import functools
+import os
 import zlib
 
 import jax
@@ -79,17 +80,21 @@ BLOCKS = [
     BlockSizes(block_m=1, block_n=8, block_k=32, split=2),
     BlockSizes(block_m=16, block_n=16, block_k=64, split=0),
     BlockSizes(block_m=2, block_n=32, block_k=128, split=1),
+    BlockSizes(block_m=1, block_n=16, block_k=64, split=3),  # batch 1: one reduction after the loop
+    BlockSizes(block_m=16, block_n=16, block_k=32, split=2, swap_ab=True),  # the weight as the MMA's A
 ]
 
 
+@pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("codec", ["int8", "bitmask_int8"])
-@pytest.mark.parametrize("bs", BLOCKS, ids=lambda b: f"m{b.block_m}n{b.block_n}k{b.block_k}s{b.split}")
-def test_block_geometries(codec, bs):
+@pytest.mark.parametrize("bs", BLOCKS, ids=lambda b: f"m{b.block_m}n{b.block_n}k{b.block_k}s{b.split}"
+                         + ("swap" if b.swap_ab else ""))
+def test_block_geometries(codec, bs, xdtype):
     k, n, m = 200, 45, 3
     ct = pack(_weight(7, k, n, sparsity=0.7), codec, tile=(20, 128))
-    x, dy = _x(8, (m, k), jnp.float32), _x(9, (m, n), jnp.float32)
-    _close(lp.matmul(x, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(x, ct), jnp.float32)
-    _close(lp.matmul_t(dy, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(dy, ct, True), jnp.float32)
+    x, dy = _x(8, (m, k), xdtype), _x(9, (m, n), xdtype)
+    _close(lp.matmul(x, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(x, ct), xdtype)
+    _close(lp.matmul_t(dy, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(dy, ct, True), xdtype)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.95])
@@ -207,7 +212,8 @@ def test_can_use_pallas():
         lp.matmul(jnp.zeros((2, 63)), ct, interpret=True)
 
 
-def test_block_sizes_config():
+def test_block_sizes_config(monkeypatch):
+    monkeypatch.delenv(lp.TUNED_ENV, raising=False)  # the built-in table
     bs = lp.get_block_sizes("int8_matmul", 1)
     assert hash(bs) == hash(BlockSizes(**{f: getattr(bs, f) for f in BlockSizes.__slots__}))
     assert lp.get_block_sizes("int8_matmul", 5).block_m == 16  # tl.dot path pads M to 16
@@ -220,6 +226,39 @@ def test_block_sizes_config():
     assert keys == sorted(keys)
     with pytest.raises(ValueError, match="power of 2"):
         BlockSizes(block_k=96)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        BlockSizes(split=-1)
     with pytest.raises(ValueError, match="multiple of 32"):
         ct = pack(_weight(91, 64, 32), "bitmask_int8")
         lp.matmul(jnp.zeros((1, 64)), ct, interpret=True, block_sizes=BlockSizes(block_k=16))
+
+
+def test_tuned_table_file(tmp_path, monkeypatch):
+    """$LTJAX_PALLAS_TUNED rows override the built-in table (same key) and extend it (new key)."""
+    import json
+
+    f = tmp_path / "tuned.json"
+    rows = [{"kernel": "int8_matmul", "dtype": "*", "max_m": 1,
+             "block_sizes": {"block_m": 1, "block_n": 8, "block_k": 512, "split": 2, "num_warps": 4,
+                             "num_stages": 3, "swap_ab": False}},
+            {"kernel": "int8_matmul", "dtype": "*", "max_m": 16,
+             "block_sizes": {"block_m": 16, "block_n": 128, "block_k": 256, "split": 2, "num_warps": 8,
+                             "num_stages": 4, "swap_ab": True}}]
+    f.write_text(json.dumps({"rows": rows}))
+    monkeypatch.delenv(lp.TUNED_ENV, raising=False)  # the built-in table, whatever the caller set
+    before, before_t = lp.get_block_sizes("int8_matmul", 8), lp.get_block_sizes("int8_matmul_t", 8)
+    monkeypatch.setenv(lp.TUNED_ENV, str(f))
+    assert lp.get_block_sizes("int8_matmul", 1) == BlockSizes(1, 8, 512, 2, 4, 3)
+    assert lp.get_block_sizes("int8_matmul", 8) == BlockSizes(16, 128, 256, 2, 8, 4, swap_ab=True)
+    assert lp.get_block_sizes("int8_matmul_t", 8) == before_t  # a kernel the file does not name
+    # a kernel run with the file's block sizes still computes the right product
+    ct = pack(_weight(5, 300, 70), "int8")
+    x = _x(6, (1, 300), jnp.float32)
+    _close(lp.matmul(x, ct, interpret=INTERPRET), _ref_matmul(x, ct), jnp.float32)
+    f.write_text(json.dumps({"rows": [{"kernel": "int8_matmul", "dtype": "*", "max_m": 1,
+                                       "block_sizes": {"block_m": 1, "bogus": 3}}]}))
+    os.utime(f, (1, 1))  # a new mtime: the cached table is re-read
+    with pytest.raises(ValueError, match="LTJAX_PALLAS_TUNED.*bogus"):
+        lp.get_block_sizes("int8_matmul", 1)
+    monkeypatch.delenv(lp.TUNED_ENV)
+    assert lp.get_block_sizes("int8_matmul", 8) == before

@@ -10,9 +10,12 @@ from ltjax.pallas._config import (
     DEFAULT_BLOCK_SIZES,
     INTERPRET_ENV,
     TUNED_BLOCK_SIZES,
+    TUNED_ENV,
     BlockSizes,
     get_block_sizes,
+    load_tuned,
     resolve_interpret,
+    tuned_table,
 )
 from ltjax.pallas.bitmask_matmul import bitmask_matmul, bitmask_matmul_reference, bitmask_matmul_t
 from ltjax.pallas.bitmask_unpack import bitmask_unpack, bitmask_unpack_reference
@@ -24,6 +27,7 @@ __all__ = [
     "INTERPRET_ENV",
     "MATMUL_CODECS",
     "TUNED_BLOCK_SIZES",
+    "TUNED_ENV",
     "BlockSizes",
     "bitmask_matmul",
     "bitmask_matmul_reference",
@@ -38,8 +42,10 @@ __all__ = [
     "int8_matmul",
     "int8_matmul_reference",
     "int8_matmul_t",
+    "load_tuned",
     "matmul",
     "matmul_t",
     "resolve_interpret",
+    "tuned_table",
     "why_not_pallas",
 ]

@@ -32,6 +32,9 @@ class BlockSizes:
         into `split` ranges; bitmask: the tile columns (forward) / tile rows (transposed)
         are cut into `split` groups (0 = one group per tile). Partial sums are added in XLA.
       num_warps, num_stages: Triton compiler parameters.
+      swap_ab: int8 forward `tl.dot` path only: compute ``(W x^T)^T``, the decoded weight
+        block as the MMA's A operand (``block_n`` its M side) and the padded activations as B,
+        instead of ``x W^T``.
     """
 
     block_m: int = 16
@@ -40,6 +43,7 @@ class BlockSizes:
     split: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    swap_ab: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -90,16 +94,59 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+TUNED_ENV = "LTJAX_PALLAS_TUNED"
+_FIELDS = ("block_m", "block_n", "block_k", "split", "num_warps", "num_stages", "swap_ab")
+_tuned_cache: dict[tuple[str, float], tuple] = {}
+
+
+def load_tuned(path: str) -> tuple[tuple[tuple[str, str, int], BlockSizes], ...]:
+    """Rows of a tuned-table file: ``{"rows": [{"kernel", "dtype", "max_m", "block_sizes": {...}}]}``.
+
+    `benchmarks.pallas_sweep --write-tuned` writes such a file from the block sizes it measured
+    fastest on the GPU at hand; ``$LTJAX_PALLAS_TUNED`` pointing at one makes its rows take
+    precedence over `TUNED_BLOCK_SIZES` (same key: replaced; new key: added).
+    """
+    import json
+
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        rows = []
+        for r in doc["rows"]:
+            bs = r["block_sizes"]
+            unknown = set(bs) - set(_FIELDS)
+            if unknown:
+                raise ValueError(f"unknown BlockSizes fields {sorted(unknown)}")
+            rows.append(((str(r["kernel"]), str(r["dtype"]), int(r["max_m"])), BlockSizes(**bs)))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"${TUNED_ENV}={path!r} is not a readable tuned-table file: {e}") from e
+    return tuple(rows)
+
+
+def tuned_table() -> tuple[tuple[tuple[str, str, int], BlockSizes], ...]:
+    """`TUNED_BLOCK_SIZES`, with the rows of the file named by ``$LTJAX_PALLAS_TUNED`` (if set) on top."""
+    path = os.environ.get(TUNED_ENV, "").strip()
+    if not path:
+        return TUNED_BLOCK_SIZES
+    key = (path, os.path.getmtime(path) if os.path.exists(path) else -1.0)
+    if key not in _tuned_cache:
+        table = dict(TUNED_BLOCK_SIZES)
+        table.update(load_tuned(path))
+        _tuned_cache[key] = tuple(sorted(table.items()))
+    return _tuned_cache[key]
+
+
 def get_block_sizes(kernel: str, m: int, dtype=None) -> BlockSizes:
     """The tuned block sizes of ``kernel`` for ``m`` activation rows of ``dtype``, ``block_m`` fitted to ``m``.
 
     The row with the smallest max M that covers ``m`` wins; on a tie, the row for the exact
-    dtype beats the ``"*"`` row.
+    dtype beats the ``"*"`` row. Rows come from `tuned_table`.
     """
     name = "*" if dtype is None else jnp.dtype(dtype).name
-    rows = [(max_m, dt != name, i) for i, ((kern, dt, max_m), _) in enumerate(TUNED_BLOCK_SIZES)
+    table = tuned_table()
+    rows = [(max_m, dt != name, i) for i, ((kern, dt, max_m), _) in enumerate(table)
             if kern == kernel and dt in (name, "*") and m <= max_m]
-    bs = TUNED_BLOCK_SIZES[min(rows)[2]][1] if rows else DEFAULT_BLOCK_SIZES
+    bs = table[min(rows)[2]][1] if rows else DEFAULT_BLOCK_SIZES
     return fit_block_m(bs, m)
 
 

@@ -70,6 +70,13 @@ def gather_packed(packed_ref, words: jax.Array, row_start: jax.Array) -> jax.Arr
     return plgpu.load(packed_ref.at[idx], mask=present, other=0)
 
 
+def i8_to_f32(codes: jax.Array) -> jax.Array:
+    """int8 -> f32 exactly, with integer and float adds instead of `I2F` (a quarter-rate unit on
+    Hopper): the bits ``0x4B000080 + c`` are the float ``2^23 + 128 + c``."""
+    bits = codes.astype(jnp.int32) + jnp.int32(0x4B000080)
+    return lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(8388736.0)
+
+
 def _split_bf16(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """f32 ``a`` as ``hi + mid + lo``, three bf16 terms carrying its 24 significant bits."""
     hi = a.astype(jnp.bfloat16)
@@ -81,24 +88,26 @@ def _split_bf16(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 def contract(a: jax.Array, b: jax.Array, *, use_dot: bool, transposed: bool) -> jax.Array:
     """f32 ``a [bm, bk] @ b[bn, bk].T`` (``transposed=False``) or ``a [bm, bn] @ b [bn, bk]``.
 
-    ``a`` holds activations (f32, bf16 or f16), ``b`` decoded weights: int8 codes or float values.
-    ``use_dot``: Triton `tl.dot` on the tensor cores (``bm`` >= 16). Codes are exact in bf16 and
-    f16, so with f32 activations the dot runs as three bf16 dots over ``a``'s hi/mid/lo split:
-    f32-accurate (each product exact, f32 accumulation) at tensor-core speed, where an IEEE f32
-    `tl.dot` runs on the FMA units, 10x slower at M = 16 (H200, 8192², measured). Float weights
-    with f32 activations take the IEEE f32 dot (HIGHEST, not TF32).
+    One operand holds activations (f32, bf16 or f16), the other decoded weights: int8 codes
+    (either side) or float values (``b``). ``use_dot``: Triton `tl.dot` on the tensor cores
+    (every dimension >= 16). Codes are exact in bf16 and f16, so with f32 activations the dot
+    runs as three bf16 dots over the activations' hi/mid/lo split: f32-accurate (each product
+    exact, f32 accumulation) on the tensor cores, where an IEEE f32 `tl.dot` runs on the FMA
+    units. Float weights with f32 activations take the IEEE f32 dot (HIGHEST, not TF32).
     Else a broadcast multiply-reduce in f32 registers.
     """
     if use_dot:
         dims = (((1,), (0 if transposed else 1,)), ((), ()))
         dot = lambda u, v, prec=None: lax.dot_general(u, v, dims, precision=prec, preferred_element_type=jnp.float32)
-        if b.dtype == jnp.int8 and a.dtype == jnp.float32:
-            bb = b.astype(jnp.bfloat16)
-            hi, mid, lo = _split_bf16(a)
-            return dot(hi, bb) + dot(mid, bb) + dot(lo, bb)
-        b = b.astype(a.dtype)
+        codes_in_a = a.dtype == jnp.int8
+        act = b if codes_in_a else a
+        if (codes_in_a or b.dtype == jnp.int8) and act.dtype == jnp.float32:
+            codes = (a if codes_in_a else b).astype(jnp.bfloat16)
+            parts = _split_bf16(act)
+            return sum(dot(codes, t) if codes_in_a else dot(t, codes) for t in parts)
+        a, b = a.astype(act.dtype), b.astype(act.dtype)
         # Plain dot_general (not `plgpu.dot`, which newer JAX drops); HIGHEST -> IEEE f32, not TF32.
-        return dot(a, b, lax.Precision.HIGHEST if a.dtype == jnp.float32 else None)
+        return dot(a, b, lax.Precision.HIGHEST if act.dtype == jnp.float32 else None)
     a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
     if transposed:
         return (a32[:, :, None] * b32[None, :, :]).sum(axis=1)

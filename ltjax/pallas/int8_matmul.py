@@ -13,7 +13,7 @@ from jax.experimental.pallas import triton as plgpu
 from ltjax._format import CompressedTensor, decode_storage
 from ltjax.pallas import _config
 from ltjax.pallas._config import BlockSizes
-from ltjax.pallas._decode import contract, iota
+from ltjax.pallas._decode import contract, i8_to_f32, iota
 
 
 def _int8_matmul_kernel(
@@ -29,16 +29,49 @@ def _int8_matmul_kernel(
     m_ok = (m0 + iota(bm)) < m
     r_ok = (r0 + iota(bn)) < n
 
-    def body(kk, acc):
-        c0 = kk * bk
-        c_ok = (c0 + iota(bk)) < k
-        w = plgpu.load(codes_ref.at[pl.ds(r0, bn), pl.ds(c0, bk)], mask=r_ok[:, None] & c_ok[None, :], other=0)
-        x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(c0, bk)], mask=m_ok[:, None] & c_ok[None, :], other=0)
-        return acc + contract(x.astype(cdt), w, use_dot=_config.uses_dot(bs), transposed=False)
-
+    use_dot = _config.uses_dot(bs)
     k_lo = s * k_steps
     k_hi = jnp.minimum(k_lo + k_steps, pl.cdiv(k, bk))
-    acc = lax.fori_loop(k_lo, k_hi, body, jnp.zeros((bm, bn), jnp.float32))
+
+    if not use_dot and bm == 1:
+        # Batch 1 on the broadcast path: FMAs into a [bn, bk] accumulator, one reduction after the
+        # loop; x read as a row vector (the weight block's own column layout, no shuffle); with
+        # num_stages > 1 the next block's loads are issued before this block's FMAs.
+        def load(kk):
+            c0 = kk * bk
+            ok = ((c0 + iota(bk)) < k) & (kk < k_hi)
+            w = plgpu.load(codes_ref.at[pl.ds(r0, bn), pl.ds(c0, bk)], mask=r_ok[:, None] & ok[None, :], other=0)
+            return w, plgpu.load(x_ref.at[m0, pl.ds(c0, bk)], mask=ok, other=0)
+
+        def fma(acc, w, x):
+            return acc + i8_to_f32(w) * x.astype(jnp.float32)[None, :]
+
+        zeros = jnp.zeros((bn, bk), jnp.float32)
+        if bs.num_stages > 1:
+            def body(kk, st):
+                acc, w, x = st
+                nxt = load(kk + 1)
+                return (fma(acc, w, x), *nxt)
+
+            acc = lax.fori_loop(k_lo, k_hi, body, (zeros, *load(k_lo)))[0]
+        else:
+            acc = lax.fori_loop(k_lo, k_hi, lambda kk, acc: fma(acc, *load(kk)), zeros)
+        acc = acc.sum(axis=1)[None, :]
+    else:
+        def body(kk, acc):
+            c0 = kk * bk
+            c_ok = (c0 + iota(bk)) < k
+            w = plgpu.load(codes_ref.at[pl.ds(r0, bn), pl.ds(c0, bk)], mask=r_ok[:, None] & c_ok[None, :], other=0)
+            x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(c0, bk)], mask=m_ok[:, None] & c_ok[None, :], other=0)
+            x = x.astype(cdt)
+            if use_dot and bs.swap_ab:  # acc [bn, bm] += W x^T: the decoded weight is the MMA's A operand
+                return acc + contract(w, x, use_dot=True, transposed=False)
+            return acc + contract(x, w, use_dot=use_dot, transposed=False)
+
+        if use_dot and bs.swap_ab:
+            acc = lax.fori_loop(k_lo, k_hi, body, jnp.zeros((bn, bm), jnp.float32)).T
+        else:
+            acc = lax.fori_loop(k_lo, k_hi, body, jnp.zeros((bm, bn), jnp.float32))
     scale = plgpu.load(scales_ref.at[pl.ds(r0, bn)], mask=r_ok, other=0.0)
     plgpu.store(o_ref.at[s, pl.ds(m0, bm), pl.ds(r0, bn)], (acc * scale[None, :]).astype(o_ref.dtype),
                 mask=m_ok[:, None] & r_ok[None, :])
