@@ -53,14 +53,28 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def commit_file() -> str | None:
+    """The commit named by a ``COMMIT`` file at the repository root, if any: a copy of the tree
+    sent to another machine (the GPU check) carries its commit there, where a copied ``.git``
+    may be stale (seen: it named the session's first commit for every later run)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "COMMIT")
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def git_info() -> dict[str, Any]:
-    """Commit, branch and whether tracked files differ from it ('unknown' outside a checkout)."""
-    commit = _git("rev-parse", "HEAD")
-    if commit is None:
-        return {"commit": "unknown", "branch": None, "dirty": None}
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
-            "dirty": bool(status)}
+    """Commit, branch and whether tracked files differ from it ('unknown' outside a checkout);
+    ``commit_file`` too when a ``COMMIT`` file names one (see `commit_file`)."""
+    info: dict[str, Any] = {"commit": _git("rev-parse", "HEAD") or "unknown", "branch": None, "dirty": None}
+    if info["commit"] != "unknown":
+        info["branch"] = _git("rev-parse", "--abbrev-ref", "HEAD")
+        info["dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    if (named := commit_file()) is not None:
+        info["commit_file"] = named
+    return info
 
 
 def cpu_model() -> str:

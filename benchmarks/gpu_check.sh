@@ -82,13 +82,17 @@ out = sys.argv[1]
 test_rc, bench_rc, sweep_rc, t0, t1, t2, t3 = map(int, sys.argv[2:9])
 
 def commit():
+    # A COMMIT file, written beside the tree before it is sent here, wins over git: a .git copied
+    # to the GPU machine was seen stale (it named an older commit than the tree it came with).
+    if os.path.exists("COMMIT"):
+        return open("COMMIT").read().strip()
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if r.returncode == 0:
             return r.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return open("COMMIT").read().strip() if os.path.exists("COMMIT") else "unknown"
+    return "unknown"
 
 try:
     import jax

@@ -23,6 +23,7 @@ from benchmarks.matmul import chain, make_weight, rel_diff, replicate
 from ltjax._format import pack
 from ltjax.pallas import BlockSizes
 
+REQUIRES_BACKEND = "gpu"  # benchmarks.run skips a full sweep elsewhere (--quick runs in interpret mode)
 B = BlockSizes
 S = lambda *a: BlockSizes(*a, swap_ab=True)
 # (kernel, codec, sparsity, M, activation dtype) -> candidates; None is the tuned table's choice.
@@ -67,8 +68,9 @@ def bs_dict(bs: BlockSizes) -> dict:
 def tuned_rows(rows: list[dict]) -> list[dict]:
     """The fastest eligible row of each sweep group, as tuned-table rows (`ltjax.pallas._config.load_tuned`).
 
-    Group -> table key: matmul at M = 1 -> (kernel, "*", 1); at M = 16 -> (kernel, dtype or "*"
-    for bf16, 16); at M = 64 -> (kernel, "*", 64); unpack kernels -> (kernel, "*", any M).
+    Group -> table key: matmul rows -> (kernel, the activation dtype they were measured with,
+    M); unpack kernels -> (kernel, "*", any M). Keyed by dtype because a block fitting shared
+    memory with bf16 activations may not with f32 ones (seen on an H200: 260 KiB requested).
     """
     best: dict[tuple, dict] = {}
     for r in rows:
@@ -79,8 +81,7 @@ def tuned_rows(rows: list[dict]) -> list[dict]:
             best[g] = r
     out = []
     for (kernel, _, m, xdt), r in sorted(best.items()):
-        dtype = "float32" if xdt == "float32" and m > 1 else "*"
-        max_m = 1 << 30 if m == 0 else m
+        dtype, max_m = ("*", 1 << 30) if m == 0 else (xdt, m)
         out.append(dict(kernel=kernel, dtype=dtype, max_m=max_m, block_sizes={f: r[f] for f in bs_dict(B())},
                         t_us=r["t_us"], measured_at=dict(M=m, x_dtype=xdt, K=r["K"], N=r["N"])))
     return out

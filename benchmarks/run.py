@@ -115,6 +115,11 @@ def run_one(name: str, modname: str, out_dir: str, quick: bool) -> dict[str, Any
     if why:
         entry["reason"] = why
         return entry
+    need = getattr(mod, "REQUIRES_BACKEND", None)  # e.g. "gpu": times native kernels only
+    if need is not None and not quick and jax.default_backend() != need:
+        entry["reason"] = f"needs the {need!r} backend; this one is {jax.default_backend()!r}"
+        print(f"\n=== {name}: skipped ({entry['reason']})", flush=True)
+        return entry
     argv = ["--out", path] + (["--quick"] if quick else [])
     entry["argv"] = argv
     print(f"\n=== {name} {' '.join(argv)}", flush=True)

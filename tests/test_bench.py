@@ -105,3 +105,29 @@ def test_make_readme_from_a_run(quick_run, tmp_path):
     assert make_readme.main(["--results", str(results), "--out", str(md), "--include-quick"]) == 0
     text = md.read_text()
     assert run["git"]["commit"] in text and "GEMM overhead" in text and "Effective memory" in text
+
+
+def test_gpu_only_benchmark_is_skipped_with_its_reason(tmp_path):
+    """A full (non --quick) run skips `pallas_sweep` off-GPU and says why, instead of failing."""
+    import jax
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU the sweep runs")
+    entry = R.run_one("pallas_sweep", "benchmarks.pallas_sweep", str(tmp_path), quick=False)
+    assert entry["status"] == "skipped" and "'gpu' backend" in entry["reason"]
+
+
+def test_sweep_writes_a_tuned_table_that_loads(tmp_path, monkeypatch):
+    """pallas_sweep --quick (interpret mode, 256²) -> --write-tuned -> $LTJAX_PALLAS_TUNED round trip."""
+    from benchmarks import pallas_sweep
+    from ltjax import pallas as lp
+
+    out, tuned = tmp_path / "sweep.json", tmp_path / "tuned.json"
+    assert pallas_sweep.main(["--quick", "--out", str(out), "--write-tuned", str(tuned)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and not [r for r in rows if "error" in r]
+    table = lp.load_tuned(str(tuned))
+    keys = {k for k, _ in table}
+    assert ("int8_matmul", "bfloat16", 16) in keys and ("bitmask_unpack_t", "*", 1 << 30) in keys
+    monkeypatch.setenv(lp.TUNED_ENV, str(tuned))
+    assert lp.get_block_sizes("int8_matmul", 16, "bfloat16") == dict(table)[("int8_matmul", "bfloat16", 16)]

@@ -183,10 +183,18 @@ def _lower_cuda(fn, *args):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
 
+# jax 0.10 lowers Pallas-Triton for CUDA on any host (compute capability 9.0 when no GPU is
+# present); jax 0.11 asks the device for its GPU model and refuses on a CPU-only host (its
+# source: "No supported GPU devices found, please specify an abstract GPU device").
+_NEEDS_GPU_TO_LOWER = tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11)
+
+
 @pytest.mark.parametrize("codec", ["int8", "bitmask_int8", "bitmask"])
 @pytest.mark.parametrize("m", [1, 4, 16])
 def test_kernels_lower_for_cuda(codec, m):
     """Every kernel lowers through Pallas' Triton backend for CUDA (checks Triton-side rules on CPU)."""
+    if _NEEDS_GPU_TO_LOWER and jax.default_backend() != "gpu":
+        pytest.skip(f"jax {jax.__version__} lowers Pallas-Triton kernels only with a GPU present")
     k, n = 512, 384
     ct = pack(_weight(71, k, n), codec, tile=(64, 256))
     x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)

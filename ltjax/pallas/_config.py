@@ -61,27 +61,43 @@ class BlockSizes:
 
 
 # Tuned table: (kernel, activation dtype or "*", max M) -> BlockSizes, sorted; looked up by
-# `get_block_sizes`, `DEFAULT_BLOCK_SIZES` where no row covers the call.
-# Every matmul row takes the `tl.dot` path (block_m >= DOT_MIN_M), batch 1 included: on an H200
-# at K = N = 8192 the broadcast multiply-reduce streamed int8 weights at 0.3-1.1 TB/s (M = 1-4)
-# where the dot path reached 1.6 TB/s (`benchmarks.pallas_sweep`, results/2026-11-27-h200).
-# NOTE: rows are refined from the GPU sweep where one was measured (see that folder); the rest
-# come from the offline Triton compile (registers, no spills, sm_80/sm_90).
+# `get_block_sizes`, `DEFAULT_BLOCK_SIZES` where no row covers the call; rows of a file named by
+# $LTJAX_PALLAS_TUNED (`load_tuned`) take precedence.
+# Every matmul row takes the `tl.dot` path (block_m >= DOT_MIN_M), batch 1 included. The int8
+# forward, bitmask forward and unpack rows are the fastest of `benchmarks.pallas_sweep` on an
+# H200 at K = N = 8192 (benchmarks/results/2026-11-27-h200/, times per 8192² layer):
+#   int8, bf16, M <= 16: (16,128,256, split 2, 8 warps, 3 stages) 41-44 us, where the previous
+#     (16,64,256, split 1) took 45-53 us and the broadcast-reduce path 58-79 us at M = 1;
+#   int8, f32, M <= 16: the same block with swap_ab 126 us (three bf16 dots), others 168-189 us;
+#   int8, bf16/f16, M <= 64: (64,64,128, split 2, 4 warps, 4 stages) 64 us vs (64,64,128, split 1)
+#     80-86 us; the fastest, (64,128,256, split 2) at 62 us, needs 224 KiB of shared memory with
+#     bf16 activations (an A100 has 164) and 260 KiB with f32 ones (over the H200's 227);
+#   int8, f32, M = 1: the batch-1 FMA path (1,8,512) 53 us with bf16 activations (it computes
+#     in f32 whatever their dtype), where the split dot took 150-180 us;
+#   bitmask_int8 50%, M <= 16: (16,16,256, one program per tile) 131-146 us, best of 8; with f32
+#     activations the broadcast path at M = 1 (0.15 ms) and M <= 4 (0.30 ms) beat the dot
+#     (0.42 / 0.76-0.81 ms), which from M = 5 takes the IEEE f32 dot (0.72 ms at M = 16);
+#   unpack (transposed write): (32,128) 184 us vs (32,256) 220 us.
+# The transposed (backward) rows come from the offline Triton compile (no spills, sm_80/sm_90).
 TUNED_BLOCK_SIZES: tuple[tuple[tuple[str, str, int], BlockSizes], ...] = tuple(sorted([
     (("bitmask_matmul", "*", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_matmul", "float32", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=8, num_stages=1)),
+    (("bitmask_matmul", "float32", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul", "float32", 4), BlockSizes(block_m=4, block_n=8, block_k=256, split=0, num_warps=4, num_stages=1)),
     (("bitmask_matmul", "*", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
     (("bitmask_matmul", "float32", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=1)),
     (("bitmask_matmul_t", "*", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_matmul_t", "float32", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=8, num_stages=1)),
     (("bitmask_matmul_t", "*", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
     (("bitmask_matmul_t", "float32", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=1)),
     (("bitmask_unpack", "*", 1 << 30), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_unpack_t", "*", 1 << 30), BlockSizes(block_m=1, block_n=32, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_unpack_t", "*", 1 << 30), BlockSizes(block_m=1, block_n=32, block_k=128, split=0, num_warps=4, num_stages=1)),
     (("int8_dequant", "*", 1 << 30), BlockSizes(block_m=1, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
     (("int8_dequant_t", "*", 1 << 30), BlockSizes(block_m=1, block_n=64, block_k=128, split=1, num_warps=4, num_stages=1)),
-    (("int8_matmul", "*", 16), BlockSizes(block_m=16, block_n=64, block_k=256, split=1, num_warps=8, num_stages=3)),
+    (("int8_matmul", "*", 16), BlockSizes(block_m=16, block_n=128, block_k=256, split=2, num_warps=8, num_stages=3)),
+    (("int8_matmul", "float32", 1), BlockSizes(block_m=1, block_n=8, block_k=512, split=1, num_warps=4, num_stages=3)),
+    (("int8_matmul", "float32", 16), BlockSizes(block_m=16, block_n=128, block_k=256, split=2, num_warps=8, num_stages=3, swap_ab=True)),
     (("int8_matmul", "*", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=1, num_warps=8, num_stages=3)),
+    (("int8_matmul", "bfloat16", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=2, num_warps=4, num_stages=4)),
+    (("int8_matmul", "float16", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=2, num_warps=4, num_stages=4)),
     (("int8_matmul", "*", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=64, split=1, num_warps=4, num_stages=3)),
     (("int8_matmul_t", "*", 16), BlockSizes(block_m=16, block_n=64, block_k=256, split=1, num_warps=8, num_stages=3)),
     (("int8_matmul_t", "*", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=1, num_warps=8, num_stages=3)),

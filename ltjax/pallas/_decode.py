@@ -85,15 +85,17 @@ def _split_bf16(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return hi, mid, (r - mid.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
-def contract(a: jax.Array, b: jax.Array, *, use_dot: bool, transposed: bool) -> jax.Array:
+def contract(a: jax.Array, b: jax.Array, *, use_dot: bool, transposed: bool, split_f32: bool = True) -> jax.Array:
     """f32 ``a [bm, bk] @ b[bn, bk].T`` (``transposed=False``) or ``a [bm, bn] @ b [bn, bk]``.
 
     One operand holds activations (f32, bf16 or f16), the other decoded weights: int8 codes
     (either side) or float values (``b``). ``use_dot``: Triton `tl.dot` on the tensor cores
-    (every dimension >= 16). Codes are exact in bf16 and f16, so with f32 activations the dot
-    runs as three bf16 dots over the activations' hi/mid/lo split: f32-accurate (each product
-    exact, f32 accumulation) on the tensor cores, where an IEEE f32 `tl.dot` runs on the FMA
-    units. Float weights with f32 activations take the IEEE f32 dot (HIGHEST, not TF32).
+    (every dimension >= 16). Codes are exact in bf16 and f16, so with f32 activations and
+    ``split_f32`` the dot runs as three bf16 dots over the activations' hi/mid/lo split:
+    f32-accurate (each product exact, f32 accumulation) on the tensor cores. Otherwise f32
+    activations take the IEEE f32 dot (HIGHEST, not TF32) on the FMA units. Measured on an
+    H200 at 8192², M = 16: the split made the int8 kernel 4x faster (0.65 -> 0.16 ms) but the
+    bitmask one, bound by its decode, 15% slower and spilling registers, so it passes False.
     Else a broadcast multiply-reduce in f32 registers.
     """
     if use_dot:
@@ -101,7 +103,7 @@ def contract(a: jax.Array, b: jax.Array, *, use_dot: bool, transposed: bool) -> 
         dot = lambda u, v, prec=None: lax.dot_general(u, v, dims, precision=prec, preferred_element_type=jnp.float32)
         codes_in_a = a.dtype == jnp.int8
         act = b if codes_in_a else a
-        if (codes_in_a or b.dtype == jnp.int8) and act.dtype == jnp.float32:
+        if split_f32 and (codes_in_a or b.dtype == jnp.int8) and act.dtype == jnp.float32:
             codes = (a if codes_in_a else b).astype(jnp.bfloat16)
             parts = _split_bf16(act)
             return sum(dot(codes, t) if codes_in_a else dot(t, codes) for t in parts)

@@ -54,11 +54,11 @@ def _bitmask_matmul_kernel(
             def col_chunk(q, st):
                 acc, start = st
                 words = words0 if n_cc == 1 else load_words(mask_ref, r0, r_end, tw0 + q * nwb, tw_end, bn=bn, nw=nwb)
-                vals = gather_packed(packed_ref, words, start)
+                vals = gather_packed(packed_ref, words, start).astype(cdt)
                 c0 = j * tc + q * bk
                 x_ok = mrow_ok[:, None] & ((c0 + iota(bk)) < c_end)[None, :]
                 x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(c0, bk)], mask=x_ok, other=0).astype(cdt)
-                acc = acc + contract(x, vals, use_dot=_config.uses_dot(bs), transposed=False)
+                acc = acc + contract(x, vals, use_dot=_config.uses_dot(bs), transposed=False, split_f32=False)
                 return acc, start + popc(words).sum(axis=1)
 
             if n_cc == 1:
@@ -119,13 +119,14 @@ def _bitmask_matmul_t_kernel(
                     start, total = tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, r0, r_end, tw0, tw_end,
                                                     bn=bn, nwb=nwb, n_cc=n_cc, words0=None)
                     start = start + row_popcounts(mask_ref, r0, r_end, tw0, tw_end, q, bn=bn, nw=nwb)
-                vals = gather_packed(packed_ref, words, start)
+                vals = gather_packed(packed_ref, words, start).astype(cdt)
                 r_ok = (r0 + iota(bn)) < r_end
                 dy_ok = mrow_ok[:, None] & r_ok[None, :]
                 dy = plgpu.load(dy_ref.at[pl.ds(m0, bm), pl.ds(r0, bn)], mask=dy_ok, other=0).astype(jnp.float32)
                 scale = plgpu.load(scales_ref.at[pl.ds(r0, bn)], mask=r_ok, other=0.0)
                 dys = (dy * scale[None, :]).astype(cdt)
-                return acc + contract(dys, vals, use_dot=_config.uses_dot(bs), transposed=True), carry + total
+                return (acc + contract(dys, vals, use_dot=_config.uses_dot(bs), transposed=True, split_f32=False),
+                        carry + total)
 
             acc, _ = lax.fori_loop(0, pl.cdiv(r_end - rs, bn), row_chunk, (acc, jnp.int32(0)))
             return acc
