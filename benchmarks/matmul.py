@@ -25,7 +25,6 @@ written for all three.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,7 +156,6 @@ def read_floor(sizes, reps: int, layers: int, seed: int = 2) -> list[dict]:
         t = _common.median_time(lambda: f(arrays), reps=reps) / layers
         out.append(dict(K=kn, N=kn, bytes=kn * kn, t_ms=t * 1e3, GBps=kn * kn / t / 1e9))
         print(f"read floor {kn}²: XLA int8 row sums {t * 1e3:.4f} ms, {kn * kn / t / 1e9:.1f} GB/s", flush=True)
-        del arrays
     return out
 
 
