@@ -2,7 +2,7 @@
 
 Usage (project venv):  python benchmarks/_pallas_triton_ir.py build/ttir
 then:                  ../shared/tools/triton-offline-check build/ttir --cc 90 80 --json out.json
-Shapes: a 4096 x 4096 Dense kernel (default 256 x 256 tiles), M = 1, 4, 16, 128, bf16 and f32.
+Shapes: a 4096 x 4096 Dense kernel (default 256 x 256 tiles), M = 1, 4, 16, 64, 128, bf16 and f32.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def main(outdir: str, k: int = 4096, n: int = 4096) -> None:
     cases = []
     for codec in ("int8", "bitmask_int8", "bitmask"):
         ct = pack(w if codec != "bitmask" else w.astype(jnp.bfloat16), codec)
-        for m in (1, 4, 16, 128):
-            for dt in ((jnp.bfloat16, jnp.float32) if m in (1, 16, 128) else (jnp.bfloat16,)):
+        for m in (1, 4, 16, 64, 128):
+            for dt in ((jnp.bfloat16, jnp.float32) if m in (1, 16, 64, 128) else (jnp.bfloat16,)):
                 cases.append((f"{codec}_m{m}_{jnp.dtype(dt).name}_matmul", lp.matmul, (m, k), dt, ct))
                 cases.append((f"{codec}_m{m}_{jnp.dtype(dt).name}_matmul_t", lp.matmul_t, (m, n), dt, ct))
         cases.append((f"{codec}_decompress", None, None, None, ct))

@@ -77,15 +77,22 @@ class BlockSizes:
 #   bitmask_int8 50%, M <= 16: (16,16,256, one program per tile) 131-146 us, best of 8; with f32
 #     activations the broadcast path at M = 1 (0.15 ms) and M <= 4 (0.30 ms) beat the dot
 #     (0.42 / 0.76-0.81 ms), which from M = 5 takes the IEEE f32 dot (0.72 ms at M = 16);
+#   bitmask, 16 < M <= 64: NOT MEASURED, derived: the kernel is decode-bound and every M block
+#     decodes the whole weight again (M = 64 in blocks of 16 took 0.42 ms, 3x M = 16), so one
+#     64-row block (8 warps: no spills on sm_80/sm_90 in the offline compile, either direction);
 #   unpack (transposed write): (32,128) 184 us vs (32,256) 220 us.
-# The transposed (backward) rows come from the offline Triton compile (no spills, sm_80/sm_90).
+# The transposed (backward) rows and the int8 f32 M <= 64 rows come from the offline Triton
+# compile (smallest blocks of the measured shapes with no spills on sm_80/sm_90; the three-dot
+# f32 split at (64,64,128) spilled 332 B on sm_80).
 TUNED_BLOCK_SIZES: tuple[tuple[tuple[str, str, int], BlockSizes], ...] = tuple(sorted([
-    (("bitmask_matmul", "*", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul", "*", 16), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul", "*", 64), BlockSizes(block_m=64, block_n=16, block_k=256, split=0, num_warps=8, num_stages=1)),
     (("bitmask_matmul", "float32", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
     (("bitmask_matmul", "float32", 4), BlockSizes(block_m=4, block_n=8, block_k=256, split=0, num_warps=4, num_stages=1)),
     (("bitmask_matmul", "*", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
     (("bitmask_matmul", "float32", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=1)),
-    (("bitmask_matmul_t", "*", 64), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul_t", "*", 16), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul_t", "*", 64), BlockSizes(block_m=64, block_n=16, block_k=256, split=0, num_warps=8, num_stages=1)),
     (("bitmask_matmul_t", "*", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
     (("bitmask_matmul_t", "float32", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=1)),
     (("bitmask_unpack", "*", 1 << 30), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
@@ -96,11 +103,13 @@ TUNED_BLOCK_SIZES: tuple[tuple[tuple[str, str, int], BlockSizes], ...] = tuple(s
     (("int8_matmul", "float32", 1), BlockSizes(block_m=1, block_n=8, block_k=512, split=1, num_warps=4, num_stages=3)),
     (("int8_matmul", "float32", 16), BlockSizes(block_m=16, block_n=128, block_k=256, split=2, num_warps=8, num_stages=3, swap_ab=True)),
     (("int8_matmul", "*", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=1, num_warps=8, num_stages=3)),
+    (("int8_matmul", "float32", 64), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=3)),
     (("int8_matmul", "bfloat16", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=2, num_warps=4, num_stages=4)),
     (("int8_matmul", "float16", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=2, num_warps=4, num_stages=4)),
     (("int8_matmul", "*", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=64, split=1, num_warps=4, num_stages=3)),
     (("int8_matmul_t", "*", 16), BlockSizes(block_m=16, block_n=64, block_k=256, split=1, num_warps=8, num_stages=3)),
     (("int8_matmul_t", "*", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=1, num_warps=8, num_stages=3)),
+    (("int8_matmul_t", "float32", 64), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=3)),
     (("int8_matmul_t", "*", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=64, split=1, num_warps=4, num_stages=3)),
 ]))
 DEFAULT_BLOCK_SIZES = BlockSizes()
