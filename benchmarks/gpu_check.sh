@@ -75,24 +75,11 @@ END=$(date +%s)
 
 export GPU_CHECK_DEVICE="$DEVICE"
 "$PY" - "$OUT" "$TEST_RC" "$BENCH_RC" "$SWEEP_RC" "$START" "$SWEEP_END" "$BENCH_END" "$END" <<'PYEOF'
-import json, os, subprocess, sys
+import json, os, sys
 import xml.etree.ElementTree as ET
 
 out = sys.argv[1]
 test_rc, bench_rc, sweep_rc, t0, t1, t2, t3 = map(int, sys.argv[2:9])
-
-def commit():
-    # A COMMIT file, written beside the tree before it is sent here, wins over git: a .git copied
-    # to the GPU machine was seen stale (it named an older commit than the tree it came with).
-    if os.path.exists("COMMIT"):
-        return open("COMMIT").read().strip()
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if r.returncode == 0:
-            return r.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
 
 try:
     import jax
@@ -111,7 +98,13 @@ if os.path.exists(xml):
 bench_path = os.path.join(out, "matmul_bench.json")
 load = lambda p: json.load(open(p)) if os.path.exists(p) else None
 bench, sweep = load(bench_path), load(os.path.join(out, "sweep.json"))
-result = dict(device=device, backend=backend, jax_version=jax_version, commit=commit(),
+try:  # a COMMIT file, written before the tree was sent, wins over a copied .git (seen stale there)
+    from benchmarks._common import git_info
+    git = git_info()
+except Exception as e:
+    git = {"commit": f"unknown: {e}"}
+result = dict(device=device, backend=backend, jax_version=jax_version,
+              commit=git.get("commit_file") or git["commit"], git=git,
               env={"LTJAX_PALLAS_INTERPRET": os.environ.get("LTJAX_PALLAS_INTERPRET")},
               device_probe=os.environ.get("GPU_CHECK_DEVICE"), tuned_table=os.environ.get("LTJAX_PALLAS_TUNED"),
               seconds={"sweep": t1 - t0, "benchmark": t2 - t1, "tests": t3 - t2},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -131,8 +132,6 @@ def load_tuned(path: str) -> tuple[tuple[tuple[str, str, int], BlockSizes], ...]
     fastest on the GPU at hand; ``$LTJAX_PALLAS_TUNED`` pointing at one makes its rows take
     precedence over `TUNED_BLOCK_SIZES` (same key: replaced; new key: added).
     """
-    import json
-
     try:
         with open(path) as f:
             doc = json.load(f)
