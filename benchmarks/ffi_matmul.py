@@ -12,6 +12,9 @@ The main ones are also timed in bursts of consecutive calls (`burst_*` fields: t
 state of a decode loop; see BURST below and docs/ffi.md "bitmask_int8 at M = 1") and cold
 (`cold_*`: the weights evicted from the caches before every call, as in a decode loop over a
 model larger than the cache; see COLD_FLUSH_MIB below).
+
+`LTJAX_FFI_ISA=avx2 python -m benchmarks.ffi_matmul ...` times ltjax's AVX2 kernels (the path of
+CPUs without AVX-512) on an AVX-512 machine; the JSON's `meta.ffi.isa` says which ran.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -145,31 +146,26 @@ def test_no_dense_temp():
 
 
 @needs_ffi
-def test_avx2_path_matches_reference():
-    """The AVX2 kernels (forced with LTJAX_FFI_ISA=avx2) give the same answers."""
-    code = textwrap.dedent(
-        """
-        import jax, jax.numpy as jnp, numpy as np
-        import ltjax.ffi as F
-        from ltjax._format import pack, decompress_reference, decode_storage
-        assert F.info()["isa"] == "avx2", F.info()
-        rng = np.random.default_rng(0)
-        for codec in ("int8", "bitmask_int8", "bitmask"):
-            w = rng.standard_normal((300, 77)).astype(np.float32); w[rng.random(w.shape) < .5] = 0
-            ct = pack(w, codec, tile=(7, 64)); ref = decompress_reference(ct)
-            for m in (1, 5):
-                x = jnp.asarray(rng.standard_normal((m, 300)).astype(np.float32))
-                dy = jnp.asarray(rng.standard_normal((m, 77)).astype(np.float32))
-                np.testing.assert_allclose(F.matmul(x, ct), x @ ref, rtol=2e-5, atol=2e-4)
-                np.testing.assert_allclose(F.matmul_t(dy, ct), dy @ ref.T, rtol=2e-5, atol=2e-4)
-            if codec != "int8":
-                np.testing.assert_allclose(F.unpack_bitmask(ct), decode_storage(ct), rtol=1e-6, atol=1e-7)
-        print("ok")
-        """
-    )
+def test_whole_module_again_on_the_avx2_kernels():
+    """Every other test of this module once more with the AVX2 kernels (the path of CPUs without
+    AVX-512: most laptops). The ISA is fixed when the library loads, so in a fresh process with
+    LTJAX_FFI_ISA=avx2; `test_isa_override_is_honoured` there proves the override took."""
     env = {**os.environ, "LTJAX_FFI_ISA": "avx2", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", str(Path(__file__)),
+           "-k", "not test_whole_module_again"]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", r.stdout)
+    assert passed and int(passed.group(1)) >= 50 and "skipped" not in r.stdout, r.stdout[-2000:]
+
+
+@needs_ffi
+def test_isa_override_is_honoured():
+    want = os.environ.get("LTJAX_FFI_ISA")
+    if want == "avx2":
+        assert lffi.info()["isa"] == "avx2" and lffi.info()["vnni"] is False, lffi.info()
+    else:
+        assert lffi.info()["isa"] in ("avx2", "avx512"), lffi.info()
 
 
 # ---------------------------------------------------------------------- M = 1 bitmask_int8 GEMV
@@ -182,13 +178,16 @@ GEMV_SHAPES = [(4096, 300, None), (300, 257, (7, 64)), (1000, 600, (7, 96)), (70
 
 def _gemv_bound(x64, codes, scales, y64, vnni):
     """Largest |y - y_exact| a correct kernel may give: with VNNI, x rounded to 24-bit fixed point
-    (half a step of max|x| / 8355711 per element) plus two f32 roundings of the result; without, a
-    generous f32-accumulation bound."""
+    (half a step of max|x| / 8355711 per element) plus two f32 roundings of the result; without,
+    the f32 walk's: each output is a tree of f32 roundings (per lane at most ceil(K / 32) FMAs,
+    then at most 8 levels of partial-sum adds, the horizontal sum and the scale), so
+    |error| <= depth * 2^-24 * scale * sum_k |b_k x_k| to first order (1% added for the rest)."""
     absb = np.abs(codes).astype(np.float64) @ np.ones(codes.shape[1])  # sum_k |b| per row
     if vnni:
         qs = np.abs(x64).max() / 8355711
         return scales * absb * qs / 2 + np.abs(y64) * 2.0**-22 + 1e-30
-    return scales * (np.abs(codes) @ np.abs(x64)) * codes.shape[1] * 2.0**-23 + 1e-30
+    depth = -(-codes.shape[1] // 32) + 8
+    return scales * (np.abs(codes) @ np.abs(x64)) * depth * 2.0**-24 * 1.01 + 1e-30
 
 
 @needs_ffi
@@ -213,8 +212,8 @@ def test_m1_bitmask_int8_within_stated_error(shape, outliers):
     bound = _gemv_bound(x[0].astype(np.float64), codes, scales, y64, lffi.info()["vnni"])
     err = np.abs(y - y64)
     assert np.all(err <= bound), (err.max(), bound[np.argmax(err - bound)])
-    # the bound is not vacuous: it is far below the values themselves
-    assert np.median(bound / np.maximum(np.abs(y64), 1e-30)) < 1e-4
+    # the bound is not vacuous: it is far below the values themselves (the f32 walk's grows with K)
+    assert np.median(bound / np.maximum(np.abs(y64), 1e-30)) < (1e-4 if lffi.info()["vnni"] else 1e-3)
 
 
 @needs_ffi

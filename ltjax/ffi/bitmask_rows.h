@@ -1,8 +1,11 @@
 // Decoding one storage row of a bitmask codec: mask words + packed values (tile-major) ->
 // a dense row. AVX-512 VBMI2 expands 32 packed elements per mask word in registers
-// (masked load of popcount(word) elements, then vpexpand{b,w,d}); the AVX2 path scatters
-// set bits one at a time. Shared by bitmask_matmul.cc and bitmask_unpack.cc.
+// (masked load of popcount(word) elements, then vpexpand{b,w,d}); AVX2, which has no expand,
+// shuffles 8 elements per mask byte with a control from a 256-entry table (`kExpand`).
+// Shared by bitmask_matmul.cc and bitmask_unpack.cc.
 #pragma once
+
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -99,30 +102,147 @@ LTJAX_AVX512 bool RowBits_512(RowCursor& cur, const void* packed, int64_t, void*
   });
 }
 
-inline float PackedToF32(Packed P, const void* packed, int64_t i) {
-  switch (P) {
-    case Packed::kI8: return static_cast<float>(static_cast<const int8_t*>(packed)[i]);
-    case Packed::kF32: return static_cast<const float*>(packed)[i];
-    case Packed::kBf16: return Bf16ToF32(static_cast<const uint16_t*>(packed)[i]);
-    default: return F16ToF32(static_cast<const uint16_t*>(packed)[i]);
+// ---------------------------------------------------------------- AVX2 (no vpexpand)
+// AVX2 has no expand instruction, so each mask byte (8 columns) picks a shuffle control from a
+// 256-entry table: byte j of idx8[b] is the packed position of column j (the rank of bit j
+// among b's set bits), or 0x80 where bit j is clear, which `vpshufb` turns into a zero and
+// `vpermd` + a blend on the sign bit likewise. Two bytes share one 16-byte shuffle by adding
+// the first byte's popcount to the second's control (0x80 + 8 keeps its top bit). Each step
+// reads a full vector past the word's first packed element, so within 32 elements of the
+// end of the packed array the word's elements are first copied to a zero-padded buffer.
+struct ExpandTables {
+  uint64_t idx8[256];
+  alignas(16) uint8_t idx16[256][16];  // the same for two-byte elements: bytes 2r, 2r + 1
+  constexpr ExpandTables() : idx8(), idx16() {
+    for (int b = 0; b < 256; ++b) {
+      uint64_t v = 0;
+      for (int j = 0, r = 0; j < 8; ++j) {
+        const bool set = (b >> j) & 1;
+        v |= static_cast<uint64_t>(set ? r : 0x80) << (8 * j);
+        idx16[b][2 * j] = static_cast<uint8_t>(set ? 2 * r : 0x80);
+        idx16[b][2 * j + 1] = static_cast<uint8_t>(set ? 2 * r + 1 : 0x80);
+        r += set;
+      }
+      idx8[b] = v;
+    }
+  }
+};
+inline constexpr ExpandTables kExpand{};
+
+// Where word m's packed elements can be read a whole vector at a time: base + s, or (within
+// 32 elements of the end) a copy of its popcount(m) elements in buf[32], zero-padded. The
+// cursor has already checked s + popcount(m) <= nnz.
+template <class T>
+LTJAX_INLINE const T* Readable32(const T* base, int64_t s, uint32_t m, int64_t nnz, T* buf) {
+  if (s + 32 <= nnz) return base + s;
+  std::memset(static_cast<void*>(buf), 0, 32 * sizeof(T));
+  std::memcpy(static_cast<void*>(buf), base + s, __builtin_popcount(m) * sizeof(T));
+  return buf;
+}
+
+// 16 int8 elements at the columns of the 16-bit mask m16.
+LTJAX_AVX2 LTJAX_INLINE __m128i Expand16I8_256(uint32_t m16, const int8_t* p) {
+  const uint64_t lo = kExpand.idx8[m16 & 0xff], c = static_cast<uint64_t>(__builtin_popcount(m16 & 0xff));
+  const __m128i ctrl = _mm_set_epi64x(static_cast<int64_t>(kExpand.idx8[m16 >> 8] + c * 0x0101010101010101ull),
+                                      static_cast<int64_t>(lo));
+  return _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), ctrl);
+}
+
+// 8 elements (mask byte b) as f32, and as their own 32-bit pattern (f32 values only).
+LTJAX_AVX2 LTJAX_INLINE __m256 Expand8F32Bits_256(uint32_t b, const float* p) {
+  const __m256i idx = _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(kExpand.idx8[b])));
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(p), idx), _mm256_setzero_ps(),
+                          _mm256_castsi256_ps(idx));
+}
+LTJAX_AVX2 LTJAX_INLINE __m128i Expand8U16_256(uint32_t b, const uint16_t* p) {
+  return _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)),
+                          _mm_load_si128(reinterpret_cast<const __m128i*>(kExpand.idx16[b])));
+}
+
+// The 32 columns of word m as four f32 vectors of 8 (word w's values start at p).
+template <Packed P>
+LTJAX_AVX2 LTJAX_INLINE void Expand32_256(uint32_t m, const void* p, __m256* v) {
+  if constexpr (P == Packed::kI8) {
+    auto* c = static_cast<const int8_t*>(p);
+    const __m128i lo = Expand16I8_256(m & 0xffff, c), hi = Expand16I8_256(m >> 16, c + __builtin_popcount(m & 0xffff));
+    v[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    v[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+    v[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    v[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+  } else {
+    int64_t s = 0;
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t b = (m >> (8 * q)) & 0xff;
+      if constexpr (P == Packed::kF32) {
+        v[q] = Expand8F32Bits_256(b, static_cast<const float*>(p) + s);
+      } else {
+        const __m128i h = Expand8U16_256(b, static_cast<const uint16_t*>(p) + s);
+        if constexpr (P == Packed::kBf16) v[q] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        else v[q] = _mm256_cvtph_ps(h);
+      }
+      s += __builtin_popcount(b);
+    }
   }
 }
 
-// Portable (AVX2-machine) versions: one set bit at a time.
-inline bool RowF32_Scalar(Packed P, RowCursor& cur, const void* packed, int64_t words, float* dst) {
-  std::fill(dst, dst + 32 * words, 0.0f);
-  return cur.Row([&](int64_t w, uint32_t m, int64_t s) {
-    for (float* d = dst + 32 * w; m; m &= m - 1) d[__builtin_ctz(m)] = PackedToF32(P, packed, s++);
+template <Packed P>
+using PackedT = std::conditional_t<P == Packed::kI8, int8_t, std::conditional_t<P == Packed::kF32, float, uint16_t>>;
+
+// Row `cur.row()` as f32 into dst[0 : 32 * words]; advances cur.
+template <Packed P>
+LTJAX_AVX2 bool RowF32_256(RowCursor& cur, const void* packed, float* dst) {
+  using T = PackedT<P>;
+  const T* base = static_cast<const T*>(packed);
+  const int64_t nnz = cur.nnz();
+  alignas(32) T buf[32];
+  return cur.Row([&](int64_t w, uint32_t m, int64_t s) LTJAX_AVX2 {
+    __m256 v[4];
+    Expand32_256<P>(m, Readable32(base, s, m, nnz, buf), v);
+    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(dst + 32 * w + 8 * q, v[q]);
   });
 }
 
-inline bool RowBits_Scalar(Packed P, RowCursor& cur, const void* packed, int64_t words, void* dst) {
-  size_t es = P == Packed::kI8 ? 1 : P == Packed::kF32 ? 4 : 2;
-  std::memset(dst, 0, 32 * words * es);
-  return cur.Row([&](int64_t w, uint32_t m, int64_t s) {
-    for (; m; m &= m - 1, ++s)
-      std::memcpy(static_cast<char*>(dst) + (32 * w + __builtin_ctz(m)) * es,
-                  static_cast<const char*>(packed) + s * es, es);
+// dot(row `cur.row()`, x) without writing the row (x padded to 32 * words); advances cur.
+template <Packed P>
+LTJAX_AVX2 bool RowDot_256(RowCursor& cur, const void* packed, const float* x, float* out) {
+  using T = PackedT<P>;
+  const T* base = static_cast<const T*>(packed);
+  const int64_t nnz = cur.nnz();
+  alignas(32) T buf[32];
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  bool ok = cur.Row([&](int64_t w, uint32_t m, int64_t s) LTJAX_AVX2 {
+    __m256 v[4];
+    Expand32_256<P>(m, Readable32(base, s, m, nnz, buf), v);
+    const float* xp = x + 32 * w;
+    a0 = _mm256_fmadd_ps(v[0], _mm256_loadu_ps(xp), a0);
+    a1 = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xp + 8), a1);
+    a2 = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xp + 16), a2);
+    a3 = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xp + 24), a3);
+  });
+  *out = Hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  return ok;
+}
+
+// Row `cur.row()` as the packed elements' own bits (1, 2 or 4 bytes each) into dst.
+template <Packed P>
+LTJAX_AVX2 bool RowBits_256(RowCursor& cur, const void* packed, void* dst) {
+  using T = PackedT<P>;
+  const T* base = static_cast<const T*>(packed);
+  const int64_t nnz = cur.nnz();
+  alignas(32) T buf[32];
+  return cur.Row([&](int64_t w, uint32_t m, int64_t s) LTJAX_AVX2 {
+    const T* p = Readable32(base, s, m, nnz, buf);
+    T* d = static_cast<T*>(dst) + 32 * w;
+    if constexpr (P == Packed::kI8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d), Expand16I8_256(m & 0xffff, p));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 16), Expand16I8_256(m >> 16, p + __builtin_popcount(m & 0xffff)));
+    } else {
+      for (int q = 0; q < 4; ++q, m >>= 8) {
+        if constexpr (P == Packed::kF32) _mm256_storeu_ps(d + 8 * q, Expand8F32Bits_256(m & 0xff, p));
+        else _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 8 * q), Expand8U16_256(m & 0xff, p));
+        p += __builtin_popcount(m & 0xff);
+      }
+    }
   });
 }
 
@@ -350,6 +470,14 @@ LTJAX_AVX512_VNNI inline bool GemvI8_Vnni(const BitmaskGeometry& g, const int8_t
 }
 
 inline bool RowDot(Packed P, RowCursor& cur, const void* packed, const float* x, float* out) {
+  if (CurrentIsa() != Isa::kAvx512) {
+    switch (P) {
+      case Packed::kI8: return RowDot_256<Packed::kI8>(cur, packed, x, out);
+      case Packed::kF32: return RowDot_256<Packed::kF32>(cur, packed, x, out);
+      case Packed::kBf16: return RowDot_256<Packed::kBf16>(cur, packed, x, out);
+      default: return RowDot_256<Packed::kF16>(cur, packed, x, out);
+    }
+  }
   switch (P) {
     case Packed::kI8: return RowDotI8_512(cur, packed, x, out);
     case Packed::kF32: return RowDot_512<Packed::kF32>(cur, packed, x, out);
@@ -367,7 +495,12 @@ inline bool RowF32(Packed P, RowCursor& cur, const void* packed, int64_t words, 
       case Packed::kF16: return RowF32_512<Packed::kF16>(cur, packed, words, dst);
     }
   }
-  return RowF32_Scalar(P, cur, packed, words, dst);
+  switch (P) {
+    case Packed::kI8: return RowF32_256<Packed::kI8>(cur, packed, dst);
+    case Packed::kF32: return RowF32_256<Packed::kF32>(cur, packed, dst);
+    case Packed::kBf16: return RowF32_256<Packed::kBf16>(cur, packed, dst);
+    default: return RowF32_256<Packed::kF16>(cur, packed, dst);
+  }
 }
 
 inline bool RowBits(Packed P, RowCursor& cur, const void* packed, int64_t words, void* dst) {
@@ -379,7 +512,12 @@ inline bool RowBits(Packed P, RowCursor& cur, const void* packed, int64_t words,
       case Packed::kF16: return RowBits_512<Packed::kF16>(cur, packed, words, dst);
     }
   }
-  return RowBits_Scalar(P, cur, packed, words, dst);
+  switch (P) {
+    case Packed::kI8: return RowBits_256<Packed::kI8>(cur, packed, dst);
+    case Packed::kF32: return RowBits_256<Packed::kF32>(cur, packed, dst);
+    case Packed::kBf16: return RowBits_256<Packed::kBf16>(cur, packed, dst);
+    default: return RowBits_256<Packed::kF16>(cur, packed, dst);
+  }
 }
 
 // A `RowDecoder` over a bitmask matrix (f32 rows, unscaled).
@@ -391,7 +529,7 @@ class BitmaskRows : public RowDecoder {
     if (n != cur_.row()) return false;
     return RowF32(p_, cur_, packed_, words_, dst);
   }
-  bool HasDot() const override { return CurrentIsa() == Isa::kAvx512; }
+  bool HasDot() const override { return true; }
   bool Dot(int64_t n, const float* x, float* out) override {
     if (n != cur_.row()) return false;
     return RowDot(p_, cur_, packed_, x, out);

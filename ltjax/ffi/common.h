@@ -343,44 +343,59 @@ class RowCursor {
   }
   // Calls f(word, mask_bits, packed_start) for every mask word of the current row, in order,
   // then moves to the next row. Returns false (calling nothing more) on inconsistent data.
-  // (always_inline here and in Spans: the kernels calling these are compiled for AVX-512/AVX2,
-  // and GCC inlines their lambdas only once the walk itself sits inside the kernel; called out
-  // of line, each lambda call kept the kernel's accumulators in memory: 1.4x slower at M = 1.)
+  // (always_inline here and in Spans, and no lambda of their own: the kernels calling these
+  // are compiled for AVX-512/AVX2, and GCC inlines a kernel's lambda only where the call sits
+  // in code compiled for that target. Called out of line, or from a helper lambda compiled for
+  // the baseline ISA, the kernel's lambda ran as a call per mask word with its accumulators in
+  // memory: ~1.4x slower at M = 1, docs/ffi.md "AVX2 bitmask expansion".)
   template <class F>
   LTJAX_INLINE bool Row(F&& f) {
-    return Spans([&](const uint32_t* mrow, int64_t w0, int64_t w1, int64_t s) {
+    const uint32_t* mrow = g_.mask + row_ * g_.w;
+    for (int64_t j = 0; j < g_.gc; ++j) {
+      int64_t s = cur_[j], w0 = j * wpt_, w1 = std::min(g_.w, w0 + wpt_);
+      if (!SpanFits(j, s, w0, w1)) return false;
       for (int64_t w = w0; w < w1; ++w) {
-        uint32_t m = w == g_.w - 1 ? (mrow[w] & g_.last_word) : mrow[w];
+        const uint32_t m = w == g_.w - 1 ? (mrow[w] & g_.last_word) : mrow[w];
         f(w, m, s);
         s += __builtin_popcount(m);
       }
-      return s;
-    });
+      cur_[j] = s;
+    }
+    NextRow();
+    return true;
   }
   // Like Row, but calls f(mask_row, w0, w1, packed_start) once per tile column (mask words
   // [w0, w1) of the current row; the caller masks word words() - 1 with last_word()), so a
   // kernel can consume several mask words per step. f returns where its packed values ended.
-  // Before f runs, the span is checked against [0, nnz): cheaply by its largest possible
-  // count (32 per word), by its exact popcount only within that distance of the end.
   template <class F>
   LTJAX_INLINE bool Spans(F&& f) {
     const uint32_t* mrow = g_.mask + row_ * g_.w;
     for (int64_t j = 0; j < g_.gc; ++j) {
       int64_t s = cur_[j], w0 = j * wpt_, w1 = std::min(g_.w, w0 + wpt_);
-      if (s < 0 || (s + 32 * (w1 - w0) > g_.nnz && s + Count(row_, j) > g_.nnz)) return false;
+      if (!SpanFits(j, s, w0, w1)) return false;
       cur_[j] = f(mrow, w0, w1, s);
     }
-    ++row_;
-    if (row_ % g_.tr == 0 && row_ < g_.c) Reset(row_);
+    NextRow();
     return true;
   }
   int64_t row() const { return row_; }
+  int64_t nnz() const { return g_.nnz; }
   int64_t next(int64_t j) const { return cur_[j]; }  // where tile column j's values continue
   int64_t words() const { return g_.w; }
   uint32_t last_word() const { return g_.last_word; }
 
  private:
   int64_t Count(int64_t n, int64_t j) const { return SpanCount(g_, n, j, wpt_); }
+  // Whether the current row's span of tile column j (words [w0, w1), values from s) lies in
+  // [0, nnz): cheaply by its largest possible count (32 per word), by its exact popcount only
+  // within that distance of the end. Checked before any of its values is read.
+  LTJAX_INLINE bool SpanFits(int64_t j, int64_t s, int64_t w0, int64_t w1) const {
+    return s >= 0 && (s + 32 * (w1 - w0) <= g_.nnz || s + Count(row_, j) <= g_.nnz);
+  }
+  LTJAX_INLINE void NextRow() {
+    ++row_;
+    if (row_ % g_.tr == 0 && row_ < g_.c) Reset(row_);
+  }
   void Reset(int64_t row) {
     int64_t i = std::min(row / g_.tr, g_.gr - 1);
     for (int64_t j = 0; j < g_.gc; ++j) cur_[j] = g_.offsets[i * g_.gc + j];
