@@ -21,8 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 needs_ffi = pytest.mark.skipif(not lffi.available(), reason=f"ltjax.ffi unavailable: {lffi.unavailable_reason()}")
 
 CODECS = ("int8", "bitmask_int8", "bitmask")
-# (K, N, M, tile): ragged sizes (not multiples of 32 / 16 / 4), tiles that cut rows mid-way.
-SHAPES = [(100, 70, 3, (16, 32)), (300, 257, 5, (7, 64)), (1, 9, 2, None), (513, 130, 17, None)]
+# (K, N, M, tile): ragged sizes (not multiples of 32 / 16 / 4), tiles that cut rows mid-way;
+# M = 1 (the GEMV kernels): N = 77 and 6 leave row tails after the blocks of four, and
+# 1000 x 300 is large enough to be split across the thread pool.
+SHAPES = [(100, 70, 3, (16, 32)), (300, 257, 5, (7, 64)), (1, 9, 2, None), (513, 130, 17, None),
+          (300, 77, 1, (7, 64)), (1000, 6, 1, (16, 96)), (1000, 300, 1, None)]
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.6e-2}
 
 

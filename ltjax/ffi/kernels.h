@@ -210,6 +210,33 @@ LTJAX_AVX2 inline void DotCodes2_256(const int8_t* c0, const int8_t* c1, const f
   out[1] = s1;
 }
 
+// DotCodes4_512 for AVX2: four rows (stride `ld`) against one x, software prefetch of the rows
+// at `pf`; 8 codes per step and two partial sums per row (8 accumulators + 2 x registers).
+LTJAX_AVX2 inline void DotCodes4_256(const int8_t* c0, int64_t ld, const float* x, int64_t k, const int8_t* pf,
+                                     float* out) {
+  const int8_t* c[4] = {c0, c0 + ld, c0 + 2 * ld, c0 + 3 * ld};
+  __m256 a[4], b[4];
+  for (int j = 0; j < 4; ++j) a[j] = b[j] = _mm256_setzero_ps();
+#define LTJAX_CV8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    if ((i & 63) == 0)
+      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(pf) + j * ld + i, _MM_HINT_T0);
+    const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      a[j] = _mm256_fmadd_ps(LTJAX_CV8(c[j] + i), x0, a[j]);
+      b[j] = _mm256_fmadd_ps(LTJAX_CV8(c[j] + i + 8), x1, b[j]);
+    }
+  }
+#undef LTJAX_CV8
+  for (int j = 0; j < 4; ++j) {
+    float t = Hsum256(_mm256_add_ps(a[j], b[j]));
+    for (int64_t q = i; q < k; ++q) t += static_cast<float>(c[j][q]) * x[q];
+    out[j] = t;
+  }
+}
+
 // ---------------------------------------------------------------- dispatch helpers
 inline void DotBlock(int mb, const float* x, const float* w, int64_t kp, float* acc) {
   if (CurrentIsa() == Isa::kAvx512) {
@@ -280,14 +307,13 @@ inline bool Forward(int64_t M, int64_t K, int64_t N, int64_t kp, const float* xs
     if (M == 1 && int8_rows != nullptr) {
       bool avx512 = CurrentIsa() == Isa::kAvx512;
       int64_t n = n0;
-      if (avx512) {
-        for (; n + 4 <= n1; n += 4) {
-          const int8_t* c0 = int8_rows + n * K;
-          const int8_t* pf = int8_rows + std::min(n + 8, N - 4) * K;  // 4 rows, all inside W
-          float d[4];
-          DotCodes4_512(c0, K, xs, K, pf, d);
-          for (int j = 0; j < 4; ++j) StoreOut(elt, y, n + j, d[j] * scales[n + j]);
-        }
+      for (; n + 4 <= n1; n += 4) {
+        const int8_t* c0 = int8_rows + n * K;
+        const int8_t* pf = int8_rows + std::min(n + 8, N - 4) * K;  // 4 rows, all inside W
+        float d[4];
+        if (avx512) DotCodes4_512(c0, K, xs, K, pf, d);
+        else DotCodes4_256(c0, K, xs, K, pf, d);
+        for (int j = 0; j < 4; ++j) StoreOut(elt, y, n + j, d[j] * scales[n + j]);
       }
       for (; n < n1; n += 2) {
         const int8_t* c0 = int8_rows + n * K;
