@@ -149,11 +149,13 @@ def test_no_dense_temp():
 
 
 @needs_ffi
-def test_whole_module_again_on_the_avx2_kernels():
+@pytest.mark.parametrize("vnni", ["1", "0"], ids=["avx2", "avx2-novnni"])
+def test_whole_module_again_on_the_avx2_kernels(vnni):
     """Every other test of this module once more with the AVX2 kernels (the path of CPUs without
-    AVX-512: most laptops). The ISA is fixed when the library loads, so in a fresh process with
-    LTJAX_FFI_ISA=avx2; `test_isa_override_is_honoured` there proves the override took."""
-    env = {**os.environ, "LTJAX_FFI_ISA": "avx2", "PYTHONPATH": str(ROOT)}
+    AVX-512: most laptops), with AVX-VNNI where this CPU has it and with LTJAX_FFI_VNNI=0 (the
+    f32 walk of AVX2 CPUs without it). The ISA is fixed when the library loads, so in a fresh
+    process; `test_isa_override_is_honoured` there proves the override took."""
+    env = {**os.environ, "LTJAX_FFI_ISA": "avx2", "LTJAX_FFI_VNNI": vnni, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", str(Path(__file__)),
            "-k", "not test_whole_module_again"]
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -164,11 +166,13 @@ def test_whole_module_again_on_the_avx2_kernels():
 
 @needs_ffi
 def test_isa_override_is_honoured():
-    want = os.environ.get("LTJAX_FFI_ISA")
-    if want == "avx2":
-        assert lffi.info()["isa"] == "avx2" and lffi.info()["vnni"] is False, lffi.info()
+    info = lffi.info()
+    if os.environ.get("LTJAX_FFI_ISA") == "avx2":
+        assert info["isa"] == "avx2" and info["vnni"] in (False, "avx_vnni"), info
     else:
-        assert lffi.info()["isa"] in ("avx2", "avx512"), lffi.info()
+        assert info["isa"] in ("avx2", "avx512"), info
+    if os.environ.get("LTJAX_FFI_VNNI") == "0":
+        assert info["vnni"] is False, info
 
 
 # ---------------------------------------------------------------------- M = 1 bitmask_int8 GEMV
@@ -217,6 +221,44 @@ def test_m1_bitmask_int8_within_stated_error(shape, outliers):
     assert np.all(err <= bound), (err.max(), bound[np.argmax(err - bound)])
     # the bound is not vacuous: it is far below the values themselves (the f32 walk's grows with K)
     assert np.median(bound / np.maximum(np.abs(y64), 1e-30)) < (1e-4 if lffi.info()["vnni"] else 1e-3)
+
+
+@needs_ffi
+def test_m1_bitmask_int8_same_answer_on_both_vector_widths(tmp_path):
+    """The AVX2 process (LTJAX_FFI_ISA=avx2: AVX-VNNI's ymm GEMV where the CPU has it) against this
+    one: when both run an integer (VNNI) path they sum the same integers, so the outputs are
+    bit-identical; otherwise they agree within the f32 walk's error."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((1000, 300)).astype(np.float32)
+    w[rng.random(w.shape) < 0.5] = 0.0
+    x = rng.standard_normal((1, 1000)).astype(np.float32)
+    x[0, ::97] *= 100.0
+    ct = pack(w, "bitmask_int8", tile=(64, 256))
+    here = np.asarray(jax.jit(lffi.matmul)(jnp.asarray(x), jax.tree.map(jnp.asarray, ct)))
+    code = textwrap.dedent(
+        """
+        import sys, jax, jax.numpy as jnp, numpy as np
+        import ltjax.ffi as F
+        from ltjax._format import pack
+        rng = np.random.default_rng(7)
+        w = rng.standard_normal((1000, 300)).astype(np.float32)
+        w[rng.random(w.shape) < 0.5] = 0.0
+        x = rng.standard_normal((1, 1000)).astype(np.float32)
+        x[0, ::97] *= 100.0
+        y = np.asarray(F.matmul(jnp.asarray(x), pack(w, "bitmask_int8", tile=(64, 256))))
+        np.save(sys.argv[1], y)
+        print(F.info()["vnni"])
+        """
+    )
+    out = tmp_path / "y_avx2.npy"
+    env = {**os.environ, "LTJAX_FFI_ISA": "avx2", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    other = np.load(out)
+    if lffi.info()["vnni"] and r.stdout.strip() != "False":
+        np.testing.assert_array_equal(other, here)
+    else:
+        np.testing.assert_allclose(other, here, rtol=1e-4, atol=1e-3 * float(np.abs(here).max()))
 
 
 @needs_ffi

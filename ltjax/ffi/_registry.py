@@ -37,7 +37,7 @@ def _load() -> None:
     for name, capsule in targets.items():
         jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     _state.update(
-        loaded=True, isa=isa, vnni=bool(mod.vnni()), threads=mod.num_threads(), targets=tuple(sorted(targets))
+        loaded=True, isa=isa, vnni=mod.vnni() or False, threads=mod.num_threads(), targets=tuple(sorted(targets))
     )
 
 

@@ -5,6 +5,7 @@
 // Shared by bitmask_matmul.cc and bitmask_unpack.cc.
 #pragma once
 
+#include <cmath>
 #include <type_traits>
 
 #include "kernels.h"
@@ -128,6 +129,14 @@ struct ExpandTables {
   }
 };
 inline constexpr ExpandTables kExpand{};
+struct ExpandHiTables {
+  uint64_t t[9][256];  // idx8[b] + c in every byte: the control of a second byte after c elements
+  constexpr ExpandHiTables() : t() {
+    for (int c = 0; c < 9; ++c)
+      for (int b = 0; b < 256; ++b) t[c][b] = kExpand.idx8[b] + static_cast<uint64_t>(c) * 0x0101010101010101ull;
+  }
+};
+inline constexpr ExpandHiTables kExpandHi{};
 
 // Where word m's packed elements can be read a whole vector at a time: base + s, or (within
 // 32 elements of the end) a copy of its popcount(m) elements in buf[32], zero-padded. The
@@ -142,9 +151,9 @@ LTJAX_INLINE const T* Readable32(const T* base, int64_t s, uint32_t m, int64_t n
 
 // 16 int8 elements at the columns of the 16-bit mask m16.
 LTJAX_AVX2 LTJAX_INLINE __m128i Expand16I8_256(uint32_t m16, const int8_t* p) {
-  const uint64_t lo = kExpand.idx8[m16 & 0xff], c = static_cast<uint64_t>(__builtin_popcount(m16 & 0xff));
-  const __m128i ctrl = _mm_set_epi64x(static_cast<int64_t>(kExpand.idx8[m16 >> 8] + c * 0x0101010101010101ull),
-                                      static_cast<int64_t>(lo));
+  const uint32_t b0 = m16 & 0xff, b1 = m16 >> 8;
+  const __m128i ctrl = _mm_set_epi64x(static_cast<int64_t>(kExpandHi.t[__builtin_popcount(b0)][b1]),
+                                      static_cast<int64_t>(kExpand.idx8[b0]));
   return _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), ctrl);
 }
 
@@ -350,6 +359,37 @@ LTJAX_AVX512 inline bool MakeXDigits(const float* x, int64_t kp, int8_t* buf, XD
   return true;
 }
 
+// MakeXDigits for CPUs without AVX-512 (the AVX-VNNI path): the same digits, element by element
+// (round to nearest even in double, as _mm512_cvtpd_epi32 does under the default MXCSR).
+LTJAX_AVX2 inline bool MakeXDigitsScalar(const float* x, int64_t kp, int8_t* buf, XDigits* out) {
+  float a = 0.0f;
+  for (int64_t k = 0; k < kp; ++k) {
+    if (!(std::fabs(x[k]) <= 3.4028234663852886e38f)) return false;  // NaN or inf
+    a = std::max(a, std::fabs(x[k]));
+  }
+  const int64_t stride = kp + 64;
+  out->d = buf;
+  out->stride = stride;
+  out->qs = a > 0 ? static_cast<double>(a) / kQMax : 1.0;
+  const double inv = 1.0 / out->qs;
+  int64_t e_sum[3] = {0, 0, 0};
+  for (int64_t k = 0; k < kp; ++k) {
+    int64_t q = static_cast<int64_t>(std::nearbyint(static_cast<double>(x[k]) * inv));
+    q = std::max(-kQMax, std::min(kQMax, q));
+    for (int d = 0; d < 3; ++d) {
+      const int64_t e = ((q + 128) & 255) - 128;
+      buf[d * stride + k] = static_cast<int8_t>(e);
+      e_sum[d] += e;
+      q = (q - e) >> 8;
+    }
+  }
+  for (int d = 0; d < 3; ++d) {
+    std::memset(buf + d * stride + kp, 0, 64);
+    out->sum[d] = e_sum[d];
+  }
+  return true;
+}
+
 // One span (mask words [w0, w1) of one row, packed codes from base + s) into the row's three
 // int32 digit accumulators acc[0..2]; returns where its codes ended. `last_bits` masks word
 // `last` (the row's final, partial word); an odd final word loads only 32 digits.
@@ -408,28 +448,126 @@ LTJAX_AVX512_VNNI LTJAX_INLINE int64_t Span8x2Vnni(const uint32_t* ma, const uin
   return sb;
 }
 
-// Whether GemvI8_Vnni's int32 lanes are safe: a row adds at most 4 * 255 * 128 per 64 columns.
-inline bool VnniRowFits(const BitmaskGeometry& g) { return (g.w + 1) / 2 * 4 * 255 * 128 < (int64_t{1} << 31); }
+// ---- AVX-VNNI (ymm, VEX: AVX2 CPUs with vpdpbusd, e.g. Intel client cores since Alder Lake)
+// The same digits and sums 32 columns (one mask word) at a time: the word's codes expanded by
+// table (Expand16I8_256, reading within 32 codes of the end from a padded copy), flipped, and
+// three vpdpbusd against the digits, read from L1 (16 ymm registers cannot hold a span's 24).
+LTJAX_AVX2_VNNI LTJAX_INLINE __m256i FlippedCodes32(uint32_t m, const int8_t* base, int64_t s, int64_t nnz) {
+  alignas(32) int8_t buf[32];
+  const int8_t* p = Readable32(base, s, m, nnz, buf);
+  const __m128i lo = Expand16I8_256(m & 0xffff, p), hi = Expand16I8_256(m >> 16, p + __builtin_popcount(m & 0xffff));
+  return _mm256_xor_si256(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(static_cast<char>(0x80)));
+}
+
+LTJAX_AVX2_VNNI LTJAX_INLINE void Dp3(__m256i v, const int8_t* const* d, int64_t w, __m256i* acc) {
+  for (int e = 0; e < 3; ++e)
+    acc[e] = _mm256_dpbusd_avx_epi32(acc[e], v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d[e] + 32 * w)));
+}
+
+// The two vector widths as policies of one driver (GemvDigits below): per-row accumulators
+// (kAccBytes: three int32 vectors), the generic span, the 256-column two-row span, the lane sum.
+struct ZmmVnni {
+  static constexpr int64_t kAccBytes = 3 * 64;
+  static constexpr int64_t kWordsPerLaneStep = 2;  // a 64-column step adds to each int32 lane once
+  struct Digits {
+    __m512i X[4][3];
+  };
+  LTJAX_AVX512_VNNI static void LoadDigits(Digits* x, const int8_t* const* d, int64_t w0) {
+    for (int q = 0; q < 4; ++q)
+      for (int e = 0; e < 3; ++e) x->X[q][e] = _mm512_loadu_si512(d[e] + 32 * (w0 + 2 * q));
+  }
+  LTJAX_AVX512_VNNI static int64_t Span(const uint32_t* mrow, int64_t w0, int64_t w1, int64_t last,
+                                                     uint32_t last_bits, const int8_t* base, int64_t s, int64_t,
+                                                     const int8_t* const* d, void* acc) {
+    return SpanVnni(mrow, w0, w1, last, last_bits, base, s, d, static_cast<__m512i*>(acc));
+  }
+  LTJAX_AVX512_VNNI static int64_t Span8x2(const uint32_t* ma, const uint32_t* mb, const int8_t* base,
+                                                        int64_t s, int64_t, const Digits& x, void* acc) {
+    return Span8x2Vnni(ma, mb, base, s, x.X, static_cast<__m512i*>(acc));
+  }
+  LTJAX_AVX512_VNNI static int64_t LaneSum(const void* acc, int e) {
+    return _mm512_reduce_add_epi32(_mm512_loadu_si512(static_cast<const __m512i*>(acc) + e));
+  }
+};
+
+struct YmmVnni {
+  static constexpr int64_t kAccBytes = 3 * 32;
+  static constexpr int64_t kWordsPerLaneStep = 1;
+  struct Digits {
+    const int8_t* d[3];
+  };
+  LTJAX_AVX2_VNNI static void LoadDigits(Digits* x, const int8_t* const* d, int64_t w0) {
+    for (int e = 0; e < 3; ++e) x->d[e] = d[e] + 32 * w0;  // the span's first word
+  }
+  LTJAX_AVX2_VNNI static int64_t Span(const uint32_t* mrow, int64_t w0, int64_t w1, int64_t last,
+                                                   uint32_t last_bits, const int8_t* base, int64_t s, int64_t nnz,
+                                                   const int8_t* const* d, void* acc) {
+    auto* a = static_cast<__m256i*>(acc);
+    __m256i c[3] = {_mm256_loadu_si256(a), _mm256_loadu_si256(a + 1), _mm256_loadu_si256(a + 2)};
+    for (int64_t w = w0; w < w1; ++w) {
+      const uint32_t m = w == last ? (mrow[w] & last_bits) : mrow[w];
+      Dp3(FlippedCodes32(m, base, s, nnz), d, w, c);
+      s += __builtin_popcount(m);
+    }
+    for (int e = 0; e < 3; ++e) _mm256_storeu_si256(a + e, c[e]);
+    return s;
+  }
+  // Rows a and b over one 8-word span (all full words): b's codes follow a's.
+  LTJAX_AVX2_VNNI static int64_t Span8x2(const uint32_t* ma, const uint32_t* mb, const int8_t* base,
+                                                      int64_t s, int64_t nnz, const Digits& x, void* acc) {
+    auto* a = static_cast<__m256i*>(acc);
+    __m256i ca[3], cb[3];
+    for (int e = 0; e < 3; ++e) ca[e] = _mm256_loadu_si256(a + e), cb[e] = _mm256_loadu_si256(a + 3 + e);
+    int64_t sb = s;
+    for (int q = 0; q < 8; ++q) sb += __builtin_popcount(ma[q]);
+#pragma GCC unroll 8
+    for (int q = 0; q < 8; ++q) {
+      Dp3(FlippedCodes32(ma[q], base, s, nnz), x.d, q, ca);
+      Dp3(FlippedCodes32(mb[q], base, sb, nnz), x.d, q, cb);
+      s += __builtin_popcount(ma[q]);
+      sb += __builtin_popcount(mb[q]);
+    }
+    for (int e = 0; e < 3; ++e) _mm256_storeu_si256(a + e, ca[e]), _mm256_storeu_si256(a + 3 + e, cb[e]);
+    return sb;
+  }
+  LTJAX_AVX2_VNNI static int64_t LaneSum(const void* acc, int e) {
+    const __m256i v = _mm256_loadu_si256(static_cast<const __m256i*>(acc) + e);
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+    return _mm_cvtsi128_si32(t);
+  }
+};
+
+// Whether the int32 lanes are safe: a row adds at most 4 * 255 * 128 to a lane per lane step
+// (64 columns for zmm, 32 for ymm).
+inline bool VnniRowFits(const BitmaskGeometry& g) {
+  const int64_t words_per_step = CurrentVnni() == Vnni::kAvx512 ? 2 : 1;
+  return (g.w + words_per_step - 1) / words_per_step * 4 * 255 * 128 < (int64_t{1} << 31);
+}
 
 // y[n] = scales[n] * dot(row n, x) for rows [n0, n1) of a bitmask_int8 matrix, from x's digits.
 // Rows go in blocks of up to kRows inside one tile row, and each block walks the tile columns
 // in turn (the span's digits stay in registers; per-row accumulators in a thread's scratch).
 // Every block's span of codes is checked against [0, nnz) before it is read, as in RowCursor.
-LTJAX_AVX512_VNNI inline bool GemvI8_Vnni(const BitmaskGeometry& g, const int8_t* base, const XDigits& xd,
-                                          const float* scales, int64_t n0, int64_t n1, Elt elt, void* y) {
+// Flattened into GemvI8_Vnni (zmm) and GemvI8_AvxVnni (ymm), each compiled for its own ISA (an
+// always_inline template would be checked against the baseline ISA before it is inlined).
+template <class V>
+inline bool GemvDigits(const BitmaskGeometry& g, const int8_t* base, const XDigits& xd, const float* scales,
+                             int64_t n0, int64_t n1, Elt elt, void* y) {
   // Cold-cache prefetch (measured: docs/ffi.md "bitmask_int8 at M = 1"): a row's mask words of
   // one tile column are 4*w bytes apart from the next row's, a stride the hardware prefetchers
   // do not follow ahead, and the codes of a tile column are one sequential stream per block.
   constexpr int64_t kRows = 128, kMaskAhead = 16, kCodesAhead = 4096;
   const int64_t wpt = g.gc == 1 ? g.w : g.tc / 32, last = g.w - 1;
   const int8_t* d[3] = {xd.d, xd.d + xd.stride, xd.d + 2 * xd.stride};
-  auto* acc = reinterpret_cast<__m512i*>(Scratch(0, kRows * 3 * 16));
+  char* acc = reinterpret_cast<char*>(Scratch(0, kRows * V::kAccBytes / 4));
   std::vector<int64_t> cur(g.gc);
   RowCursor start(g, n0);  // where each tile column's codes continue at row n0
   for (int64_t j = 0; j < g.gc; ++j) cur[j] = start.next(j);
   for (int64_t n = n0; n < n1;) {
     const int64_t tile_end = (n / g.tr + 1) * g.tr, nb = std::min({n1, tile_end, n + kRows}) - n;
-    std::memset(static_cast<void*>(acc), 0, nb * 3 * 64);
+    std::memset(acc, 0, nb * V::kAccBytes);
     for (int64_t j = 0; j < g.gc; ++j) {
       const int64_t w0 = j * wpt, w1 = std::min(g.w, w0 + wpt);
       int64_t s = cur[j];
@@ -441,24 +579,24 @@ LTJAX_AVX512_VNNI inline bool GemvI8_Vnni(const BitmaskGeometry& g, const int8_t
       const uint32_t* mrow = g.mask + n * g.w;
       int64_t r = 0;
       if (w1 - w0 == 8 && (w1 < g.w || g.last_word == 0xffffffffu)) {
-        __m512i X[4][3];
-        for (int q = 0; q < 4; ++q)
-          for (int e = 0; e < 3; ++e) X[q][e] = _mm512_loadu_si512(d[e] + 32 * (w0 + 2 * q));
+        typename V::Digits x;
+        V::LoadDigits(&x, d, w0);
         for (; r + 2 <= nb; r += 2) {
           if ((j & 1) == 0 && r + kMaskAhead + 2 <= nb) {  // one 64-byte line holds two tile columns
             _mm_prefetch(reinterpret_cast<const char*>(mrow + (r + kMaskAhead) * g.w + w0), _MM_HINT_T0);
             _mm_prefetch(reinterpret_cast<const char*>(mrow + (r + kMaskAhead + 1) * g.w + w0), _MM_HINT_T0);
           }
           for (int q = 0; q < 4; ++q) _mm_prefetch(reinterpret_cast<const char*>(base + s + kCodesAhead + 64 * q), _MM_HINT_T0);
-          s = Span8x2Vnni(mrow + r * g.w + w0, mrow + (r + 1) * g.w + w0, base, s, X, acc + 3 * r);
+          s = V::Span8x2(mrow + r * g.w + w0, mrow + (r + 1) * g.w + w0, base, s, g.nnz, x, acc + r * V::kAccBytes);
         }
       }
-      for (; r < nb; ++r) s = SpanVnni(mrow + r * g.w, w0, w1, last, g.last_word, base, s, d, acc + 3 * r);
+      for (; r < nb; ++r)
+        s = V::Span(mrow + r * g.w, w0, w1, last, g.last_word, base, s, g.nnz, d, acc + r * V::kAccBytes);
       cur[j] = s;
     }
     for (int64_t r = 0; r < nb; ++r) {
       int64_t q[3];
-      for (int e = 0; e < 3; ++e) q[e] = _mm512_reduce_add_epi32(_mm512_loadu_si512(acc + 3 * r + e)) - 128 * xd.sum[e];
+      for (int e = 0; e < 3; ++e) q[e] = V::LaneSum(acc + r * V::kAccBytes, e) - 128 * xd.sum[e];
       double dot = static_cast<double>(q[0] + 256 * q[1] + 65536 * q[2]) * xd.qs;
       StoreOut(elt, y, n + r, static_cast<float>(dot) * scales[n + r]);
     }
@@ -467,6 +605,17 @@ LTJAX_AVX512_VNNI inline bool GemvI8_Vnni(const BitmaskGeometry& g, const int8_t
       for (int64_t j = 0; j < g.gc; ++j) cur[j] = g.offsets[(n / g.tr) * g.gc + j];
   }
   return true;
+}
+
+LTJAX_AVX512_VNNI __attribute__((flatten)) inline bool GemvI8_Vnni(const BitmaskGeometry& g, const int8_t* base,
+                                                                  const XDigits& xd, const float* scales, int64_t n0,
+                                                                  int64_t n1, Elt elt, void* y) {
+  return GemvDigits<ZmmVnni>(g, base, xd, scales, n0, n1, elt, y);
+}
+LTJAX_AVX2_VNNI __attribute__((flatten)) inline bool GemvI8_AvxVnni(const BitmaskGeometry& g, const int8_t* base,
+                                                                   const XDigits& xd, const float* scales, int64_t n0,
+                                                                   int64_t n1, Elt elt, void* y) {
+  return GemvDigits<YmmVnni>(g, base, xd, scales, n0, n1, elt, y);
 }
 
 inline bool RowDot(Packed P, RowCursor& cur, const void* packed, const float* x, float* out) {

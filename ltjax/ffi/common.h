@@ -28,6 +28,7 @@ namespace ffi = xla::ffi;
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,fma,f16c,bmi,bmi2,popcnt")))
 #define LTJAX_AVX512_VNNI \
   __attribute__((target("avx512vnni,avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,fma,f16c,bmi,bmi2,popcnt")))
+#define LTJAX_AVX2_VNNI __attribute__((target("avxvnni,avx2,fma,f16c,bmi,bmi2,popcnt")))
 #define LTJAX_INLINE inline __attribute__((always_inline))
 
 // ---------------------------------------------------------------- CPU level (runtime dispatch)
@@ -50,12 +51,19 @@ inline Isa CurrentIsa() {
   return isa;
 }
 
-// AVX-512 VNNI (vpdpbusd) on top of the AVX-512 level: the M = 1 bitmask_int8 GEMV then runs
-// in exact integer arithmetic (bitmask_rows.h, XDigits). LTJAX_FFI_VNNI=0 turns it off.
-inline bool HasVnni() {
-  static const bool vnni = [] {
+// Integer dot products (vpdpbusd) for the M = 1 bitmask_int8 GEMV, which then runs in exact
+// integer arithmetic (bitmask_rows.h, XDigits): AVX-512 VNNI (zmm) on the AVX-512 level, else
+// AVX-VNNI (ymm, VEX encoded: Intel client CPUs since Alder Lake, AMD Zen 5) on the AVX2 level.
+// LTJAX_FFI_VNNI=0 turns both off (the f32 walk runs).
+enum class Vnni : int { kNone = 0, kAvx = 1, kAvx512 = 2 };
+
+inline Vnni CurrentVnni() {
+  static const Vnni vnni = [] {
     const char* e = std::getenv("LTJAX_FFI_VNNI");
-    return CurrentIsa() == Isa::kAvx512 && __builtin_cpu_supports("avx512vnni") && !(e && std::string(e) == "0");
+    if (e && std::string(e) == "0") return Vnni::kNone;
+    if (CurrentIsa() == Isa::kAvx512 && __builtin_cpu_supports("avx512vnni")) return Vnni::kAvx512;
+    if (CurrentIsa() != Isa::kNone && __builtin_cpu_supports("avxvnni")) return Vnni::kAvx;
+    return Vnni::kNone;
   }();
   return vnni;
 }

@@ -58,14 +58,20 @@ PyObject* IsaName(PyObject*, PyObject*) {
   }
 }
 
-PyObject* Vnni(PyObject*, PyObject*) { return PyBool_FromLong(ltjax::HasVnni()); }
+PyObject* Vnni(PyObject*, PyObject*) {
+  switch (ltjax::CurrentVnni()) {
+    case ltjax::Vnni::kAvx512: return PyUnicode_FromString("avx512_vnni");
+    case ltjax::Vnni::kAvx: return PyUnicode_FromString("avx_vnni");
+    default: Py_RETURN_FALSE;
+  }
+}
 
 PyObject* NumThreads(PyObject*, PyObject*) { return PyLong_FromLong(ltjax::Pool::Get().size()); }
 
 PyMethodDef kMethods[] = {
     {"targets", Targets, METH_NOARGS, "dict: FFI target name -> PyCapsule of its XLA FFI handler"},
     {"isa", IsaName, METH_NOARGS, "instruction set chosen at run time: 'avx512', 'avx2' or 'none'"},
-    {"vnni", Vnni, METH_NOARGS, "whether the M = 1 bitmask_int8 GEMV uses AVX-512 VNNI (integer digits of x)"},
+    {"vnni", Vnni, METH_NOARGS, "the M = 1 bitmask_int8 GEMV's integer path (x as digits): 'avx512_vnni', 'avx_vnni' or False"},
     {"num_threads", NumThreads, METH_NOARGS, "threads of the handlers' pool (caller included)"},
     {nullptr, nullptr, 0, nullptr},
 };
