@@ -65,17 +65,17 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer off
   const float* xs = PaddedF32(elt, x.untyped_data(), m, k, kp, 2);
   bool ok;
   XDigits xd;
-  const Vnni vnni = CurrentVnni();
+  const Vnni vnni = m == 1 && w.packed_kind == Packed::kI8 && VnniRowFits(w.g) ? CurrentVnni() : Vnni::kNone;
   int8_t* digits = vnni != Vnni::kNone ? reinterpret_cast<int8_t*>(Scratch(1, (3 * (kp + 64) + 3) / 4)) : nullptr;
-  if (m == 1 && w.packed_kind == Packed::kI8 && vnni != Vnni::kNone && VnniRowFits(w.g) &&
+  if (vnni != Vnni::kNone &&
       (vnni == Vnni::kAvx512 ? MakeXDigits(xs, kp, digits, &xd) : MakeXDigitsScalar(xs, kp, digits, &xd))) {
     std::atomic<bool> good{true};
     const int64_t min_chunk = n * k < kInlineWork ? n : 16;
     auto body = [&](int64_t n0, int64_t n1, int) {
       const auto* codes = static_cast<const int8_t*>(w.packed);
-      bool ok = vnni == Vnni::kAvx512 ? GemvI8_Vnni(w.g, codes, xd, w.scales, n0, n1, elt, y->untyped_data())
-                                      : GemvI8_AvxVnni(w.g, codes, xd, w.scales, n0, n1, elt, y->untyped_data());
-      if (!ok) good.store(false);
+      if (!(vnni == Vnni::kAvx512 ? GemvI8_Vnni(w.g, codes, xd, w.scales, n0, n1, elt, y->untyped_data())
+                                  : GemvI8_AvxVnni(w.g, codes, xd, w.scales, n0, n1, elt, y->untyped_data())))
+        good.store(false);
     };
     ParallelRange(n, TileAlign(w.g), min_chunk, body);
     ok = good.load();

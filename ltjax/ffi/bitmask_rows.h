@@ -460,8 +460,13 @@ LTJAX_AVX2_VNNI LTJAX_INLINE __m256i FlippedCodes32(uint32_t m, const int8_t* ba
 }
 
 LTJAX_AVX2_VNNI LTJAX_INLINE void Dp3(__m256i v, const int8_t* const* d, int64_t w, __m256i* acc) {
+#if LTJAX_HAS_AVXVNNI
   for (int e = 0; e < 3; ++e)
     acc[e] = _mm256_dpbusd_avx_epi32(acc[e], v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d[e] + 32 * w)));
+#else
+  (void)v, (void)d, (void)w, (void)acc;
+  __builtin_trap();  // unreachable: CurrentVnni() never picks AVX-VNNI in such a build
+#endif
 }
 
 // The two vector widths as policies of one driver (GemvDigits below): per-row accumulators

@@ -28,7 +28,20 @@ namespace ffi = xla::ffi;
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,fma,f16c,bmi,bmi2,popcnt")))
 #define LTJAX_AVX512_VNNI \
   __attribute__((target("avx512vnni,avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,fma,f16c,bmi,bmi2,popcnt")))
+// AVX-VNNI (target "avxvnni", _mm256_dpbusd_avx_epi32) needs GCC >= 11 or clang >= 12; older
+// compilers build everything else and leave that one path out (CurrentVnni never picks it).
+#ifndef LTJAX_HAS_AVXVNNI
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define LTJAX_HAS_AVXVNNI 1
+#else
+#define LTJAX_HAS_AVXVNNI 0
+#endif
+#endif
+#if LTJAX_HAS_AVXVNNI
 #define LTJAX_AVX2_VNNI __attribute__((target("avxvnni,avx2,fma,f16c,bmi,bmi2,popcnt")))
+#else
+#define LTJAX_AVX2_VNNI LTJAX_AVX2
+#endif
 #define LTJAX_INLINE inline __attribute__((always_inline))
 
 // ---------------------------------------------------------------- CPU level (runtime dispatch)
@@ -62,7 +75,9 @@ inline Vnni CurrentVnni() {
     const char* e = std::getenv("LTJAX_FFI_VNNI");
     if (e && std::string(e) == "0") return Vnni::kNone;
     if (CurrentIsa() == Isa::kAvx512 && __builtin_cpu_supports("avx512vnni")) return Vnni::kAvx512;
+#if LTJAX_HAS_AVXVNNI
     if (CurrentIsa() != Isa::kNone && __builtin_cpu_supports("avxvnni")) return Vnni::kAvx;
+#endif
     return Vnni::kNone;
   }();
   return vnni;
