@@ -1,4 +1,4 @@
-"""The ``ltjax`` command line: analyze, compress, inspect and verify tensor files; run the benchmarks."""
+"""The ``ltjax`` command line: analyze, compress, inspect and verify tensor files; say what runs here; run the benchmarks."""
 
 from __future__ import annotations
 
@@ -97,6 +97,56 @@ def _cmd_verify(args) -> int:
     return 0
 
 
+def info_report() -> dict[str, Any]:
+    """What this installation will run: versions, devices, the CPU FFI extension's state and, per
+    codec and batch size, the implementation `ltjax.matmul` picks (with the reason where it
+    falls back), as `ltjax.matmul_impl` decides it."""
+    import jax
+    import jax.numpy as jnp
+
+    import ltjax
+    from ltjax import _ops
+    from ltjax import ffi as lffi
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 256)).astype(np.float32)
+    w[rng.random(w.shape) < 0.5] = 0.0
+    routes = {}
+    for codec in ("int8", "bitmask_int8", "bitmask"):
+        ct = ltjax.compress(w, codec)
+        for m in (1, 16, _ops._FFI_MAX_M + 1):
+            x = jax.ShapeDtypeStruct((m, w.shape[0]), jnp.float32)
+            impl = ltjax.matmul_impl(x, ct)
+            why = None
+            if jax.default_backend() == "cpu" and impl != "ffi":
+                why = _ops._ffi_reason(x, ct)
+            elif jax.default_backend() == "gpu" and impl != "pallas":
+                why = _ops._pallas_reason(x, ct)
+            routes[f"{codec} M={m}"] = {"impl": impl, "why_not_fast_path": why}
+    ffi = {k: v for k, v in lffi.info().items() if k != "targets"}
+    return {"ltjax": ltjax.__version__, "jax": jax.__version__, "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()], "cpu_ffi": ffi, "matmul_routes": routes}
+
+
+def _cmd_info(args) -> int:
+    r = info_report()
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    print(f"ltjax {r['ltjax']}, jax {r['jax']}, backend {r['backend']} ({len(r['devices'])} device(s): "
+          f"{', '.join(r['devices'])})")
+    f = r["cpu_ffi"]
+    if f["loaded"]:
+        print(f"CPU FFI extension: loaded, {f['isa']}, {f['threads']} threads; M = 1 bitmask_int8 GEMV: "
+              f"{f['vnni'] or 'f32 walk'}")
+    else:
+        print(f"CPU FFI extension: not loaded ({f['reason']})")
+    print("ltjax.matmul with f32 activations runs:")
+    for name, route in r["matmul_routes"].items():
+        print(f"  {name:18s} {route['impl']}" + (f"  ({route['why_not_fast_path']})" if route["why_not_fast_path"] else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ltjax", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -127,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("file")
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=_cmd_verify)
+
+    n = sub.add_parser("info", help="versions, devices, the CPU FFI extension and the path ltjax.matmul takes")
+    n.add_argument("--json", action="store_true")
+    n.set_defaults(fn=_cmd_info)
 
     b = sub.add_parser("bench", help="run the benchmark harness (benchmarks.run); see `ltjax bench --help`",
                        add_help=False)

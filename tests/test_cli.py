@@ -61,3 +61,22 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "not an ltjax file" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "missing.lt")]) == 1
     assert "no such file" in capsys.readouterr().err.lower()
+
+
+def test_info_says_what_runs_here(capsys):
+    import jax
+
+    from ltjax import ffi as lffi
+
+    assert main(["info", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["backend"] == jax.default_backend() and r["jax"] == jax.__version__
+    assert r["cpu_ffi"]["loaded"] == lffi.available()
+    routes = r["matmul_routes"]
+    assert set(routes) == {f"{c} M={m}" for c in ("int8", "bitmask_int8", "bitmask") for m in (1, 16, 65)}
+    if jax.default_backend() == "cpu" and lffi.available() and jax.device_count() == 1:
+        assert routes["bitmask_int8 M=1"] == {"impl": "ffi", "why_not_fast_path": None}
+        assert routes["int8 M=65"]["impl"] == "xla" and "M=65 > 64" in routes["int8 M=65"]["why_not_fast_path"]
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "ltjax.matmul with f32 activations runs:" in out and "bitmask_int8 M=1" in out
