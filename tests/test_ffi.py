@@ -149,19 +149,26 @@ def test_no_dense_temp():
 
 
 @needs_ffi
-@pytest.mark.parametrize("vnni", ["1", "0"], ids=["avx2", "avx2-novnni"])
-def test_whole_module_again_on_the_avx2_kernels(vnni):
-    """Every other test of this module once more with the AVX2 kernels (the path of CPUs without
-    AVX-512: most laptops), with AVX-VNNI where this CPU has it and with LTJAX_FFI_VNNI=0 (the
-    f32 walk of AVX2 CPUs without it). The ISA is fixed when the library loads, so in a fresh
-    process; `test_isa_override_is_honoured` there proves the override took."""
-    env = {**os.environ, "LTJAX_FFI_ISA": "avx2", "LTJAX_FFI_VNNI": vnni, "PYTHONPATH": str(ROOT)}
+@pytest.mark.parametrize(
+    "env, select, at_least",
+    [({"LTJAX_FFI_ISA": "avx2"}, "", 50), ({"LTJAX_FFI_ISA": "avx2", "LTJAX_FFI_VNNI": "0"}, "", 50),
+     ({"LTJAX_FFI_AMX": "0"}, "int8 and ", 20)],
+    ids=["avx2", "avx2-novnni", "avx512-noamx-int8"],
+)
+def test_whole_module_again_on_the_other_kernels(env, select, at_least):
+    """The tests of this module once more on the kernels this CPU would otherwise skip: AVX2 (the
+    path of CPUs without AVX-512: most laptops) with AVX-VNNI where this CPU has it, AVX2 with
+    LTJAX_FFI_VNNI=0 (the f32 walk of AVX2 CPUs without it), and the int8 tests with
+    LTJAX_FFI_AMX=0 (the f32 micro-kernel that AMX replaces at 2 <= M <= 64). The choice is fixed
+    when the library loads, so in a fresh process; `test_isa_override_is_honoured` there proves
+    the override took."""
+    env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", str(Path(__file__)),
-           "-k", "not test_whole_module_again"]
+           "-k", select + "not test_whole_module_again"]
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     passed = re.search(r"(\d+) passed", r.stdout)
-    assert passed and int(passed.group(1)) >= 50 and "skipped" not in r.stdout, r.stdout[-2000:]
+    assert passed and int(passed.group(1)) >= at_least and "skipped" not in r.stdout, r.stdout[-2000:]
 
 
 @needs_ffi
@@ -173,6 +180,8 @@ def test_isa_override_is_honoured():
         assert info["isa"] in ("avx2", "avx512"), info
     if os.environ.get("LTJAX_FFI_VNNI") == "0":
         assert info["vnni"] is False, info
+    if os.environ.get("LTJAX_FFI_AMX") == "0" or info["isa"] != "avx512":
+        assert info["amx"] is False, info
 
 
 # ---------------------------------------------------------------------- M = 1 bitmask_int8 GEMV
@@ -295,6 +304,48 @@ def test_m1_bitmask_int8_f32_walk_when_vnni_off():
     env = {**os.environ, "LTJAX_FFI_VNNI": "0", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------- int8 GEMM on AMX tiles
+@needs_ffi
+@pytest.mark.parametrize("shape", [(100, 70, 3), (300, 257, 5), (64, 16, 2), (1000, 33, 17), (513, 130, 16),
+                                   (2048, 300, 64), (1, 9, 2)], ids=str)
+def test_int8_gemm_within_stated_error(shape):
+    """int8 at 2 <= M <= 64 (AMX tiles where the CPU has them: x as 24-bit fixed point per row,
+    exact integer sums) against a float64 reference with LLM-like outliers in x, within the
+    error docs/ffi.md states; ragged K (partial 64-column chunk), N (partial 16-row block), M."""
+    k, n, m = shape
+    rng = np.random.default_rng(k + n + m)
+    ct = jax.tree.map(jnp.asarray, pack(rng.standard_normal((k, n)).astype(np.float32), "int8"))
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[:, rng.choice(k, max(1, k // 50), replace=False)] *= 100.0
+    codes = np.asarray(ct.codes, np.float64)  # [N, K]
+    scales = np.asarray(ct.scales, np.float64)
+    y64 = (x.astype(np.float64) @ codes.T) * scales
+    y = np.asarray(jax.jit(lffi.matmul)(jnp.asarray(x), ct), np.float64)
+    if lffi.info()["amx"]:
+        qs = np.abs(x).max(axis=1, keepdims=True).astype(np.float64) / 8355711  # per row of x
+        bound = scales * (np.abs(codes).sum(axis=1) * qs) / 2 + np.abs(y64) * 2.0**-22 + 1e-30
+    else:
+        depth = -(-k // 8) + 8  # the f32 micro-kernel: at most K / 8 FMAs per lane (AVX2), then the sums
+        bound = (np.abs(x).astype(np.float64) @ np.abs(codes).T) * scales * depth * 2.0**-24 * 1.01 + 1e-30
+    err = np.abs(y - y64)
+    assert np.all(err <= bound), (err.max(), bound.flat[np.argmax(err - bound)])
+    assert np.median(bound / np.maximum(np.abs(y64), 1e-30)) < 1e-3
+
+
+@needs_ffi
+def test_int8_gemm_non_finite_x_propagates():
+    """NaN/inf in x cannot become digits: the call takes the f32 path and the result is NaN/inf
+    where the reference's is."""
+    ct = _pack(4, 96, 40, "int8", None)
+    x = np.random.default_rng(2).standard_normal((5, 96)).astype(np.float32)
+    x[1, 3], x[3, 70] = np.nan, np.inf
+    y = np.asarray(jax.jit(lffi.matmul)(jnp.asarray(x), ct))
+    want = np.asarray(jnp.asarray(x) @ decompress_reference(ct))
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(want))
+    np.testing.assert_allclose(y[[0, 2, 4]], want[[0, 2, 4]], rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------- bad input at the handler

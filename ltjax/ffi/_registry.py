@@ -15,7 +15,8 @@ _MODULE = "ltjax.ffi._ltjax_ffi"
 _BUILD_INFO = Path(__file__).with_name("_build_info.txt")
 
 _state: dict = {
-    "loaded": False, "reason": None, "isa": None, "vnni": False, "threads": None, "targets": (), "logged": False
+    "loaded": False, "reason": None, "isa": None, "vnni": False, "amx": False, "threads": None, "targets": (),
+    "logged": False,
 }
 
 
@@ -37,7 +38,8 @@ def _load() -> None:
     for name, capsule in targets.items():
         jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     _state.update(
-        loaded=True, isa=isa, vnni=mod.vnni() or False, threads=mod.num_threads(), targets=tuple(sorted(targets))
+        loaded=True, isa=isa, vnni=mod.vnni() or False, amx=bool(mod.amx()), threads=mod.num_threads(),
+        targets=tuple(sorted(targets)),
     )
 
 
@@ -59,7 +61,7 @@ def log_unavailable_once() -> None:
 
 def info() -> dict:
     """Instruction set, VNNI use, thread count of the loaded handlers (for benchmarks)."""
-    return {k: _state[k] for k in ("loaded", "reason", "isa", "vnni", "threads", "targets")}
+    return {k: _state[k] for k in ("loaded", "reason", "isa", "vnni", "amx", "threads", "targets")}
 
 
 _load()

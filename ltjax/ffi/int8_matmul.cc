@@ -4,7 +4,7 @@
 //          "ltjax_int8_matmul_t" dx[M, K] = dy[M, N] @ W      (backward for x)
 // W is the int8 storage matrix [N, K] (one scale per output channel). Accumulation is exact f32
 // of codes * x (codes converted in registers), times the channel scale at the end.
-#include "kernels.h"
+#include "amx.h"
 
 namespace ltjax {
 namespace {
@@ -46,8 +46,24 @@ ffi::Error Int8MatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer
   int64_t kp = RoundUp(std::max<int64_t>(k, 1), 32);
   const float* xs = PaddedF32(elt, x.untyped_data(), m, k, kp, 2);
   auto* c = static_cast<const int8_t*>(codes.untyped_data());
-  Forward(m, k, n, kp, xs, static_cast<const float*>(scales.untyped_data()), elt, y->untyped_data(),
-          [&](int64_t) { return std::make_unique<Int8Rows>(c, k, kp); }, c);
+  auto* sc = static_cast<const float*>(scales.untyped_data());
+#if LTJAX_HAS_AMX
+  if (AmxFits(m, k) && n > 0 && k > 0 && HasAmx()) {
+    AmxDigits xd;
+    const int64_t kc = (k + 63) / 64, mblocks = (m + 15) / 16;
+    auto* digits = reinterpret_cast<int8_t*>(Scratch(1, (3 * mblocks * kc * 1024 + 3) / 4));
+    auto* tmp = reinterpret_cast<int8_t*>(Scratch(3, (3 * (kp + 64) + 3) / 4));
+    if (MakeAmxDigits(xs, m, k, kp, digits, tmp, &xd)) {  // else (NaN/inf in x) the f32 path below
+      ParallelRange(n, 16, 64, [&](int64_t n0, int64_t n1, int) {
+        auto* pad = reinterpret_cast<int8_t*>(Scratch(0, 16 * 64 * kc / 4));
+        AmxGemm(c, n, k, m, xd, sc, n0, n1, elt, y->untyped_data(), pad);
+      });
+      return ffi::Error::Success();
+    }
+  }
+#endif
+  Forward(m, k, n, kp, xs, sc, elt, y->untyped_data(), [&](int64_t) { return std::make_unique<Int8Rows>(c, k, kp); },
+          c);
   return ffi::Error::Success();
 }
 

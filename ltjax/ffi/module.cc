@@ -4,7 +4,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include "common.h"
+#include "amx.h"
 
 extern "C" {
 XLA_FFI_Error* LtjaxInt8Matmul(XLA_FFI_CallFrame*);
@@ -66,12 +66,15 @@ PyObject* Vnni(PyObject*, PyObject*) {
   }
 }
 
+PyObject* Amx(PyObject*, PyObject*) { return PyBool_FromLong(ltjax::HasAmx()); }
+
 PyObject* NumThreads(PyObject*, PyObject*) { return PyLong_FromLong(ltjax::Pool::Get().size()); }
 
 PyMethodDef kMethods[] = {
     {"targets", Targets, METH_NOARGS, "dict: FFI target name -> PyCapsule of its XLA FFI handler"},
     {"isa", IsaName, METH_NOARGS, "instruction set chosen at run time: 'avx512', 'avx2' or 'none'"},
     {"vnni", Vnni, METH_NOARGS, "the M = 1 bitmask_int8 GEMV's integer path (x as digits): 'avx512_vnni', 'avx_vnni' or False"},
+    {"amx", Amx, METH_NOARGS, "whether the int8 GEMM (2 <= M <= 64) runs on AMX tiles (integer digits of x)"},
     {"num_threads", NumThreads, METH_NOARGS, "threads of the handlers' pool (caller included)"},
     {nullptr, nullptr, 0, nullptr},
 };
