@@ -3,7 +3,7 @@
 Dispatch (one place: `_choose_impl`)
 ------------------------------------
 ``impl=None`` picks, in order: ``"pallas"`` on GPU when `ltjax.pallas.can_use_pallas` says yes;
-``"ffi"`` on CPU when `ltjax.ffi.can_use_ffi` says yes (single device: a custom call is not SPMD-partitioned; M <= 64: above it the XLA path is faster); ``"xla"`` when `can_use_xla` says yes
+``"ffi"`` on CPU when `ltjax.ffi.can_use_ffi` says yes (single device: a custom call is not SPMD-partitioned; M <= 64: above it the XLA path is faster, except for int8 on AMX CPUs); ``"xla"`` when `can_use_xla` says yes
 (2-D tensors in the output-channel-major storage of a Dense kernel, any codec, any backend);
 ``"reference"`` otherwise. Each fallback is logged once per reason on the ``"ltjax"`` logger.
 A user can force any of them; a forced impl that cannot run raises `ValueError` with the
@@ -141,7 +141,14 @@ def _pallas_reason(x2: Any, ct: CompressedTensor, *, need_gpu: bool = True) -> s
 # XLA's dot), measured at K = N = 1024 / 4096 on 2 cores (ms, ffi / xla / dense f32):
 # M=64 0.94/1.99/1.37 and 22.6/27.1/13.7; M=256 3.96/3.21/2.23 and 171/79/81;
 # M=1024 21.5/10.5/8.5 and 625/287/284.
+# Except the int8 GEMM on AMX tiles (`ltjax.ffi.info()["amx"]`), which wins at every M: at 4096²
+# (ms, ffi / xla / dense f32) M=128 5.3/18.8/16.9, M=256 10.9/31.0/29.2, M=1024 48/113/108
+# (docs/ffi.md "AMX int8 GEMM"). The backward's dx stays on the FFI only up to this M.
 _FFI_MAX_M = 64
+
+
+def _ffi_amx_gemm(ct: CompressedTensor) -> bool:
+    return ct.codec == "int8" and _module_has(_ffi, "info") and bool(_ffi.info().get("amx"))
 
 
 def _ffi_reason(x2: Any, ct: CompressedTensor) -> str | None:
@@ -149,7 +156,7 @@ def _ffi_reason(x2: Any, ct: CompressedTensor) -> str | None:
         return "ltjax.ffi handlers are not available in this installation"
     if _backend() != "cpu":
         return f"FFI handlers run on CPU; the backend is {_backend()!r}"
-    if x2.shape[0] > _FFI_MAX_M:
+    if x2.shape[0] > _FFI_MAX_M and not _ffi_amx_gemm(ct):
         return f"M={x2.shape[0]} > {_FFI_MAX_M}: the XLA path's chunked dots are faster there"
     if jax.device_count() > 1:
         # A custom call is opaque to SPMD partitioning: sharded operands would be all-gathered
@@ -398,7 +405,7 @@ def _forward(cfg: _Config, x2: jax.Array, ct: CompressedTensor) -> tuple[jax.Arr
 def _matmul_t(cfg: _Config, dy2: jax.Array, ct: CompressedTensor) -> jax.Array:
     if cfg.impl == "pallas":
         return _pallas.matmul_t(dy2, ct, interpret=cfg.interpret)
-    if cfg.impl == "ffi":
+    if cfg.impl == "ffi" and dy2.shape[0] <= _FFI_MAX_M:  # larger M: only the AMX forward is faster
         return _ffi.matmul_t(dy2, ct)
     return _xla_matmul_t(dy2, ct)
 

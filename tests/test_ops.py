@@ -233,6 +233,23 @@ def test_dispatch_to_kernel_modules(monkeypatch, which):
         assert _ops._choose_impl(x, ct, None).impl == "ffi"
 
 
+def test_int8_above_64_rows_on_cpu():
+    """M = 100: on CPUs with AMX the int8 forward stays on the FFI (its AMX GEMM beats the XLA
+    path at every M) and the backward's dx goes to the XLA path; elsewhere both take the XLA
+    path. Values and gradients match the reference either way."""
+    from ltjax import ffi
+
+    ct = make_ct("int8", 130, 70, None)
+    x = rand((100, 130))
+    if jax.default_backend() == "cpu" and jax.device_count() == 1 and ffi.available():
+        assert ltjax.matmul_impl(x, ct) == ("ffi" if ffi.info()["amx"] else "xla")
+    assert_close(jax.jit(ltjax.matmul)(x, ct), _ops.matmul_reference(x, ct), 2e-5)
+    gx, gct = _grads(ltjax.matmul, x, ct)
+    rx, rct = _grads(_ops.matmul_reference, x, ct)
+    assert_close(gx, rx, 2e-5)
+    assert_close(gct.scales, rct.scales, 2e-5)
+
+
 # ------------------------------------------------------------------------ bad input
 def test_bad_input():
     ct = make_ct("int8", 64, 32, None)

@@ -46,9 +46,9 @@ inline bool HasAmx() {
   return amx;
 }
 
-constexpr int64_t kAmxMaxM = 64;
+constexpr int64_t kAmxMaxM = 64;  // rows of x per pass over the codes (larger M: several passes)
 // int32 tile sums stay exact while K * 127 * 128 < 2^31.
-inline bool AmxFits(int64_t m, int64_t k) { return m >= 2 && m <= kAmxMaxM && k * 127 * 128 < (int64_t{1} << 31); }
+inline bool AmxFits(int64_t m, int64_t k) { return m >= 2 && k * 127 * 128 < (int64_t{1} << 31); }
 
 #if LTJAX_HAS_AMX
 #define LTJAX_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,bmi,bmi2,popcnt")))
@@ -92,11 +92,12 @@ LTJAX_AVX512 inline bool MakeAmxDigits(const float* xs, int64_t m, int64_t k, in
   return true;
 }
 
-// Rows [n0, n1) of the storage matrix (n0 a multiple of 16) into y [M, N]. `pad` is 16 * 64 * kc
+// Rows [n0, n1) of the storage matrix (n0 a multiple of 16) into rows [row0, row0 + m) of y [., N]. `pad` is 16 * 64 * kc
 // bytes of the thread's scratch for a last block of fewer than 16 rows (zero-padded, so tiles
 // never read past the codes); a column tail (K % 64) goes through a 16 x 64 copy.
 LTJAX_AMX inline void AmxGemm(const int8_t* codes, int64_t n_total, int64_t k, int64_t m, const AmxDigits& xd,
-                              const float* scales, int64_t n0, int64_t n1, Elt elt, void* y, int8_t* pad) {
+                              const float* scales, int64_t n0, int64_t n1, Elt elt, void* y, int64_t row0,
+                              int8_t* pad) {
   TileConfig cfg;
   for (int t = 0; t < 7; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
   _tile_loadconfig(&cfg);
@@ -138,7 +139,7 @@ LTJAX_AMX inline void AmxGemm(const int8_t* codes, int64_t n_total, int64_t k, i
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t q = int64_t{c[0][i][col]} + 256 * int64_t{c[1][i][col]} + 65536 * int64_t{c[2][i][col]};
           const double dot = static_cast<double>(q) * xd.qs[r];
-          StoreOut(elt, y, r * n_total + n + i, static_cast<float>(dot) * scales[n + i]);
+          StoreOut(elt, y, (row0 + r) * n_total + n + i, static_cast<float>(dot) * scales[n + i]);
         }
       }
     }
