@@ -92,59 +92,94 @@ LTJAX_AVX512 inline bool MakeAmxDigits(const float* xs, int64_t m, int64_t k, in
   return true;
 }
 
-// Rows [n0, n1) of the storage matrix (n0 a multiple of 16) into rows [row0, row0 + m) of y [., N]. `pad` is 16 * 64 * kc
-// bytes of the thread's scratch for a last block of fewer than 16 rows (zero-padded, so tiles
-// never read past the codes); a column tail (K % 64) goes through a 16 x 64 copy.
+inline TileConfig AmxConfig() {
+  TileConfig cfg;
+  for (int t = 0; t < 7; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  return cfg;
+}
+
+// One block of `rows` <= 16 storage rows starting at row n, whose codes are at `a` (row stride
+// lda; chunks of 64 columns before `direct` read there, the one after from `tail`, 16 x 64),
+// against x's digits: rows [row0, row0 + m) of y [., n_total]. Tiles configured by the caller.
+LTJAX_AMX LTJAX_INLINE void AmxBlock(const int8_t* a, int64_t lda, int64_t direct, const int8_t* tail, int64_t rows,
+                                     int64_t n, int64_t n_total, int64_t m, const AmxDigits& xd, const float* scales,
+                                     Elt elt, void* y, int64_t row0) {
+  alignas(64) int32_t c[3][16][16];
+  for (int64_t mb = 0; mb < xd.mblocks; ++mb) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    for (int64_t ch = 0; ch < xd.kc; ++ch) {
+      if (ch < direct) _tile_loadd(3, a + ch * 64, lda);
+      else _tile_loadd(3, tail, 64);
+      _tile_loadd(4, xd.Tile(0, mb, ch), 64);
+      _tile_loadd(5, xd.Tile(1, mb, ch), 64);
+      _tile_loadd(6, xd.Tile(2, mb, ch), 64);
+      _tile_dpbssd(0, 3, 4);
+      _tile_dpbssd(1, 3, 5);
+      _tile_dpbssd(2, 3, 6);
+    }
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64);
+    for (int64_t col = 0; col < 16 && mb * 16 + col < m; ++col) {
+      const int64_t r = mb * 16 + col;
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t q = int64_t{c[0][i][col]} + 256 * int64_t{c[1][i][col]} + 65536 * int64_t{c[2][i][col]};
+        const double dot = static_cast<double>(q) * xd.qs[r];
+        StoreOut(elt, y, (row0 + r) * n_total + n + i, static_cast<float>(dot) * scales[n + i]);
+      }
+    }
+  }
+}
+
+// int8 codes [n_total, k]: rows [n0, n1) (n0 a multiple of 16) into rows [row0, row0 + m) of y.
+// `pad` (16 * 64 * kc bytes of the thread's scratch) holds a last block of fewer than 16 rows,
+// zero-padded, so tiles never read past the codes; a column tail (K % 64) goes through a
+// 16 x 64 copy.
 LTJAX_AMX inline void AmxGemm(const int8_t* codes, int64_t n_total, int64_t k, int64_t m, const AmxDigits& xd,
                               const float* scales, int64_t n0, int64_t n1, Elt elt, void* y, int64_t row0,
                               int8_t* pad) {
-  TileConfig cfg;
-  for (int t = 0; t < 7; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  const TileConfig cfg = AmxConfig();
   _tile_loadconfig(&cfg);
-  alignas(64) int32_t c[3][16][16];
   alignas(64) int8_t tail[16 * 64];
   const int64_t kfull = k / 64;  // whole chunks of 64 columns
   for (int64_t n = n0; n < n1; n += 16) {
     const int64_t rows = std::min<int64_t>(16, n1 - n);
-    const int8_t* a = codes + n * k;
-    int64_t lda = k;
-    const bool partial = rows < 16;
-    if (partial) {
+    if (rows < 16) {
       std::memset(pad, 0, 16 * 64 * xd.kc);
-      for (int64_t r = 0; r < rows; ++r) std::memcpy(pad + r * 64 * xd.kc, a + r * k, k);
-      a = pad, lda = 64 * xd.kc;
-    } else if (kfull < xd.kc) {
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(pad + r * 64 * xd.kc, codes + (n + r) * k, k);
+      AmxBlock(pad, 64 * xd.kc, xd.kc, nullptr, rows, n, n_total, m, xd, scales, elt, y, row0);
+      continue;
+    }
+    if (kfull < xd.kc) {
       std::memset(tail, 0, sizeof(tail));
-      for (int64_t r = 0; r < 16; ++r) std::memcpy(tail + r * 64, a + r * k + kfull * 64, k - kfull * 64);
+      for (int64_t r = 0; r < 16; ++r) std::memcpy(tail + r * 64, codes + (n + r) * k + kfull * 64, k - kfull * 64);
     }
-    for (int64_t mb = 0; mb < xd.mblocks; ++mb) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      for (int64_t ch = 0; ch < xd.kc; ++ch) {
-        if (!partial && ch == kfull) _tile_loadd(3, tail, 64);
-        else _tile_loadd(3, a + ch * 64, lda);
-        _tile_loadd(4, xd.Tile(0, mb, ch), 64);
-        _tile_loadd(5, xd.Tile(1, mb, ch), 64);
-        _tile_loadd(6, xd.Tile(2, mb, ch), 64);
-        _tile_dpbssd(0, 3, 4);
-        _tile_dpbssd(1, 3, 5);
-        _tile_dpbssd(2, 3, 6);
-      }
-      _tile_stored(0, c[0], 64);
-      _tile_stored(1, c[1], 64);
-      _tile_stored(2, c[2], 64);
-      for (int64_t col = 0; col < 16 && mb * 16 + col < m; ++col) {
-        const int64_t r = mb * 16 + col;
-        for (int64_t i = 0; i < rows; ++i) {
-          const int64_t q = int64_t{c[0][i][col]} + 256 * int64_t{c[1][i][col]} + 65536 * int64_t{c[2][i][col]};
-          const double dot = static_cast<double>(q) * xd.qs[r];
-          StoreOut(elt, y, (row0 + r) * n_total + n + i, static_cast<float>(dot) * scales[n + i]);
-        }
-      }
-    }
+    AmxBlock(codes + n * k, k, kfull, tail, 16, n, n_total, m, xd, scales, elt, y, row0);
   }
   _tile_release();
+}
+
+// bitmask_int8: each block of 16 rows is first expanded (RowBits, vpexpandb) into `buf` (16 rows
+// of 64 * kc bytes, the thread's scratch), then runs as int8. False on damaged offsets/mask.
+LTJAX_AMX inline bool AmxGemmBitmask(const BitmaskGeometry& g, const int8_t* packed, int64_t m, const AmxDigits& xd,
+                                     const float* scales, int64_t n0, int64_t n1, Elt elt, void* y, int8_t* buf) {
+  const TileConfig cfg = AmxConfig();
+  _tile_loadconfig(&cfg);
+  const int64_t ld = 64 * xd.kc;
+  std::memset(buf, 0, 16 * ld);  // the columns past 32 * words stay zero
+  RowCursor cur(g, n0);
+  bool ok = true;
+  for (int64_t n = n0; n < n1 && ok; n += 16) {
+    const int64_t rows = std::min<int64_t>(16, n1 - n);
+    for (int64_t r = 0; r < rows && ok; ++r) ok = RowBits(Packed::kI8, cur, packed, g.w, buf + r * ld);
+    if (!ok) break;
+    if (rows < 16) std::memset(buf + rows * ld, 0, (16 - rows) * ld);
+    AmxBlock(buf, ld, xd.kc, nullptr, rows, n, g.c, m, xd, scales, elt, y, 0);
+  }
+  _tile_release();
+  return ok;
 }
 #endif
 

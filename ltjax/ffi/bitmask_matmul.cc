@@ -7,7 +7,7 @@
 //   "ltjax_bitmask_matmul"         y[M, N]  = x[M, K] @ W^T   W = expand(values)  (f32/bf16/f16)
 //   "ltjax_bitmask_matmul_t"       dx[M, K] = dy[M, N] @ W
 // The two codecs share every line but the scales, so they live in one file.
-#include "bitmask_rows.h"
+#include "amx.h"
 
 namespace ltjax {
 namespace {
@@ -65,6 +65,27 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer off
   const float* xs = PaddedF32(elt, x.untyped_data(), m, k, kp, 2);
   bool ok;
   XDigits xd;
+#if LTJAX_HAS_AMX
+  // 2 <= M <= 64: expand 16 rows at a time and multiply on AMX tiles (one pass over W).
+  if (w.packed_kind == Packed::kI8 && m <= kAmxMaxM && AmxFits(m, k) && n > 0 && HasAmx()) {
+    AmxDigits ad;
+    const int64_t kc = (k + 63) / 64;
+    auto* digits = reinterpret_cast<int8_t*>(Scratch(1, (3 * ((m + 15) / 16) * kc * 1024 + 3) / 4));
+    auto* tmp = reinterpret_cast<int8_t*>(Scratch(3, (3 * (kp + 64) + 3) / 4));
+    if (MakeAmxDigits(xs, m, k, kp, digits, tmp, &ad)) {  // else (NaN/inf in x) the f32 path below
+      std::atomic<bool> good{true};
+      const int64_t align = w.g.tr % 16 == 0 && w.g.gr >= 2 * Pool::Get().size() ? w.g.tr : 16;
+      ParallelRange(n, align, 64, [&](int64_t n0, int64_t n1, int) {
+        auto* buf = reinterpret_cast<int8_t*>(Scratch(0, 16 * 64 * kc / 4));
+        if (!AmxGemmBitmask(w.g, static_cast<const int8_t*>(w.packed), m, ad, w.scales, n0, n1, elt,
+                            y->untyped_data(), buf))
+          good.store(false);
+      });
+      LTJAX_CHECK(good.load(), "ltjax: bitmask offsets/mask disagree with the packed values (damaged tensor)");
+      return ffi::Error::Success();
+    }
+  }
+#endif
   const Vnni vnni = m == 1 && w.packed_kind == Packed::kI8 && VnniRowFits(w.g) ? CurrentVnni() : Vnni::kNone;
   int8_t* digits = vnni != Vnni::kNone ? reinterpret_cast<int8_t*>(Scratch(1, (3 * (kp + 64) + 3) / 4)) : nullptr;
   if (vnni != Vnni::kNone &&
