@@ -47,6 +47,7 @@ inline bool HasAmx() {
 }
 
 constexpr int64_t kAmxMaxM = 64;  // rows of x per pass over the codes (larger M: several passes)
+constexpr int64_t kAmxMinBitmaskM = 8;  // bitmask_int8 from this many rows of x (the expansion's cost)
 // int32 tile sums stay exact while K * 127 * 128 < 2^31.
 inline bool AmxFits(int64_t m, int64_t k) { return m >= 2 && k * 127 * 128 < (int64_t{1} << 31); }
 

@@ -66,8 +66,10 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer off
   bool ok;
   XDigits xd;
 #if LTJAX_HAS_AMX
-  // 2 <= M <= 64: expand 16 rows at a time and multiply on AMX tiles (one pass over W).
-  if (w.packed_kind == Packed::kI8 && m <= kAmxMaxM && AmxFits(m, k) && n > 0 && HasAmx()) {
+  // 8 <= M <= 64: expand 16 rows at a time and multiply on AMX tiles (one pass over W). Below 8
+  // rows the expansion is not repaid (measured, 1024^2, M = 4: 133 us against 102 us for the f32
+  // micro-kernel; docs/ffi.md "AMX int8 GEMM").
+  if (w.packed_kind == Packed::kI8 && m >= kAmxMinBitmaskM && m <= kAmxMaxM && AmxFits(m, k) && n > 0 && HasAmx()) {
     AmxDigits ad;
     const int64_t kc = (k + 63) / 64;
     auto* digits = reinterpret_cast<int8_t*>(Scratch(1, (3 * ((m + 15) / 16) * kc * 1024 + 3) / 4));
