@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import ltjax
 import ltjax.ffi as lffi
 from ltjax._format import decompress_reference, pack
 
@@ -180,6 +181,11 @@ def run(sizes, ms, seconds: float) -> list[dict]:
             fns[f"ffi_{codec}"] = jax.jit(lffi.matmul)
             args[f"ffi_{codec}"] = (x, ct)
             weight_bytes[f"ffi_{codec}"] = ct.nbytes - ct.checksums.size * 4
+        # ltjax.matmul's own XLA path (row chunks decoded to f32, then XLA's dot): what the
+        # dispatch picks above 64 rows unless the FFI has the AMX GEMM (ltjax/_ops.py _FFI_MAX_M).
+        fns["ltjax_xla_path_int8"] = jax.jit(lambda x, ct: ltjax.matmul(x, ct, impl="xla"))
+        args["ltjax_xla_path_int8"] = (x, ct8)
+        weight_bytes["ltjax_xla_path_int8"] = weight_bytes["ffi_int8"]
         fns["ffi_int8_bf16x"] = jax.jit(lffi.matmul)
         args["ffi_int8_bf16x"] = (xb, ct8)
         weight_bytes["ffi_int8_bf16x"] = weight_bytes["ffi_int8"]
