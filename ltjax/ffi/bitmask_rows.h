@@ -197,16 +197,23 @@ LTJAX_AVX2 LTJAX_INLINE void Expand32_256(uint32_t m, const void* p, __m256* v) 
 template <Packed P>
 using PackedT = std::conditional_t<P == Packed::kI8, int8_t, std::conditional_t<P == Packed::kF32, float, uint16_t>>;
 
-// Row `cur.row()` as f32 into dst[0 : 32 * words]; advances cur.
-template <Packed P>
-LTJAX_AVX2 bool RowF32_256(RowCursor& cur, const void* packed, float* dst) {
+// cur.Row for the AVX2 walks: f(w, m, p) per mask word, p where word w's values can be read a
+// whole vector at a time (Readable32).
+template <Packed P, class F>
+LTJAX_AVX2 LTJAX_INLINE bool RowReadable256(RowCursor& cur, const void* packed, F&& f) {
   using T = PackedT<P>;
   const T* base = static_cast<const T*>(packed);
   const int64_t nnz = cur.nnz();
   alignas(32) T buf[32];
-  return cur.Row([&](int64_t w, uint32_t m, int64_t s) LTJAX_AVX2 {
+  return cur.Row([&](int64_t w, uint32_t m, int64_t s) LTJAX_AVX2 { f(w, m, Readable32(base, s, m, nnz, buf)); });
+}
+
+// Row `cur.row()` as f32 into dst[0 : 32 * words]; advances cur.
+template <Packed P>
+LTJAX_AVX2 bool RowF32_256(RowCursor& cur, const void* packed, float* dst) {
+  return RowReadable256<P>(cur, packed, [&](int64_t w, uint32_t m, const PackedT<P>* p) LTJAX_AVX2 {
     __m256 v[4];
-    Expand32_256<P>(m, Readable32(base, s, m, nnz, buf), v);
+    Expand32_256<P>(m, p, v);
     for (int q = 0; q < 4; ++q) _mm256_storeu_ps(dst + 32 * w + 8 * q, v[q]);
   });
 }
@@ -214,14 +221,10 @@ LTJAX_AVX2 bool RowF32_256(RowCursor& cur, const void* packed, float* dst) {
 // dot(row `cur.row()`, x) without writing the row (x padded to 32 * words); advances cur.
 template <Packed P>
 LTJAX_AVX2 bool RowDot_256(RowCursor& cur, const void* packed, const float* x, float* out) {
-  using T = PackedT<P>;
-  const T* base = static_cast<const T*>(packed);
-  const int64_t nnz = cur.nnz();
-  alignas(32) T buf[32];
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  bool ok = cur.Row([&](int64_t w, uint32_t m, int64_t s) LTJAX_AVX2 {
+  bool ok = RowReadable256<P>(cur, packed, [&](int64_t w, uint32_t m, const PackedT<P>* p) LTJAX_AVX2 {
     __m256 v[4];
-    Expand32_256<P>(m, Readable32(base, s, m, nnz, buf), v);
+    Expand32_256<P>(m, p, v);
     const float* xp = x + 32 * w;
     a0 = _mm256_fmadd_ps(v[0], _mm256_loadu_ps(xp), a0);
     a1 = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xp + 8), a1);
@@ -236,11 +239,7 @@ LTJAX_AVX2 bool RowDot_256(RowCursor& cur, const void* packed, const float* x, f
 template <Packed P>
 LTJAX_AVX2 bool RowBits_256(RowCursor& cur, const void* packed, void* dst) {
   using T = PackedT<P>;
-  const T* base = static_cast<const T*>(packed);
-  const int64_t nnz = cur.nnz();
-  alignas(32) T buf[32];
-  return cur.Row([&](int64_t w, uint32_t m, int64_t s) LTJAX_AVX2 {
-    const T* p = Readable32(base, s, m, nnz, buf);
+  return RowReadable256<P>(cur, packed, [&](int64_t w, uint32_t m, const T* p) LTJAX_AVX2 {
     T* d = static_cast<T*>(dst) + 32 * w;
     if constexpr (P == Packed::kI8) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(d), Expand16I8_256(m & 0xffff, p));
