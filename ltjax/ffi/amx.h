@@ -1,5 +1,6 @@
 // int8 GEMM on AMX tiles (Intel Sapphire Rapids and later): y = x @ (codes * scales)^T for
-// 2 <= M <= 64, where the f32 micro-kernel is bound by its FMAs (docs/ffi.md "AMX int8 GEMM").
+// M >= 2 (bitmask_int8: 8 <= M <= 64), where the f32 micro-kernel is bound by its FMAs
+// (docs/ffi.md "AMX int8 GEMM").
 //
 // x is written once per call as 24-bit fixed point per row, in three balanced base-256 digits
 // (the scheme of bitmask_rows.h, XDigits: x[m] ~= qs[m] * (e0 + 256 e1 + 65536 e2)), and
@@ -67,7 +68,7 @@ struct AmxDigits {
   int64_t kc;     // K chunks of 64
   int64_t mblocks;
   double qs[kAmxMaxM];
-  const int8_t* Tile(int d, int64_t mb, int64_t c) const { return b + ((d * mblocks + mb) * kc + c) * 1024; }
+  int8_t* Tile(int d, int64_t mb, int64_t c) const { return b + ((d * mblocks + mb) * kc + c) * 1024; }
 };
 
 // x [M, kp] (zero-padded rows, kp % 32 == 0) as B tiles: each row's digits by MakeXDigits (the
@@ -87,7 +88,7 @@ LTJAX_AVX512 inline bool MakeAmxDigits(const float* xs, int64_t m, int64_t k, in
     for (int d = 0; d < 3; ++d) {
       const int8_t* src = xd.d + d * xd.stride;
       for (int64_t kk = 0; kk < std::min(kp, 64 * out->kc) / 4; ++kk)
-        std::memcpy(const_cast<int8_t*>(out->Tile(d, mb, kk / 16)) + (kk % 16) * 64 + col * 4, src + 4 * kk, 4);
+        std::memcpy(out->Tile(d, mb, kk / 16) + (kk % 16) * 64 + col * 4, src + 4 * kk, 4);
     }
   }
   return true;
