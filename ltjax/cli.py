@@ -138,7 +138,7 @@ def _cmd_info(args) -> int:
     f = r["cpu_ffi"]
     if f["loaded"]:
         print(f"CPU FFI extension: loaded, {f['isa']}, {f['threads']} threads; M = 1 bitmask_int8 GEMV: "
-              f"{f['vnni'] or 'f32 walk'}")
+              f"{f['vnni'] or 'f32 walk'}; int8 GEMM (M >= 2): {'AMX tiles' if f['amx'] else 'f32 kernel'}")
     else:
         print(f"CPU FFI extension: not loaded ({f['reason']})")
     print("ltjax.matmul with f32 activations runs:")

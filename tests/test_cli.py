@@ -82,3 +82,5 @@ def test_info_says_what_runs_here(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "ltjax.matmul with f32 activations runs:" in out and "bitmask_int8 M=1" in out
+    if lffi.available():
+        assert ("AMX tiles" if lffi.info()["amx"] else "f32 kernel") in out
