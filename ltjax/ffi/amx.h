@@ -94,6 +94,17 @@ LTJAX_AVX512 inline bool MakeAmxDigits(const float* xs, int64_t m, int64_t k, in
   return true;
 }
 
+// MakeAmxDigits into the calling thread's scratch (slots 1 and 3), for one pass of m <= 64 rows.
+inline bool AmxDigitsOf(const float* xs, int64_t m, int64_t k, int64_t kp, AmxDigits* out) {
+  const int64_t kc = (k + 63) / 64;
+  auto* buf = reinterpret_cast<int8_t*>(Scratch(1, (3 * ((m + 15) / 16) * kc * 1024 + 3) / 4));
+  auto* tmp = reinterpret_cast<int8_t*>(Scratch(3, (3 * (kp + 64) + 3) / 4));
+  return MakeAmxDigits(xs, m, k, kp, buf, tmp, out);
+}
+
+// 16 rows of 64 * kc bytes of the calling thread's scratch (slot 0): a zero-padded row block.
+inline int8_t* AmxRowBlock(int64_t kc) { return reinterpret_cast<int8_t*>(Scratch(0, 16 * 64 * kc / 4)); }
+
 inline TileConfig AmxConfig() {
   TileConfig cfg;
   for (int t = 0; t < 7; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
@@ -136,12 +147,10 @@ LTJAX_AMX LTJAX_INLINE void AmxBlock(const int8_t* a, int64_t lda, int64_t direc
 }
 
 // int8 codes [n_total, k]: rows [n0, n1) (n0 a multiple of 16) into rows [row0, row0 + m) of y.
-// `pad` (16 * 64 * kc bytes of the thread's scratch) holds a last block of fewer than 16 rows,
-// zero-padded, so tiles never read past the codes; a column tail (K % 64) goes through a
-// 16 x 64 copy.
+// A last block of fewer than 16 rows goes through a zero-padded copy (AmxRowBlock), so tiles
+// never read past the codes; a column tail (K % 64) through a 16 x 64 copy.
 LTJAX_AMX inline void AmxGemm(const int8_t* codes, int64_t n_total, int64_t k, int64_t m, const AmxDigits& xd,
-                              const float* scales, int64_t n0, int64_t n1, Elt elt, void* y, int64_t row0,
-                              int8_t* pad) {
+                              const float* scales, int64_t n0, int64_t n1, Elt elt, void* y, int64_t row0) {
   const TileConfig cfg = AmxConfig();
   _tile_loadconfig(&cfg);
   alignas(64) int8_t tail[16 * 64];
@@ -149,6 +158,7 @@ LTJAX_AMX inline void AmxGemm(const int8_t* codes, int64_t n_total, int64_t k, i
   for (int64_t n = n0; n < n1; n += 16) {
     const int64_t rows = std::min<int64_t>(16, n1 - n);
     if (rows < 16) {
+      int8_t* pad = AmxRowBlock(xd.kc);
       std::memset(pad, 0, 16 * 64 * xd.kc);
       for (int64_t r = 0; r < rows; ++r) std::memcpy(pad + r * 64 * xd.kc, codes + (n + r) * k, k);
       AmxBlock(pad, 64 * xd.kc, xd.kc, nullptr, rows, n, n_total, m, xd, scales, elt, y, row0);
@@ -163,13 +173,14 @@ LTJAX_AMX inline void AmxGemm(const int8_t* codes, int64_t n_total, int64_t k, i
   _tile_release();
 }
 
-// bitmask_int8: each block of 16 rows is first expanded (RowBits, vpexpandb) into `buf` (16 rows
-// of 64 * kc bytes, the thread's scratch), then runs as int8. False on damaged offsets/mask.
+// bitmask_int8: each block of 16 rows is first expanded (RowBits, vpexpandb) into a row block of
+// the thread's scratch (AmxRowBlock), then runs as int8. False on damaged offsets/mask.
 LTJAX_AMX inline bool AmxGemmBitmask(const BitmaskGeometry& g, const int8_t* packed, int64_t m, const AmxDigits& xd,
-                                     const float* scales, int64_t n0, int64_t n1, Elt elt, void* y, int8_t* buf) {
+                                     const float* scales, int64_t n0, int64_t n1, Elt elt, void* y) {
   const TileConfig cfg = AmxConfig();
   _tile_loadconfig(&cfg);
   const int64_t ld = 64 * xd.kc;
+  int8_t* buf = AmxRowBlock(xd.kc);
   std::memset(buf, 0, 16 * ld);  // the columns past 32 * words stay zero
   RowCursor cur(g, n0);
   bool ok = true;

@@ -71,16 +71,12 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer off
   // micro-kernel; docs/ffi.md "AMX int8 GEMM").
   if (w.packed_kind == Packed::kI8 && m >= kAmxMinBitmaskM && m <= kAmxMaxM && AmxFits(m, k) && n > 0 && HasAmx()) {
     AmxDigits ad;
-    const int64_t kc = (k + 63) / 64;
-    auto* digits = reinterpret_cast<int8_t*>(Scratch(1, (3 * ((m + 15) / 16) * kc * 1024 + 3) / 4));
-    auto* tmp = reinterpret_cast<int8_t*>(Scratch(3, (3 * (kp + 64) + 3) / 4));
-    if (MakeAmxDigits(xs, m, k, kp, digits, tmp, &ad)) {  // else (NaN/inf in x) the f32 path below
+    if (AmxDigitsOf(xs, m, k, kp, &ad)) {  // else (NaN/inf in x) the f32 path below
       std::atomic<bool> good{true};
       const int64_t align = w.g.tr % 16 == 0 && w.g.gr >= 2 * Pool::Get().size() ? w.g.tr : 16;
       ParallelRange(n, align, 64, [&](int64_t n0, int64_t n1, int) {
-        auto* buf = reinterpret_cast<int8_t*>(Scratch(0, 16 * 64 * kc / 4));
         if (!AmxGemmBitmask(w.g, static_cast<const int8_t*>(w.packed), m, ad, w.scales, n0, n1, elt,
-                            y->untyped_data(), buf))
+                            y->untyped_data()))
           good.store(false);
       });
       LTJAX_CHECK(good.load(), "ltjax: bitmask offsets/mask disagree with the packed values (damaged tensor)");

@@ -472,7 +472,6 @@ LTJAX_AVX2_VNNI LTJAX_INLINE void Dp3(__m256i v, const int8_t* const* d, int64_t
 // (kAccBytes: three int32 vectors), the generic span, the 256-column two-row span, the lane sum.
 struct ZmmVnni {
   static constexpr int64_t kAccBytes = 3 * 64;
-  static constexpr int64_t kWordsPerLaneStep = 2;  // a 64-column step adds to each int32 lane once
   struct Digits {
     __m512i X[4][3];
   };
@@ -496,7 +495,6 @@ struct ZmmVnni {
 
 struct YmmVnni {
   static constexpr int64_t kAccBytes = 3 * 32;
-  static constexpr int64_t kWordsPerLaneStep = 1;
   struct Digits {
     const int8_t* d[3];
   };

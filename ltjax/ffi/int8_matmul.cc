@@ -50,18 +50,14 @@ ffi::Error Int8MatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer
 #if LTJAX_HAS_AMX
   if (AmxFits(m, k) && n > 0 && k > 0 && HasAmx()) {
     // x in passes of up to 64 rows (its digits stay in L2 while every row block of W streams past).
-    const int64_t kc = (k + 63) / 64, mp = std::min(m, kAmxMaxM);
-    auto* digits = reinterpret_cast<int8_t*>(Scratch(1, (3 * ((mp + 15) / 16) * kc * 1024 + 3) / 4));
-    auto* tmp = reinterpret_cast<int8_t*>(Scratch(3, (3 * (kp + 64) + 3) / 4));
     bool finite = true;
     for (int64_t m0 = 0; m0 < m && finite; m0 += kAmxMaxM) {
       const int64_t mc = std::min(kAmxMaxM, m - m0);
       AmxDigits xd;
-      finite = MakeAmxDigits(xs + m0 * kp, mc, k, kp, digits, tmp, &xd);
+      finite = AmxDigitsOf(xs + m0 * kp, mc, k, kp, &xd);
       if (finite)
         ParallelRange(n, 16, 64, [&](int64_t n0, int64_t n1, int) {
-          auto* pad = reinterpret_cast<int8_t*>(Scratch(0, 16 * 64 * kc / 4));
-          AmxGemm(c, n, k, mc, xd, sc, n0, n1, elt, y->untyped_data(), m0, pad);
+          AmxGemm(c, n, k, mc, xd, sc, n0, n1, elt, y->untyped_data(), m0);
         });
     }
     if (finite) return ffi::Error::Success();  // else (NaN/inf in x) the whole call on the f32 path
