@@ -88,6 +88,8 @@ def run(sizes, ms, cases, x_dtypes, reps: int, layers: int, seed: int = 0, on_ro
                     impl = ltjax.matmul_impl(x, cts[0])
                     row = dict(M=m, K=kn, N=kn, codec=codec, sparsity=sparsity, x_dtype=jnp.dtype(xdt).name,
                                impl=impl, layers=layers, weight_bytes=cts[0].nbytes, ratio=round(cts[0].ratio, 3))
+                    if impl == "pallas":  # which GPU kernel: Triton, or the int8 Mosaic GPU one
+                        row["kernel"] = lp.kernel_backend(x, cts[0])
                     try:
                         err = rel_diff(fused(x, cts), naive(x, cts))
                         t, t_naive = per_layer(fused, x, cts), per_layer(naive, x, cts)

@@ -22,10 +22,13 @@ from benchmarks import _common
 from benchmarks.matmul import chain, make_weight, rel_diff, replicate
 from ltjax._format import pack
 from ltjax.pallas import BlockSizes
+from ltjax.pallas.int8_matmul_mosaic import why_not_mosaic
 
 REQUIRES_BACKEND = "gpu"  # benchmarks.run skips a full sweep elsewhere (--quick runs in interpret mode)
 B = BlockSizes
 S = lambda *a: BlockSizes(*a, swap_ab=True)
+# The int8 Mosaic GPU kernel (Hopper): weight rows per CTA tile, K per TMA step, shared-memory slots.
+Mo = lambda n, k, stages: BlockSizes(block_n=n, block_k=k, num_stages=stages, backend="mosaic")
 # (kernel, codec, sparsity, M, activation dtype) -> candidates; None is the tuned table's choice.
 # A block_m >= 8 is the tl.dot path (M padded to 16); block_m = 1 the batch-1 FMA path.
 # M = 2..16 run the same dot-path kernel, so dot-path candidates are timed at M = 16.
@@ -33,21 +36,31 @@ CANDIDATES = {
     ("int8_matmul", "int8", 0.0, 1, "bfloat16"): [
         None, B(1, 16, 256, 1, 4, 3), B(1, 16, 256, 2, 4, 3), B(1, 8, 512, 1, 4, 3), B(1, 32, 256, 1, 8, 3),
         B(1, 16, 512, 1, 4, 2), B(1, 4, 1024, 1, 4, 2), B(1, 16, 256, 1, 4, 1), B(1, 32, 128, 1, 4, 3),
-        B(1, 64, 128, 2, 8, 3), B(16, 128, 256, 2, 8, 4)],
+        B(1, 64, 128, 2, 8, 3), B(16, 128, 256, 2, 8, 4), B(16, 64, 256, 8, 4, 3),
+        Mo(64, 128, 6), Mo(64, 256, 6), Mo(64, 256, 4), Mo(128, 128, 6)],
+    ("int8_matmul", "int8", 0.0, 1, "float32"): [None, Mo(64, 256, 6), Mo(64, 128, 6)],
     ("int8_matmul", "int8", 0.0, 16, "bfloat16"): [
         None, B(16, 64, 256, 2, 8, 3), B(16, 32, 256, 2, 4, 3), B(16, 32, 256, 4, 4, 3), B(16, 64, 512, 2, 8, 3),
         B(16, 128, 256, 2, 8, 3), B(16, 128, 256, 4, 8, 3), B(16, 128, 256, 2, 8, 4), B(16, 128, 512, 2, 8, 3),
         B(16, 128, 128, 2, 8, 6), B(16, 64, 128, 4, 8, 6), B(16, 128, 256, 4, 8, 5),
-        S(16, 64, 256, 2, 4, 3), S(16, 128, 256, 2, 8, 3), S(16, 128, 256, 2, 4, 3), S(16, 64, 128, 4, 4, 4)],
-    ("int8_matmul", "int8", 0.0, 16, "float32"): [None, B(16, 128, 256, 2, 8, 3), S(16, 128, 256, 2, 8, 3)],
+        S(16, 64, 256, 2, 4, 3), S(16, 128, 256, 2, 8, 3), S(16, 128, 256, 2, 4, 3), S(16, 64, 128, 4, 4, 4),
+        B(16, 64, 256, 8, 4, 3), B(16, 128, 256, 8, 8, 3), B(16, 32, 512, 8, 4, 3), B(16, 64, 256, 4, 4, 4),
+        Mo(64, 128, 4), Mo(64, 128, 6), Mo(64, 256, 4), Mo(64, 256, 6), Mo(128, 128, 6), Mo(128, 256, 4)],
+    ("int8_matmul", "int8", 0.0, 16, "float32"): [None, B(16, 128, 256, 2, 8, 3), S(16, 128, 256, 2, 8, 3),
+                                                  Mo(64, 128, 6), Mo(64, 256, 4), Mo(128, 128, 4)],
     ("int8_matmul", "int8", 0.0, 64, "bfloat16"): [None, B(64, 64, 128, 2, 8, 3), B(64, 128, 128, 2, 8, 3),
                                                    B(64, 128, 256, 2, 8, 3), S(64, 128, 128, 2, 8, 3),
-                                                   B(64, 64, 128, 2, 4, 4)],
+                                                   B(64, 64, 128, 2, 4, 4), Mo(64, 128, 6), Mo(64, 256, 4),
+                                                   Mo(128, 128, 6)],
     ("bitmask_matmul", "bitmask_int8", 0.5, 16, "bfloat16"): [None, B(16, 16, 256, 0, 2, 1), B(16, 8, 256, 0, 2, 1),
                                                               B(16, 16, 256, 8, 4, 1)],
     ("bitmask_matmul", "bitmask_int8", 0.5, 1, "bfloat16"): [None, B(1, 16, 256, 0, 2, 1)],
+    ("bitmask_matmul", "bitmask_int8", 0.5, 64, "bfloat16"): [None, B(16, 16, 256, 0, 4, 1), B(32, 16, 256, 0, 4, 1),
+                                                              B(64, 16, 256, 0, 4, 1)],
     ("bitmask_unpack_t", "bitmask_int8", 0.5, 0, "float32"): [None, B(1, 32, 128, 0, 4, 1), B(1, 64, 128, 0, 4, 1),
-                                                              B(1, 64, 128, 0, 8, 1)],
+                                                              B(1, 64, 128, 0, 8, 1), B(1, 16, 256, 0, 4, 1),
+                                                              B(1, 32, 128, 0, 2, 1), B(1, 16, 128, 0, 4, 1),
+                                                              B(1, 32, 64, 0, 4, 1)],
     ("bitmask_unpack", "bitmask_int8", 0.5, 0, "float32"): [None],
     ("int8_dequant_t", "int8", 0.0, 0, "float32"): [None, B(1, 64, 256, 1, 8, 1), B(1, 32, 128, 1, 4, 1),
                                                     B(1, 128, 128, 1, 8, 1)],
@@ -62,7 +75,7 @@ UNPACK = {"bitmask_unpack": (lp.bitmask_unpack, False), "bitmask_unpack_t": (lp.
 
 def bs_dict(bs: BlockSizes) -> dict:
     return dict(block_m=bs.block_m, block_n=bs.block_n, block_k=bs.block_k, split=bs.split,
-                num_warps=bs.num_warps, num_stages=bs.num_stages, swap_ab=bs.swap_ab)
+                num_warps=bs.num_warps, num_stages=bs.num_stages, swap_ab=bs.swap_ab, backend=bs.backend)
 
 
 def tuned_rows(rows: list[dict]) -> list[dict]:
@@ -127,6 +140,13 @@ def main(argv=None) -> int:
                        **bs_dict(bs))
             if time.monotonic() > t_end:
                 skipped.append(row)
+                continue
+            why = (why_not_mosaic(x, cts[0], bs, interpret=bool(interpret)) if bs.backend == "mosaic"
+                   else None)
+            if why is not None:  # it would time the Triton fallback under a Mosaic row
+                row.update(not_run=why)
+                rows.append(row)
+                print(row, flush=True)
                 continue
             if kernel in UNPACK:
                 fn, transposed = UNPACK[kernel]

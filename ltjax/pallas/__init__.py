@@ -3,9 +3,19 @@
 The op layer dispatches here through `can_use_pallas` / `matmul` / `matmul_t` / `decompress`.
 Kernels, one file each: `int8_matmul` (forward and transposed), `bitmask_matmul` (forward
 and transposed), `int8_dequant`, `bitmask_unpack`; each exports its ``*_reference``.
+`int8_matmul_mosaic`: the int8 forward on Hopper through JAX's Mosaic GPU mixed-type kernel,
+taken where a tuned row says ``backend="mosaic"``.
 """
 
-from ltjax.pallas._api import MATMUL_CODECS, can_use_pallas, decompress, matmul, matmul_t, why_not_pallas
+from ltjax.pallas._api import (
+    MATMUL_CODECS,
+    can_use_pallas,
+    decompress,
+    kernel_backend,
+    matmul,
+    matmul_t,
+    why_not_pallas,
+)
 from ltjax.pallas._config import (
     DEFAULT_BLOCK_SIZES,
     INTERPRET_ENV,
@@ -42,6 +52,7 @@ __all__ = [
     "int8_matmul",
     "int8_matmul_reference",
     "int8_matmul_t",
+    "kernel_backend",
     "load_tuned",
     "matmul",
     "matmul_t",

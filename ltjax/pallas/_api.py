@@ -12,6 +12,7 @@ from ltjax.pallas.bitmask_matmul import bitmask_matmul, bitmask_matmul_t
 from ltjax.pallas.bitmask_unpack import bitmask_unpack
 from ltjax.pallas.int8_dequant import int8_dequant
 from ltjax.pallas.int8_matmul import int8_matmul, int8_matmul_t
+from ltjax.pallas.int8_matmul_mosaic import why_not_mosaic
 
 MATMUL_CODECS = ("raw", "int8", "bitmask", "bitmask_int8")
 _MAX_PACKED = 2**31 - 2**16  # packed indices are int32 in the kernels
@@ -48,6 +49,19 @@ def why_not_pallas(x, ct, *, transpose: bool = False, interpret: bool = False) -
 def can_use_pallas(x, ct, *, transpose: bool = False, interpret: bool = False) -> bool:
     """True when `matmul(x, ct)` (or `matmul_t` with ``transpose``) can run the Pallas kernels."""
     return why_not_pallas(x, ct, transpose=transpose, interpret=interpret) is None
+
+
+def kernel_backend(x, ct: CompressedTensor, *, transpose: bool = False, interpret: bool | None = None) -> str:
+    """The kernel `matmul` (``transpose``: `matmul_t`) runs for these operands here: "mosaic" (the
+    int8 Hopper kernel), "triton", or "xla" (a raw weight: XLA's GEMM)."""
+    if ct.codec == "raw":
+        return "xla"
+    forward = (ct.header.axis == 1) != transpose
+    if ct.codec == "int8" and forward:
+        bs = _config.get_block_sizes("int8_matmul", x.shape[0], x.dtype)
+        if bs.backend == "mosaic" and why_not_mosaic(x, ct, bs, interpret=_config.resolve_interpret(interpret)) is None:
+            return "mosaic"
+    return "triton"
 
 
 def _storage_matmul(x, ct: CompressedTensor, *, contract_cols: bool, interpret, block_sizes):

@@ -15,6 +15,8 @@ INTERPRET_ENV = "LTJAX_PALLAS_INTERPRET"
 # Activation dtypes the matmul kernels take; weights of any `ltjax` dtype decode into them.
 X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
+BACKENDS = ("triton", "mosaic")
+
 # A `BlockSizes.block_m` below this selects the broadcast multiply-reduce in registers; from
 # here up the kernels take the `tl.dot` path, with M padded (masked) to at least 16 rows.
 DOT_MIN_M = 8
@@ -36,6 +38,9 @@ class BlockSizes:
       swap_ab: int8 forward `tl.dot` path only: compute ``(W x^T)^T``, the decoded weight
         block as the MMA's A operand (``block_n`` its M side) and the padded activations as B,
         instead of ``x W^T``.
+      backend: "triton" (every kernel), or "mosaic" (int8 forward on Hopper only, see
+        `ltjax.pallas.int8_matmul_mosaic`: ``block_n`` = weight rows per CTA tile, 64 or 128;
+        ``block_k`` = K columns per TMA step; ``num_stages`` = shared-memory slots).
     """
 
     block_m: int = 16
@@ -45,6 +50,7 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 2
     swap_ab: bool = False
+    backend: str = "triton"
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -55,6 +61,12 @@ class BlockSizes:
             raise ValueError(f"split={self.split} must be >= 0")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={self.num_warps} must be a power of 2 in [1, 16]")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
+        if self.backend == "mosaic":
+            if self.block_n not in (64, 128) or self.block_k < 64 or self.num_stages < 2:
+                raise ValueError(f"a mosaic BlockSizes needs block_n 64 or 128 (wgmma tiles), block_k >= 64 "
+                                 f"and num_stages >= 2, got {self}")
 
     def compiler_params(self) -> plgpu.CompilerParams:
         """Triton compiler parameters: passing them selects the Triton lowering (Ampere and Hopper)."""
@@ -121,7 +133,7 @@ def next_pow2(n: int) -> int:
 
 
 TUNED_ENV = "LTJAX_PALLAS_TUNED"
-_FIELDS = ("block_m", "block_n", "block_k", "split", "num_warps", "num_stages", "swap_ab")
+_FIELDS = ("block_m", "block_n", "block_k", "split", "num_warps", "num_stages", "swap_ab", "backend")
 _tuned_cache: dict[tuple[str, float], tuple] = {}
 
 
@@ -160,16 +172,17 @@ def tuned_table() -> tuple[tuple[tuple[str, str, int], BlockSizes], ...]:
     return _tuned_cache[key]
 
 
-def get_block_sizes(kernel: str, m: int, dtype=None) -> BlockSizes:
+def get_block_sizes(kernel: str, m: int, dtype=None, *, backend: str | None = None) -> BlockSizes:
     """The tuned block sizes of ``kernel`` for ``m`` activation rows of ``dtype``, ``block_m`` fitted to ``m``.
 
     The row with the smallest max M that covers ``m`` wins; on a tie, the row for the exact
-    dtype beats the ``"*"`` row. Rows come from `tuned_table`.
+    dtype beats the ``"*"`` row. Rows come from `tuned_table`; ``backend`` keeps only that
+    backend's rows (the Triton fallback of a shape a "mosaic" row cannot take).
     """
     name = "*" if dtype is None else jnp.dtype(dtype).name
     table = tuned_table()
-    rows = [(max_m, dt != name, i) for i, ((kern, dt, max_m), _) in enumerate(table)
-            if kern == kernel and dt in (name, "*") and m <= max_m]
+    rows = [(max_m, dt != name, i) for i, ((kern, dt, max_m), bs) in enumerate(table)
+            if kern == kernel and dt in (name, "*") and m <= max_m and backend in (None, bs.backend)]
     bs = table[min(rows)[2]][1] if rows else DEFAULT_BLOCK_SIZES
     return fit_block_m(bs, m)
 
@@ -180,11 +193,20 @@ def fit_block_m(bs: BlockSizes, m: int) -> BlockSizes:
     padding is free, and the dot path streams the weight faster than the broadcast reduce even
     at M = 1); a smaller ``block_m`` is the broadcast multiply-reduce, shrunk to ``m``'s power of 2.
     """
+    if bs.backend != "triton":
+        return bs
     if bs.block_m >= DOT_MIN_M:
         bm = max(16, min(bs.block_m, next_pow2(m)))
     else:
         bm = min(bs.block_m, next_pow2(m))
     return bs if bm == bs.block_m else dataclasses.replace(bs, block_m=bm)
+
+
+def require_triton(bs: BlockSizes, kernel: str) -> BlockSizes:
+    """``bs``, or ``ValueError`` when it asks ``kernel`` (which has only a Triton version) for another backend."""
+    if bs.backend != "triton":
+        raise ValueError(f"{kernel} has no {bs.backend!r} kernel, only a Triton one (block_sizes={bs})")
+    return bs
 
 
 def uses_dot(bs: BlockSizes) -> bool:

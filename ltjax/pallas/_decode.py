@@ -77,7 +77,7 @@ def i8_to_f32(codes: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(8388736.0)
 
 
-def _split_bf16(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def split_bf16(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """f32 ``a`` as ``hi + mid + lo``, three bf16 terms carrying its 24 significant bits."""
     hi = a.astype(jnp.bfloat16)
     r = a - hi.astype(jnp.float32)
@@ -105,7 +105,7 @@ def contract(a: jax.Array, b: jax.Array, *, use_dot: bool, transposed: bool, spl
         act = b if codes_in_a else a
         if split_f32 and (codes_in_a or b.dtype == jnp.int8) and act.dtype == jnp.float32:
             codes = (a if codes_in_a else b).astype(jnp.bfloat16)
-            parts = _split_bf16(act)
+            parts = split_bf16(act)
             return sum(dot(codes, t) if codes_in_a else dot(t, codes) for t in parts)
         a, b = a.astype(act.dtype), b.astype(act.dtype)
         # Plain dot_general (not `plgpu.dot`, which newer JAX drops); HIGHEST -> IEEE f32, not TF32.

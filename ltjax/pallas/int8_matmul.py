@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,10 @@ from ltjax._format import CompressedTensor, decode_storage
 from ltjax.pallas import _config
 from ltjax.pallas._config import BlockSizes
 from ltjax.pallas._decode import contract, i8_to_f32, iota
+from ltjax.pallas.int8_matmul_mosaic import int8_matmul_mosaic, why_not_mosaic
+
+logger = logging.getLogger("ltjax")
+_logged: set[str] = set()
 
 
 def _int8_matmul_kernel(
@@ -140,13 +145,23 @@ def _int8_matmul(x, ct: CompressedTensor, *, transposed: bool, interpret: bool, 
 def int8_matmul(x, ct: CompressedTensor, *, interpret: bool | None = None, block_sizes: BlockSizes | None = None):
     """``x [M, K] @ S[N, K].T -> [M, N]`` for int8 storage ``S ≈ codes * scales[:, None]``, dequantised in registers."""
     bs = block_sizes or _config.get_block_sizes("int8_matmul", x.shape[0], x.dtype)
-    return _int8_matmul(x, ct, transposed=False, interpret=_config.resolve_interpret(interpret),
+    interpret = _config.resolve_interpret(interpret)
+    if bs.backend == "mosaic":
+        why = why_not_mosaic(x, ct, bs, interpret=interpret)
+        if why is None:
+            return int8_matmul_mosaic(x, ct, bs)
+        if why not in _logged:  # once per reason, like the op layer's fallbacks
+            _logged.add(why)
+            logger.info("ltjax: int8 matmul on Triton, not Mosaic GPU: %s", why)
+        bs = _config.get_block_sizes("int8_matmul", x.shape[0], x.dtype, backend="triton")
+    return _int8_matmul(x, ct, transposed=False, interpret=interpret,
                         block_sizes=_config.fit_block_m(bs, x.shape[0]))
 
 
 def int8_matmul_t(dy, ct: CompressedTensor, *, interpret: bool | None = None, block_sizes: BlockSizes | None = None):
     """``dy [M, N] @ S[N, K] -> [M, K]`` for int8 storage ``S``, dequantised in registers."""
-    bs = block_sizes or _config.get_block_sizes("int8_matmul_t", dy.shape[0], dy.dtype)
+    bs = _config.require_triton(block_sizes or _config.get_block_sizes("int8_matmul_t", dy.shape[0], dy.dtype),
+                                "int8_matmul_t")
     return _int8_matmul(dy, ct, transposed=True, interpret=_config.resolve_interpret(interpret),
                         block_sizes=_config.fit_block_m(bs, dy.shape[0]))
 
