@@ -11,6 +11,7 @@ seconds bounds the whole sweep (candidates left when it runs out are listed as s
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -21,14 +22,15 @@ import ltjax.pallas as lp
 from benchmarks import _common
 from benchmarks.matmul import chain, make_weight, rel_diff, replicate
 from ltjax._format import pack
-from ltjax.pallas import BlockSizes
+from ltjax.pallas import BlockSizes, MosaicTiles
 from ltjax.pallas.int8_matmul_mosaic import why_not_mosaic
 
 REQUIRES_BACKEND = "gpu"  # benchmarks.run skips a full sweep elsewhere (--quick runs in interpret mode)
 B = BlockSizes
 S = lambda *a: BlockSizes(*a, swap_ab=True)
-# The int8 Mosaic GPU kernel (Hopper): weight rows per CTA tile, K per TMA step, shared-memory slots.
-Mo = lambda n, k, stages: BlockSizes(block_n=n, block_k=k, num_stages=stages, backend="mosaic")
+# The int8 Mosaic GPU kernel (Hopper): weight rows per CTA tile, K per TMA step, shared-memory slots;
+# timed as the tuned row's Triton blocks with these tiles added.
+Mo = MosaicTiles
 # (kernel, codec, sparsity, M, activation dtype) -> candidates; None is the tuned table's choice.
 # A block_m >= 8 is the tl.dot path (M padded to 16); block_m = 1 the batch-1 FMA path.
 # M = 2..16 run the same dot-path kernel, so dot-path candidates are timed at M = 16.
@@ -75,7 +77,8 @@ UNPACK = {"bitmask_unpack": (lp.bitmask_unpack, False), "bitmask_unpack_t": (lp.
 
 def bs_dict(bs: BlockSizes) -> dict:
     return dict(block_m=bs.block_m, block_n=bs.block_n, block_k=bs.block_k, split=bs.split,
-                num_warps=bs.num_warps, num_stages=bs.num_stages, swap_ab=bs.swap_ab, backend=bs.backend)
+                num_warps=bs.num_warps, num_stages=bs.num_stages, swap_ab=bs.swap_ab,
+                mosaic=None if bs.mosaic is None else dataclasses.asdict(bs.mosaic))
 
 
 def tuned_rows(rows: list[dict]) -> list[dict]:
@@ -136,12 +139,14 @@ def main(argv=None) -> int:
             tuned = bs is None
             if tuned:
                 bs = lp.get_block_sizes(kernel, max(m, 1), x.dtype)
+            elif isinstance(bs, MosaicTiles):
+                bs = dataclasses.replace(lp.get_block_sizes(kernel, max(m, 1), x.dtype), mosaic=bs)
             row = dict(kernel=kernel, codec=codec, sparsity=sparsity, M=m, x_dtype=xdt, K=size, N=size, tuned=tuned,
                        **bs_dict(bs))
             if time.monotonic() > t_end:
                 skipped.append(row)
                 continue
-            why = (why_not_mosaic(x, cts[0], bs, interpret=bool(interpret)) if bs.backend == "mosaic"
+            why = (why_not_mosaic(x, cts[0], bs.mosaic, interpret=bool(interpret)) if bs.mosaic is not None
                    else None)
             if why is not None:  # it would time the Triton fallback under a Mosaic row
                 row.update(not_run=why)

@@ -18,11 +18,13 @@ import pytest
 
 from ltjax import pallas as lp
 from ltjax._format import pack
-from ltjax.pallas import BlockSizes
+from ltjax.pallas import BlockSizes, MosaicTiles
 from ltjax.pallas import int8_matmul_mosaic as mm
 from tests.test_pallas import INTERPRET, _close, _ref_matmul, _weight, _x
 
-MOSAIC = BlockSizes(block_n=64, block_k=128, num_stages=4, backend="mosaic")
+MOSAIC = MosaicTiles(tile_m=64, tile_k=128, stages=4)
+BIG = MosaicTiles(tile_m=128, tile_k=128, stages=2)  # fits shared memory up to 128 activation columns
+WITH_MOSAIC = BlockSizes(block_m=16, block_n=32, block_k=128, split=1, mosaic=MOSAIC)
 ON_HOPPER = (jax.default_backend() == "gpu"
              and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
              and not INTERPRET)
@@ -79,16 +81,18 @@ def test_why_not_names_the_obstacle():
 
 
 def test_block_sizes_validation():
-    with pytest.raises(ValueError, match="backend"):
-        BlockSizes(backend="cutlass")
-    with pytest.raises(ValueError, match="block_n 64 or 128"):
-        BlockSizes(block_n=32, block_k=128, backend="mosaic")
+    with pytest.raises(ValueError, match="tile_m 64 or 128"):
+        MosaicTiles(tile_m=32)
+    with pytest.raises(ValueError, match="stages"):
+        MosaicTiles(stages=1)
+    with pytest.raises(ValueError, match="MosaicTiles or None"):
+        BlockSizes(mosaic=(64, 128, 4))
     ct = pack(_weight(9, 128, 64), "bitmask_int8")
     with pytest.raises(ValueError, match="only a Triton one"):
-        lp.bitmask_matmul(_x(10, (2, 128), jnp.float32), ct, interpret=INTERPRET, block_sizes=MOSAIC)
+        lp.bitmask_matmul(_x(10, (2, 128), jnp.float32), ct, interpret=INTERPRET, block_sizes=WITH_MOSAIC)
     with pytest.raises(ValueError, match="only a Triton one"):
         lp.int8_matmul_t(_x(10, (2, 64), jnp.float32), pack(_weight(9, 128, 64), "int8"),
-                         interpret=INTERPRET, block_sizes=MOSAIC)
+                         interpret=INTERPRET, block_sizes=WITH_MOSAIC)
 
 
 @pytest.mark.parametrize("k,n", [(256, 128), (200, 70)])  # fits the Mosaic tiles / ragged: Triton either way off Hopper
@@ -98,18 +102,35 @@ def test_mosaic_rows_run_or_fall_back(k, n, m, xdtype):
     on the Triton kernel elsewhere (interpret mode on CPU) and for shapes the Mosaic tiles do not fit."""
     ct = pack(_weight(_seed("fb", k, n, m), k, n, sparsity=0.0), "int8")
     x = _x(_seed("fbx", k, n, m), (m, k), xdtype)
-    _close(lp.matmul(x, ct, interpret=INTERPRET, block_sizes=MOSAIC), _ref_matmul(x, ct), xdtype)
+    _close(lp.matmul(x, ct, interpret=INTERPRET, block_sizes=WITH_MOSAIC), _ref_matmul(x, ct), xdtype)
+    if not ON_HOPPER:  # off Hopper the row's Triton blocks ran
+        assert mm.why_not_mosaic(x, ct, MOSAIC, interpret=INTERPRET) is not None
 
 
-def test_tuned_file_rows_carry_the_backend(tmp_path, monkeypatch):
+def test_kernel_backend_follows_the_table_and_the_device(tmp_path, monkeypatch):
+    f = tmp_path / "tuned.json"
+    f.write_text('{"rows": [{"kernel": "int8_matmul", "dtype": "float32", "max_m": 16, "block_sizes": '
+                 '{"block_m": 16, "block_n": 32, "block_k": 128, "mosaic": {"tile_m": 64, "tile_k": 128, "stages": 4}}}]}')
+    monkeypatch.setenv(lp.TUNED_ENV, str(f))
+    ct = pack(_weight(11, 256, 128, sparsity=0.0), "int8")
+    x = _x(12, (4, 256), jnp.float32)
+    assert lp.kernel_backend(x, ct, interpret=INTERPRET) == ("mosaic" if ON_HOPPER else "triton")
+    assert lp.kernel_backend(_x(13, (40, 256), jnp.float32), ct, interpret=INTERPRET) == "triton"  # no such row
+    assert lp.kernel_backend(x, pack(_weight(14, 256, 128), "raw")) == "xla"
+    assert lp.kernel_backend(_x(15, (4, 128), jnp.float32), ct, transpose=True, interpret=INTERPRET) == "triton"
+
+
+def test_tuned_file_rows_carry_mosaic_tiles(tmp_path, monkeypatch):
     f = tmp_path / "tuned.json"
     f.write_text('{"rows": [{"kernel": "int8_matmul", "dtype": "bfloat16", "max_m": 16, "block_sizes": '
-                 '{"block_m": 16, "block_n": 128, "block_k": 256, "split": 1, "num_warps": 4, "num_stages": 6, '
-                 '"swap_ab": false, "backend": "mosaic"}}]}')
+                 '{"block_m": 16, "block_n": 128, "block_k": 256, "split": 1, "num_warps": 4, "num_stages": 3, '
+                 '"swap_ab": false, "mosaic": {"tile_m": 128, "tile_k": 256, "stages": 6}}}, '
+                 '{"kernel": "int8_matmul", "dtype": "float32", "max_m": 16, "block_sizes": '
+                 '{"block_m": 16, "block_n": 128, "block_k": 256, "split": 2, "mosaic": null}}]}')
     monkeypatch.setenv(lp.TUNED_ENV, str(f))
     bs = lp.get_block_sizes("int8_matmul", 4, jnp.bfloat16)
-    assert (bs.backend, bs.block_n, bs.block_k, bs.num_stages) == ("mosaic", 128, 256, 6)
-    assert lp.get_block_sizes("int8_matmul", 4, jnp.bfloat16, backend="triton").backend == "triton"
+    assert bs.mosaic == MosaicTiles(tile_m=128, tile_k=256, stages=6) and (bs.block_n, bs.num_stages) == (128, 3)
+    assert lp.get_block_sizes("int8_matmul", 4, jnp.float32).mosaic is None  # a file row turns Mosaic off
 
 
 @needs_kernel
@@ -123,41 +144,41 @@ def test_lowers_for_cuda(m, xdtype, monkeypatch):
     x = jax.ShapeDtypeStruct((m, 1024), xdtype)
     codes = jax.ShapeDtypeStruct((512, 1024), jnp.int8)
     scales = jax.ShapeDtypeStruct((512,), jnp.float32)
-    for bs in (MOSAIC, BlockSizes(block_n=128, block_k=256, num_stages=2, backend="mosaic")):
-        text = mm._mosaic.trace(x, codes, scales, block_sizes=bs).lower(lowering_platforms=("cuda",)).as_text()
+    for tiles in (MOSAIC, BIG):
+        text = mm._mosaic.trace(x, codes, scales, tiles=tiles).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text
 
 
 @needs_kernel
 @pytest.mark.skipif(not jax.__version__.startswith("0.10."),
                     reason=f"jax {jax.__version__}: Mosaic GPU lowering off-GPU is checked with jax 0.10 only")
-@pytest.mark.parametrize("bs,m,k", [(BlockSizes(block_n=128, block_k=256, num_stages=4, backend="mosaic"), 64, 8192),
-                                    (BlockSizes(block_n=64, block_k=256, num_stages=6, backend="mosaic"), 48, 8192),
-                                    (BlockSizes(block_n=64, block_k=128, num_stages=6, backend="mosaic"), 128, 4096)])
-def test_smem_estimate_is_the_lowerings(bs, m, k, monkeypatch):
+@pytest.mark.parametrize("tiles,m,k", [(MosaicTiles(128, 256, 4), 64, 8192), (MosaicTiles(64, 256, 6), 48, 8192),
+                                       (MosaicTiles(64, 128, 6), 128, 4096)])
+def test_smem_estimate_is_the_lowerings(tiles, m, k, monkeypatch):
     """`why_not_mosaic` refuses a block that would not fit shared memory with the lowering's own byte count."""
     if jax.default_backend() != "gpu":
         monkeypatch.setattr(mm._hm.backend, "get_default_device", lambda: types.SimpleNamespace(core_count=132))
     x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-    need = mm.smem_bytes(bs, mm.padded_cols(m, jnp.bfloat16), k)
+    need = mm.smem_bytes(tiles, mm.padded_cols(m, jnp.bfloat16), k)
     assert need > mm.SMEM_LIMIT  # each case is over the limit: the lowering must name the same count
     with pytest.raises(ValueError, match=f"smem_bytes={need} "):
         mm._mosaic.trace(x, jax.ShapeDtypeStruct((256, k), jnp.int8), jax.ShapeDtypeStruct((256,), jnp.float32),
-                         block_sizes=bs).lower(lowering_platforms=("cuda",))
+                         tiles=tiles).lower(lowering_platforms=("cuda",))
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Mosaic GPU kernel runs natively on a Hopper GPU only")
 @pytest.mark.parametrize("k,n", [(512, 256), (1024, 384)])
 @pytest.mark.parametrize("m,xdtype", [(1, jnp.bfloat16), (4, jnp.float16), (16, jnp.bfloat16), (64, jnp.bfloat16),
                                       (1, jnp.float32), (16, jnp.float32), (42, jnp.float32)])
-@pytest.mark.parametrize("bs", [MOSAIC, BlockSizes(block_n=128, block_k=256, num_stages=4, backend="mosaic")])
-def test_native_against_reference(k, n, m, xdtype, bs):
-    if n % bs.block_n or k % bs.block_k:
-        pytest.skip(f"[{n}, {k}] does not tile by {bs.block_n} x {bs.block_k} (the fallback test covers it)")
+@pytest.mark.parametrize("tiles", [MOSAIC, BIG])
+def test_native_against_reference(k, n, m, xdtype, tiles):
+    if n % tiles.tile_m or k % tiles.tile_k:
+        pytest.skip(f"[{n}, {k}] does not tile by {tiles.tile_m} x {tiles.tile_k} (the fallback test covers it)")
     ct = pack(_weight(_seed("nat", k, n, m), k, n, sparsity=0.0), "int8")
     x = _x(_seed("natx", k, n, m), (m, k), xdtype)
-    assert mm.why_not_mosaic(x, ct, bs, interpret=False) is None
-    got = mm.int8_matmul_mosaic(x, ct, bs)
+    assert mm.why_not_mosaic(x, ct, tiles, interpret=False) is None
+    got = mm.int8_matmul_mosaic(x, ct, tiles)
     _close(got, _ref_matmul(x, ct), xdtype)
     # and the same through the public Pallas entry point
+    bs = BlockSizes(block_m=16, block_n=32, block_k=128, split=1, mosaic=tiles)
     _close(lp.matmul(x, ct, interpret=False, block_sizes=bs), _ref_matmul(x, ct), xdtype)

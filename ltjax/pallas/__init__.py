@@ -4,7 +4,7 @@ The op layer dispatches here through `can_use_pallas` / `matmul` / `matmul_t` / 
 Kernels, one file each: `int8_matmul` (forward and transposed), `bitmask_matmul` (forward
 and transposed), `int8_dequant`, `bitmask_unpack`; each exports its ``*_reference``.
 `int8_matmul_mosaic`: the int8 forward on Hopper through JAX's Mosaic GPU mixed-type kernel,
-taken where a tuned row says ``backend="mosaic"``.
+taken where a tuned row carries `MosaicTiles`.
 """
 
 from ltjax.pallas._api import (
@@ -22,6 +22,7 @@ from ltjax.pallas._config import (
     TUNED_BLOCK_SIZES,
     TUNED_ENV,
     BlockSizes,
+    MosaicTiles,
     get_block_sizes,
     load_tuned,
     resolve_interpret,
@@ -39,6 +40,7 @@ __all__ = [
     "TUNED_BLOCK_SIZES",
     "TUNED_ENV",
     "BlockSizes",
+    "MosaicTiles",
     "bitmask_matmul",
     "bitmask_matmul_reference",
     "bitmask_matmul_t",

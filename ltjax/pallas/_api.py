@@ -59,7 +59,8 @@ def kernel_backend(x, ct: CompressedTensor, *, transpose: bool = False, interpre
     forward = (ct.header.axis == 1) != transpose
     if ct.codec == "int8" and forward:
         bs = _config.get_block_sizes("int8_matmul", x.shape[0], x.dtype)
-        if bs.backend == "mosaic" and why_not_mosaic(x, ct, bs, interpret=_config.resolve_interpret(interpret)) is None:
+        if bs.mosaic is not None and why_not_mosaic(x, ct, bs.mosaic,
+                                                    interpret=_config.resolve_interpret(interpret)) is None:
             return "mosaic"
     return "triton"
 

@@ -15,11 +15,29 @@ INTERPRET_ENV = "LTJAX_PALLAS_INTERPRET"
 # Activation dtypes the matmul kernels take; weights of any `ltjax` dtype decode into them.
 X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
-BACKENDS = ("triton", "mosaic")
-
 # A `BlockSizes.block_m` below this selects the broadcast multiply-reduce in registers; from
 # here up the kernels take the `tl.dot` path, with M padded (masked) to at least 16 rows.
 DOT_MIN_M = 8
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MosaicTiles:
+    """Tiles of the int8 Mosaic GPU kernel (Hopper): TMA copies into a ring of shared-memory slots.
+
+    Attributes:
+      tile_m: weight rows (output channels) per CTA tile: 64 or 128 (wgmma's M side).
+      tile_k: K columns per TMA step, a power of 2 >= 64.
+      stages: shared-memory slots in flight (``max_concurrent_steps``), >= 2.
+    """
+
+    tile_m: int = 64
+    tile_k: int = 128
+    stages: int = 6
+
+    def __post_init__(self):
+        if self.tile_m not in (64, 128) or self.tile_k < 64 or self.tile_k & (self.tile_k - 1) or self.stages < 2:
+            raise ValueError(f"MosaicTiles needs tile_m 64 or 128 (wgmma tiles), tile_k a power of 2 >= 64 "
+                             f"and stages >= 2, got {self}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,9 +56,9 @@ class BlockSizes:
       swap_ab: int8 forward `tl.dot` path only: compute ``(W x^T)^T``, the decoded weight
         block as the MMA's A operand (``block_n`` its M side) and the padded activations as B,
         instead of ``x W^T``.
-      backend: "triton" (every kernel), or "mosaic" (int8 forward on Hopper only, see
-        `ltjax.pallas.int8_matmul_mosaic`: ``block_n`` = weight rows per CTA tile, 64 or 128;
-        ``block_k`` = K columns per TMA step; ``num_stages`` = shared-memory slots).
+      mosaic: int8 forward only: `MosaicTiles` of the Mosaic GPU kernel
+        (`ltjax.pallas.int8_matmul_mosaic`), taken on a Hopper GPU where the shape fits its
+        tiles; the Triton fields above are the fallback everywhere else. None: Triton only.
     """
 
     block_m: int = 16
@@ -50,7 +68,7 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 2
     swap_ab: bool = False
-    backend: str = "triton"
+    mosaic: MosaicTiles | None = None
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -61,12 +79,10 @@ class BlockSizes:
             raise ValueError(f"split={self.split} must be >= 0")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={self.num_warps} must be a power of 2 in [1, 16]")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
-        if self.backend == "mosaic":
-            if self.block_n not in (64, 128) or self.block_k < 64 or self.num_stages < 2:
-                raise ValueError(f"a mosaic BlockSizes needs block_n 64 or 128 (wgmma tiles), block_k >= 64 "
-                                 f"and num_stages >= 2, got {self}")
+        if isinstance(self.mosaic, dict):  # from a tuned-table file
+            object.__setattr__(self, "mosaic", MosaicTiles(**self.mosaic))
+        if self.mosaic is not None and not isinstance(self.mosaic, MosaicTiles):
+            raise ValueError(f"mosaic={self.mosaic!r} must be a MosaicTiles or None")
 
     def compiler_params(self) -> plgpu.CompilerParams:
         """Triton compiler parameters: passing them selects the Triton lowering (Ampere and Hopper)."""
@@ -90,16 +106,19 @@ class BlockSizes:
 #   bitmask_int8 50%, M <= 16: (16,16,256, one program per tile) 131-146 us, best of 8; with f32
 #     activations the broadcast path at M = 1 (0.15 ms) and M <= 4 (0.30 ms) beat the dot
 #     (0.42 / 0.76-0.81 ms), which from M = 5 takes the IEEE f32 dot (0.72 ms at M = 16);
-#   bitmask, 16 < M <= 64: NOT MEASURED, derived: the kernel is decode-bound and every M block
-#     decodes the whole weight again (M = 64 in blocks of 16 took 0.42 ms, 3x M = 16), so one
-#     64-row block (8 warps: no spills on sm_80/sm_90 in the offline compile, either direction);
+#   bitmask, 16 < M <= 64: one 64-row block, decoding the weight once: 255 us (4 warps) vs 276 (8
+#     warps), 328 (32-row blocks) and 446 (16-row blocks; second GPU session, gpu_check run 5);
+#   int8, f32, 1 < M <= 16: the Mosaic GPU kernel (`int8_matmul_mosaic`, tiles 64 x 128, 6 slots)
+#     66 us vs 124-126 us for the Triton swap_ab row, which stays as the fallback off Hopper
+#     (run 5; with bf16 activations the same kernel took 62-106 us against Triton's 41-49, so
+#     the bf16 rows stay Triton-only);
 #   unpack (transposed write): (32,128) 184 us vs (32,256) 220 us.
 # The transposed (backward) rows and the int8 f32 M <= 64 rows come from the offline Triton
 # compile (smallest blocks of the measured shapes with no spills on sm_80/sm_90; the three-dot
 # f32 split at (64,64,128) spilled 332 B on sm_80).
 TUNED_BLOCK_SIZES: tuple[tuple[tuple[str, str, int], BlockSizes], ...] = tuple(sorted([
     (("bitmask_matmul", "*", 16), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_matmul", "*", 64), BlockSizes(block_m=64, block_n=16, block_k=256, split=0, num_warps=8, num_stages=1)),
+    (("bitmask_matmul", "*", 64), BlockSizes(block_m=64, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
     (("bitmask_matmul", "float32", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
     (("bitmask_matmul", "float32", 4), BlockSizes(block_m=4, block_n=8, block_k=256, split=0, num_warps=4, num_stages=1)),
     (("bitmask_matmul", "*", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
@@ -114,7 +133,8 @@ TUNED_BLOCK_SIZES: tuple[tuple[tuple[str, str, int], BlockSizes], ...] = tuple(s
     (("int8_dequant_t", "*", 1 << 30), BlockSizes(block_m=1, block_n=64, block_k=128, split=1, num_warps=4, num_stages=1)),
     (("int8_matmul", "*", 16), BlockSizes(block_m=16, block_n=128, block_k=256, split=2, num_warps=8, num_stages=3)),
     (("int8_matmul", "float32", 1), BlockSizes(block_m=1, block_n=8, block_k=512, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul", "float32", 16), BlockSizes(block_m=16, block_n=128, block_k=256, split=2, num_warps=8, num_stages=3, swap_ab=True)),
+    (("int8_matmul", "float32", 16), BlockSizes(block_m=16, block_n=128, block_k=256, split=2, num_warps=8, num_stages=3, swap_ab=True,
+                                                mosaic=MosaicTiles(tile_m=64, tile_k=128, stages=6))),
     (("int8_matmul", "*", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=1, num_warps=8, num_stages=3)),
     (("int8_matmul", "float32", 64), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=3)),
     (("int8_matmul", "bfloat16", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=2, num_warps=4, num_stages=4)),
@@ -133,7 +153,7 @@ def next_pow2(n: int) -> int:
 
 
 TUNED_ENV = "LTJAX_PALLAS_TUNED"
-_FIELDS = ("block_m", "block_n", "block_k", "split", "num_warps", "num_stages", "swap_ab", "backend")
+_FIELDS = ("block_m", "block_n", "block_k", "split", "num_warps", "num_stages", "swap_ab", "mosaic")
 _tuned_cache: dict[tuple[str, float], tuple] = {}
 
 
@@ -172,17 +192,16 @@ def tuned_table() -> tuple[tuple[tuple[str, str, int], BlockSizes], ...]:
     return _tuned_cache[key]
 
 
-def get_block_sizes(kernel: str, m: int, dtype=None, *, backend: str | None = None) -> BlockSizes:
+def get_block_sizes(kernel: str, m: int, dtype=None) -> BlockSizes:
     """The tuned block sizes of ``kernel`` for ``m`` activation rows of ``dtype``, ``block_m`` fitted to ``m``.
 
     The row with the smallest max M that covers ``m`` wins; on a tie, the row for the exact
-    dtype beats the ``"*"`` row. Rows come from `tuned_table`; ``backend`` keeps only that
-    backend's rows (the Triton fallback of a shape a "mosaic" row cannot take).
+    dtype beats the ``"*"`` row. Rows come from `tuned_table`.
     """
     name = "*" if dtype is None else jnp.dtype(dtype).name
     table = tuned_table()
-    rows = [(max_m, dt != name, i) for i, ((kern, dt, max_m), bs) in enumerate(table)
-            if kern == kernel and dt in (name, "*") and m <= max_m and backend in (None, bs.backend)]
+    rows = [(max_m, dt != name, i) for i, ((kern, dt, max_m), _) in enumerate(table)
+            if kern == kernel and dt in (name, "*") and m <= max_m]
     bs = table[min(rows)[2]][1] if rows else DEFAULT_BLOCK_SIZES
     return fit_block_m(bs, m)
 
@@ -193,8 +212,6 @@ def fit_block_m(bs: BlockSizes, m: int) -> BlockSizes:
     padding is free, and the dot path streams the weight faster than the broadcast reduce even
     at M = 1); a smaller ``block_m`` is the broadcast multiply-reduce, shrunk to ``m``'s power of 2.
     """
-    if bs.backend != "triton":
-        return bs
     if bs.block_m >= DOT_MIN_M:
         bm = max(16, min(bs.block_m, next_pow2(m)))
     else:
@@ -202,10 +219,10 @@ def fit_block_m(bs: BlockSizes, m: int) -> BlockSizes:
     return bs if bm == bs.block_m else dataclasses.replace(bs, block_m=bm)
 
 
-def require_triton(bs: BlockSizes, kernel: str) -> BlockSizes:
-    """``bs``, or ``ValueError`` when it asks ``kernel`` (which has only a Triton version) for another backend."""
-    if bs.backend != "triton":
-        raise ValueError(f"{kernel} has no {bs.backend!r} kernel, only a Triton one (block_sizes={bs})")
+def triton_only(bs: BlockSizes, kernel: str) -> BlockSizes:
+    """``bs``, or ``ValueError`` when it gives ``kernel`` (Triton only) Mosaic GPU tiles."""
+    if bs.mosaic is not None:
+        raise ValueError(f"{kernel} has no Mosaic GPU kernel, only a Triton one (block_sizes={bs})")
     return bs
 
 

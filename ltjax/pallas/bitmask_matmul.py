@@ -186,7 +186,7 @@ def _bitmask_matmul(x, ct: CompressedTensor, *, transposed: bool, interpret: boo
 
 def bitmask_matmul(x, ct: CompressedTensor, *, interpret: bool | None = None, block_sizes: BlockSizes | None = None):
     """``x [M, K] @ S[N, K].T -> [M, N]`` for a bitmask / bitmask_int8 storage matrix ``S``, decoded in registers."""
-    bs = _config.require_triton(block_sizes or _config.get_block_sizes("bitmask_matmul", x.shape[0], x.dtype),
+    bs = _config.triton_only(block_sizes or _config.get_block_sizes("bitmask_matmul", x.shape[0], x.dtype),
                                 "bitmask_matmul")
     return _bitmask_matmul(x, ct, transposed=False, interpret=_config.resolve_interpret(interpret),
                            block_sizes=_config.fit_block_m(bs, x.shape[0]))
@@ -195,7 +195,7 @@ def bitmask_matmul(x, ct: CompressedTensor, *, interpret: bool | None = None, bl
 def bitmask_matmul_t(dy, ct: CompressedTensor, *, interpret: bool | None = None,
                      block_sizes: BlockSizes | None = None):
     """``dy [M, N] @ S[N, K] -> [M, K]`` for a bitmask / bitmask_int8 storage matrix ``S``, decoded in registers."""
-    bs = _config.require_triton(block_sizes or _config.get_block_sizes("bitmask_matmul_t", dy.shape[0], dy.dtype),
+    bs = _config.triton_only(block_sizes or _config.get_block_sizes("bitmask_matmul_t", dy.shape[0], dy.dtype),
                                 "bitmask_matmul_t")
     return _bitmask_matmul(dy, ct, transposed=True, interpret=_config.resolve_interpret(interpret),
                            block_sizes=_config.fit_block_m(bs, dy.shape[0]))

@@ -99,7 +99,7 @@ def bitmask_unpack(ct: CompressedTensor, *, dtype=None, interpret: bool | None =
     """
     kernel = "bitmask_unpack_t" if transposed else "bitmask_unpack"
     return _bitmask_unpack(ct, interpret=_config.resolve_interpret(interpret),
-                           block_sizes=_config.require_triton(block_sizes or _config.get_block_sizes(kernel, 1), kernel),
+                           block_sizes=_config.triton_only(block_sizes or _config.get_block_sizes(kernel, 1), kernel),
                            dtype=jnp.dtype(ct.dtype if dtype is None else dtype), transposed=transposed)
 
 

@@ -61,7 +61,7 @@ def int8_dequant(ct: CompressedTensor, *, dtype=None, interpret: bool | None = N
     """
     kernel = "int8_dequant_t" if transposed else "int8_dequant"
     return _int8_dequant(ct, interpret=_config.resolve_interpret(interpret),
-                         block_sizes=_config.require_triton(block_sizes or _config.get_block_sizes(kernel, 1), kernel),
+                         block_sizes=_config.triton_only(block_sizes or _config.get_block_sizes(kernel, 1), kernel),
                          dtype=jnp.dtype(ct.dtype if dtype is None else dtype), transposed=transposed)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -146,21 +147,21 @@ def int8_matmul(x, ct: CompressedTensor, *, interpret: bool | None = None, block
     """``x [M, K] @ S[N, K].T -> [M, N]`` for int8 storage ``S ≈ codes * scales[:, None]``, dequantised in registers."""
     bs = block_sizes or _config.get_block_sizes("int8_matmul", x.shape[0], x.dtype)
     interpret = _config.resolve_interpret(interpret)
-    if bs.backend == "mosaic":
-        why = why_not_mosaic(x, ct, bs, interpret=interpret)
+    if bs.mosaic is not None:
+        why = why_not_mosaic(x, ct, bs.mosaic, interpret=interpret)
         if why is None:
-            return int8_matmul_mosaic(x, ct, bs)
+            return int8_matmul_mosaic(x, ct, bs.mosaic)
         if why not in _logged:  # once per reason, like the op layer's fallbacks
             _logged.add(why)
             logger.info("ltjax: int8 matmul on Triton, not Mosaic GPU: %s", why)
-        bs = _config.get_block_sizes("int8_matmul", x.shape[0], x.dtype, backend="triton")
+        bs = dataclasses.replace(bs, mosaic=None)
     return _int8_matmul(x, ct, transposed=False, interpret=interpret,
                         block_sizes=_config.fit_block_m(bs, x.shape[0]))
 
 
 def int8_matmul_t(dy, ct: CompressedTensor, *, interpret: bool | None = None, block_sizes: BlockSizes | None = None):
     """``dy [M, N] @ S[N, K] -> [M, K]`` for int8 storage ``S``, dequantised in registers."""
-    bs = _config.require_triton(block_sizes or _config.get_block_sizes("int8_matmul_t", dy.shape[0], dy.dtype),
+    bs = _config.triton_only(block_sizes or _config.get_block_sizes("int8_matmul_t", dy.shape[0], dy.dtype),
                                 "int8_matmul_t")
     return _int8_matmul(dy, ct, transposed=True, interpret=_config.resolve_interpret(interpret),
                         block_sizes=_config.fit_block_m(bs, dy.shape[0]))

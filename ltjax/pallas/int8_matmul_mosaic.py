@@ -17,10 +17,9 @@ N side (padded to 32, 64 or 128 columns: 16, 32 or 64 per consumer warpgroup).
 - Shapes it does not take (ragged N or K, too many activation columns, no Hopper GPU,
   interpret mode, a JAX without the kernel) go to the Triton kernel: `why_not_mosaic` says why.
 
-`BlockSizes(backend="mosaic")` selects it: ``block_n`` is the weight rows per CTA tile
-(``tile_m``, 64 or 128), ``block_k`` the K columns per TMA step (``tile_k``), ``num_stages``
-the shared-memory slots (``max_concurrent_steps``); ``block_m``, ``split`` and ``num_warps``
-are not used (the kernel is persistent, one CTA per SM, three warpgroups).
+A tuned row's `MosaicTiles` selects it (``tile_m`` weight rows per CTA tile, ``tile_k`` K
+columns per TMA step, ``stages`` shared-memory slots); the row's Triton fields are the fallback.
+The kernel is persistent: one CTA per SM, three warpgroups.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ltjax._format import CompressedTensor
-from ltjax.pallas._config import BlockSizes
+from ltjax.pallas._config import MosaicTiles
 from ltjax.pallas._decode import split_bf16
 
 try:  # an example kernel of JAX (0.8+), maintained and tested by JAX on Hopper; absent elsewhere
@@ -58,18 +57,18 @@ def padded_cols(m: int, dtype) -> int:
     return 32 if c <= 32 else 64 if c <= 64 else 128
 
 
-def smem_bytes(bs: BlockSizes, cols: int, k: int) -> int:
+def smem_bytes(tiles: MosaicTiles, cols: int, k: int) -> int:
     """Shared memory of one CTA for ``cols`` padded activation columns and ``k`` columns of weight:
     the pipeline's slots (``num_stages``, at most one per K step) of a weight tile and an
     activation tile, the epilogue's output tiles, the slots' barriers. The Mosaic GPU lowering's
     own count, byte for byte (checked in the tests)."""
-    half, stages = cols // 2, min(bs.num_stages, max(1, k // bs.block_k))
-    slots = min(2, bs.block_n // 64)
-    return stages * (bs.block_n * bs.block_k + bs.block_k * cols * 2 + 16) + 2 * slots * 64 * half * 4
+    half, stages = cols // 2, min(tiles.stages, max(1, k // tiles.tile_k))
+    slots = min(2, tiles.tile_m // 64)
+    return stages * (tiles.tile_m * tiles.tile_k + tiles.tile_k * cols * 2 + 16) + 2 * slots * 64 * half * 4
 
 
-def why_not_mosaic(x, ct: CompressedTensor, bs: BlockSizes, *, interpret: bool) -> str | None:
-    """Why `int8_matmul_mosaic(x, ct, bs)` cannot run here, or None when it can."""
+def why_not_mosaic(x, ct: CompressedTensor, tiles: MosaicTiles, *, interpret: bool) -> str | None:
+    """Why `int8_matmul_mosaic(x, ct, tiles)` cannot run here, or None when it can."""
     if _hm is None:
         return f"this JAX has no Mosaic GPU mixed-type kernel ({_IMPORT_ERROR})"
     if interpret:
@@ -86,16 +85,16 @@ def why_not_mosaic(x, ct: CompressedTensor, bs: BlockSizes, *, interpret: bool) 
     n, k = ct.header.storage_shape
     if n == 0 or k == 0 or x.shape[0] == 0:
         return "an empty operand"
-    if n % bs.block_n:
-        return f"{n} weight rows are not a multiple of the CTA tile ({bs.block_n})"
-    if k % bs.block_k:
-        return f"K = {k} is not a multiple of the TMA step ({bs.block_k})"
+    if n % tiles.tile_m:
+        return f"{n} weight rows are not a multiple of the CTA tile ({tiles.tile_m})"
+    if k % tiles.tile_k:
+        return f"K = {k} is not a multiple of the TMA step ({tiles.tile_k})"
     c = _cols(x.shape[0], x.dtype)
     if c > MAX_COLS:
         return f"{c} activation columns (M = {x.shape[0]}{', x3 for f32' if c != x.shape[0] else ''}) exceed {MAX_COLS}"
-    need = smem_bytes(bs, padded_cols(x.shape[0], x.dtype), k)
+    need = smem_bytes(tiles, padded_cols(x.shape[0], x.dtype), k)
     if need > SMEM_LIMIT:
-        return f"{bs} needs {need} B of shared memory for {padded_cols(x.shape[0], x.dtype)} columns (limit {SMEM_LIMIT})"
+        return f"{tiles} needs {need} B of shared memory for {padded_cols(x.shape[0], x.dtype)} columns (limit {SMEM_LIMIT})"
     return None
 
 
@@ -118,10 +117,10 @@ def finish(out, m: int, scales, dtype) -> jax.Array:
     return (y * scales[:, None]).T.astype(dtype)
 
 
-def tuning_config(bs: BlockSizes, cols: int):
-    """JAX's `TuningConfig` for ``bs`` and ``cols`` padded activation columns (two warpgroups along N)."""
+def tuning_config(tiles: MosaicTiles, cols: int):
+    """JAX's `TuningConfig` for ``tiles`` and ``cols`` padded activation columns (two warpgroups along N)."""
     half = cols // 2
-    want = dict(tile_m=bs.block_n, tile_n=half, tile_k=bs.block_k, max_concurrent_steps=bs.num_stages,
+    want = dict(tile_m=tiles.tile_m, tile_n=half, tile_k=tiles.tile_k, max_concurrent_steps=tiles.stages,
                 epi_tile_m=64, epi_tile_n=half, wg_dimension=_hm.MatmulDimension.N)
     missing = set(want) - {f.name for f in dataclasses.fields(_hm.TuningConfig)}
     if missing:  # an example kernel of JAX: its knobs may move between releases
@@ -129,17 +128,16 @@ def tuning_config(bs: BlockSizes, cols: int):
     return _hm.TuningConfig(**want)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes",))
-def _mosaic(x, codes, scales, *, block_sizes: BlockSizes):
+@functools.partial(jax.jit, static_argnames=("tiles",))
+def _mosaic(x, codes, scales, *, tiles: MosaicTiles):
     cols = activation_columns(x)
-    out = _hm.mixed_matmul_kernel(codes, cols, out_dtype=jnp.float32,
-                                  config=tuning_config(block_sizes, cols.shape[1]))
+    out = _hm.mixed_matmul_kernel(codes, cols, out_dtype=jnp.float32, config=tuning_config(tiles, cols.shape[1]))
     return finish(out, x.shape[0], scales, x.dtype)
 
 
-def int8_matmul_mosaic(x, ct: CompressedTensor, block_sizes: BlockSizes) -> jax.Array:
+def int8_matmul_mosaic(x, ct: CompressedTensor, tiles: MosaicTiles = MosaicTiles()) -> jax.Array:
     """``x [M, K] @ S[N, K].T -> [M, N]`` on a Hopper GPU; raises ``ValueError`` where `why_not_mosaic` objects."""
-    why = why_not_mosaic(x, ct, block_sizes, interpret=False)
+    why = why_not_mosaic(x, ct, tiles, interpret=False)
     if why is not None:
         raise ValueError(f"ltjax.pallas int8 Mosaic GPU matmul: {why}")
-    return _mosaic(x, ct.codes, ct.scales, block_sizes=block_sizes)
+    return _mosaic(x, ct.codes, ct.scales, tiles=tiles)
