@@ -31,6 +31,7 @@ S = lambda *a: BlockSizes(*a, swap_ab=True)
 # The int8 Mosaic GPU kernel (Hopper): weight rows per CTA tile, K per TMA step, shared-memory slots;
 # timed as the tuned row's Triton blocks with these tiles added.
 Mo = MosaicTiles
+R = lambda *a, rows: BlockSizes(*a, row_split=rows)  # bitmask forward / unpack: programs per tile along its rows
 # (kernel, codec, sparsity, M, activation dtype) -> candidates; None is the tuned table's choice.
 # A block_m >= 8 is the tl.dot path (M padded to 16); block_m = 1 the batch-1 FMA path.
 # M = 2..16 run the same dot-path kernel, so dot-path candidates are timed at M = 16.
@@ -55,15 +56,24 @@ CANDIDATES = {
                                                    B(64, 64, 128, 2, 4, 4), Mo(64, 128, 6), Mo(64, 256, 4),
                                                    Mo(128, 128, 6)],
     ("bitmask_matmul", "bitmask_int8", 0.5, 16, "bfloat16"): [None, B(16, 16, 256, 0, 2, 1), B(16, 8, 256, 0, 2, 1),
-                                                              B(16, 16, 256, 8, 4, 1)],
-    ("bitmask_matmul", "bitmask_int8", 0.5, 1, "bfloat16"): [None, B(1, 16, 256, 0, 2, 1)],
+                                                              B(16, 16, 256, 8, 4, 1), R(16, 16, 256, 0, 4, 1, rows=4),
+                                                              R(16, 16, 256, 0, 4, 1, rows=8),
+                                                              R(16, 16, 256, 0, 4, 1, rows=16),
+                                                              R(16, 32, 256, 0, 4, 1, rows=8)],
+    ("bitmask_matmul", "bitmask_int8", 0.5, 1, "bfloat16"): [None, B(1, 16, 256, 0, 2, 1), R(16, 16, 256, 0, 4, 1, rows=8),
+                                                             R(16, 16, 256, 0, 4, 1, rows=16)],
     ("bitmask_matmul", "bitmask_int8", 0.5, 64, "bfloat16"): [None, B(16, 16, 256, 0, 4, 1), B(32, 16, 256, 0, 4, 1),
-                                                              B(64, 16, 256, 0, 4, 1)],
+                                                              B(64, 16, 256, 0, 4, 1), R(64, 16, 256, 0, 4, 1, rows=4),
+                                                              R(64, 16, 256, 0, 4, 1, rows=8)],
     ("bitmask_unpack_t", "bitmask_int8", 0.5, 0, "float32"): [None, B(1, 32, 128, 0, 4, 1), B(1, 64, 128, 0, 4, 1),
                                                               B(1, 64, 128, 0, 8, 1), B(1, 16, 256, 0, 4, 1),
                                                               B(1, 32, 128, 0, 2, 1), B(1, 16, 128, 0, 4, 1),
-                                                              B(1, 32, 64, 0, 4, 1)],
-    ("bitmask_unpack", "bitmask_int8", 0.5, 0, "float32"): [None],
+                                                              B(1, 32, 64, 0, 4, 1), R(1, 32, 128, 0, 4, 1, rows=8),
+                                                              R(1, 32, 128, 0, 4, 1, rows=4),
+                                                              R(1, 16, 256, 0, 4, 1, rows=16),
+                                                              R(1, 32, 256, 0, 4, 1, rows=8),
+                                                              R(1, 16, 128, 0, 2, 1, rows=16)],
+    ("bitmask_unpack", "bitmask_int8", 0.5, 0, "float32"): [None, R(1, 16, 256, 0, 4, 1, rows=8)],
     ("int8_dequant_t", "int8", 0.0, 0, "float32"): [None, B(1, 64, 256, 1, 8, 1), B(1, 32, 128, 1, 4, 1),
                                                     B(1, 128, 128, 1, 8, 1)],
     ("int8_dequant", "int8", 0.0, 0, "float32"): [None],
@@ -78,7 +88,7 @@ UNPACK = {"bitmask_unpack": (lp.bitmask_unpack, False), "bitmask_unpack_t": (lp.
 def bs_dict(bs: BlockSizes) -> dict:
     return dict(block_m=bs.block_m, block_n=bs.block_n, block_k=bs.block_k, split=bs.split,
                 num_warps=bs.num_warps, num_stages=bs.num_stages, swap_ab=bs.swap_ab,
-                mosaic=None if bs.mosaic is None else dataclasses.asdict(bs.mosaic))
+                mosaic=None if bs.mosaic is None else dataclasses.asdict(bs.mosaic), row_split=bs.row_split)
 
 
 def tuned_rows(rows: list[dict]) -> list[dict]:
@@ -109,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--budget", type=float, default=90.0, help="seconds for the whole sweep")
+    p.add_argument("--only", nargs="+", metavar="PREFIX",
+                   help="sweep only the groups whose kernel name starts with one of these")
     p.add_argument("--write-tuned", metavar="PATH",
                    help="write the fastest eligible candidate of each group as a tuned-table file "
                         "($LTJAX_PALLAS_TUNED reads it)")
@@ -124,10 +136,18 @@ def main(argv=None) -> int:
     save = lambda complete: _common.write_json(a.out, _common.result(
         "pallas_sweep", a.quick, complete=complete, size=size, layers=layers, reps=reps,
         GBps_counts="matmul rows: compressed weight bytes; unpack rows (M = 0): weight bytes + f32 output bytes",
-        rows=rows, skipped=skipped))
+        copy_baseline=copy, rows=rows, skipped=skipped))
     cts_of = {}
     interpret = None if a.quick else False
-    for (kernel, codec, sparsity, m, xdt), cands in CANDIDATES.items():
+    groups = {key: c for key, c in CANDIDATES.items() if not a.only or key[0].startswith(tuple(a.only))}
+    copy = {}
+    if any(key[0] in UNPACK for key in groups):  # the unpack rows' baseline, measured in the same run
+        dense = replicate(jnp.asarray(rng.standard_normal((size, size), dtype=np.float32)), layers)
+        f_copy = jax.jit(lambda arrays, s: [w + s for w in arrays])
+        t = _common.median_time(lambda: f_copy(dense, jnp.float32(1.0)), reps=reps) / layers
+        copy = dict(t_copy_us=t * 1e6, copy_GBps=2 * size * size * 4 / t / 1e9)
+        del dense
+    for (kernel, codec, sparsity, m, xdt), cands in groups.items():
         if (codec, sparsity) not in cts_of:
             cts_of.clear()  # one weight set on the device at a time
             cts_of[(codec, sparsity)] = replicate(jax.device_put(pack(make_weight(rng, size, size, sparsity), codec)),
@@ -168,6 +188,8 @@ def main(argv=None) -> int:
                 t = _common.median_time(lambda: f(*args), reps=reps) / layers
                 row.update(t_us=t * 1e6, GBps=moved / t / 1e9,
                            rel_diff_vs_tuned=rel_diff(out, ref) if ref is not None else None)
+                if kernel in UNPACK and copy:
+                    row.update(copy, frac_of_copy=row["GBps"] / copy["copy_GBps"])
             except Exception as e:  # a candidate that fails to compile is a finding, not the end of the sweep
                 row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
             rows.append(row)
