@@ -14,7 +14,9 @@
 # ltjax's own dependencies must import there (crc32c is not in the GPU image: carry its wheel,
 # see benchmarks/README.md).
 # Knobs for a smoke run elsewhere: GPU_CHECK_SIZES (default 8192), GPU_CHECK_MS (default
-# "1 4 16 64"), GPU_CHECK_REPS (default 20), GPU_CHECK_SWEEP_ARGS (extra sweep options), GPU_CHECK_SWEEP_S (default 100; 0 skips the sweep), PYTHON (default python).
+# "1 4 16 64"), GPU_CHECK_REPS (default 20), GPU_CHECK_SWEEP_ARGS (extra sweep options, e.g.
+# "--only bitmask"), GPU_CHECK_SWEEP_S (default 100; 0 skips the sweep), GPU_CHECK_BENCH_S
+# (default 180; 0 skips the benchmark), GPU_CHECK_TESTS_K (a pytest -k filter), PYTHON (default python).
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -28,6 +30,7 @@ SIZES=${GPU_CHECK_SIZES:-8192}
 MS=${GPU_CHECK_MS:-1 4 16 64}
 REPS=${GPU_CHECK_REPS:-20}
 SWEEP_S=${GPU_CHECK_SWEEP_S:-100}
+BENCH_S=${GPU_CHECK_BENCH_S:-180}
 START=$(date +%s)
 
 echo "== device"
@@ -49,11 +52,16 @@ fi
 if [ -s "$OUT/tuned.json" ]; then export LTJAX_PALLAS_TUNED="$OUT/tuned.json"; fi
 SWEEP_END=$(date +%s)
 
-echo "== benchmark K=N=$SIZES M=$MS"
-# shellcheck disable=SC2086
-timeout 180 "$PY" -m benchmarks.matmul --sizes $SIZES --ms $MS --reps "$REPS" \
-  --out "$OUT/matmul_bench.json" --note "gpu_check.sh" 2>&1 | tee "$OUT/bench.log"
-BENCH_RC=${PIPESTATUS[0]}
+if [ "$BENCH_S" -gt 0 ]; then
+  echo "== benchmark K=N=$SIZES M=$MS"
+  # shellcheck disable=SC2086
+  timeout "$BENCH_S" "$PY" -m benchmarks.matmul --sizes $SIZES --ms $MS --reps "$REPS" \
+    --out "$OUT/matmul_bench.json" --note "gpu_check.sh" 2>&1 | tee "$OUT/bench.log"
+  BENCH_RC=${PIPESTATUS[0]}
+else
+  echo "benchmark skipped (GPU_CHECK_BENCH_S=0)" | tee "$OUT/bench.log"
+  BENCH_RC=-1
+fi
 BENCH_END=$(date +%s)
 
 echo "== Pallas kernel and op tests, native (LTJAX_PALLAS_INTERPRET=0)"
@@ -63,7 +71,9 @@ PAR=()
 # Several pytest workers share the one GPU: no preallocation, and compiles (CPU-bound) overlap.
 if "$PY" -c "import xdist" 2>/dev/null; then PAR=(-n 8); fi
 if [ ${#TESTS[@]} -gt 0 ]; then
-  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 "$PY" -m pytest -q -p no:cacheprovider "${PAR[@]}" \
+  KSEL=()
+  if [ -n "${GPU_CHECK_TESTS_K:-}" ]; then KSEL=(-k "$GPU_CHECK_TESTS_K"); fi
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 "$PY" -m pytest -q -p no:cacheprovider "${PAR[@]}" "${KSEL[@]}" \
     "${TESTS[@]}" tests/test_ops.py --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
   TEST_RC=$?
 else
@@ -105,7 +115,8 @@ except Exception as e:
     git = {"commit": f"unknown: {e}"}
 result = dict(device=device, backend=backend, jax_version=jax_version,
               commit=git.get("commit_file") or git["commit"], git=git,
-              env={"LTJAX_PALLAS_INTERPRET": os.environ.get("LTJAX_PALLAS_INTERPRET")},
+              env={k: os.environ.get(k) for k in ("LTJAX_PALLAS_INTERPRET", "GPU_CHECK_SWEEP_ARGS", "GPU_CHECK_TESTS_K",
+                                                   "GPU_CHECK_SWEEP_S", "GPU_CHECK_BENCH_S")},
               device_probe=os.environ.get("GPU_CHECK_DEVICE"), tuned_table=os.environ.get("LTJAX_PALLAS_TUNED"),
               seconds={"sweep": t1 - t0, "benchmark": t2 - t1, "tests": t3 - t2},
               tests=tests, benchmark_rc=bench_rc, benchmark=bench, sweep_rc=sweep_rc, sweep=sweep,
