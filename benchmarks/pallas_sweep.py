@@ -31,7 +31,6 @@ S = lambda *a: BlockSizes(*a, swap_ab=True)
 # The int8 Mosaic GPU kernel (Hopper): weight rows per CTA tile, K per TMA step, shared-memory slots;
 # timed as the tuned row's Triton blocks with these tiles added.
 Mo = MosaicTiles
-R = lambda *a, rows: BlockSizes(*a, row_split=rows)  # bitmask forward / unpack: programs per tile along its rows
 # (kernel, codec, sparsity, M, activation dtype) -> candidates; None is the tuned table's choice.
 # A block_m >= 8 is the tl.dot path (M padded to 16); block_m = 1 the batch-1 FMA path.
 # M = 2..16 run the same dot-path kernel, so dot-path candidates are timed at M = 16.
@@ -56,24 +55,15 @@ CANDIDATES = {
                                                    B(64, 64, 128, 2, 4, 4), Mo(64, 128, 6), Mo(64, 256, 4),
                                                    Mo(128, 128, 6)],
     ("bitmask_matmul", "bitmask_int8", 0.5, 16, "bfloat16"): [None, B(16, 16, 256, 0, 2, 1), B(16, 8, 256, 0, 2, 1),
-                                                              B(16, 16, 256, 8, 4, 1), R(16, 16, 256, 0, 4, 1, rows=4),
-                                                              R(16, 16, 256, 0, 4, 1, rows=8),
-                                                              R(16, 16, 256, 0, 4, 1, rows=16),
-                                                              R(16, 32, 256, 0, 4, 1, rows=8)],
-    ("bitmask_matmul", "bitmask_int8", 0.5, 1, "bfloat16"): [None, B(1, 16, 256, 0, 2, 1), R(16, 16, 256, 0, 4, 1, rows=8),
-                                                             R(16, 16, 256, 0, 4, 1, rows=16)],
+                                                              B(16, 16, 256, 8, 4, 1)],
+    ("bitmask_matmul", "bitmask_int8", 0.5, 1, "bfloat16"): [None, B(1, 16, 256, 0, 2, 1)],
     ("bitmask_matmul", "bitmask_int8", 0.5, 64, "bfloat16"): [None, B(16, 16, 256, 0, 4, 1), B(32, 16, 256, 0, 4, 1),
-                                                              B(64, 16, 256, 0, 4, 1), R(64, 16, 256, 0, 4, 1, rows=4),
-                                                              R(64, 16, 256, 0, 4, 1, rows=8)],
+                                                              B(64, 16, 256, 0, 4, 1)],
     ("bitmask_unpack_t", "bitmask_int8", 0.5, 0, "float32"): [None, B(1, 32, 128, 0, 4, 1), B(1, 64, 128, 0, 4, 1),
                                                               B(1, 64, 128, 0, 8, 1), B(1, 16, 256, 0, 4, 1),
                                                               B(1, 32, 128, 0, 2, 1), B(1, 16, 128, 0, 4, 1),
-                                                              B(1, 32, 64, 0, 4, 1), R(1, 32, 128, 0, 4, 1, rows=8),
-                                                              R(1, 32, 128, 0, 4, 1, rows=4),
-                                                              R(1, 16, 256, 0, 4, 1, rows=16),
-                                                              R(1, 32, 256, 0, 4, 1, rows=8),
-                                                              R(1, 16, 128, 0, 2, 1, rows=16)],
-    ("bitmask_unpack", "bitmask_int8", 0.5, 0, "float32"): [None, R(1, 16, 256, 0, 4, 1, rows=8)],
+                                                              B(1, 32, 64, 0, 4, 1)],
+    ("bitmask_unpack", "bitmask_int8", 0.5, 0, "float32"): [None],
     ("int8_dequant_t", "int8", 0.0, 0, "float32"): [None, B(1, 64, 256, 1, 8, 1), B(1, 32, 128, 1, 4, 1),
                                                     B(1, 128, 128, 1, 8, 1)],
     ("int8_dequant", "int8", 0.0, 0, "float32"): [None],
@@ -88,7 +78,7 @@ UNPACK = {"bitmask_unpack": (lp.bitmask_unpack, False), "bitmask_unpack_t": (lp.
 def bs_dict(bs: BlockSizes) -> dict:
     return dict(block_m=bs.block_m, block_n=bs.block_n, block_k=bs.block_k, split=bs.split,
                 num_warps=bs.num_warps, num_stages=bs.num_stages, swap_ab=bs.swap_ab,
-                mosaic=None if bs.mosaic is None else dataclasses.asdict(bs.mosaic), row_split=bs.row_split)
+                mosaic=None if bs.mosaic is None else dataclasses.asdict(bs.mosaic))
 
 
 def tuned_rows(rows: list[dict]) -> list[dict]:

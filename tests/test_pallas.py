@@ -97,27 +97,6 @@ def test_block_geometries(codec, bs, xdtype):
     _close(lp.matmul_t(dy, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(dy, ct, True), xdtype)
 
 
-@pytest.mark.parametrize("codec", ["bitmask_int8", "bitmask"])
-@pytest.mark.parametrize("bs", [BlockSizes(block_m=16, block_n=8, block_k=128, split=0, row_split=3),
-                                BlockSizes(block_m=16, block_n=8, block_k=64, split=2, row_split=5),  # 2 column chunks
-                                BlockSizes(block_m=1, block_n=4, block_k=32, split=0, row_split=2)],
-                         ids=lambda b: f"m{b.block_m}n{b.block_n}k{b.block_k}s{b.split}r{b.row_split}")
-def test_row_split(codec, bs):
-    """Row groups of a tile decode in parallel, each starting from the count of the rows above it:
-    20-row tiles in 8-row chunks cut 3 ways (8, 8, 4 rows) or 5 ways (the last two groups empty)."""
-    k, n, m = 200, 45, 3
-    ct = pack(_weight(17, k, n, sparsity=0.6), codec, tile=(20, 128))
-    x = _x(18, (m, k), jnp.float32)
-    _close(lp.matmul(x, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(x, ct), jnp.float32)
-    want = decompress_reference(ct)
-    for transposed in (False, True):
-        got = lp.bitmask_unpack(ct, interpret=INTERPRET, transposed=transposed,
-                                block_sizes=BlockSizes(block_n=bs.block_n, block_k=bs.block_k, row_split=bs.row_split))
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want if transposed else want.T))
-    with pytest.raises(ValueError, match="row_split"):
-        lp.matmul_t(_x(19, (m, n), jnp.float32), ct, interpret=INTERPRET, block_sizes=bs)
-
-
 @pytest.mark.parametrize("sparsity", [0.0, 0.95])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_bitmask_sparsity_extremes(sparsity, seed):

@@ -52,10 +52,6 @@ class BlockSizes:
       split: programs along the reduced axis. int8: K (forward) / N (transposed) is cut
         into `split` ranges; bitmask: the tile columns (forward) / tile rows (transposed)
         are cut into `split` groups (0 = one group per tile). Partial sums are added in XLA.
-      row_split: bitmask forward matmul and unpack only: programs per tile along its rows. Each
-        starts by counting its tile's nonzeros in the rows above its own (a popcount pass
-        over mask words), so the rows of a tile decode in parallel rather than one after
-        another; 1 = one program walks the whole tile.
       num_warps, num_stages: Triton compiler parameters.
       swap_ab: int8 forward `tl.dot` path only: compute ``(W x^T)^T``, the decoded weight
         block as the MMA's A operand (``block_n`` its M side) and the padded activations as B,
@@ -73,7 +69,6 @@ class BlockSizes:
     num_stages: int = 2
     swap_ab: bool = False
     mosaic: MosaicTiles | None = None
-    row_split: int = 1
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -82,8 +77,6 @@ class BlockSizes:
                 raise ValueError(f"{name}={v} must be a power of 2 (Triton block shapes)")
         if self.split < 0:
             raise ValueError(f"split={self.split} must be >= 0")
-        if self.row_split < 1:
-            raise ValueError(f"row_split={self.row_split} must be >= 1")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={self.num_warps} must be a power of 2 in [1, 16]")
         if isinstance(self.mosaic, dict):  # from a tuned-table file
@@ -160,7 +153,7 @@ def next_pow2(n: int) -> int:
 
 
 TUNED_ENV = "LTJAX_PALLAS_TUNED"
-_FIELDS = ("block_m", "block_n", "block_k", "split", "num_warps", "num_stages", "swap_ab", "mosaic", "row_split")
+_FIELDS = ("block_m", "block_n", "block_k", "split", "num_warps", "num_stages", "swap_ab", "mosaic")
 _tuned_cache: dict[tuple[str, float], tuple] = {}
 
 

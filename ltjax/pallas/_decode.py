@@ -37,26 +37,6 @@ def row_popcounts(mask_ref, r0, r_end, w0, w_end, n_chunks, *, bn: int, nw: int)
     return lax.fori_loop(0, n_chunks, body, jnp.zeros((bn,), jnp.int32))
 
 
-def tile_rows_above(mask_ref, rs, r_lo, tw0, tw_end, *, bn: int, nwb: int, n_cc: int) -> jax.Array:
-    """Nonzeros of a tile in its rows ``[rs, r_lo)`` (columns ``[tw0, tw_end)`` in words): the
-    running count a program starting at row ``r_lo`` of the tile needs (``row_split``)."""
-
-    def body(c, acc):
-        return acc + row_popcounts(mask_ref, rs + c * bn, r_lo, tw0, tw_end, n_cc, bn=bn, nw=nwb).sum()
-
-    return lax.fori_loop(0, pl.cdiv(r_lo - rs, bn), body, jnp.int32(0))
-
-
-def row_range(i, g, tr: int, r_total, row_split: int, bn: int):
-    """Rows ``[r_lo, r_hi)`` of tile row ``i`` that row group ``g`` of ``row_split`` decodes (whole
-    ``bn``-row chunks; a group past the tile's last row gets an empty range)."""
-    rows = -(-(-(-tr // row_split)) // bn) * bn
-    rs = i * tr
-    r_end = jnp.minimum(rs + tr, r_total)
-    r_lo = jnp.minimum(rs + g * rows, r_end)
-    return rs, r_lo, jnp.minimum(r_lo + rows, r_end), r_end
-
-
 def tile_row_starts(mask_ref, offsets_ref, tile_index, carry, r0, r_end, tw0, tw_end, *, bn, nwb, n_cc, words0):
     """Packed index of each row's first nonzero in its tile (rows ``[r0, r0 + bn)``), and the rows' total.
 

@@ -13,17 +13,7 @@ from jax.experimental.pallas import triton as plgpu
 from ltjax._format import CompressedTensor, decode_storage
 from ltjax.pallas import _config
 from ltjax.pallas._config import BlockSizes
-from ltjax.pallas._decode import (
-    contract,
-    gather_packed,
-    iota,
-    load_words,
-    popc,
-    row_popcounts,
-    row_range,
-    tile_row_starts,
-    tile_rows_above,
-)
+from ltjax.pallas._decode import contract, gather_packed, iota, load_words, popc, row_popcounts, tile_row_starts
 
 
 def _bitmask_matmul_kernel(
@@ -40,16 +30,15 @@ def _bitmask_matmul_kernel(
     nwb = bk // 32
     gc = pl.cdiv(k, tc)
     n_cc = pl.cdiv(tc, bk)  # column chunks per tile
-    m0, s = pl.program_id(0) * bm, pl.program_id(2)
-    i, g = pl.program_id(1) // bs.row_split, pl.program_id(1) % bs.row_split
-    rs, r_lo, r_hi, r_end = row_range(i, g, tr, n, bs.row_split, bn)
+    m0, i, s = pl.program_id(0) * bm, pl.program_id(1), pl.program_id(2)
+    rs, r_end = i * tr, jnp.minimum((i + 1) * tr, n)
     j_lo = s * groups
     n_j = jnp.minimum(groups, gc - j_lo)
     gp = _config.next_pow2(groups)
     mrow_ok = (m0 + iota(bm)) < m
 
     def row_chunk(rc, carries):  # carries[jj]: nonzeros of tile (i, j_lo + jj) above this chunk
-        r0 = r_lo + rc * bn
+        r0 = rs + rc * bn
 
         def tile_col(jj, state):
             acc, carries = state
@@ -86,16 +75,7 @@ def _bitmask_matmul_kernel(
                  mask=mrow_ok[:, None] & r_ok[None, :])
         return carries
 
-    carries = jnp.zeros((gp,), jnp.int32)
-    if bs.row_split > 1:  # this program starts at row r_lo of its tiles: count the rows above it
-        def above(jj, carries):
-            j = j_lo + jj
-            tw0, tw_end = (j * tc) // 32, pl.cdiv(jnp.minimum((j + 1) * tc, k), 32)
-            cnt = tile_rows_above(mask_ref, rs, r_lo, tw0, tw_end, bn=bn, nwb=nwb, n_cc=n_cc)
-            return jnp.where(iota(gp) == jj, cnt, carries)
-
-        carries = lax.fori_loop(0, n_j, above, carries)
-    lax.fori_loop(0, pl.cdiv(r_hi - r_lo, bn), row_chunk, carries)
+    lax.fori_loop(0, pl.cdiv(r_end - rs, bn), row_chunk, jnp.zeros((gp,), jnp.int32))
 
 
 def _bitmask_matmul_t_kernel(
@@ -185,8 +165,6 @@ def _bitmask_matmul(x, ct: CompressedTensor, *, transposed: bool, interpret: boo
         return jnp.zeros((m, out_len), x.dtype)
     bs = block_sizes
     _check_blocks(ct, bs)
-    if transposed and bs.row_split != 1:
-        raise ValueError(f"row_split={bs.row_split}: the transposed bitmask kernel walks whole tiles (row_split=1)")
     n_groups = gr if transposed else gc  # tiles along the reduced axis
     split = n_groups if bs.split == 0 else min(bs.split, n_groups)
     groups = -(-n_groups // split)
@@ -198,7 +176,7 @@ def _bitmask_matmul(x, ct: CompressedTensor, *, transposed: bool, interpret: boo
     out = pl.pallas_call(
         functools.partial(kernel, shape=(m, n, k), tile=tile, groups=groups, block_sizes=bs, cdt=cdt),
         out_shape=jax.ShapeDtypeStruct((split, m, out_len), out_dtype),
-        grid=(pl.cdiv(m, bs.block_m), gc if transposed else gr * bs.row_split, split),
+        grid=(pl.cdiv(m, bs.block_m), gc if transposed else gr, split),
         compiler_params=bs.compiler_params(),
         interpret=interpret,
         name=name,

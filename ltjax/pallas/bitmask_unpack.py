@@ -1,4 +1,4 @@
-"""Bitmask / bitmask_int8 unpack to a dense storage matrix: programs per tile (or per row group of a tile), popcount + prefix offsets, no global scan."""
+"""Bitmask / bitmask_int8 unpack to a dense storage matrix: one program per tile, popcount + prefix offsets, no global scan."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from jax.experimental.pallas import triton as plgpu
 from ltjax._format import CompressedTensor, decode_storage
 from ltjax.pallas import _config
 from ltjax.pallas._config import BlockSizes
-from ltjax.pallas._decode import gather_packed, iota, load_words, popc, row_range, tile_row_starts, tile_rows_above
+from ltjax.pallas._decode import gather_packed, iota, load_words, popc, tile_row_starts
 
 
 def _bitmask_unpack_kernel(
@@ -29,14 +29,14 @@ def _bitmask_unpack_kernel(
     nwb = bk // 32
     gc = pl.cdiv(k, tc)
     n_cc = pl.cdiv(tc, bk)
-    i, j, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    rs, r_lo, r_hi, r_end = row_range(i, g, tr, n, bs.row_split, bn)
+    i, j = pl.program_id(0), pl.program_id(1)
+    rs, r_end = i * tr, jnp.minimum((i + 1) * tr, n)
     tw0 = (j * tc) // 32  # tc % 32 == 0 unless one tile spans the row
     c_end = jnp.minimum((j + 1) * tc, k)
     tw_end = pl.cdiv(c_end, 32)
 
     def row_chunk(rc, carry):
-        r0 = r_lo + rc * bn
+        r0 = rs + rc * bn
         r_ok = (r0 + iota(bn)) < r_end
         words0 = load_words(mask_ref, r0, r_end, tw0, tw_end, bn=bn, nw=nwb)
         start, total = tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, r0, r_end, tw0, tw_end,
@@ -63,8 +63,7 @@ def _bitmask_unpack_kernel(
             lax.fori_loop(0, n_cc, col_chunk, start)
         return carry + total
 
-    carry0 = tile_rows_above(mask_ref, rs, r_lo, tw0, tw_end, bn=bn, nwb=nwb, n_cc=n_cc) if bs.row_split > 1 else 0
-    lax.fori_loop(0, pl.cdiv(r_hi - r_lo, bn), row_chunk, jnp.int32(carry0))
+    lax.fori_loop(0, pl.cdiv(r_end - rs, bn), row_chunk, jnp.int32(0))
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "dtype", "transposed"))
@@ -84,7 +83,7 @@ def _bitmask_unpack(ct: CompressedTensor, *, interpret: bool, block_sizes: Block
         functools.partial(_bitmask_unpack_kernel, shape=(n, k), tile=tile, block_sizes=bs, scaled=scaled,
                           transposed=transposed),
         out_shape=jax.ShapeDtypeStruct(out, dtype),
-        grid=(*h.tile_grid, bs.row_split),
+        grid=h.tile_grid,
         compiler_params=bs.compiler_params(),
         interpret=interpret,
         name="ltjax_bitmask_unpack",
