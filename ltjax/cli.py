@@ -123,6 +123,10 @@ def info_report() -> dict[str, Any]:
             elif jax.default_backend() == "gpu" and impl != "pallas":
                 why = _ops._pallas_reason(x, ct)
             routes[f"{codec} M={m}"] = {"impl": impl, "why_not_fast_path": why}
+            if impl == "pallas":  # which GPU kernel: Triton, or the int8 Mosaic GPU one (Hopper)
+                from ltjax import pallas as lp
+
+                routes[f"{codec} M={m}"]["kernel"] = lp.kernel_backend(x, ct)
     ffi = {k: v for k, v in lffi.info().items() if k != "targets"}
     return {"ltjax": ltjax.__version__, "jax": jax.__version__, "backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()], "cpu_ffi": ffi, "matmul_routes": routes}
@@ -143,7 +147,8 @@ def _cmd_info(args) -> int:
         print(f"CPU FFI extension: not loaded ({f['reason']})")
     print("ltjax.matmul with f32 activations runs:")
     for name, route in r["matmul_routes"].items():
-        print(f"  {name:18s} {route['impl']}" + (f"  ({route['why_not_fast_path']})" if route["why_not_fast_path"] else ""))
+        impl = route["impl"] + (f" ({route['kernel']})" if "kernel" in route else "")
+        print(f"  {name:18s} {impl}" + (f"  ({route['why_not_fast_path']})" if route["why_not_fast_path"] else ""))
     return 0
 
 

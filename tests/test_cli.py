@@ -84,3 +84,22 @@ def test_info_says_what_runs_here(capsys):
     assert "ltjax.matmul with f32 activations runs:" in out and "bitmask_int8 M=1" in out
     if lffi.available():
         assert ("AMX tiles" if lffi.info()["amx"] else "f32 kernel") in out
+
+
+def test_info_names_the_gpu_kernel_of_a_pallas_route(capsys, monkeypatch):
+    """Where `ltjax.matmul` takes the Pallas path, `ltjax info` says which kernel: Triton, or the
+    int8 Mosaic GPU one (Hopper only, so Triton here: the route is forced, the kernel choice real)."""
+    import jax
+
+    import ltjax
+
+    monkeypatch.setattr(ltjax, "matmul_impl", lambda x, ct: "pallas")
+    assert main(["info", "--json"]) == 0
+    routes = json.loads(capsys.readouterr().out)["matmul_routes"]
+    want = "triton" if jax.default_backend() != "gpu" else None
+    for name, route in routes.items():
+        assert route["impl"] == "pallas" and route["kernel"] in ("triton", "mosaic"), (name, route)
+        if want:
+            assert route["kernel"] == want
+    assert main(["info"]) == 0
+    assert "pallas (triton)" in capsys.readouterr().out or jax.default_backend() == "gpu"
