@@ -97,6 +97,24 @@ def test_block_geometries(codec, bs, xdtype):
     _close(lp.matmul_t(dy, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(dy, ct, True), xdtype)
 
 
+@pytest.mark.parametrize("codec,wdtype", [("bitmask_int8", np.float32), ("bitmask", jnp.bfloat16)])
+@pytest.mark.parametrize("axis", [1, 0])
+def test_f32_activations_run_as_three_bf16_row_blocks(codec, wdtype, axis):
+    """f32 x over a bitmask weight exact in bf16 (int8 codes, bf16 values) runs the bf16 kernel on
+    [hi; mid; lo] (3 M rows) and stays f32-accurate, both directions, either channel axis."""
+    k, n, m = 150, 72, 6
+    ct = pack(_weight(71, k, n, sparsity=0.6, dtype=wdtype), codec, axis=axis, tile=(24, 64))
+    x, dy = _x(72, (m, k), jnp.float32), _x(73, (m, n), jnp.float32)
+    _close(lp.matmul(x, ct, interpret=INTERPRET), _ref_matmul(x, ct), jnp.float32)
+    _close(lp.matmul_t(dy, ct, interpret=INTERPRET), _ref_matmul(dy, ct, True), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(functools.partial(lp.matmul, interpret=INTERPRET))(x, ct))
+    assert f"bf16[{3 * m},{k}]" in jaxpr and "ltjax_bitmask_matmul" in jaxpr  # the kernel sees the bf16 rows
+    # f32 weights are not exact in bf16: they keep the kernel's own f32 contraction
+    ct32 = pack(_weight(74, k, n, sparsity=0.6), "bitmask", axis=axis, tile=(24, 64))
+    assert f"bf16[{3 * m},{k}]" not in str(jax.make_jaxpr(functools.partial(lp.matmul, interpret=INTERPRET))(x, ct32))
+    _close(lp.matmul(x, ct32, interpret=INTERPRET), _ref_matmul(x, ct32), jnp.float32)
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.95])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_bitmask_sparsity_extremes(sparsity, seed):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -12,6 +14,7 @@ from ltjax.pallas.bitmask_matmul import bitmask_matmul, bitmask_matmul_t
 from ltjax.pallas.bitmask_unpack import bitmask_unpack
 from ltjax.pallas.int8_dequant import int8_dequant
 from ltjax.pallas.int8_matmul import int8_matmul, int8_matmul_t
+from ltjax.pallas._decode import split_bf16
 from ltjax.pallas.int8_matmul_mosaic import why_not_mosaic
 
 MATMUL_CODECS = ("raw", "int8", "bitmask", "bitmask_int8")
@@ -76,9 +79,34 @@ def _storage_matmul(x, ct: CompressedTensor, *, contract_cols: bool, interpret, 
         return y.astype(x.dtype)
     if ct.codec == "int8":
         f = int8_matmul if contract_cols else int8_matmul_t
-    else:
-        f = bitmask_matmul if contract_cols else bitmask_matmul_t
+        return f(x, ct, interpret=interpret, block_sizes=block_sizes)
+    f = bitmask_matmul if contract_cols else bitmask_matmul_t
+    if block_sizes is None and _f32_as_bf16_rows(x, ct):
+        m = x.shape[0]
+        if not contract_cols and ct.codec == "bitmask_int8":
+            # The transposed kernel folds the scales into its activations in their dtype: bf16 here,
+            # which would round them. Fold them in f32 first and hand it unit scales.
+            x = x * ct.scales[None, :]
+            ct = dataclasses.replace(ct, scales=jnp.ones_like(ct.scales))
+        y3 = f(jnp.concatenate(split_bf16(x), axis=0), ct, interpret=interpret, out_dtype=jnp.float32)
+        return y3[:m] + y3[m:2 * m] + y3[2 * m:]
     return f(x, ct, interpret=interpret, block_sizes=block_sizes)
+
+
+def _f32_as_bf16_rows(x, ct: CompressedTensor) -> bool:
+    """f32 activations over a bitmask weight exact in bf16 (int8 codes, bf16 values), M >= 2: run as
+    the bf16 kernel over ``[hi; mid; lo]``, three bf16 row blocks of x (`split_bf16`), summed in f32.
+
+    Each product is exact (8-bit by 8-bit significands) and the kernel accumulates in f32, so the
+    result is f32-accurate, at the bf16 kernel's speed for 3 M rows instead of the kernel's IEEE
+    f32 dot on the FMA units. From the H200 runs of the bf16 kernel (`docs/pallas.md`): 3 M = 12
+    rows (M = 4) take a 16-row block, 130-155 us per 8192² layer where the f32 kernel took 291 us;
+    M = 16 takes a 64-row block, 214-255 us against 723 us. Not yet timed whole on a GPU. M = 1
+    keeps the f32 broadcast path (154 us, about the bf16 kernel's 123-146).
+    """
+    if jnp.dtype(x.dtype) != jnp.float32 or x.shape[0] < 2:
+        return False
+    return ct.codec == "bitmask_int8" or (ct.codec == "bitmask" and jnp.dtype(ct.values.dtype) == jnp.bfloat16)
 
 
 def _require(x, ct, transpose: bool) -> None:

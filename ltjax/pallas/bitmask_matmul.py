@@ -153,52 +153,56 @@ def _check_blocks(ct: CompressedTensor, bs: BlockSizes) -> None:
         raise ValueError(f"block_k={bs.block_k} must be a multiple of 32 (whole mask words) for codec {ct.codec!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("transposed", "interpret", "block_sizes"))
-def _bitmask_matmul(x, ct: CompressedTensor, *, transposed: bool, interpret: bool, block_sizes: BlockSizes):
+@functools.partial(jax.jit, static_argnames=("transposed", "interpret", "block_sizes", "out_dtype"))
+def _bitmask_matmul(x, ct: CompressedTensor, *, transposed: bool, interpret: bool, block_sizes: BlockSizes,
+                    out_dtype=None):
     h = ct.header
     (n, k), tile = h.storage_shape, h.tile
     gr, gc = h.tile_grid
     m = x.shape[0]
     out_len = k if transposed else n
     packed_len = (ct.codes if ct.codec == "bitmask_int8" else ct.values).shape[0]
+    result_dtype = jnp.dtype(out_dtype or x.dtype)
     if m == 0 or packed_len == 0:
-        return jnp.zeros((m, out_len), x.dtype)
+        return jnp.zeros((m, out_len), result_dtype)
     bs = block_sizes
     _check_blocks(ct, bs)
     n_groups = gr if transposed else gc  # tiles along the reduced axis
     split = n_groups if bs.split == 0 else min(bs.split, n_groups)
     groups = -(-n_groups // split)
     split = -(-n_groups // groups)
-    out_dtype = x.dtype if split == 1 else jnp.float32
+    part_dtype = result_dtype if split == 1 else jnp.float32
     cdt = _config.compute_dtype(x.dtype, (ct.codes if ct.codec == "bitmask_int8" else ct.values).dtype)
     kernel = _bitmask_matmul_t_kernel if transposed else _bitmask_matmul_kernel
     name = "ltjax_bitmask_matmul_t" if transposed else "ltjax_bitmask_matmul"
     out = pl.pallas_call(
         functools.partial(kernel, shape=(m, n, k), tile=tile, groups=groups, block_sizes=bs, cdt=cdt),
-        out_shape=jax.ShapeDtypeStruct((split, m, out_len), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((split, m, out_len), part_dtype),
         grid=(pl.cdiv(m, bs.block_m), gc if transposed else gr, split),
         compiler_params=bs.compiler_params(),
         interpret=interpret,
         name=name,
     )(x, *_operands(ct))
-    return out[0] if split == 1 else out.sum(axis=0).astype(x.dtype)
+    return out[0] if split == 1 else out.sum(axis=0).astype(result_dtype)
 
 
-def bitmask_matmul(x, ct: CompressedTensor, *, interpret: bool | None = None, block_sizes: BlockSizes | None = None):
-    """``x [M, K] @ S[N, K].T -> [M, N]`` for a bitmask / bitmask_int8 storage matrix ``S``, decoded in registers."""
+def bitmask_matmul(x, ct: CompressedTensor, *, interpret: bool | None = None, block_sizes: BlockSizes | None = None,
+                   out_dtype=None):
+    """``x [M, K] @ S[N, K].T -> [M, N]`` for a bitmask / bitmask_int8 storage matrix ``S``, decoded in registers
+    (result in ``out_dtype``, default ``x.dtype``; f32 accumulation either way)."""
     bs = _config.triton_only(block_sizes or _config.get_block_sizes("bitmask_matmul", x.shape[0], x.dtype),
                                 "bitmask_matmul")
     return _bitmask_matmul(x, ct, transposed=False, interpret=_config.resolve_interpret(interpret),
-                           block_sizes=_config.fit_block_m(bs, x.shape[0]))
+                           block_sizes=_config.fit_block_m(bs, x.shape[0]), out_dtype=out_dtype)
 
 
 def bitmask_matmul_t(dy, ct: CompressedTensor, *, interpret: bool | None = None,
-                     block_sizes: BlockSizes | None = None):
+                     block_sizes: BlockSizes | None = None, out_dtype=None):
     """``dy [M, N] @ S[N, K] -> [M, K]`` for a bitmask / bitmask_int8 storage matrix ``S``, decoded in registers."""
     bs = _config.triton_only(block_sizes or _config.get_block_sizes("bitmask_matmul_t", dy.shape[0], dy.dtype),
                                 "bitmask_matmul_t")
     return _bitmask_matmul(dy, ct, transposed=True, interpret=_config.resolve_interpret(interpret),
-                           block_sizes=_config.fit_block_m(bs, dy.shape[0]))
+                           block_sizes=_config.fit_block_m(bs, dy.shape[0]), out_dtype=out_dtype)
 
 
 def bitmask_matmul_reference(x, ct: CompressedTensor, *, transposed: bool = False):
