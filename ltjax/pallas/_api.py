@@ -102,9 +102,10 @@ def _f32_as_bf16_rows(x, ct: CompressedTensor) -> bool:
     f32 dot on the FMA units. From the H200 runs of the bf16 kernel (`docs/pallas.md`): 3 M = 12
     rows (M = 4) take a 16-row block, 130-155 us per 8192² layer where the f32 kernel took 291 us;
     M = 16 takes a 64-row block, 214-255 us against 723 us. Not yet timed whole on a GPU. M = 1
-    keeps the f32 broadcast path (154 us, about the bf16 kernel's 123-146).
+    keeps the f32 broadcast path (154 us, about the bf16 kernel's 123-146); above M = 64 (3 M > 192
+    rows) nothing was measured either way, so the kernel's own f32 path stays.
     """
-    if jnp.dtype(x.dtype) != jnp.float32 or x.shape[0] < 2:
+    if jnp.dtype(x.dtype) != jnp.float32 or not 2 <= x.shape[0] <= 64:
         return False
     return ct.codec == "bitmask_int8" or (ct.codec == "bitmask" and jnp.dtype(ct.values.dtype) == jnp.bfloat16)
 
