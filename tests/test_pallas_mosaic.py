@@ -28,7 +28,8 @@ WITH_MOSAIC = BlockSizes(block_m=16, block_n=32, block_k=128, split=1, mosaic=MO
 ON_HOPPER = (jax.default_backend() == "gpu"
              and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
              and not INTERPRET)
-needs_kernel = pytest.mark.skipif(mm._hm is None, reason=f"this JAX lacks the Mosaic GPU kernel: {mm._IMPORT_ERROR}")
+needs_kernel = pytest.mark.skipif(mm.jax_kernel()[0] is None,
+                                  reason=f"this JAX lacks the Mosaic GPU kernel: {mm.jax_kernel()[1]}")
 
 
 def _seed(*key) -> int:
@@ -64,7 +65,7 @@ def test_f32_split_carries_every_bit():
 def test_why_not_names_the_obstacle():
     ct = pack(_weight(1, 256, 128, sparsity=0.0), "int8")
     x = _x(2, (4, 256), jnp.bfloat16)
-    if mm._hm is None:
+    if mm.jax_kernel()[0] is None:
         assert "Mosaic GPU" in mm.why_not_mosaic(x, ct, MOSAIC, interpret=False)
         return
     assert "interpret" in mm.why_not_mosaic(x, ct, MOSAIC, interpret=True)
@@ -140,7 +141,7 @@ def test_tuned_file_rows_carry_mosaic_tiles(tmp_path, monkeypatch):
 def test_lowers_for_cuda(m, xdtype, monkeypatch):
     """The kernel, at ltjax's shapes and tiles, lowers to a Mosaic GPU custom call on any host."""
     if jax.default_backend() != "gpu":  # the persistent grid is sized by the SM count, which a CPU lacks
-        monkeypatch.setattr(mm._hm.backend, "get_default_device", lambda: types.SimpleNamespace(core_count=132))
+        monkeypatch.setattr(mm.jax_kernel()[0].backend, "get_default_device", lambda: types.SimpleNamespace(core_count=132))
     x = jax.ShapeDtypeStruct((m, 1024), xdtype)
     codes = jax.ShapeDtypeStruct((512, 1024), jnp.int8)
     scales = jax.ShapeDtypeStruct((512,), jnp.float32)
@@ -157,7 +158,7 @@ def test_lowers_for_cuda(m, xdtype, monkeypatch):
 def test_smem_estimate_is_the_lowerings(tiles, m, k, monkeypatch):
     """`why_not_mosaic` refuses a block that would not fit shared memory with the lowering's own byte count."""
     if jax.default_backend() != "gpu":
-        monkeypatch.setattr(mm._hm.backend, "get_default_device", lambda: types.SimpleNamespace(core_count=132))
+        monkeypatch.setattr(mm.jax_kernel()[0].backend, "get_default_device", lambda: types.SimpleNamespace(core_count=132))
     x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
     need = mm.smem_bytes(tiles, mm.padded_cols(m, jnp.bfloat16), k)
     assert need > mm.SMEM_LIMIT  # each case is over the limit: the lowering must name the same count

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 from ltjax._format import CompressedTensor, from_storage
 from ltjax.pallas import _config
 from ltjax.pallas._config import BlockSizes
+from ltjax.pallas._decode import split_bf16
 from ltjax.pallas.bitmask_matmul import bitmask_matmul, bitmask_matmul_t
 from ltjax.pallas.bitmask_unpack import bitmask_unpack
 from ltjax.pallas.int8_dequant import int8_dequant
 from ltjax.pallas.int8_matmul import int8_matmul, int8_matmul_t
-from ltjax.pallas._decode import split_bf16
 from ltjax.pallas.int8_matmul_mosaic import why_not_mosaic
 
 MATMUL_CODECS = ("raw", "int8", "bitmask", "bitmask_int8")
@@ -94,7 +94,7 @@ def _storage_matmul(x, ct: CompressedTensor, *, contract_cols: bool, interpret, 
 
 
 def _f32_as_bf16_rows(x, ct: CompressedTensor) -> bool:
-    """f32 activations over a bitmask weight exact in bf16 (int8 codes, bf16 values), M >= 2: run as
+    """f32 activations over a bitmask weight exact in bf16 (int8 codes, bf16 values), 2 <= M <= 64: run as
     the bf16 kernel over ``[hi; mid; lo]``, three bf16 row blocks of x (`split_bf16`), summed in f32.
 
     Each product is exact (8-bit by 8-bit significands) and the kernel accumulates in f32, so the

@@ -105,7 +105,9 @@ class BlockSizes:
 #     in f32 whatever their dtype), where the split dot took 150-180 us;
 #   bitmask_int8 50%, M <= 16: (16,16,256, one program per tile) 131-146 us, best of 8; with f32
 #     activations the broadcast path at M = 1 (0.15 ms) and M <= 4 (0.30 ms) beat the dot
-#     (0.42 / 0.76-0.81 ms), which from M = 5 takes the IEEE f32 dot (0.72 ms at M = 16);
+#     (0.42 / 0.76-0.81 ms), which from M = 5 takes the IEEE f32 dot (0.72 ms at M = 16); since the
+#     second GPU session int8 codes and bf16 values with f32 activations at 2 <= M <= 64 bypass
+#     these f32 rows: the bf16 rows run over x split in three (`_api._f32_as_bf16_rows`);
 #   bitmask, 16 < M <= 64: one 64-row block, decoding the weight once: 255 us (4 warps) vs 276 (8
 #     warps), 328 (32-row blocks) and 446 (16-row blocks; second GPU session, gpu_check run 5);
 #   int8, f32, 1 < M <= 16: the Mosaic GPU kernel (`int8_matmul_mosaic`, tiles 64 x 128, 6 slots)

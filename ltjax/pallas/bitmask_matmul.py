@@ -191,7 +191,7 @@ def bitmask_matmul(x, ct: CompressedTensor, *, interpret: bool | None = None, bl
     """``x [M, K] @ S[N, K].T -> [M, N]`` for a bitmask / bitmask_int8 storage matrix ``S``, decoded in registers
     (result in ``out_dtype``, default ``x.dtype``; f32 accumulation either way)."""
     bs = _config.triton_only(block_sizes or _config.get_block_sizes("bitmask_matmul", x.shape[0], x.dtype),
-                                "bitmask_matmul")
+                             "bitmask_matmul")
     return _bitmask_matmul(x, ct, transposed=False, interpret=_config.resolve_interpret(interpret),
                            block_sizes=_config.fit_block_m(bs, x.shape[0]), out_dtype=out_dtype)
 
@@ -200,7 +200,7 @@ def bitmask_matmul_t(dy, ct: CompressedTensor, *, interpret: bool | None = None,
                      block_sizes: BlockSizes | None = None, out_dtype=None):
     """``dy [M, N] @ S[N, K] -> [M, K]`` for a bitmask / bitmask_int8 storage matrix ``S``, decoded in registers."""
     bs = _config.triton_only(block_sizes or _config.get_block_sizes("bitmask_matmul_t", dy.shape[0], dy.dtype),
-                                "bitmask_matmul_t")
+                             "bitmask_matmul_t")
     return _bitmask_matmul(dy, ct, transposed=True, interpret=_config.resolve_interpret(interpret),
                            block_sizes=_config.fit_block_m(bs, dy.shape[0]), out_dtype=out_dtype)
 

@@ -162,7 +162,7 @@ def int8_matmul(x, ct: CompressedTensor, *, interpret: bool | None = None, block
 def int8_matmul_t(dy, ct: CompressedTensor, *, interpret: bool | None = None, block_sizes: BlockSizes | None = None):
     """``dy [M, N] @ S[N, K] -> [M, K]`` for int8 storage ``S``, dequantised in registers."""
     bs = _config.triton_only(block_sizes or _config.get_block_sizes("int8_matmul_t", dy.shape[0], dy.dtype),
-                                "int8_matmul_t")
+                             "int8_matmul_t")
     return _int8_matmul(dy, ct, transposed=True, interpret=_config.resolve_interpret(interpret),
                         block_sizes=_config.fit_block_m(bs, dy.shape[0]))
 

@@ -34,11 +34,17 @@ from ltjax._format import CompressedTensor
 from ltjax.pallas._config import MosaicTiles
 from ltjax.pallas._decode import split_bf16
 
-try:  # an example kernel of JAX (0.8+), maintained and tested by JAX on Hopper; absent elsewhere
-    from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as _hm
-    _IMPORT_ERROR = None
-except Exception as e:  # ImportError, or a Mosaic GPU that fails to initialise
-    _hm, _IMPORT_ERROR = None, e
+
+@functools.cache
+def jax_kernel():
+    """``(module, None)``: JAX's mixed-type Hopper kernel, imported on first use (0.1 s, so not at
+    ``import ltjax``); ``(None, error)`` where this JAX lacks it or Mosaic GPU fails to load."""
+    try:  # an example kernel of JAX (0.10 and 0.11 have it), maintained and tested by JAX on Hopper
+        from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as module
+    except Exception as e:  # ImportError, or a Mosaic GPU that fails to initialise
+        return None, e
+    return module, None
+
 
 # Activation columns the kernel takes in one pass (two consumer warpgroups x up to 64 each).
 MAX_COLS = 128
@@ -69,8 +75,9 @@ def smem_bytes(tiles: MosaicTiles, cols: int, k: int) -> int:
 
 def why_not_mosaic(x, ct: CompressedTensor, tiles: MosaicTiles, *, interpret: bool) -> str | None:
     """Why `int8_matmul_mosaic(x, ct, tiles)` cannot run here, or None when it can."""
-    if _hm is None:
-        return f"this JAX has no Mosaic GPU mixed-type kernel ({_IMPORT_ERROR})"
+    module, error = jax_kernel()
+    if module is None:
+        return f"this JAX has no Mosaic GPU mixed-type kernel ({error})"
     if interpret:
         return "interpret mode: the Mosaic GPU kernel runs natively on a Hopper GPU only"
     if jax.default_backend() != "gpu":
@@ -119,24 +126,26 @@ def finish(out, m: int, scales, dtype) -> jax.Array:
 
 def tuning_config(tiles: MosaicTiles, cols: int):
     """JAX's `TuningConfig` for ``tiles`` and ``cols`` padded activation columns (two warpgroups along N)."""
-    half = cols // 2
+    hm, half = jax_kernel()[0], cols // 2
     want = dict(tile_m=tiles.tile_m, tile_n=half, tile_k=tiles.tile_k, max_concurrent_steps=tiles.stages,
-                epi_tile_m=64, epi_tile_n=half, wg_dimension=_hm.MatmulDimension.N)
-    missing = set(want) - {f.name for f in dataclasses.fields(_hm.TuningConfig)}
+                epi_tile_m=64, epi_tile_n=half, wg_dimension=hm.MatmulDimension.N)
+    missing = set(want) - {f.name for f in dataclasses.fields(hm.TuningConfig)}
     if missing:  # an example kernel of JAX: its knobs may move between releases
         raise ValueError(f"JAX {jax.__version__}'s mixed-type TuningConfig lacks {sorted(missing)}")
-    return _hm.TuningConfig(**want)
+    return hm.TuningConfig(**want)
 
 
 @functools.partial(jax.jit, static_argnames=("tiles",))
 def _mosaic(x, codes, scales, *, tiles: MosaicTiles):
     cols = activation_columns(x)
-    out = _hm.mixed_matmul_kernel(codes, cols, out_dtype=jnp.float32, config=tuning_config(tiles, cols.shape[1]))
+    out = jax_kernel()[0].mixed_matmul_kernel(codes, cols, out_dtype=jnp.float32, config=tuning_config(tiles, cols.shape[1]))
     return finish(out, x.shape[0], scales, x.dtype)
 
 
-def int8_matmul_mosaic(x, ct: CompressedTensor, tiles: MosaicTiles = MosaicTiles()) -> jax.Array:
-    """``x [M, K] @ S[N, K].T -> [M, N]`` on a Hopper GPU; raises ``ValueError`` where `why_not_mosaic` objects."""
+def int8_matmul_mosaic(x, ct: CompressedTensor, tiles: MosaicTiles | None = None) -> jax.Array:
+    """``x [M, K] @ S[N, K].T -> [M, N]`` on a Hopper GPU (``tiles`` default: `MosaicTiles()`); raises
+    ``ValueError`` where `why_not_mosaic` objects."""
+    tiles = tiles or MosaicTiles()
     why = why_not_mosaic(x, ct, tiles, interpret=False)
     if why is not None:
         raise ValueError(f"ltjax.pallas int8 Mosaic GPU matmul: {why}")
