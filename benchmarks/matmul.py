@@ -218,8 +218,9 @@ def main(argv=None) -> int:
           f"reps={reps} layers={layers} (times are per layer)")
     rows, unpack_rows, floor = [], [], []
     meta = dict(reps=reps, layers=layers, note=a.note,
-                timing=("median of reps after 2 warm-up calls of one jitted chain of `layers` layers over "
-                        "distinct weight copies, block_until_ready, divided by `layers`"))
+                timing=("median of reps after 2 warm-up calls (and at least 0.1 s of them on a GPU) of one "
+                        "jitted chain of `layers` layers over distinct weight copies, block_until_ready, "
+                        "divided by `layers`"))
 
     def save(complete: bool):  # rewritten after every row: a run cut short keeps what it measured
         return _common.write_json(out, _common.result("ltjax.matmul", a.quick, complete=complete, **meta,

@@ -146,7 +146,7 @@ def test_lowers_for_cuda(m, xdtype, monkeypatch):
     codes = jax.ShapeDtypeStruct((512, 1024), jnp.int8)
     scales = jax.ShapeDtypeStruct((512,), jnp.float32)
     for tiles in (MOSAIC, BIG):
-        text = mm._mosaic.trace(x, codes, scales, tiles=tiles).lower(lowering_platforms=("cuda",)).as_text()
+        text = mm.mosaic_matmul.trace(x, codes, scales, tiles=tiles).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text
 
 
@@ -163,7 +163,7 @@ def test_smem_estimate_is_the_lowerings(tiles, m, k, monkeypatch):
     need = mm.smem_bytes(tiles, mm.padded_cols(m, jnp.bfloat16), k)
     assert need > mm.SMEM_LIMIT  # each case is over the limit: the lowering must name the same count
     with pytest.raises(ValueError, match=f"smem_bytes={need} "):
-        mm._mosaic.trace(x, jax.ShapeDtypeStruct((256, k), jnp.int8), jax.ShapeDtypeStruct((256,), jnp.float32),
+        mm.mosaic_matmul.trace(x, jax.ShapeDtypeStruct((256, k), jnp.int8), jax.ShapeDtypeStruct((256,), jnp.float32),
                          tiles=tiles).lower(lowering_platforms=("cuda",))
 
 

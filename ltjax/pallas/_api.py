@@ -14,8 +14,7 @@ from ltjax.pallas._decode import split_bf16
 from ltjax.pallas.bitmask_matmul import bitmask_matmul, bitmask_matmul_t
 from ltjax.pallas.bitmask_unpack import bitmask_unpack
 from ltjax.pallas.int8_dequant import int8_dequant
-from ltjax.pallas.int8_matmul import int8_matmul, int8_matmul_t
-from ltjax.pallas.int8_matmul_mosaic import why_not_mosaic
+from ltjax.pallas.int8_matmul import int8_matmul, int8_matmul_t, mosaic_reason
 
 MATMUL_CODECS = ("raw", "int8", "bitmask", "bitmask_int8")
 _MAX_PACKED = 2**31 - 2**16  # packed indices are int32 in the kernels
@@ -60,10 +59,9 @@ def kernel_backend(x, ct: CompressedTensor, *, transpose: bool = False, interpre
     if ct.codec == "raw":
         return "xla"
     forward = (ct.header.axis == 1) != transpose
-    if ct.codec == "int8" and forward:
+    if ct.codec == "int8" and forward:  # the decision `int8_matmul` takes, from the same tuned row
         bs = _config.get_block_sizes("int8_matmul", x.shape[0], x.dtype)
-        if bs.mosaic is not None and why_not_mosaic(x, ct, bs.mosaic,
-                                                    interpret=_config.resolve_interpret(interpret)) is None:
+        if mosaic_reason(x, ct, bs, interpret=_config.resolve_interpret(interpret)) is None:
             return "mosaic"
     return "triton"
 

@@ -16,7 +16,7 @@ from ltjax._format import CompressedTensor, decode_storage
 from ltjax.pallas import _config
 from ltjax.pallas._config import BlockSizes
 from ltjax.pallas._decode import contract, i8_to_f32, iota
-from ltjax.pallas.int8_matmul_mosaic import int8_matmul_mosaic, why_not_mosaic
+from ltjax.pallas.int8_matmul_mosaic import mosaic_matmul, why_not_mosaic
 
 logger = logging.getLogger("ltjax")
 _logged: set[str] = set()
@@ -143,14 +143,21 @@ def _int8_matmul(x, ct: CompressedTensor, *, transposed: bool, interpret: bool, 
     return out[0] if split == 1 else out.sum(axis=0).astype(x.dtype)
 
 
+def mosaic_reason(x, ct: CompressedTensor, bs: BlockSizes, *, interpret: bool) -> str | None:
+    """None when `int8_matmul` with block sizes ``bs`` runs the Mosaic GPU kernel, else why it does not."""
+    if bs.mosaic is None:
+        return "the block sizes carry no MosaicTiles"
+    return why_not_mosaic(x, ct, bs.mosaic, interpret=interpret)
+
+
 def int8_matmul(x, ct: CompressedTensor, *, interpret: bool | None = None, block_sizes: BlockSizes | None = None):
     """``x [M, K] @ S[N, K].T -> [M, N]`` for int8 storage ``S ≈ codes * scales[:, None]``, dequantised in registers."""
     bs = block_sizes or _config.get_block_sizes("int8_matmul", x.shape[0], x.dtype)
     interpret = _config.resolve_interpret(interpret)
     if bs.mosaic is not None:
-        why = why_not_mosaic(x, ct, bs.mosaic, interpret=interpret)
+        why = mosaic_reason(x, ct, bs, interpret=interpret)
         if why is None:
-            return int8_matmul_mosaic(x, ct, bs.mosaic)
+            return mosaic_matmul(x, ct.codes, ct.scales, tiles=bs.mosaic)
         if why not in _logged:  # once per reason, like the op layer's fallbacks
             _logged.add(why)
             logger.info("ltjax: int8 matmul on Triton, not Mosaic GPU: %s", why)

@@ -136,7 +136,8 @@ def tuning_config(tiles: MosaicTiles, cols: int):
 
 
 @functools.partial(jax.jit, static_argnames=("tiles",))
-def _mosaic(x, codes, scales, *, tiles: MosaicTiles):
+def mosaic_matmul(x, codes, scales, *, tiles: MosaicTiles):
+    """The kernel call, unchecked: for callers that ran `why_not_mosaic` (`int8_matmul_mosaic` does)."""
     cols = activation_columns(x)
     out = jax_kernel()[0].mixed_matmul_kernel(codes, cols, out_dtype=jnp.float32, config=tuning_config(tiles, cols.shape[1]))
     return finish(out, x.shape[0], scales, x.dtype)
@@ -149,4 +150,4 @@ def int8_matmul_mosaic(x, ct: CompressedTensor, tiles: MosaicTiles | None = None
     why = why_not_mosaic(x, ct, tiles, interpret=False)
     if why is not None:
         raise ValueError(f"ltjax.pallas int8 Mosaic GPU matmul: {why}")
-    return _mosaic(x, ct.codes, ct.scales, tiles=tiles)
+    return mosaic_matmul(x, ct.codes, ct.scales, tiles=tiles)
