@@ -37,6 +37,45 @@ def _bitmask_matmul_kernel(
     gp = _config.next_pow2(groups)
     mrow_ok = (m0 + iota(bm)) < m
 
+    def load_x(c0, c_end):
+        x_ok = mrow_ok[:, None] & ((c0 + iota(bk)) < c_end)[None, :]
+        return plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(c0, bk)], mask=x_ok, other=0).astype(cdt)
+
+    def store(r0, acc):
+        r_ok = (r0 + iota(bn)) < r_end
+        scale = plgpu.load(scales_ref.at[pl.ds(r0, bn)], mask=r_ok, other=0.0)
+        plgpu.store(o_ref.at[s, pl.ds(m0, bm), pl.ds(r0, bn)], (acc * scale[None, :]).astype(o_ref.dtype),
+                    mask=mrow_ok[:, None] & r_ok[None, :])
+
+    def dot(x, vals):
+        return contract(x, vals.astype(cdt), use_dot=_config.uses_dot(bs), transposed=False, split_f32=False)
+
+    if groups == 1 and n_cc == 1:
+        # One tile per program, a tile row in one chunk: software-pipelined over row chunks, as in
+        # `bitmask_unpack`. Iteration rc contracts chunk rc (gathered in iteration rc - 1), gathers
+        # chunk rc + 1 (words loaded in iteration rc - 1) and loads chunk rc + 2's words; the
+        # activation block is the same for every chunk and loaded once.
+        j = s
+        tw0, c_end = (j * tc) // 32, jnp.minimum((j + 1) * tc, k)
+        tw_end = pl.cdiv(c_end, 32)
+        words_of = lambda rc: load_words(mask_ref, rs + rc * bn, r_end, tw0, tw_end, bn=bn, nw=nwb)
+        starts = lambda rc, carry, words: tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, rs + rc * bn,
+                                                          r_end, tw0, tw_end, bn=bn, nwb=nwb, n_cc=1, words0=words)
+        x = load_x(j * tc, c_end)
+        w0 = words_of(0)
+        s0, t0 = starts(0, 0, w0)
+
+        def step(rc, st):
+            vals, words_next, carry = st  # carry: the tile's nonzeros in rows above chunk rc + 1
+            words_after = words_of(rc + 2)
+            start, total = starts(rc + 1, carry, words_next)
+            vals_next = gather_packed(packed_ref, words_next, start)
+            store(rs + rc * bn, dot(x, vals))
+            return vals_next, words_after, carry + total
+
+        lax.fori_loop(0, pl.cdiv(r_end - rs, bn), step, (gather_packed(packed_ref, w0, s0), words_of(1), t0))
+        return
+
     def row_chunk(rc, carries):  # carries[jj]: nonzeros of tile (i, j_lo + jj) above this chunk
         r0 = rs + rc * bn
 
@@ -54,11 +93,8 @@ def _bitmask_matmul_kernel(
             def col_chunk(q, st):
                 acc, start = st
                 words = words0 if n_cc == 1 else load_words(mask_ref, r0, r_end, tw0 + q * nwb, tw_end, bn=bn, nw=nwb)
-                vals = gather_packed(packed_ref, words, start).astype(cdt)
-                c0 = j * tc + q * bk
-                x_ok = mrow_ok[:, None] & ((c0 + iota(bk)) < c_end)[None, :]
-                x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(c0, bk)], mask=x_ok, other=0).astype(cdt)
-                acc = acc + contract(x, vals, use_dot=_config.uses_dot(bs), transposed=False, split_f32=False)
+                vals = gather_packed(packed_ref, words, start)
+                acc = acc + dot(load_x(j * tc + q * bk, c_end), vals)
                 return acc, start + popc(words).sum(axis=1)
 
             if n_cc == 1:
@@ -68,11 +104,7 @@ def _bitmask_matmul_kernel(
             return acc, carries
 
         acc, carries = lax.fori_loop(0, n_j, tile_col, (jnp.zeros((bm, bn), jnp.float32), carries))
-        rows = r0 + iota(bn)
-        r_ok = rows < r_end
-        scale = plgpu.load(scales_ref.at[pl.ds(r0, bn)], mask=r_ok, other=0.0)
-        plgpu.store(o_ref.at[s, pl.ds(m0, bm), pl.ds(r0, bn)], (acc * scale[None, :]).astype(o_ref.dtype),
-                 mask=mrow_ok[:, None] & r_ok[None, :])
+        store(r0, acc)
         return carries
 
     lax.fori_loop(0, pl.cdiv(r_end - rs, bn), row_chunk, jnp.zeros((gp,), jnp.int32))

@@ -35,35 +35,62 @@ def _bitmask_unpack_kernel(
     c_end = jnp.minimum((j + 1) * tc, k)
     tw_end = pl.cdiv(c_end, 32)
 
+    def store(r0, q, vals, scale):
+        r_ok = (r0 + iota(bn)) < r_end
+        if scaled:
+            vals = vals.astype(jnp.float32) * scale[:, None]
+        c0 = j * tc + q * bk
+        ok = r_ok[:, None] & ((c0 + iota(bk)) < c_end)[None, :]
+        if transposed:
+            plgpu.store(o_ref.at[pl.ds(c0, bk), pl.ds(r0, bn)], vals.astype(o_ref.dtype).T, mask=ok.T)
+        else:
+            plgpu.store(o_ref.at[pl.ds(r0, bn), pl.ds(c0, bk)], vals.astype(o_ref.dtype), mask=ok)
+
+    def load_scale(r0):
+        r_ok = (r0 + iota(bn)) < r_end
+        return plgpu.load(scales_ref.at[pl.ds(r0, bn)], mask=r_ok, other=0.0) if scaled else None
+
+    def words_of(rc, q=0):
+        return load_words(mask_ref, rs + rc * bn, r_end, tw0 + q * nwb, tw_end, bn=bn, nw=nwb)
+
+    def starts(rc, carry, words0):
+        return tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, rs + rc * bn, r_end, tw0, tw_end,
+                               bn=bn, nwb=nwb, n_cc=n_cc, words0=words0)
+
+    n_rc = pl.cdiv(r_end - rs, bn)
+    if n_cc == 1:
+        # The tile row fits one chunk: software-pipelined over row chunks. Iteration rc stores chunk
+        # rc's values (gathered in iteration rc - 1), gathers chunk rc + 1's (its mask words loaded
+        # in iteration rc - 1) and loads chunk rc + 2's words, so no load waits in the iteration
+        # that issued it. Chunks past the tile's end read as all-zero words: nothing gathered.
+        w0 = words_of(0)
+        s0, t0 = starts(0, 0, w0)
+
+        def step(rc, st):
+            vals, words_next, carry = st  # carry: nonzeros of rows above chunk rc + 1
+            words_after = words_of(rc + 2)
+            start, total = starts(rc + 1, carry, words_next)
+            vals_next = gather_packed(packed_ref, words_next, start)
+            store(rs + rc * bn, 0, vals, load_scale(rs + rc * bn))
+            return vals_next, words_after, carry + total
+
+        lax.fori_loop(0, n_rc, step, (gather_packed(packed_ref, w0, s0), words_of(1), t0))
+        return
+
     def row_chunk(rc, carry):
         r0 = rs + rc * bn
-        r_ok = (r0 + iota(bn)) < r_end
-        words0 = load_words(mask_ref, r0, r_end, tw0, tw_end, bn=bn, nw=nwb)
-        start, total = tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, r0, r_end, tw0, tw_end,
-                                       bn=bn, nwb=nwb, n_cc=n_cc, words0=words0)
-        scale = plgpu.load(scales_ref.at[pl.ds(r0, bn)], mask=r_ok, other=0.0) if scaled else None
+        start, total = starts(rc, carry, None)
+        scale = load_scale(r0)
 
         def col_chunk(q, start):
-            words = words0 if n_cc == 1 else load_words(mask_ref, r0, r_end, tw0 + q * nwb, tw_end, bn=bn, nw=nwb)
-            vals = gather_packed(packed_ref, words, start)
-            if scaled:
-                vals = vals.astype(jnp.float32) * scale[:, None]
-            c0 = j * tc + q * bk
-            c_ok = (c0 + iota(bk)) < c_end
-            ok = r_ok[:, None] & c_ok[None, :]
-            if transposed:
-                plgpu.store(o_ref.at[pl.ds(c0, bk), pl.ds(r0, bn)], vals.astype(o_ref.dtype).T, mask=ok.T)
-            else:
-                plgpu.store(o_ref.at[pl.ds(r0, bn), pl.ds(c0, bk)], vals.astype(o_ref.dtype), mask=ok)
+            words = words_of(rc, q)
+            store(r0, q, gather_packed(packed_ref, words, start), scale)
             return start + popc(words).sum(axis=1)
 
-        if n_cc == 1:
-            col_chunk(0, start)
-        else:
-            lax.fori_loop(0, n_cc, col_chunk, start)
+        lax.fori_loop(0, n_cc, col_chunk, start)
         return carry + total
 
-    lax.fori_loop(0, pl.cdiv(r_end - rs, bn), row_chunk, jnp.int32(0))
+    lax.fori_loop(0, n_rc, row_chunk, jnp.int32(0))
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "dtype", "transposed"))
