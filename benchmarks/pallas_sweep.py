@@ -50,23 +50,34 @@ CANDIDATES = {
         Mo(64, 128, 4), Mo(64, 128, 6), Mo(64, 256, 4), Mo(64, 256, 6), Mo(128, 128, 6), Mo(128, 256, 4)],
     ("int8_matmul", "int8", 0.0, 16, "float32"): [None, B(16, 128, 256, 2, 8, 3), S(16, 128, 256, 2, 8, 3),
                                                   Mo(64, 128, 6), Mo(64, 256, 4), Mo(128, 128, 4)],
+    ("int8_matmul", "int8", 0.0, 64, "float32"): [None, B(64, 64, 128, 2, 8, 3), B(64, 64, 128, 1, 8, 3),
+                                                  S(64, 64, 128, 2, 8, 3), S(64, 128, 128, 2, 8, 3),
+                                                  B(64, 32, 128, 2, 4, 3), B(64, 64, 64, 2, 4, 4)],
     ("int8_matmul", "int8", 0.0, 64, "bfloat16"): [None, B(64, 64, 128, 2, 8, 3), B(64, 128, 128, 2, 8, 3),
                                                    B(64, 128, 256, 2, 8, 3), S(64, 128, 128, 2, 8, 3),
                                                    B(64, 64, 128, 2, 4, 4), Mo(64, 128, 6), Mo(64, 256, 4),
                                                    Mo(128, 128, 6)],
-    # block_k = 256 = the tiles' columns, one tile per program (split 0): the software-pipelined walk
-    # (third GPU session); block_k = 128 rows take the general walk, for comparison in the same run.
-    ("bitmask_matmul", "bitmask_int8", 0.5, 16, "bfloat16"): [None, B(16, 32, 256, 0, 4, 1), B(16, 8, 256, 0, 4, 1),
-                                                              B(16, 16, 256, 0, 8, 1), B(16, 16, 256, 0, 2, 1),
-                                                              B(16, 32, 256, 0, 8, 1), B(16, 16, 128, 0, 4, 1)],
-    ("bitmask_matmul", "bitmask_int8", 0.5, 1, "bfloat16"): [None, B(1, 16, 256, 0, 2, 1)],
-    ("bitmask_matmul", "bitmask_int8", 0.5, 64, "bfloat16"): [None, B(64, 32, 256, 0, 4, 1), B(64, 16, 256, 0, 8, 1),
-                                                              B(64, 16, 128, 0, 4, 1)],
-    ("bitmask_unpack_t", "bitmask_int8", 0.5, 0, "float32"): [None, B(1, 16, 256, 0, 4, 1), B(1, 8, 256, 0, 4, 1),
-                                                              B(1, 32, 256, 0, 4, 1), B(1, 16, 256, 0, 8, 1),
-                                                              B(1, 8, 256, 0, 2, 1)],
-    ("bitmask_unpack", "bitmask_int8", 0.5, 0, "float32"): [None, B(1, 8, 256, 0, 4, 1), B(1, 32, 256, 0, 4, 1),
-                                                            B(1, 16, 256, 0, 8, 1), B(1, 16, 128, 0, 4, 1)],
+    # Bitmask kernels, block_k = 256 = the tiles' columns and one tile per program (split 0):
+    # num_stages 2 is the software-pipelined walk, 1 the plain one (third GPU session).
+    ("bitmask_matmul", "bitmask_int8", 0.5, 16, "bfloat16"): [None, B(16, 16, 256, 0, 2, 2), B(16, 16, 256, 0, 2, 1),
+                                                              B(16, 16, 256, 0, 4, 2), B(16, 16, 256, 0, 4, 1),
+                                                              B(16, 8, 256, 0, 2, 2),
+                                                              B(16, 8, 256, 0, 1, 1)],
+    ("bitmask_matmul", "bitmask_int8", 0.5, 1, "bfloat16"): [None, B(1, 16, 256, 0, 2, 2), B(1, 16, 256, 0, 2, 1),
+                                                             B(1, 8, 256, 0, 1, 2)],
+    ("bitmask_matmul", "bitmask_int8", 0.5, 64, "bfloat16"): [None, B(64, 16, 256, 0, 4, 2), B(64, 16, 256, 0, 4, 1),
+                                                              B(64, 16, 256, 0, 2, 2), B(64, 8, 256, 0, 4, 2)],
+    # 3 x 64 rows: f32 activations at 22 <= M <= 64 run as bf16 [hi; mid; lo] rows (`_api`).
+    ("bitmask_matmul", "bitmask_int8", 0.5, 192, "bfloat16"): [None, B(64, 16, 256, 0, 4, 2), B(64, 16, 256, 0, 4, 1),
+                                                               B(64, 32, 128, 1, 4, 1)],
+    ("bitmask_unpack_t", "bitmask_int8", 0.5, 0, "float32"): [None, B(1, 32, 128, 0, 4, 1), B(1, 16, 128, 0, 4, 1),
+                                                              B(1, 16, 128, 0, 2, 1), B(1, 32, 128, 0, 2, 1),
+                                                              B(1, 16, 64, 0, 4, 1), B(1, 8, 256, 0, 2, 2),
+                                                              B(1, 16, 256, 0, 4, 2)],
+    ("bitmask_unpack", "bitmask_int8", 0.5, 0, "float32"): [None, B(1, 16, 128, 0, 4, 1), B(1, 8, 128, 0, 4, 1),
+                                                            B(1, 16, 128, 0, 2, 1), B(1, 32, 128, 0, 4, 1),
+                                                            B(1, 16, 64, 0, 4, 1), B(1, 8, 256, 0, 2, 2),
+                                                            B(1, 16, 256, 0, 4, 2)],
     ("int8_dequant_t", "int8", 0.0, 0, "float32"): [None, B(1, 64, 256, 1, 8, 1), B(1, 32, 128, 1, 4, 1),
                                                     B(1, 128, 128, 1, 8, 1)],
     ("int8_dequant", "int8", 0.0, 0, "float32"): [None],
@@ -113,7 +124,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--budget", type=float, default=90.0, help="seconds for the whole sweep")
     p.add_argument("--only", nargs="+", metavar="PREFIX",
-                   help="sweep only the groups whose kernel name starts with one of these")
+                   help="sweep only the groups whose 'kernel/M/dtype' (e.g. int8_matmul/64/float32) starts "
+                        "with one of these")
     p.add_argument("--write-tuned", metavar="PATH",
                    help="write the fastest eligible candidate of each group as a tuned-table file "
                         "($LTJAX_PALLAS_TUNED reads it)")
@@ -132,7 +144,8 @@ def main(argv=None) -> int:
         copy_baseline=copy, rows=rows, skipped=skipped))
     cts_of = {}
     interpret = None if a.quick else False
-    groups = {key: c for key, c in CANDIDATES.items() if not a.only or key[0].startswith(tuple(a.only))}
+    groups = {key: c for key, c in CANDIDATES.items()
+              if not a.only or f"{key[0]}/{key[3]}/{key[4]}".startswith(tuple(a.only))}
     copy = {}
     if any(key[0] in UNPACK for key in groups):  # the unpack rows' baseline, measured in the same run
         dense = replicate(jnp.asarray(rng.standard_normal((size, size), dtype=np.float32)), layers)

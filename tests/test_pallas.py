@@ -100,13 +100,14 @@ def test_block_geometries(codec, bs, xdtype):
 @pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("codec", ["bitmask", "bitmask_int8"])
 @pytest.mark.parametrize("block_m", [1, 16])
-def test_bitmask_matmul_pipelined_row_chunks(codec, block_m, xdtype):
-    """One tile per program, a tile row in one chunk, many row chunks per tile (the software-pipelined
-    forward walk), ragged tiles at the row and column ends."""
+@pytest.mark.parametrize("stages", [1, 2])  # 2: the software-pipelined walk
+def test_bitmask_matmul_row_chunks_in_one_tile(codec, block_m, stages, xdtype):
+    """One tile per program, a tile row in one chunk, many row chunks per tile, ragged tiles at the
+    row and column ends."""
     k, n, m = 90, 131, 3
     ct = pack(_weight(75, k, n), codec, tile=(37, 64))  # storage [131, 90]: tiles 37 x 64, the last 20 x 26
     x = _x(76, (m, k), xdtype)
-    bs = BlockSizes(block_m=block_m, block_n=8, block_k=64, split=0)
+    bs = BlockSizes(block_m=block_m, block_n=8, block_k=64, split=0, num_stages=stages)
     _close(lp.bitmask_matmul(x, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(x, ct), xdtype)
 
 
@@ -199,11 +200,13 @@ def test_decompress_nd_and_multi_chunk_unpack():
 
 @pytest.mark.parametrize("codec", ["bitmask", "bitmask_int8"])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_unpack_pipelined_row_chunks(codec, transposed):
-    """A tile row in one chunk, many row chunks per tile (the software-pipelined walk), ragged at both ends."""
+@pytest.mark.parametrize("stages", [1, 2])  # 2: the software-pipelined walk
+def test_unpack_row_chunks_in_one_tile(codec, transposed, stages):
+    """A tile row in one chunk, many row chunks per tile, ragged at both ends."""
     ct = pack(_weight(64, 90, 131), codec, tile=(37, 64))  # storage [131, 90]: tiles of 37 rows, the last 20
     want = np.asarray(decode_storage(ct))
-    got = lp.bitmask_unpack(ct, interpret=INTERPRET, transposed=transposed, block_sizes=BlockSizes(block_n=8, block_k=64))
+    bs = BlockSizes(block_n=8, block_k=64, num_stages=stages)
+    got = lp.bitmask_unpack(ct, interpret=INTERPRET, transposed=transposed, block_sizes=bs)
     np.testing.assert_array_equal(np.asarray(got), want.T if transposed else want)
 
 

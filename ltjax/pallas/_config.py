@@ -52,7 +52,10 @@ class BlockSizes:
       split: programs along the reduced axis. int8: K (forward) / N (transposed) is cut
         into `split` ranges; bitmask: the tile columns (forward) / tile rows (transposed)
         are cut into `split` groups (0 = one group per tile). Partial sums are added in XLA.
-      num_warps, num_stages: Triton compiler parameters.
+      num_warps, num_stages: Triton compiler parameters. num_stages > 1 also makes the kernels'
+        own walks load one step ahead: the int8 batch-1 FMA path (the next K block) and the bitmask
+        forward and unpack kernels where a program's tile row fits one chunk (the next row chunk's
+        gather and the one after's mask words; their loads are gathers Triton cannot stage).
       swap_ab: int8 forward `tl.dot` path only: compute ``(W x^T)^T``, the decoded weight
         block as the MMA's A operand (``block_n`` its M side) and the padded activations as B,
         instead of ``x W^T``.

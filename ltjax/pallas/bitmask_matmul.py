@@ -50,9 +50,9 @@ def _bitmask_matmul_kernel(
     def dot(x, vals):
         return contract(x, vals.astype(cdt), use_dot=_config.uses_dot(bs), transposed=False, split_f32=False)
 
-    if groups == 1 and n_cc == 1:
-        # One tile per program, a tile row in one chunk: software-pipelined over row chunks, as in
-        # `bitmask_unpack`. Iteration rc contracts chunk rc (gathered in iteration rc - 1), gathers
+    if bs.num_stages > 1 and groups == 1 and n_cc == 1:
+        # num_stages > 1, one tile per program, a tile row in one chunk: software-pipelined over row
+        # chunks, as in `bitmask_unpack`. Iteration rc contracts chunk rc (gathered in iteration rc - 1), gathers
         # chunk rc + 1 (words loaded in iteration rc - 1) and loads chunk rc + 2's words; the
         # activation block is the same for every chunk and loaded once.
         j = s

@@ -58,11 +58,12 @@ def _bitmask_unpack_kernel(
                                bn=bn, nwb=nwb, n_cc=n_cc, words0=words0)
 
     n_rc = pl.cdiv(r_end - rs, bn)
-    if n_cc == 1:
-        # The tile row fits one chunk: software-pipelined over row chunks. Iteration rc stores chunk
-        # rc's values (gathered in iteration rc - 1), gathers chunk rc + 1's (its mask words loaded
-        # in iteration rc - 1) and loads chunk rc + 2's words, so no load waits in the iteration
-        # that issued it. Chunks past the tile's end read as all-zero words: nothing gathered.
+    if bs.num_stages > 1 and n_cc == 1:
+        # num_stages > 1 and a tile row in one chunk: software-pipelined over row chunks. Iteration
+        # rc stores chunk rc's values (gathered in iteration rc - 1), gathers chunk rc + 1's (its
+        # mask words loaded in iteration rc - 1) and loads chunk rc + 2's words, so no load waits in
+        # the iteration that issued it. Chunks past the tile's end read as all-zero words: nothing
+        # gathered.
         w0 = words_of(0)
         s0, t0 = starts(0, 0, w0)
 
@@ -79,15 +80,19 @@ def _bitmask_unpack_kernel(
 
     def row_chunk(rc, carry):
         r0 = rs + rc * bn
-        start, total = starts(rc, carry, None)
+        words0 = words_of(rc)  # the whole tile row when n_cc == 1: one load serves the count and the decode
+        start, total = starts(rc, carry, words0)
         scale = load_scale(r0)
 
         def col_chunk(q, start):
-            words = words_of(rc, q)
+            words = words0 if n_cc == 1 else words_of(rc, q)
             store(r0, q, gather_packed(packed_ref, words, start), scale)
             return start + popc(words).sum(axis=1)
 
-        lax.fori_loop(0, n_cc, col_chunk, start)
+        if n_cc == 1:
+            col_chunk(0, start)
+        else:
+            lax.fori_loop(0, n_cc, col_chunk, start)
         return carry + total
 
     lax.fori_loop(0, n_rc, row_chunk, jnp.int32(0))
