@@ -118,22 +118,34 @@ class BlockSizes:
 #     (run 5; with bf16 activations the same kernel took 62-106 us against Triton's 41-49, so
 #     the bf16 rows stay Triton-only);
 #   unpack (transposed write): (32,128) 184 us vs (32,256) 220 us.
-# The transposed (backward) rows and the int8 f32 M <= 64 rows come from the offline Triton
+# Third GPU session (benchmarks/results/2026-11-27-h200-s3/, run 10: same-run A/B of the bitmask
+# kernels' software-pipelined walk, num_stages 2, against the plain one, num_stages 1):
+#   bitmask_int8 50%, M = 64: (64,16,256, 4 warps) pipelined 170 us vs plain 229-233; 192 rows (f32
+#     activations at 22 <= M <= 64 run as 3 M bf16 rows): the same block pipelined 397 us, plain 583,
+#     the previous M > 64 row (64,32,128, split 1: 96 programs) 1160;
+#   bitmask_int8 50%, M <= 16: (16,16,256, 2 warps) pipelined 146 us vs plain 153 (4 warps: 154 vs
+#     155); M = 1: the batch-1 broadcast path (1,8,256, 1 warp) pipelined 108 us vs the dot row 134;
+#   unpack: (8,256, 2 warps) pipelined 140 us vs (16,128) plain 143-148, (16,256) plain 177;
+#     transposed write (32,128, 2 warps) 177 us vs 4 warps 182-200;
+#   int8, f32, 16 < M <= 64: (64,64,64, split 2, 4 warps, 4 stages) 134 us vs (64,32,128, split 1,
+#     8 warps) 274 us, the previous row from the offline compile.
+# The transposed (backward) rows and the int8 f32 M <= 64 transposed row come from the offline Triton
 # compile (smallest blocks of the measured shapes with no spills on sm_80/sm_90; the three-dot
 # f32 split at (64,64,128) spilled 332 B on sm_80).
 TUNED_BLOCK_SIZES: tuple[tuple[tuple[str, str, int], BlockSizes], ...] = tuple(sorted([
-    (("bitmask_matmul", "*", 16), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_matmul", "*", 64), BlockSizes(block_m=64, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_matmul", "*", 1), BlockSizes(block_m=1, block_n=8, block_k=256, split=0, num_warps=1, num_stages=2)),
+    (("bitmask_matmul", "*", 16), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=2, num_stages=2)),
+    (("bitmask_matmul", "*", 64), BlockSizes(block_m=64, block_n=16, block_k=256, split=0, num_warps=4, num_stages=2)),
     (("bitmask_matmul", "float32", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
     (("bitmask_matmul", "float32", 4), BlockSizes(block_m=4, block_n=8, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_matmul", "*", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
+    (("bitmask_matmul", "*", 1 << 30), BlockSizes(block_m=64, block_n=16, block_k=256, split=0, num_warps=4, num_stages=2)),
     (("bitmask_matmul", "float32", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=1)),
     (("bitmask_matmul_t", "*", 16), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
     (("bitmask_matmul_t", "*", 64), BlockSizes(block_m=64, block_n=16, block_k=256, split=0, num_warps=8, num_stages=1)),
     (("bitmask_matmul_t", "*", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
     (("bitmask_matmul_t", "float32", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=1)),
-    (("bitmask_unpack", "*", 1 << 30), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_unpack_t", "*", 1 << 30), BlockSizes(block_m=1, block_n=32, block_k=128, split=0, num_warps=4, num_stages=1)),
+    (("bitmask_unpack", "*", 1 << 30), BlockSizes(block_m=1, block_n=8, block_k=256, split=0, num_warps=2, num_stages=2)),
+    (("bitmask_unpack_t", "*", 1 << 30), BlockSizes(block_m=1, block_n=32, block_k=128, split=0, num_warps=2, num_stages=1)),
     (("int8_dequant", "*", 1 << 30), BlockSizes(block_m=1, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
     (("int8_dequant_t", "*", 1 << 30), BlockSizes(block_m=1, block_n=64, block_k=128, split=1, num_warps=4, num_stages=1)),
     (("int8_matmul", "*", 16), BlockSizes(block_m=16, block_n=128, block_k=256, split=2, num_warps=8, num_stages=3)),
@@ -141,7 +153,7 @@ TUNED_BLOCK_SIZES: tuple[tuple[tuple[str, str, int], BlockSizes], ...] = tuple(s
     (("int8_matmul", "float32", 16), BlockSizes(block_m=16, block_n=128, block_k=256, split=2, num_warps=8, num_stages=3, swap_ab=True,
                                                 mosaic=MosaicTiles(tile_m=64, tile_k=128, stages=6))),
     (("int8_matmul", "*", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=1, num_warps=8, num_stages=3)),
-    (("int8_matmul", "float32", 64), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=3)),
+    (("int8_matmul", "float32", 64), BlockSizes(block_m=64, block_n=64, block_k=64, split=2, num_warps=4, num_stages=4)),
     (("int8_matmul", "bfloat16", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=2, num_warps=4, num_stages=4)),
     (("int8_matmul", "float16", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=2, num_warps=4, num_stages=4)),
     (("int8_matmul", "*", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=64, split=1, num_warps=4, num_stages=3)),
