@@ -64,7 +64,10 @@ CANDIDATES = {
                                                               B(16, 8, 256, 0, 2, 2),
                                                               B(16, 8, 256, 0, 1, 1)],
     ("bitmask_matmul", "bitmask_int8", 0.5, 1, "bfloat16"): [None, B(1, 16, 256, 0, 2, 2), B(1, 16, 256, 0, 2, 1),
-                                                             B(1, 8, 256, 0, 1, 2)],
+                                                             B(1, 8, 256, 0, 1, 2), B(1, 4, 256, 0, 1, 2)],
+    # The broadcast path (block_m < 8) on one or two warps at M = 4, against the 16-row dot row.
+    ("bitmask_matmul", "bitmask_int8", 0.5, 4, "bfloat16"): [None, B(4, 4, 256, 0, 1, 2), B(4, 4, 256, 0, 1, 1),
+                                                             B(4, 4, 256, 0, 2, 2), B(4, 8, 256, 0, 2, 2)],
     ("bitmask_matmul", "bitmask_int8", 0.5, 64, "bfloat16"): [None, B(64, 16, 256, 0, 4, 2), B(64, 16, 256, 0, 4, 1),
                                                               B(64, 16, 256, 0, 2, 2), B(64, 8, 256, 0, 4, 2)],
     # 3 x 64 rows: f32 activations at 22 <= M <= 64 run as bf16 [hi; mid; lo] rows (`_api`).
