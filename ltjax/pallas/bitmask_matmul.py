@@ -13,7 +13,8 @@ from jax.experimental.pallas import triton as plgpu
 from ltjax._format import CompressedTensor, decode_storage
 from ltjax.pallas import _config
 from ltjax.pallas._config import BlockSizes
-from ltjax.pallas._decode import contract, gather_packed, iota, load_words, popc, row_popcounts, tile_row_starts
+from ltjax.pallas._decode import (contract, gather_packed, iota, load_words, pipelined_row_walk, popc, row_popcounts,
+                                  tile_row_starts)
 
 
 def _bitmask_matmul_kernel(
@@ -51,29 +52,18 @@ def _bitmask_matmul_kernel(
         return contract(x, vals.astype(cdt), use_dot=_config.uses_dot(bs), transposed=False, split_f32=False)
 
     if bs.num_stages > 1 and groups == 1 and n_cc == 1:
-        # num_stages > 1, one tile per program, a tile row in one chunk: software-pipelined over row
-        # chunks, as in `bitmask_unpack`. Iteration rc contracts chunk rc (gathered in iteration rc - 1), gathers
-        # chunk rc + 1 (words loaded in iteration rc - 1) and loads chunk rc + 2's words; the
-        # activation block is the same for every chunk and loaded once.
+        # One tile per program and a tile row in one chunk: the pipelined walk (`_decode`); the
+        # activation block is the same for every chunk, so it is loaded once.
         j = s
         tw0, c_end = (j * tc) // 32, jnp.minimum((j + 1) * tc, k)
         tw_end = pl.cdiv(c_end, 32)
-        words_of = lambda rc: load_words(mask_ref, rs + rc * bn, r_end, tw0, tw_end, bn=bn, nw=nwb)
-        starts = lambda rc, carry, words: tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, rs + rc * bn,
-                                                          r_end, tw0, tw_end, bn=bn, nwb=nwb, n_cc=1, words0=words)
         x = load_x(j * tc, c_end)
-        w0 = words_of(0)
-        s0, t0 = starts(0, 0, w0)
-
-        def step(rc, st):
-            vals, words_next, carry = st  # carry: the tile's nonzeros in rows above chunk rc + 1
-            words_after = words_of(rc + 2)
-            start, total = starts(rc + 1, carry, words_next)
-            vals_next = gather_packed(packed_ref, words_next, start)
-            store(rs + rc * bn, dot(x, vals))
-            return vals_next, words_after, carry + total
-
-        lax.fori_loop(0, pl.cdiv(r_end - rs, bn), step, (gather_packed(packed_ref, w0, s0), words_of(1), t0))
+        pipelined_row_walk(
+            pl.cdiv(r_end - rs, bn),
+            lambda rc: load_words(mask_ref, rs + rc * bn, r_end, tw0, tw_end, bn=bn, nw=nwb),
+            lambda rc, carry, words: tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, rs + rc * bn, r_end,
+                                                     tw0, tw_end, bn=bn, nwb=nwb, n_cc=1, words0=words),
+            packed_ref, lambda rc, vals: store(rs + rc * bn, dot(x, vals)))
         return
 
     def row_chunk(rc, carries):  # carries[jj]: nonzeros of tile (i, j_lo + jj) above this chunk

@@ -13,7 +13,7 @@ from jax.experimental.pallas import triton as plgpu
 from ltjax._format import CompressedTensor, decode_storage
 from ltjax.pallas import _config
 from ltjax.pallas._config import BlockSizes
-from ltjax.pallas._decode import gather_packed, iota, load_words, popc, tile_row_starts
+from ltjax.pallas._decode import gather_packed, iota, load_words, pipelined_row_walk, popc, tile_row_starts
 
 
 def _bitmask_unpack_kernel(
@@ -58,24 +58,9 @@ def _bitmask_unpack_kernel(
                                bn=bn, nwb=nwb, n_cc=n_cc, words0=words0)
 
     n_rc = pl.cdiv(r_end - rs, bn)
-    if bs.num_stages > 1 and n_cc == 1:
-        # num_stages > 1 and a tile row in one chunk: software-pipelined over row chunks. Iteration
-        # rc stores chunk rc's values (gathered in iteration rc - 1), gathers chunk rc + 1's (its
-        # mask words loaded in iteration rc - 1) and loads chunk rc + 2's words, so no load waits in
-        # the iteration that issued it. Chunks past the tile's end read as all-zero words: nothing
-        # gathered.
-        w0 = words_of(0)
-        s0, t0 = starts(0, 0, w0)
-
-        def step(rc, st):
-            vals, words_next, carry = st  # carry: nonzeros of rows above chunk rc + 1
-            words_after = words_of(rc + 2)
-            start, total = starts(rc + 1, carry, words_next)
-            vals_next = gather_packed(packed_ref, words_next, start)
-            store(rs + rc * bn, 0, vals, load_scale(rs + rc * bn))
-            return vals_next, words_after, carry + total
-
-        lax.fori_loop(0, n_rc, step, (gather_packed(packed_ref, w0, s0), words_of(1), t0))
+    if bs.num_stages > 1 and n_cc == 1:  # a tile row in one chunk: the pipelined walk
+        pipelined_row_walk(n_rc, words_of, starts, packed_ref,
+                           lambda rc, vals: store(rs + rc * bn, 0, vals, load_scale(rs + rc * bn)))
         return
 
     def row_chunk(rc, carry):
