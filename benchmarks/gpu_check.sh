@@ -15,8 +15,9 @@
 # see benchmarks/README.md).
 # Knobs for a smoke run elsewhere: GPU_CHECK_SIZES (default 8192), GPU_CHECK_MS (default
 # "1 4 16 64"), GPU_CHECK_REPS (default 20), GPU_CHECK_SWEEP_ARGS (extra sweep options, e.g.
-# "--only bitmask int8_matmul/64/float32"), GPU_CHECK_SWEEP_S (default 100; 0 skips the sweep), GPU_CHECK_BENCH_S
-# (default 180; 0 skips the benchmark), GPU_CHECK_TESTS_K (a pytest -k filter), PYTHON (default python).
+# "--only bitmask int8_matmul/64/float32"), GPU_CHECK_SWEEP_S (default 100; 0 skips the sweep),
+# GPU_CHECK_BENCH_S (default 180; 0 skips the benchmark), GPU_CHECK_TESTS_K (a pytest -k filter),
+# PYTHON (default python).
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
