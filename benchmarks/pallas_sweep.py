@@ -73,6 +73,13 @@ CANDIDATES = {
     # 3 x 64 rows: f32 activations at 22 <= M <= 64 run as bf16 [hi; mid; lo] rows (`_api`).
     ("bitmask_matmul", "bitmask_int8", 0.5, 192, "bfloat16"): [None, B(64, 16, 256, 0, 4, 2), B(64, 16, 256, 0, 4, 1),
                                                                B(64, 32, 128, 1, 4, 1)],
+    # The transposed (backward) kernel: the dx of `ltjax.matmul`; its rows so far come from the
+    # offline compile. num_stages 2 pipelines each tile row's walk (fifth session; not yet timed).
+    ("bitmask_matmul_t", "bitmask_int8", 0.5, 16, "bfloat16"): [None, B(16, 16, 256, 0, 4, 2), B(16, 16, 256, 0, 2, 2),
+                                                                B(16, 16, 256, 0, 2, 1), B(16, 32, 256, 0, 4, 2)],
+    ("bitmask_matmul_t", "bitmask_int8", 0.5, 64, "bfloat16"): [None, B(64, 16, 256, 0, 8, 2)],  # 4 warps spill
+    ("int8_matmul_t", "int8", 0.0, 16, "bfloat16"): [None, B(16, 64, 256, 1, 4, 3), B(16, 128, 256, 2, 8, 3),
+                                                     B(16, 64, 128, 2, 4, 4)],
     ("bitmask_unpack_t", "bitmask_int8", 0.5, 0, "float32"): [None, B(1, 32, 128, 0, 4, 1), B(1, 16, 128, 0, 4, 1),
                                                               B(1, 16, 128, 0, 2, 1), B(1, 32, 128, 0, 2, 1),
                                                               B(1, 16, 64, 0, 4, 1), B(1, 8, 256, 0, 2, 2),
@@ -187,8 +194,9 @@ def main(argv=None) -> int:
                 f = jax.jit(lambda cs, fn=fn, transposed=transposed, bs=bs: [
                     fn(c, interpret=interpret, transposed=transposed, block_sizes=bs) for c in cs])
                 args, moved = (cts,), cts[0].nbytes + size * size * 4
-            else:
-                f = chain(lambda y, ct, bs=bs: lp.matmul(y, ct, interpret=interpret, block_sizes=bs))
+            else:  # a square weight: the transposed kernel chains like the forward one
+                op = lp.matmul_t if kernel.endswith("_t") else lp.matmul
+                f = chain(lambda y, ct, bs=bs, op=op: op(y, ct, interpret=interpret, block_sizes=bs))
                 args, moved = (x, cts), cts[0].nbytes
             try:
                 out = f(*args)

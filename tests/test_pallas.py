@@ -6,6 +6,7 @@ Shapes are small and ragged (K, N not multiples of any block) to keep interpret 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import zlib
@@ -102,13 +103,17 @@ def test_block_geometries(codec, bs, xdtype):
 @pytest.mark.parametrize("block_m", [1, 16])
 @pytest.mark.parametrize("stages", [1, 2])  # 2: the software-pipelined walk
 def test_bitmask_matmul_row_chunks_in_one_tile(codec, block_m, stages, xdtype):
-    """One tile per program, a tile row in one chunk, many row chunks per tile, ragged tiles at the
-    row and column ends."""
+    """A tile row in one chunk, many row chunks per tile, ragged tiles at the row and column ends;
+    forward (one tile per program) and transposed."""
     k, n, m = 90, 131, 3
     ct = pack(_weight(75, k, n), codec, tile=(37, 64))  # storage [131, 90]: tiles 37 x 64, the last 20 x 26
     x = _x(76, (m, k), xdtype)
     bs = BlockSizes(block_m=block_m, block_n=8, block_k=64, split=0, num_stages=stages)
     _close(lp.bitmask_matmul(x, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(x, ct), xdtype)
+    dy = _x(77, (m, n), xdtype)  # transposed: one tile column per program, its tile rows in turn (split 0 and 2)
+    for split in (0, 2):
+        bs_t = dataclasses.replace(bs, split=split)
+        _close(lp.bitmask_matmul_t(dy, ct, interpret=INTERPRET, block_sizes=bs_t), _ref_matmul(dy, ct, True), xdtype)
 
 
 @pytest.mark.parametrize("codec,wdtype", [("bitmask_int8", np.float32), ("bitmask", jnp.bfloat16)])

@@ -70,29 +70,29 @@ def gather_packed(packed_ref, words: jax.Array, row_start: jax.Array) -> jax.Arr
     return plgpu.load(packed_ref.at[idx], mask=present, other=0)
 
 
-def pipelined_row_walk(n_rc, words_of, starts, packed_ref, use) -> None:
-    """Walks a tile's ``n_rc`` row chunks, software-pipelined: ``use(rc, vals)`` for each chunk in order.
+def pipelined_row_walk(n_rc, words_of, starts, packed_ref, use, acc=None):
+    """Walks a tile's ``n_rc`` row chunks, software-pipelined: ``acc = use(rc, vals, acc)`` for each
+    chunk in order; returns the final ``acc``.
 
     For tiles whose rows fit one chunk (``words_of(rc)``: the chunk's mask words; ``starts(rc,
     carry, words)``: `tile_row_starts` of the chunk, given the nonzeros ``carry`` of the tile's
     rows above it). Iteration ``rc`` uses chunk ``rc`` (gathered in iteration ``rc - 1``), gathers
     chunk ``rc + 1`` (its words loaded in iteration ``rc - 1``) and loads chunk ``rc + 2``'s words,
     so no global load is waited on in the iteration that issued it. Chunks past the tile's end
-    read all-zero words and gather nothing. The bitmask forward and unpack kernels take it when
-    ``num_stages > 1`` (their loads are gathers, which Triton's own pipeliner cannot stage).
+    read all-zero words and gather nothing. The bitmask kernels take it when ``num_stages > 1``
+    (their loads are gathers, which Triton's own pipeliner cannot stage).
     """
     w0 = words_of(0)
     s0, t0 = starts(0, 0, w0)
 
     def step(rc, state):
-        vals, words_next, carry = state  # carry: the tile's nonzeros in rows above chunk rc + 1
+        vals, words_next, carry, acc = state  # carry: the tile's nonzeros in rows above chunk rc + 1
         words_after = words_of(rc + 2)
         start, total = starts(rc + 1, carry, words_next)
         vals_next = gather_packed(packed_ref, words_next, start)
-        use(rc, vals)
-        return vals_next, words_after, carry + total
+        return vals_next, words_after, carry + total, use(rc, vals, acc)
 
-    lax.fori_loop(0, n_rc, step, (gather_packed(packed_ref, w0, s0), words_of(1), t0))
+    return lax.fori_loop(0, n_rc, step, (gather_packed(packed_ref, w0, s0), words_of(1), t0, acc))[3]
 
 
 def i8_to_f32(codes: jax.Array) -> jax.Array:

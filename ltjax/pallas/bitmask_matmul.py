@@ -58,12 +58,16 @@ def _bitmask_matmul_kernel(
         tw0, c_end = (j * tc) // 32, jnp.minimum((j + 1) * tc, k)
         tw_end = pl.cdiv(c_end, 32)
         x = load_x(j * tc, c_end)
+
+        def use(rc, vals, _):
+            store(rs + rc * bn, dot(x, vals))
+
         pipelined_row_walk(
             pl.cdiv(r_end - rs, bn),
             lambda rc: load_words(mask_ref, rs + rc * bn, r_end, tw0, tw_end, bn=bn, nw=nwb),
             lambda rc, carry, words: tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, rs + rc * bn, r_end,
                                                      tw0, tw_end, bn=bn, nwb=nwb, n_cc=1, words0=words),
-            packed_ref, lambda rc, vals: store(rs + rc * bn, dot(x, vals)))
+            packed_ref, use)
         return
 
     def row_chunk(rc, carries):  # carries[jj]: nonzeros of tile (i, j_lo + jj) above this chunk
@@ -83,7 +87,7 @@ def _bitmask_matmul_kernel(
             def col_chunk(q, st):
                 acc, start = st
                 words = words0 if n_cc == 1 else load_words(mask_ref, r0, r_end, tw0 + q * nwb, tw_end, bn=bn, nw=nwb)
-                vals = gather_packed(packed_ref, words, start)
+                vals = gather_packed(packed_ref, words, start).astype(cdt)  # cast before the x load (registers)
                 acc = acc + dot(load_x(j * tc + q * bk, c_end), vals)
                 return acc, start + popc(words).sum(axis=1)
 
@@ -122,6 +126,16 @@ def _bitmask_matmul_t_kernel(
     n_i = jnp.minimum(groups, gr - i_lo)
     mrow_ok = (m0 + iota(bm)) < m
 
+    def dys_of(r0, r_end):  # dy block times the rows' scales, in the compute dtype
+        r_ok = (r0 + iota(bn)) < r_end
+        dy = plgpu.load(dy_ref.at[pl.ds(m0, bm), pl.ds(r0, bn)], mask=mrow_ok[:, None] & r_ok[None, :],
+                        other=0).astype(jnp.float32)
+        scale = plgpu.load(scales_ref.at[pl.ds(r0, bn)], mask=r_ok, other=0.0)
+        return (dy * scale[None, :]).astype(cdt)
+
+    def dot(dys, vals):
+        return contract(dys, vals.astype(cdt), use_dot=_config.uses_dot(bs), transposed=True, split_f32=False)
+
     def col_chunk(q, _):
         c0 = j * tc + q * bk
         wq0 = tw0 + q * nwb
@@ -129,6 +143,13 @@ def _bitmask_matmul_t_kernel(
         def tile_row(ii, acc):
             i = i_lo + ii
             rs, r_end = i * tr, jnp.minimum((i + 1) * tr, n)
+            if bs.num_stages > 1 and n_cc == 1:  # a tile row in one chunk: the pipelined walk (`_decode`)
+                return pipelined_row_walk(
+                    pl.cdiv(r_end - rs, bn),
+                    lambda rc: load_words(mask_ref, rs + rc * bn, r_end, tw0, tw_end, bn=bn, nw=nwb),
+                    lambda rc, carry, words: tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, rs + rc * bn,
+                                                             r_end, tw0, tw_end, bn=bn, nwb=nwb, n_cc=1, words0=words),
+                    packed_ref, lambda rc, vals, acc: acc + dot(dys_of(rs + rc * bn, r_end), vals), acc)
 
             def row_chunk(rc, st):
                 acc, carry = st
@@ -141,14 +162,8 @@ def _bitmask_matmul_t_kernel(
                     start, total = tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, r0, r_end, tw0, tw_end,
                                                     bn=bn, nwb=nwb, n_cc=n_cc, words0=None)
                     start = start + row_popcounts(mask_ref, r0, r_end, tw0, tw_end, q, bn=bn, nw=nwb)
-                vals = gather_packed(packed_ref, words, start).astype(cdt)
-                r_ok = (r0 + iota(bn)) < r_end
-                dy_ok = mrow_ok[:, None] & r_ok[None, :]
-                dy = plgpu.load(dy_ref.at[pl.ds(m0, bm), pl.ds(r0, bn)], mask=dy_ok, other=0).astype(jnp.float32)
-                scale = plgpu.load(scales_ref.at[pl.ds(r0, bn)], mask=r_ok, other=0.0)
-                dys = (dy * scale[None, :]).astype(cdt)
-                return (acc + contract(dys, vals, use_dot=_config.uses_dot(bs), transposed=True, split_f32=False),
-                        carry + total)
+                vals = gather_packed(packed_ref, words, start).astype(cdt)  # cast before the dy loads (registers)
+                return acc + dot(dys_of(r0, r_end), vals), carry + total
 
             acc, _ = lax.fori_loop(0, pl.cdiv(r_end - rs, bn), row_chunk, (acc, jnp.int32(0)))
             return acc

@@ -59,8 +59,10 @@ def _bitmask_unpack_kernel(
 
     n_rc = pl.cdiv(r_end - rs, bn)
     if bs.num_stages > 1 and n_cc == 1:  # a tile row in one chunk: the pipelined walk
-        pipelined_row_walk(n_rc, words_of, starts, packed_ref,
-                           lambda rc, vals: store(rs + rc * bn, 0, vals, load_scale(rs + rc * bn)))
+        def use(rc, vals, _):
+            store(rs + rc * bn, 0, vals, load_scale(rs + rc * bn))
+
+        pipelined_row_walk(n_rc, words_of, starts, packed_ref, use)
         return
 
     def row_chunk(rc, carry):
