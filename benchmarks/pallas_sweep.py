@@ -74,7 +74,7 @@ CANDIDATES = {
     ("bitmask_matmul", "bitmask_int8", 0.5, 192, "bfloat16"): [None, B(64, 16, 256, 0, 4, 2), B(64, 16, 256, 0, 4, 1),
                                                                B(64, 32, 128, 1, 4, 1)],
     # The transposed (backward) kernel: the dx of `ltjax.matmul`; its rows so far come from the
-    # offline compile. num_stages 2 pipelines each tile row's walk (fifth session; not yet timed).
+    # offline compile. num_stages 2 pipelines each tile row's walk (third GPU session; not yet timed).
     ("bitmask_matmul_t", "bitmask_int8", 0.5, 16, "bfloat16"): [None, B(16, 16, 256, 0, 4, 2), B(16, 16, 256, 0, 2, 2),
                                                                 B(16, 16, 256, 0, 2, 1), B(16, 32, 256, 0, 4, 2)],
     ("bitmask_matmul_t", "bitmask_int8", 0.5, 64, "bfloat16"): [None, B(64, 16, 256, 0, 8, 2)],  # 4 warps spill

@@ -70,20 +70,25 @@ def gather_packed(packed_ref, words: jax.Array, row_start: jax.Array) -> jax.Arr
     return plgpu.load(packed_ref.at[idx], mask=present, other=0)
 
 
-def pipelined_row_walk(n_rc, words_of, starts, packed_ref, use, acc=None):
-    """Walks a tile's ``n_rc`` row chunks, software-pipelined: ``acc = use(rc, vals, acc)`` for each
-    chunk in order; returns the final ``acc``.
+def pipelined_row_walk(mask_ref, offsets_ref, packed_ref, tile_index, rows, words, *, bn: int, nw: int, use,
+                       acc=None):
+    """Walks the row chunks of tile ``tile_index``, software-pipelined: ``acc = use(rc, vals, acc)``
+    for each chunk in order (``vals``: its `gather_packed` values); returns the final ``acc``.
 
-    For tiles whose rows fit one chunk (``words_of(rc)``: the chunk's mask words; ``starts(rc,
-    carry, words)``: `tile_row_starts` of the chunk, given the nonzeros ``carry`` of the tile's
-    rows above it). Iteration ``rc`` uses chunk ``rc`` (gathered in iteration ``rc - 1``), gathers
-    chunk ``rc + 1`` (its words loaded in iteration ``rc - 1``) and loads chunk ``rc + 2``'s words,
-    so no global load is waited on in the iteration that issued it. Chunks past the tile's end
-    read all-zero words and gather nothing. The bitmask kernels take it when ``num_stages > 1``
-    (their loads are gathers, which Triton's own pipeliner cannot stage).
+    ``rows = (rs, r_end)``: the tile's storage rows, walked ``bn`` at a time; ``words = (w0,
+    w_end)``: its mask words, all of which fit one chunk (``nw`` words). Iteration ``rc`` uses chunk
+    ``rc`` (gathered in iteration ``rc - 1``), gathers chunk ``rc + 1`` (its words loaded in
+    iteration ``rc - 1``) and loads chunk ``rc + 2``'s words, so no global load is waited on in the
+    iteration that issued it. Chunks past the tile's end read all-zero words and gather nothing.
+    The bitmask kernels take it when ``num_stages > 1`` (their loads are gathers, which Triton's
+    own pipeliner cannot stage).
     """
-    w0 = words_of(0)
-    s0, t0 = starts(0, 0, w0)
+    (rs, r_end), (w0, w_end) = rows, words
+    words_of = lambda rc: load_words(mask_ref, rs + rc * bn, r_end, w0, w_end, bn=bn, nw=nw)
+    starts = lambda rc, carry, wds: tile_row_starts(mask_ref, offsets_ref, tile_index, carry, rs + rc * bn, r_end,
+                                                    w0, w_end, bn=bn, nwb=nw, n_cc=1, words0=wds)
+    first = words_of(0)
+    s0, t0 = starts(0, 0, first)
 
     def step(rc, state):
         vals, words_next, carry, acc = state  # carry: the tile's nonzeros in rows above chunk rc + 1
@@ -92,7 +97,8 @@ def pipelined_row_walk(n_rc, words_of, starts, packed_ref, use, acc=None):
         vals_next = gather_packed(packed_ref, words_next, start)
         return vals_next, words_after, carry + total, use(rc, vals, acc)
 
-    return lax.fori_loop(0, n_rc, step, (gather_packed(packed_ref, w0, s0), words_of(1), t0, acc))[3]
+    n_rc = pl.cdiv(r_end - rs, bn)
+    return lax.fori_loop(0, n_rc, step, (gather_packed(packed_ref, first, s0), words_of(1), t0, acc))[3]
 
 
 def i8_to_f32(codes: jax.Array) -> jax.Array:

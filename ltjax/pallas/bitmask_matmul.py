@@ -62,12 +62,8 @@ def _bitmask_matmul_kernel(
         def use(rc, vals, _):
             store(rs + rc * bn, dot(x, vals))
 
-        pipelined_row_walk(
-            pl.cdiv(r_end - rs, bn),
-            lambda rc: load_words(mask_ref, rs + rc * bn, r_end, tw0, tw_end, bn=bn, nw=nwb),
-            lambda rc, carry, words: tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, rs + rc * bn, r_end,
-                                                     tw0, tw_end, bn=bn, nwb=nwb, n_cc=1, words0=words),
-            packed_ref, use)
+        pipelined_row_walk(mask_ref, offsets_ref, packed_ref, i * gc + j, (rs, r_end), (tw0, tw_end), bn=bn, nw=nwb,
+                           use=use)
         return
 
     def row_chunk(rc, carries):  # carries[jj]: nonzeros of tile (i, j_lo + jj) above this chunk
@@ -145,11 +141,8 @@ def _bitmask_matmul_t_kernel(
             rs, r_end = i * tr, jnp.minimum((i + 1) * tr, n)
             if bs.num_stages > 1 and n_cc == 1:  # a tile row in one chunk: the pipelined walk (`_decode`)
                 return pipelined_row_walk(
-                    pl.cdiv(r_end - rs, bn),
-                    lambda rc: load_words(mask_ref, rs + rc * bn, r_end, tw0, tw_end, bn=bn, nw=nwb),
-                    lambda rc, carry, words: tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, rs + rc * bn,
-                                                             r_end, tw0, tw_end, bn=bn, nwb=nwb, n_cc=1, words0=words),
-                    packed_ref, lambda rc, vals, acc: acc + dot(dys_of(rs + rc * bn, r_end), vals), acc)
+                    mask_ref, offsets_ref, packed_ref, i * gc + j, (rs, r_end), (tw0, tw_end), bn=bn, nw=nwb,
+                    use=lambda rc, vals, acc: acc + dot(dys_of(rs + rc * bn, r_end), vals), acc=acc)
 
             def row_chunk(rc, st):
                 acc, carry = st

@@ -62,7 +62,8 @@ def _bitmask_unpack_kernel(
         def use(rc, vals, _):
             store(rs + rc * bn, 0, vals, load_scale(rs + rc * bn))
 
-        pipelined_row_walk(n_rc, words_of, starts, packed_ref, use)
+        pipelined_row_walk(mask_ref, offsets_ref, packed_ref, i * gc + j, (rs, r_end), (tw0, tw_end), bn=bn, nw=nwb,
+                           use=use)
         return
 
     def row_chunk(rc, carry):
