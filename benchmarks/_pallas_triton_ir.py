@@ -1,8 +1,10 @@
 """Dumps the Triton IR of every ltjax Pallas kernel at the tuned block sizes (no GPU needed).
 
-Usage (project venv):  python benchmarks/_pallas_triton_ir.py build/ttir
+Usage (project venv):  python benchmarks/_pallas_triton_ir.py build/ttir [--sweep]
 then:                  ../shared/tools/triton-offline-check build/ttir --cc 90 80 --json out.json
 Shapes: a 4096 x 4096 Dense kernel (default 256 x 256 tiles), M = 1, 4, 16, 64, 128, bf16 and f32.
+``--sweep``: instead, every Triton candidate of `benchmarks.pallas_sweep` (a 2048 x 2048 weight:
+the compile does not depend on the size), to drop the ones that spill before a GPU times them.
 """
 
 from __future__ import annotations
@@ -50,5 +52,38 @@ def main(outdir: str, k: int = 4096, n: int = 4096) -> None:
         print(f"{label}: {[r['name'] for r in kernels]} grid={[r['grid'] for r in kernels]}")
 
 
+def sweep_candidates(outdir: str, size: int = 2048) -> None:
+    from benchmarks.matmul import make_weight
+    from benchmarks.pallas_sweep import CANDIDATES, UNPACK
+
+    rng = np.random.default_rng(0)
+    os.makedirs(outdir, exist_ok=True)
+    cts = {}
+    for (kernel, codec, sparsity, m, xdt), cands in CANDIDATES.items():
+        if (codec, sparsity) not in cts:
+            cts[(codec, sparsity)] = pack(make_weight(rng, size, size, sparsity), codec)
+        ct = cts[(codec, sparsity)]
+        for bs in cands:
+            if not isinstance(bs, lp.BlockSizes) or bs.mosaic is not None:
+                continue  # the tuned row (dumped by `main`) or a Mosaic GPU one (not Triton)
+            label = (f"{kernel}_m{m}_{xdt}_{bs.block_m}_{bs.block_n}_{bs.block_k}_s{bs.split}_w{bs.num_warps}"
+                     f"_st{bs.num_stages}{'_swap' if bs.swap_ab else ''}_b{bs.band_rows}")
+            with toc.capture() as kernels:
+                if kernel in UNPACK:
+                    fn, transposed = UNPACK[kernel]
+                    f = functools.partial(fn, interpret=False, transposed=transposed, block_sizes=bs)
+                    jax.jit(f).trace(ct).lower(lowering_platforms=("cuda",))
+                else:
+                    op = lp.matmul_t if kernel.endswith("_t") else lp.matmul
+                    x = jax.ShapeDtypeStruct((max(m, 1), size), jnp.dtype(xdt))
+                    jax.jit(functools.partial(op, interpret=False, block_sizes=bs)).trace(x, ct).lower(
+                        lowering_platforms=("cuda",))
+            for r in kernels:
+                r["name"] = f"{r['name']}__{label}"
+            toc.write_kernels(kernels, outdir)
+            print(label, [r["name"].split("__")[0] for r in kernels])
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "build/ttir")
+    args = [a for a in sys.argv[1:] if a != "--sweep"]
+    (sweep_candidates if "--sweep" in sys.argv[1:] else main)(args[0] if args else "build/ttir")

@@ -28,6 +28,9 @@ from ltjax.pallas.int8_matmul_mosaic import why_not_mosaic
 REQUIRES_BACKEND = "gpu"  # benchmarks.run skips a full sweep elsewhere (--quick runs in interpret mode)
 B = BlockSizes
 S = lambda *a: BlockSizes(*a, swap_ab=True)
+# Bitmask kernels with each stored 256-row tile cut into row bands of `band` rows, a program each
+# (`BlockSizes.band_rows`; the bands' starts are counted in XLA before the kernel).
+Bd = lambda *a, band: BlockSizes(*a, band_rows=band)
 # The int8 Mosaic GPU kernel (Hopper): weight rows per CTA tile, K per TMA step, shared-memory slots;
 # timed as the tuned row's Triton blocks with these tiles added.
 Mo = MosaicTiles
@@ -62,17 +65,31 @@ CANDIDATES = {
     ("bitmask_matmul", "bitmask_int8", 0.5, 16, "bfloat16"): [None, B(16, 16, 256, 0, 2, 2), B(16, 16, 256, 0, 2, 1),
                                                               B(16, 16, 256, 0, 4, 2), B(16, 16, 256, 0, 4, 1),
                                                               B(16, 8, 256, 0, 2, 2),
-                                                              B(16, 8, 256, 0, 1, 1)],
+                                                              B(16, 8, 256, 0, 1, 1),
+                                                              Bd(16, 16, 256, 0, 2, 2, band=64),
+                                                              Bd(16, 8, 256, 0, 1, 1, band=64),
+                                                              Bd(16, 8, 256, 0, 1, 1, band=32)],
     ("bitmask_matmul", "bitmask_int8", 0.5, 1, "bfloat16"): [None, B(1, 16, 256, 0, 2, 2), B(1, 16, 256, 0, 2, 1),
-                                                             B(1, 8, 256, 0, 1, 2), B(1, 4, 256, 0, 1, 2)],
+                                                             B(1, 8, 256, 0, 1, 2), B(1, 4, 256, 0, 1, 2),
+                                                             Bd(1, 8, 256, 0, 1, 2, band=64),
+                                                             Bd(1, 4, 256, 0, 1, 1, band=64),
+                                                             Bd(1, 4, 256, 0, 1, 1, band=32),
+                                                             Bd(1, 4, 256, 0, 1, 2, band=64),
+                                                             Bd(1, 8, 256, 0, 2, 2, band=64),
+                                                             Bd(1, 2, 256, 0, 1, 1, band=32)],
     # The broadcast path (block_m < 8) on one or two warps at M = 4, against the 16-row dot row.
     ("bitmask_matmul", "bitmask_int8", 0.5, 4, "bfloat16"): [None, B(4, 4, 256, 0, 1, 2), B(4, 4, 256, 0, 1, 1),
-                                                             B(4, 4, 256, 0, 2, 2), B(4, 8, 256, 0, 2, 2)],
+                                                             B(4, 4, 256, 0, 2, 2), B(4, 8, 256, 0, 2, 2),
+                                                             Bd(4, 4, 256, 0, 1, 2, band=64),
+                                                             Bd(4, 4, 256, 0, 1, 1, band=64)],
     ("bitmask_matmul", "bitmask_int8", 0.5, 64, "bfloat16"): [None, B(64, 16, 256, 0, 4, 2), B(64, 16, 256, 0, 4, 1),
-                                                              B(64, 16, 256, 0, 2, 2), B(64, 8, 256, 0, 4, 2)],
+                                                              B(64, 16, 256, 0, 2, 2), B(64, 8, 256, 0, 4, 2),
+                                                              Bd(64, 16, 256, 0, 4, 2, band=128),
+                                                              Bd(64, 16, 256, 0, 4, 2, band=64)],
     # 3 x 64 rows: f32 activations at 22 <= M <= 64 run as bf16 [hi; mid; lo] rows (`_api`).
     ("bitmask_matmul", "bitmask_int8", 0.5, 192, "bfloat16"): [None, B(64, 16, 256, 0, 4, 2), B(64, 16, 256, 0, 4, 1),
-                                                               B(64, 32, 128, 1, 4, 1)],
+                                                               B(64, 32, 128, 1, 4, 1),
+                                                               Bd(64, 16, 256, 0, 4, 2, band=64)],
     # The transposed (backward) kernel: the dx of `ltjax.matmul`; its rows so far come from the
     # offline compile. num_stages 2 pipelines each tile row's walk (third GPU session; not yet timed).
     ("bitmask_matmul_t", "bitmask_int8", 0.5, 16, "bfloat16"): [None, B(16, 16, 256, 0, 4, 2), B(16, 16, 256, 0, 2, 2),
@@ -83,11 +100,16 @@ CANDIDATES = {
     ("bitmask_unpack_t", "bitmask_int8", 0.5, 0, "float32"): [None, B(1, 32, 128, 0, 4, 1), B(1, 16, 128, 0, 4, 1),
                                                               B(1, 16, 128, 0, 2, 1), B(1, 32, 128, 0, 2, 1),
                                                               B(1, 16, 64, 0, 4, 1), B(1, 8, 256, 0, 2, 2),
-                                                              B(1, 16, 256, 0, 4, 2)],
+                                                              B(1, 16, 256, 0, 4, 2),
+                                                              Bd(1, 32, 128, 0, 2, 1, band=64)],
     ("bitmask_unpack", "bitmask_int8", 0.5, 0, "float32"): [None, B(1, 16, 128, 0, 4, 1), B(1, 8, 128, 0, 4, 1),
                                                             B(1, 16, 128, 0, 2, 1), B(1, 32, 128, 0, 4, 1),
                                                             B(1, 16, 64, 0, 4, 1), B(1, 8, 256, 0, 2, 2),
-                                                            B(1, 16, 256, 0, 4, 2)],
+                                                            B(1, 16, 256, 0, 4, 2),
+                                                            Bd(1, 8, 256, 0, 2, 2, band=64),
+                                                            Bd(1, 8, 256, 0, 2, 1, band=64),
+                                                            Bd(1, 4, 256, 0, 1, 1, band=64),
+                                                            Bd(1, 4, 256, 0, 1, 1, band=32)],
     ("int8_dequant_t", "int8", 0.0, 0, "float32"): [None, B(1, 64, 256, 1, 8, 1), B(1, 32, 128, 1, 4, 1),
                                                     B(1, 128, 128, 1, 8, 1)],
     ("int8_dequant", "int8", 0.0, 0, "float32"): [None],
@@ -102,7 +124,7 @@ UNPACK = {"bitmask_unpack": (lp.bitmask_unpack, False), "bitmask_unpack_t": (lp.
 def bs_dict(bs: BlockSizes) -> dict:
     return dict(block_m=bs.block_m, block_n=bs.block_n, block_k=bs.block_k, split=bs.split,
                 num_warps=bs.num_warps, num_stages=bs.num_stages, swap_ab=bs.swap_ab,
-                mosaic=None if bs.mosaic is None else dataclasses.asdict(bs.mosaic))
+                mosaic=None if bs.mosaic is None else dataclasses.asdict(bs.mosaic), band_rows=bs.band_rows)
 
 
 def tuned_rows(rows: list[dict]) -> list[dict]:

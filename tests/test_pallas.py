@@ -116,6 +116,59 @@ def test_bitmask_matmul_row_chunks_in_one_tile(codec, block_m, stages, xdtype):
         _close(lp.bitmask_matmul_t(dy, ct, interpret=INTERPRET, block_sizes=bs_t), _ref_matmul(dy, ct, True), xdtype)
 
 
+def _band_starts_numpy(ct, band_rows):
+    """Index in the packed array of each row band's first value, counted element by element in the
+    format's packed order (tiles row-major, row-major inside a tile) from the mask bits."""
+    (n, k), (tr, tc) = ct.header.storage_shape, ct.header.tile
+    nz = np.unpackbits(np.asarray(ct.mask).view(np.uint8), axis=1, bitorder="little")[:, :k].astype(bool)
+    starts, seen = {}, 0
+    for i0 in range(0, n, tr):
+        for j0 in range(0, k, tc):
+            for r in range(i0, min(i0 + tr, n)):
+                if (r - i0) % band_rows == 0:
+                    starts[(r // band_rows, j0 // tc)] = seen
+                seen += int(nz[r, j0:j0 + tc].sum())
+    return np.array([starts[key] for key in sorted(starts)], np.int32)
+
+
+@pytest.mark.parametrize("tile,band_rows", [((37, 64), 0), ((40, 64), 8), ((40, 64), 20), ((64, 150), 16),
+                                            ((40, 64), 12), ((40, 64), 40)])
+def test_row_bands(tile, band_rows):
+    """Each band's start (tile offset + the tile's nonzeros above it) against a count in packed order;
+    band sizes that do not divide the tile's rows (or are not smaller) keep the stored grid."""
+    from ltjax.pallas._decode import row_bands
+
+    ct = pack(_weight(91, 150, 131, sparsity=0.6), "bitmask_int8", tile=tile)  # storage [131, 150]
+    mask = jax.lax.bitcast_convert_type(ct.mask, jnp.int32)
+    got_tile, got = row_bands(mask, ct.offsets, ct.header.storage_shape, ct.header.tile, band_rows)
+    banded = 0 < band_rows < tile[0] and tile[0] % band_rows == 0
+    assert got_tile == ((band_rows, tile[1]) if banded else tile)
+    want = _band_starts_numpy(ct, got_tile[0])
+    np.testing.assert_array_equal(np.asarray(got), want)
+    if not banded:
+        np.testing.assert_array_equal(want, np.asarray(ct.offsets))  # the reference agrees with the format
+
+
+@pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("codec", ["bitmask", "bitmask_int8"])
+@pytest.mark.parametrize("bs", [BlockSizes(block_m=1, block_n=8, block_k=64, split=0, num_stages=2, band_rows=16),
+                                BlockSizes(block_m=16, block_n=8, block_k=64, split=0, num_stages=1, band_rows=8),
+                                BlockSizes(block_m=4, block_n=8, block_k=32, split=2, num_stages=1, band_rows=16)],
+                         ids=lambda b: f"m{b.block_m}k{b.block_k}s{b.split}st{b.num_stages}b{b.band_rows}")
+def test_row_bands_in_the_kernels(codec, bs, xdtype):
+    """Row bands (a program per band of a stored tile) in the forward, transposed and unpack kernels:
+    ragged tiles at the row and column ends, a band smaller than a row chunk's walk."""
+    k, n, m = 90, 131, 3
+    ct = pack(_weight(92, k, n), codec, tile=(48, 64))  # storage [131, 90]: 3 tile rows, the last 35 rows
+    x, dy = _x(93, (m, k), xdtype), _x(94, (m, n), xdtype)
+    _close(lp.bitmask_matmul(x, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(x, ct), xdtype)
+    _close(lp.bitmask_matmul_t(dy, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(dy, ct, True), xdtype)
+    want = np.asarray(decode_storage(ct))
+    for transposed in (False, True):
+        got = lp.bitmask_unpack(ct, interpret=INTERPRET, transposed=transposed, block_sizes=bs)
+        np.testing.assert_array_equal(np.asarray(got), want.T if transposed else want)
+
+
 @pytest.mark.parametrize("codec,wdtype", [("bitmask_int8", np.float32), ("bitmask", jnp.bfloat16)])
 @pytest.mark.parametrize("axis", [1, 0])
 def test_f32_activations_run_as_three_bf16_row_blocks(codec, wdtype, axis):

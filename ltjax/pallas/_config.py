@@ -59,6 +59,10 @@ class BlockSizes:
       swap_ab: int8 forward `tl.dot` path only: compute ``(W x^T)^T``, the decoded weight
         block as the MMA's A operand (``block_n`` its M side) and the padded activations as B,
         instead of ``x W^T``.
+      band_rows: bitmask kernels only: rows per program's tile. 0 = the stored tile's; a divisor of
+        the stored tile's rows cuts each tile into row bands, one program each (more programs, each
+        walking fewer rows), their packed starts counted in XLA first (`_decode.row_bands`: one
+        popcount pass over the mask words). Ignored where it does not divide the tile's rows.
       mosaic: int8 forward only: `MosaicTiles` of the Mosaic GPU kernel
         (`ltjax.pallas.int8_matmul_mosaic`), taken on a Hopper GPU where the shape fits its
         tiles; the Triton fields above are the fallback everywhere else. None: Triton only.
@@ -72,6 +76,7 @@ class BlockSizes:
     num_stages: int = 2
     swap_ab: bool = False
     mosaic: MosaicTiles | None = None
+    band_rows: int = 0
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -80,6 +85,8 @@ class BlockSizes:
                 raise ValueError(f"{name}={v} must be a power of 2 (Triton block shapes)")
         if self.split < 0:
             raise ValueError(f"split={self.split} must be >= 0")
+        if self.band_rows < 0:
+            raise ValueError(f"band_rows={self.band_rows} must be >= 0 (0: the stored tile's rows)")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={self.num_warps} must be a power of 2 in [1, 16]")
         if isinstance(self.mosaic, dict):  # from a tuned-table file
@@ -170,7 +177,7 @@ def next_pow2(n: int) -> int:
 
 
 TUNED_ENV = "LTJAX_PALLAS_TUNED"
-_FIELDS = ("block_m", "block_n", "block_k", "split", "num_warps", "num_stages", "swap_ab", "mosaic")
+_FIELDS = ("block_m", "block_n", "block_k", "split", "num_warps", "num_stages", "swap_ab", "mosaic", "band_rows")
 _tuned_cache: dict[tuple[str, float], tuple] = {}
 
 

@@ -13,8 +13,8 @@ from jax.experimental.pallas import triton as plgpu
 from ltjax._format import CompressedTensor, decode_storage
 from ltjax.pallas import _config
 from ltjax.pallas._config import BlockSizes
-from ltjax.pallas._decode import (contract, gather_packed, iota, load_words, pipelined_row_walk, popc, row_popcounts,
-                                  tile_row_starts)
+from ltjax.pallas._decode import (contract, gather_packed, iota, load_words, pipelined_row_walk, popc, row_bands,
+                                  row_popcounts, tile_row_starts)
 
 
 def _bitmask_matmul_kernel(
@@ -170,12 +170,16 @@ def _bitmask_matmul_t_kernel(
     lax.fori_loop(0, n_cc, col_chunk, 0)
 
 
-def _operands(ct: CompressedTensor):
-    n = ct.header.storage_shape[0]
+def operands(ct: CompressedTensor, band_rows: int):
+    """``(tile, (mask, packed, offsets, scales))`` a bitmask kernel takes: mask words as int32, the
+    packed codes or values, the offsets of the tile grid it walks (`_decode.row_bands`), scales
+    (ones for ``bitmask``)."""
+    h = ct.header
     packed = ct.codes if ct.codec == "bitmask_int8" else ct.values
-    scales = ct.scales if ct.codec == "bitmask_int8" else jnp.ones((n,), jnp.float32)
+    scales = ct.scales if ct.codec == "bitmask_int8" else jnp.ones((h.storage_shape[0],), jnp.float32)
     mask = lax.bitcast_convert_type(ct.mask, jnp.int32)
-    return mask, packed, ct.offsets, scales
+    tile, offsets = row_bands(mask, ct.offsets, h.storage_shape, h.tile, band_rows)
+    return tile, (mask, packed, offsets, scales)
 
 
 def _check_blocks(ct: CompressedTensor, bs: BlockSizes) -> None:
@@ -186,9 +190,7 @@ def _check_blocks(ct: CompressedTensor, bs: BlockSizes) -> None:
 @functools.partial(jax.jit, static_argnames=("transposed", "interpret", "block_sizes", "out_dtype"))
 def _bitmask_matmul(x, ct: CompressedTensor, *, transposed: bool, interpret: bool, block_sizes: BlockSizes,
                     out_dtype=None):
-    h = ct.header
-    (n, k), tile = h.storage_shape, h.tile
-    gr, gc = h.tile_grid
+    n, k = ct.header.storage_shape
     m = x.shape[0]
     out_len = k if transposed else n
     packed_len = (ct.codes if ct.codec == "bitmask_int8" else ct.values).shape[0]
@@ -197,6 +199,8 @@ def _bitmask_matmul(x, ct: CompressedTensor, *, transposed: bool, interpret: boo
         return jnp.zeros((m, out_len), result_dtype)
     bs = block_sizes
     _check_blocks(ct, bs)
+    tile, args = operands(ct, bs.band_rows)
+    gr, gc = pl.cdiv(n, tile[0]), pl.cdiv(k, tile[1])
     n_groups = gr if transposed else gc  # tiles along the reduced axis
     split = n_groups if bs.split == 0 else min(bs.split, n_groups)
     groups = -(-n_groups // split)
@@ -212,7 +216,7 @@ def _bitmask_matmul(x, ct: CompressedTensor, *, transposed: bool, interpret: boo
         compiler_params=bs.compiler_params(),
         interpret=interpret,
         name=name,
-    )(x, *_operands(ct))
+    )(x, *args)
     return out[0] if split == 1 else out.sum(axis=0).astype(result_dtype)
 
 

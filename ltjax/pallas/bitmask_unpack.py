@@ -13,6 +13,7 @@ from jax.experimental.pallas import triton as plgpu
 from ltjax._format import CompressedTensor, decode_storage
 from ltjax.pallas import _config
 from ltjax.pallas._config import BlockSizes
+from ltjax.pallas.bitmask_matmul import operands
 from ltjax.pallas._decode import gather_packed, iota, load_words, pipelined_row_walk, popc, tile_row_starts
 
 
@@ -88,26 +89,24 @@ def _bitmask_unpack_kernel(
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "dtype", "transposed"))
 def _bitmask_unpack(ct: CompressedTensor, *, interpret: bool, block_sizes: BlockSizes, dtype, transposed: bool):
-    h = ct.header
-    (n, k), tile = h.storage_shape, h.tile
+    n, k = ct.header.storage_shape
     out = (k, n) if transposed else (n, k)
     scaled = ct.codec == "bitmask_int8"
-    packed = ct.codes if scaled else ct.values
-    if n == 0 or k == 0 or packed.shape[0] == 0:
+    if n == 0 or k == 0 or ct.nnz == 0:
         return jnp.zeros(out, dtype)
     bs = block_sizes
     if bs.block_k % 32:
         raise ValueError(f"block_k={bs.block_k} must be a multiple of 32 (whole mask words)")
-    scales = ct.scales if scaled else jnp.ones((n,), jnp.float32)
+    tile, args = operands(ct, bs.band_rows)
     return pl.pallas_call(
         functools.partial(_bitmask_unpack_kernel, shape=(n, k), tile=tile, block_sizes=bs, scaled=scaled,
                           transposed=transposed),
         out_shape=jax.ShapeDtypeStruct(out, dtype),
-        grid=h.tile_grid,
+        grid=(pl.cdiv(n, tile[0]), pl.cdiv(k, tile[1])),
         compiler_params=bs.compiler_params(),
         interpret=interpret,
         name="ltjax_bitmask_unpack",
-    )(lax.bitcast_convert_type(ct.mask, jnp.int32), packed, ct.offsets, scales)
+    )(*args)
 
 
 def bitmask_unpack(ct: CompressedTensor, *, dtype=None, interpret: bool | None = None,
