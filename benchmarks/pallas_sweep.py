@@ -29,7 +29,9 @@ REQUIRES_BACKEND = "gpu"  # benchmarks.run skips a full sweep elsewhere (--quick
 B = BlockSizes
 S = lambda *a: BlockSizes(*a, swap_ab=True)
 # Bitmask kernels with each stored 256-row tile cut into row bands of `band` rows, a program each
-# (`BlockSizes.band_rows`; the bands' starts are counted in XLA before the kernel).
+# (`BlockSizes.band_rows`; the bands' starts are counted in XLA before the kernel). With split > 0
+# a program takes several tile columns: fewer [split, M, N] f32 partials to write and add in XLA
+# (64 MB each way at M = 64 with split 0), the bands keeping the program count up.
 Bd = lambda *a, band: BlockSizes(*a, band_rows=band)
 # The int8 Mosaic GPU kernel (Hopper): weight rows per CTA tile, K per TMA step, shared-memory slots;
 # timed as the tuned row's Triton blocks with these tiles added.
@@ -68,7 +70,8 @@ CANDIDATES = {
                                                               B(16, 8, 256, 0, 1, 1),
                                                               Bd(16, 16, 256, 0, 2, 2, band=64),
                                                               Bd(16, 8, 256, 0, 1, 1, band=64),
-                                                              Bd(16, 8, 256, 0, 1, 1, band=32)],
+                                                              Bd(16, 8, 256, 0, 1, 1, band=32),
+                                                              Bd(16, 16, 256, 8, 2, 1, band=64)],
     ("bitmask_matmul", "bitmask_int8", 0.5, 1, "bfloat16"): [None, B(1, 16, 256, 0, 2, 2), B(1, 16, 256, 0, 2, 1),
                                                              B(1, 8, 256, 0, 1, 2), B(1, 4, 256, 0, 1, 2),
                                                              Bd(1, 8, 256, 0, 1, 2, band=64),
@@ -85,11 +88,14 @@ CANDIDATES = {
     ("bitmask_matmul", "bitmask_int8", 0.5, 64, "bfloat16"): [None, B(64, 16, 256, 0, 4, 2), B(64, 16, 256, 0, 4, 1),
                                                               B(64, 16, 256, 0, 2, 2), B(64, 8, 256, 0, 4, 2),
                                                               Bd(64, 16, 256, 0, 4, 2, band=128),
-                                                              Bd(64, 16, 256, 0, 4, 2, band=64)],
+                                                              Bd(64, 16, 256, 0, 4, 2, band=64),
+                                                              Bd(64, 16, 256, 8, 4, 1, band=64),
+                                                              Bd(64, 16, 256, 4, 4, 1, band=32)],
     # 3 x 64 rows: f32 activations at 22 <= M <= 64 run as bf16 [hi; mid; lo] rows (`_api`).
     ("bitmask_matmul", "bitmask_int8", 0.5, 192, "bfloat16"): [None, B(64, 16, 256, 0, 4, 2), B(64, 16, 256, 0, 4, 1),
                                                                B(64, 32, 128, 1, 4, 1),
-                                                               Bd(64, 16, 256, 0, 4, 2, band=64)],
+                                                               Bd(64, 16, 256, 0, 4, 2, band=64),
+                                                               Bd(64, 16, 256, 8, 4, 1, band=64)],
     # The transposed (backward) kernel: the dx of `ltjax.matmul`; its rows so far come from the
     # offline compile. num_stages 2 pipelines each tile row's walk (third GPU session; not yet timed).
     ("bitmask_matmul_t", "bitmask_int8", 0.5, 16, "bfloat16"): [None, B(16, 16, 256, 0, 4, 2), B(16, 16, 256, 0, 2, 2),

@@ -135,6 +135,11 @@ def i8_to_f32(codes: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(8388736.0)
 
 
+def to_f32(v: jax.Array) -> jax.Array:
+    """Decoded weights (int8 codes or float values) as f32: codes by `i8_to_f32`, not `I2F` (nor a bf16 round trip)."""
+    return i8_to_f32(v) if v.dtype == jnp.int8 else v.astype(jnp.float32)
+
+
 def _bf16_head(a: jax.Array) -> jax.Array:
     """``a`` (f32) with its low 16 bits cleared: its leading 8 significant bits, exactly a bf16 value."""
     bits = lax.bitcast_convert_type(a, jnp.int32) & jnp.int32(-65536)

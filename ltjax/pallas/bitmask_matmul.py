@@ -14,7 +14,7 @@ from ltjax._format import CompressedTensor, decode_storage
 from ltjax.pallas import _config
 from ltjax.pallas._config import BlockSizes
 from ltjax.pallas._decode import (contract, gather_packed, iota, load_words, pipelined_row_walk, popc, row_bands,
-                                  row_popcounts, tile_row_starts)
+                                  row_popcounts, tile_row_starts, to_f32)
 
 
 def _bitmask_matmul_kernel(
@@ -37,10 +37,15 @@ def _bitmask_matmul_kernel(
     n_j = jnp.minimum(groups, gc - j_lo)
     gp = _config.next_pow2(groups)
     mrow_ok = (m0 + iota(bm)) < m
+    use_dot = _config.uses_dot(bs)
+    # The broadcast path (no `tl.dot`) multiplies in f32: activations converted once as loaded, codes
+    # straight to f32 (`to_f32`), not through the compute dtype.
+    decoded = (lambda v: v.astype(cdt)) if use_dot else to_f32
 
     def load_x(c0, c_end):
         x_ok = mrow_ok[:, None] & ((c0 + iota(bk)) < c_end)[None, :]
-        return plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(c0, bk)], mask=x_ok, other=0).astype(cdt)
+        x = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(c0, bk)], mask=x_ok, other=0)
+        return x.astype(cdt if use_dot else jnp.float32)
 
     def store(r0, acc):
         r_ok = (r0 + iota(bn)) < r_end
@@ -49,7 +54,7 @@ def _bitmask_matmul_kernel(
                     mask=mrow_ok[:, None] & r_ok[None, :])
 
     def dot(x, vals):
-        return contract(x, vals.astype(cdt), use_dot=_config.uses_dot(bs), transposed=False, split_f32=False)
+        return contract(x, decoded(vals), use_dot=use_dot, transposed=False, split_f32=False)
 
     if bs.num_stages > 1 and groups == 1 and n_cc == 1:
         # One tile per program and a tile row in one chunk: the pipelined walk (`_decode`); the
@@ -83,7 +88,7 @@ def _bitmask_matmul_kernel(
             def col_chunk(q, st):
                 acc, start = st
                 words = words0 if n_cc == 1 else load_words(mask_ref, r0, r_end, tw0 + q * nwb, tw_end, bn=bn, nw=nwb)
-                vals = gather_packed(packed_ref, words, start).astype(cdt)  # cast before the x load (registers)
+                vals = decoded(gather_packed(packed_ref, words, start))  # cast before the x load (registers)
                 acc = acc + dot(load_x(j * tc + q * bk, c_end), vals)
                 return acc, start + popc(words).sum(axis=1)
 
@@ -121,16 +126,18 @@ def _bitmask_matmul_t_kernel(
     i_lo = s * groups
     n_i = jnp.minimum(groups, gr - i_lo)
     mrow_ok = (m0 + iota(bm)) < m
+    use_dot = _config.uses_dot(bs)
+    decoded = (lambda v: v.astype(cdt)) if use_dot else to_f32  # as in the forward kernel
 
     def dys_of(r0, r_end):  # dy block times the rows' scales, in the compute dtype
         r_ok = (r0 + iota(bn)) < r_end
         dy = plgpu.load(dy_ref.at[pl.ds(m0, bm), pl.ds(r0, bn)], mask=mrow_ok[:, None] & r_ok[None, :],
                         other=0).astype(jnp.float32)
         scale = plgpu.load(scales_ref.at[pl.ds(r0, bn)], mask=r_ok, other=0.0)
-        return (dy * scale[None, :]).astype(cdt)
+        return (dy * scale[None, :]).astype(cdt if use_dot else jnp.float32)
 
     def dot(dys, vals):
-        return contract(dys, vals.astype(cdt), use_dot=_config.uses_dot(bs), transposed=True, split_f32=False)
+        return contract(dys, decoded(vals), use_dot=use_dot, transposed=True, split_f32=False)
 
     def col_chunk(q, _):
         c0 = j * tc + q * bk
@@ -155,7 +162,7 @@ def _bitmask_matmul_t_kernel(
                     start, total = tile_row_starts(mask_ref, offsets_ref, i * gc + j, carry, r0, r_end, tw0, tw_end,
                                                     bn=bn, nwb=nwb, n_cc=n_cc, words0=None)
                     start = start + row_popcounts(mask_ref, r0, r_end, tw0, tw_end, q, bn=bn, nw=nwb)
-                vals = gather_packed(packed_ref, words, start).astype(cdt)  # cast before the dy loads (registers)
+                vals = decoded(gather_packed(packed_ref, words, start))  # cast before the dy loads (registers)
                 return acc + dot(dys_of(r0, r_end), vals), carry + total
 
             acc, _ = lax.fori_loop(0, pl.cdiv(r_end - rs, bn), row_chunk, (acc, jnp.int32(0)))
