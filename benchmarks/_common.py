@@ -53,7 +53,30 @@ def median_time(fn: Callable[[], Any], *, reps: int, warmup: int = 2, warmup_s: 
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return statistics.median(ts) if ts else float("nan")
+
+
+def paired_median_times(fns: list[Callable[[], Any]], *, reps: int, burst: int = 1, warmup: int = 2,
+                        warmup_s: float | None = None) -> list[float]:
+    """Median wall seconds per call of each of ``fns``, timed in alternation: round ``r`` takes one
+    sample of ``fns[0]``, then of ``fns[1]``, ..., so drift in the machine (clocks, other jobs)
+    falls on all of them alike. A sample is ``burst`` back-to-back calls, waiting only for the
+    last, divided by ``burst``: with ``burst > 1`` the host's dispatch of a call overlaps the
+    device's work on the one before, as in a running decode loop, instead of adding to every
+    sample. Warm-up as `median_time`, for each function.
+    """
+    for fn in fns:
+        median_time(fn, reps=0, warmup=warmup, warmup_s=warmup_s)
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, ts in zip(fns, samples):
+            t0 = time.perf_counter()
+            out = None
+            for _ in range(burst):
+                out = fn()
+            jax.block_until_ready(out)
+            ts.append((time.perf_counter() - t0) / burst)
+    return [statistics.median(ts) for ts in samples]
 
 
 def _git(*args: str) -> str | None:

@@ -14,6 +14,13 @@ synchronisation, and a weight used call after call would sit in the 50-60 MB L2 
 chain amortises the first and the distinct copies defeat the second, as a decoder's layer
 stack does.
 
+With ``--burst N`` (default 8 on a GPU, off elsewhere) each row is timed once more against the
+dense dot of its activations' dtype (bf16 or f32), the two chains in alternation and each sample
+``N`` back-to-back calls waiting only for the last (`_common.paired_median_times`): the pair sees
+the same machine state, and the host's dispatch overlaps the device's work as in a decode loop
+instead of adding a fixed cost per call, which weighs more on the faster op. Those figures are the
+``*_paired`` fields; the unpaired ones are kept, timed as before.
+
 The unpack rows time ``ltjax.decompress`` (the op, whatever path it takes) and, where the
 Pallas kernels run natively, the kernel alone (storage layout, before any transpose), against
 ``a + s`` over an f32 array of the output's size: bandwidth counts bytes read plus bytes
@@ -65,7 +72,7 @@ def rel_diff(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def run(sizes, ms, cases, x_dtypes, reps: int, layers: int, seed: int = 0, on_row=None) -> list[dict]:
+def run(sizes, ms, cases, x_dtypes, reps: int, layers: int, seed: int = 0, on_row=None, burst: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     dense_f32 = chain(lambda x, w: x @ w)
     dense_bf16 = chain(lambda x, w: x.astype(jnp.bfloat16) @ w)
@@ -79,7 +86,8 @@ def run(sizes, ms, cases, x_dtypes, reps: int, layers: int, seed: int = 0, on_ro
         ws_bf16 = [w.astype(jnp.bfloat16) for w in ws_f32]
         xs = {m: jnp.asarray(rng.standard_normal((m, kn), dtype=np.float32)) for m in ms}
         baselines = {m: (per_layer(dense_f32, xs[m], ws_f32), per_layer(dense_bf16, xs[m], ws_bf16)) for m in ms}
-        del ws_f32, ws_bf16, w_f32
+        dense_of = {"float32": (dense_f32, ws_f32), "bfloat16": (dense_bf16, ws_bf16)} if burst else {}
+        del w_f32
         for codec, sparsity in cases:
             cts = replicate(jax.device_put(pack(make_weight(rng, kn, kn, sparsity), codec)), layers)
             for xdt in x_dtypes:
@@ -103,9 +111,18 @@ def run(sizes, ms, cases, x_dtypes, reps: int, layers: int, seed: int = 0, on_ro
                             speedup_vs_f32=t_f32 / t, speedup_vs_bf16=t_bf16 / t, speedup_vs_naive=t_naive / t,
                             rel_diff_vs_naive=err,
                         )
+                        if row["x_dtype"] in dense_of:  # the same op against its dense dot, in alternation
+                            dense, ws = dense_of[row["x_dtype"]]
+                            t_p, t_d = _common.paired_median_times(
+                                [lambda: fused(x, cts), lambda: dense(xs[m], ws)], reps=reps, burst=burst)
+                            row.update(paired_dense=row["x_dtype"], paired_burst=burst,
+                                       t_ltjax_paired_ms=t_p / layers * 1e3, t_dense_paired_ms=t_d / layers * 1e3,
+                                       speedup_vs_dense_paired=t_d / t_p)
                     rows.append(row)
                     (on_row or (lambda r: print(format_row(r))))(row)
             del cts
+        dense_of.clear()
+        del ws_f32, ws_bf16
     return rows
 
 
@@ -184,6 +201,8 @@ def format_row(r: dict) -> str:
         f"{r['t_ltjax_ms']:>9.4f} {r['t_f32_ms']:>9.4f} {r['t_bf16_ms']:>9.4f} {r['t_naive_ms']:>9.4f} "
         f"{r['weight_GBps']:>7.1f} {r['speedup_vs_f32']:>6.2f} {r['speedup_vs_bf16']:>6.2f} "
         f"{r['speedup_vs_naive']:>7.2f} {r['rel_diff_vs_naive']:>8.1e}"
+        + (f"  paired x{r['paired_burst']}: {r['t_ltjax_paired_ms']:.4f} vs {r['paired_dense']} dot "
+           f"{r['t_dense_paired_ms']:.4f} -> {r['speedup_vs_dense_paired']:.2f}x" if "speedup_vs_dense_paired" in r else "")
     )
 
 
@@ -206,21 +225,25 @@ def main(argv=None) -> int:
     p.add_argument("--x-dtypes", nargs="+", help="activation dtypes of the ltjax rows "
                    "(default: bfloat16 float32 on GPU, float32 elsewhere)")
     p.add_argument("--no-unpack", action="store_true", help="skip the decode-to-dense rows")
+    p.add_argument("--burst", type=int, help="also time each row against its dense dot in alternation, samples "
+                   "of this many back-to-back calls (default 8 on GPU; 0 = off, the default elsewhere)")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
     a = p.parse_args(argv)
     sizes = a.sizes or ([256] if a.quick else [1024, 4096])
     ms = a.ms or ([1, 4] if a.quick else [1, 4, 16, 64])
     reps = a.reps or (3 if a.quick else 30)
     layers = a.layers or (8 if backend == "gpu" else 1)
+    burst = a.burst if a.burst is not None else (8 if backend == "gpu" else 0)
     x_dtypes = a.x_dtypes or (["bfloat16", "float32"] if backend == "gpu" else ["float32"])
     out = a.out or f"benchmarks/results/matmul_{backend}{'_quick' if a.quick else ''}.json"
     print(f"backend={backend} device={jax.devices()[0].device_kind} jax={jax.__version__} "
           f"reps={reps} layers={layers} (times are per layer)")
     rows, unpack_rows, floor = [], [], []
-    meta = dict(reps=reps, layers=layers, note=a.note,
+    meta = dict(reps=reps, layers=layers, burst=burst, note=a.note,
                 timing=("median of reps after 2 warm-up calls (and at least 0.1 s of them on a GPU) of one "
                         "jitted chain of `layers` layers over distinct weight copies, block_until_ready, "
-                        "divided by `layers`"))
+                        "divided by `layers`; the *_paired fields (burst > 0): the row's op and its dense dot timed "
+                        "in alternation, each sample `burst` back-to-back calls (`_common.paired_median_times`)"))
 
     def save(complete: bool):  # rewritten after every row: a run cut short keeps what it measured
         return _common.write_json(out, _common.result("ltjax.matmul", a.quick, complete=complete, **meta,
@@ -235,7 +258,7 @@ def main(argv=None) -> int:
 
     floor.extend(read_floor(sizes, reps, layers))
     print(HEADER)
-    run(sizes, ms, CASES, x_dtypes, reps, layers, on_row=emit(format_row, rows))
+    run(sizes, ms, CASES, x_dtypes, reps, layers, on_row=emit(format_row, rows), burst=burst)
     if not a.no_unpack:
         print(UNPACK_HEADER)
         run_unpack(sizes, UNPACK_CASES, reps, layers, on_row=emit(format_unpack_row, unpack_rows))

@@ -131,3 +131,30 @@ def test_sweep_writes_a_tuned_table_that_loads(tmp_path, monkeypatch):
     assert ("int8_matmul", "bfloat16", 16) in keys and ("bitmask_unpack_t", "*", 1 << 30) in keys
     monkeypatch.setenv(lp.TUNED_ENV, str(tuned))
     assert lp.get_block_sizes("int8_matmul", 16, "bfloat16") == dict(table)[("int8_matmul", "bfloat16", 16)]
+
+
+def test_paired_timing_alternates_and_bursts():
+    """`paired_median_times`: warm-up of each function, then rounds that sample each function in turn,
+    a sample being `burst` calls; one median per function (seconds per call)."""
+    from benchmarks import _common
+
+    calls = []
+    fns = [lambda: calls.append("a") or 0, lambda: calls.append("b") or 0]
+    times = _common.paired_median_times(fns, reps=3, burst=4, warmup=1, warmup_s=0.0)
+    assert len(times) == 2 and all(t >= 0 for t in times)
+    assert calls == ["a", "b"] + (["a"] * 4 + ["b"] * 4) * 3
+
+
+def test_matmul_benchmark_paired_rows(tmp_path):
+    """`benchmarks.matmul --burst`: every row carries its paired times against the dense dot of its dtype."""
+    from benchmarks import matmul
+
+    out = tmp_path / "mm.json"
+    assert matmul.main(["--quick", "--burst", "2", "--ms", "1", "--no-unpack", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert doc["burst"] == 2 and rows
+    for r in rows:
+        assert r["paired_dense"] == r["x_dtype"] and r["paired_burst"] == 2
+        assert r["t_ltjax_paired_ms"] > 0 and r["t_dense_paired_ms"] > 0
+        assert r["speedup_vs_dense_paired"] == pytest.approx(r["t_dense_paired_ms"] / r["t_ltjax_paired_ms"])
