@@ -1,4 +1,5 @@
-"""In-register building blocks shared by the kernels: bitmask decode and the small-M contraction."""
+"""In-register building blocks shared by the kernels: bitmask decode and the small-M contraction;
+and `row_bands`, the one piece that runs in XLA before a bitmask kernel."""
 
 from __future__ import annotations
 

@@ -129,7 +129,7 @@ def _bitmask_matmul_t_kernel(
     use_dot = _config.uses_dot(bs)
     decoded = (lambda v: v.astype(cdt)) if use_dot else to_f32  # as in the forward kernel
 
-    def dys_of(r0, r_end):  # dy block times the rows' scales, in the compute dtype
+    def dys_of(r0, r_end):  # dy block times the rows' scales: the compute dtype, f32 on the broadcast path
         r_ok = (r0 + iota(bn)) < r_end
         dy = plgpu.load(dy_ref.at[pl.ds(m0, bm), pl.ds(r0, bn)], mask=mrow_ok[:, None] & r_ok[None, :],
                         other=0).astype(jnp.float32)

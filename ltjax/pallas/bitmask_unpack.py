@@ -13,8 +13,8 @@ from jax.experimental.pallas import triton as plgpu
 from ltjax._format import CompressedTensor, decode_storage
 from ltjax.pallas import _config
 from ltjax.pallas._config import BlockSizes
-from ltjax.pallas.bitmask_matmul import operands
 from ltjax.pallas._decode import gather_packed, iota, load_words, pipelined_row_walk, popc, tile_row_starts
+from ltjax.pallas.bitmask_matmul import operands
 
 
 def _bitmask_unpack_kernel(
