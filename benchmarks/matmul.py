@@ -114,7 +114,8 @@ def run(sizes, ms, cases, x_dtypes, reps: int, layers: int, seed: int = 0, on_ro
                         if row["x_dtype"] in dense_of:  # the same op against its dense dot, in alternation
                             dense, ws = dense_of[row["x_dtype"]]
                             t_p, t_d = _common.paired_median_times(
-                                [lambda: fused(x, cts), lambda: dense(xs[m], ws)], reps=reps, burst=burst)
+                                [lambda x=x, cts=cts: fused(x, cts), lambda xm=xs[m], ws=ws: dense(xm, ws)],
+                                reps=reps, burst=burst)
                             row.update(paired_dense=row["x_dtype"], paired_burst=burst,
                                        t_ltjax_paired_ms=t_p / layers * 1e3, t_dense_paired_ms=t_d / layers * 1e3,
                                        speedup_vs_dense_paired=t_d / t_p)
