@@ -1,10 +1,13 @@
 """Dumps the Triton IR of every ltjax Pallas kernel at the tuned block sizes (no GPU needed).
 
-Usage (project venv):  python benchmarks/_pallas_triton_ir.py build/ttir [--sweep]
+Usage (project venv):  python benchmarks/_pallas_triton_ir.py build/ttir [--sweep [--size N] [--only P ...]]
 then:                  ../shared/tools/triton-offline-check build/ttir --cc 90 80 --json out.json
+and optionally:        python benchmarks/_pallas_triton_ir.py --occupancy out.json [occupancy.json]
 Shapes: a 4096 x 4096 Dense kernel (default 256 x 256 tiles), M = 1, 4, 16, 64, 128, bf16 and f32.
-``--sweep``: instead, every Triton candidate of `benchmarks.pallas_sweep` (a 2048 x 2048 weight:
-the compile does not depend on the size), to drop the ones that spill before a GPU times them.
+``--sweep``: instead, every Triton candidate of `benchmarks.pallas_sweep` (a 2048 x 2048 weight by
+default, ``--size`` to change; ``--only`` as the sweep's), to drop the ones that spill before a GPU
+times them. ``--occupancy``: from a check's JSON (sm_90 rows), how many programs of each kernel an
+H100/H200 SM holds and how many the grid gives it (`occupancy`).
 """
 
 from __future__ import annotations
@@ -17,12 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "tools"))
-sys.path.insert(0, "/work/shared/tools")
-import triton_offline_check as toc  # noqa: E402
+from ltjax import pallas as lp
+from ltjax._format import pack
 
-from ltjax import pallas as lp  # noqa: E402
-from ltjax._format import pack  # noqa: E402
+
+def _toc():
+    """The offline-check helpers (`../shared/tools/triton_offline_check.py`, beside the checkout)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "tools"))
+    import triton_offline_check
+
+    return triton_offline_check
 
 
 def main(outdir: str, k: int = 4096, n: int = 4096) -> None:
@@ -39,7 +46,7 @@ def main(outdir: str, k: int = 4096, n: int = 4096) -> None:
         cases.append((f"{codec}_decompress", None, None, None, ct))
     os.makedirs(outdir, exist_ok=True)
     for label, fn, shape, dt, ct in cases:
-        with toc.capture() as kernels:
+        with _toc().capture() as kernels:
             if fn is None:
                 jax.jit(functools.partial(lp.decompress, interpret=False)).trace(ct).lower(
                     lowering_platforms=("cuda",))
@@ -48,11 +55,11 @@ def main(outdir: str, k: int = 4096, n: int = 4096) -> None:
                 jax.jit(functools.partial(fn, interpret=False)).trace(x, ct).lower(lowering_platforms=("cuda",))
         for r in kernels:
             r["name"] = f"{r['name']}__{label}"
-        toc.write_kernels(kernels, outdir)
+        _toc().write_kernels(kernels, outdir)
         print(f"{label}: {[r['name'] for r in kernels]} grid={[r['grid'] for r in kernels]}")
 
 
-def sweep_candidates(outdir: str, size: int = 2048) -> None:
+def sweep_candidates(outdir: str, size: int = 2048, only: tuple[str, ...] = ()) -> None:
     from benchmarks.matmul import make_weight
     from benchmarks.pallas_sweep import CANDIDATES, UNPACK
 
@@ -60,6 +67,8 @@ def sweep_candidates(outdir: str, size: int = 2048) -> None:
     os.makedirs(outdir, exist_ok=True)
     cts = {}
     for (kernel, codec, sparsity, m, xdt), cands in CANDIDATES.items():
+        if only and not f"{kernel}/{m}/{xdt}".startswith(only):
+            continue
         if (codec, sparsity) not in cts:
             cts[(codec, sparsity)] = pack(make_weight(rng, size, size, sparsity), codec)
         ct = cts[(codec, sparsity)]
@@ -68,7 +77,7 @@ def sweep_candidates(outdir: str, size: int = 2048) -> None:
                 continue  # the tuned row (dumped by `main`) or a Mosaic GPU one (not Triton)
             label = (f"{kernel}_m{m}_{xdt}_{bs.block_m}_{bs.block_n}_{bs.block_k}_s{bs.split}_w{bs.num_warps}"
                      f"_st{bs.num_stages}{'_swap' if bs.swap_ab else ''}_b{bs.band_rows}")
-            with toc.capture() as kernels:
+            with _toc().capture() as kernels:
                 if kernel in UNPACK:
                     fn, transposed = UNPACK[kernel]
                     f = functools.partial(fn, interpret=False, transposed=transposed, block_sizes=bs)
@@ -80,10 +89,58 @@ def sweep_candidates(outdir: str, size: int = 2048) -> None:
                         lowering_platforms=("cuda",))
             for r in kernels:
                 r["name"] = f"{r['name']}__{label}"
-            toc.write_kernels(kernels, outdir)
+            _toc().write_kernels(kernels, outdir)
             print(label, [r["name"].split("__")[0] for r in kernels])
 
 
+# Hopper (sm_90) per-SM limits, and the SM count of an H100 / H200 SXM.
+SM90 = dict(regs=65536, warps=64, blocks=32, shared=228 * 1024, sms=132)
+
+
+def occupancy(regs: int, num_warps: int, shared: int, programs: int, hw: dict = SM90) -> dict:
+    """Programs of one kernel an SM holds at once (registers allocated per warp in units of 256, the
+    tightest of the register, warp, block and shared-memory limits), and what a grid of ``programs``
+    gives each SM: resident warps, and waves (``programs`` over what all SMs hold at once)."""
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    limits = dict(regs=hw["regs"] // (regs_per_warp * num_warps), warps=hw["warps"] // num_warps,
+                  blocks=hw["blocks"], shared=hw["shared"] // shared if shared else hw["blocks"])
+    per_sm = min(limits.values())
+    resident = min(per_sm, -(-programs // hw["sms"]))
+    return dict(programs_per_sm=per_sm, limited_by=min(limits, key=limits.get), programs=programs,
+                warps_per_sm=resident * num_warps, waves=programs / (per_sm * hw["sms"]) if per_sm else float("inf"))
+
+
+def occupancy_table(check_json: str, out_json: str | None = None) -> list[dict]:
+    import json
+
+    with open(check_json) as f:
+        rows = json.load(f)
+    out = []
+    for r in rows:
+        if r.get("cc") != 90 or r.get("status") != "OK":
+            continue
+        programs = int(np.prod(r["grid"]))
+        out.append(dict(kernel=r["kernel"], regs=r["regs"], num_warps=r["num_warps"], shared=r["shared"],
+                        **occupancy(r["regs"], r["num_warps"], r["shared"], programs)))
+    for o in out:
+        print(f"{o['kernel'][:100]:<100} regs {o['regs']:>3} w{o['num_warps']} {o['programs_per_sm']:>2}/SM "
+              f"({o['limited_by']:>6}) grid {o['programs']:>6} -> {o['warps_per_sm']:>2} warps/SM, {o['waves']:.2f} waves")
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(dict(source=os.path.basename(check_json), limits=SM90, rows=out), f, indent=1)
+    return out
+
+
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--sweep"]
-    (sweep_candidates if "--sweep" in sys.argv[1:] else main)(args[0] if args else "build/ttir")
+    argv = sys.argv[1:]
+    if "--occupancy" in argv:
+        i = argv.index("--occupancy")
+        occupancy_table(argv[i + 1], argv[i + 2] if len(argv) > i + 2 else None)
+    elif "--sweep" in argv:
+        size = int(argv[argv.index("--size") + 1]) if "--size" in argv else 2048
+        only = tuple(argv[argv.index("--only") + 1:]) if "--only" in argv else ()
+        rest = [a for a in argv[:argv.index("--only")] if "--only" in argv] if "--only" in argv else argv
+        pos = [a for i, a in enumerate(rest) if not a.startswith("--") and (i == 0 or rest[i - 1] != "--size")]
+        sweep_candidates(pos[0] if pos else "build/ttir", size, only)
+    else:
+        main(argv[0] if argv else "build/ttir")

@@ -158,3 +158,20 @@ def test_matmul_benchmark_paired_rows(tmp_path):
         assert r["paired_dense"] == r["x_dtype"] and r["paired_burst"] == 2
         assert r["t_ltjax_paired_ms"] > 0 and r["t_dense_paired_ms"] > 0
         assert r["speedup_vs_dense_paired"] == pytest.approx(r["t_dense_paired_ms"] / r["t_ltjax_paired_ms"])
+
+
+def test_occupancy_arithmetic():
+    """`_pallas_triton_ir.occupancy` on Hopper's per-SM limits, against hand-worked figures."""
+    from benchmarks._pallas_triton_ir import occupancy
+
+    # 64 registers on 1 warp: 2048 registers a program; 32 by registers, 64 by warps, 32 by blocks.
+    o = occupancy(64, 1, 512, 4096)
+    assert (o["programs_per_sm"], o["warps_per_sm"]) == (32, 32) and o["waves"] == pytest.approx(4096 / (32 * 132))
+    # 168 registers -> 5376 a warp (already a multiple of 256): 12 programs; 1024 programs give an SM 8.
+    o = occupancy(168, 1, 512, 1024)
+    assert (o["programs_per_sm"], o["limited_by"], o["warps_per_sm"]) == (12, "regs", 8)
+    # 190 registers -> 6080, rounded to 6144 a warp, 12288 for 2 warps: 5 programs.
+    assert occupancy(190, 2, 16384, 1024)["programs_per_sm"] == 5
+    # Shared memory binds: 100 KiB a program leaves room for 2.
+    o = occupancy(32, 4, 100 * 1024, 64)
+    assert (o["programs_per_sm"], o["limited_by"]) == (2, "shared")
