@@ -115,6 +115,8 @@ def occupancy_table(check_json: str, out_json: str | None = None) -> list[dict]:
 
     with open(check_json) as f:
         rows = json.load(f)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "regs" in r for r in rows):
+        raise SystemExit(f"{check_json}: not a triton-offline-check --json output (a list of kernel rows with 'regs')")
     out = []
     for r in rows:
         if r.get("cc") != 90 or r.get("status") != "OK":
@@ -132,15 +134,19 @@ def occupancy_table(check_json: str, out_json: str | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if "--occupancy" in argv:
-        i = argv.index("--occupancy")
-        occupancy_table(argv[i + 1], argv[i + 2] if len(argv) > i + 2 else None)
-    elif "--sweep" in argv:
-        size = int(argv[argv.index("--size") + 1]) if "--size" in argv else 2048
-        only = tuple(argv[argv.index("--only") + 1:]) if "--only" in argv else ()
-        rest = [a for a in argv[:argv.index("--only")] if "--only" in argv] if "--only" in argv else argv
-        pos = [a for i, a in enumerate(rest) if not a.startswith("--") and (i == 0 or rest[i - 1] != "--size")]
-        sweep_candidates(pos[0] if pos else "build/ttir", size, only)
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("outdir", nargs="?", default="build/ttir", help="where the IR goes")
+    ap.add_argument("--sweep", action="store_true", help="the sweep's Triton candidates instead of the tuned rows")
+    ap.add_argument("--size", type=int, default=2048, help="K = N of the --sweep weight")
+    ap.add_argument("--only", nargs="+", default=(), metavar="PREFIX", help="--sweep groups, as pallas_sweep's")
+    ap.add_argument("--occupancy", nargs="+", metavar=("CHECK_JSON", "OUT_JSON"),
+                    help="print (and write) the occupancy of a check's sm_90 kernels; nothing is dumped")
+    a = ap.parse_args()
+    if a.occupancy:
+        occupancy_table(a.occupancy[0], a.occupancy[1] if len(a.occupancy) > 1 else None)
+    elif a.sweep:
+        sweep_candidates(a.outdir, a.size, tuple(a.only))
     else:
-        main(argv[0] if argv else "build/ttir")
+        main(a.outdir)
