@@ -87,7 +87,7 @@ def run(sizes, ms, cases, x_dtypes, reps: int, layers: int, seed: int = 0, on_ro
         xs = {m: jnp.asarray(rng.standard_normal((m, kn), dtype=np.float32)) for m in ms}
         baselines = {m: (per_layer(dense_f32, xs[m], ws_f32), per_layer(dense_bf16, xs[m], ws_bf16)) for m in ms}
         dense_of = {"float32": (dense_f32, ws_f32), "bfloat16": (dense_bf16, ws_bf16)} if burst else {}
-        del w_f32
+        del ws_f32, ws_bf16, w_f32  # kept only through dense_of, for the paired timing
         for codec, sparsity in cases:
             cts = replicate(jax.device_put(pack(make_weight(rng, kn, kn, sparsity), codec)), layers)
             for xdt in x_dtypes:
@@ -123,7 +123,6 @@ def run(sizes, ms, cases, x_dtypes, reps: int, layers: int, seed: int = 0, on_ro
                     (on_row or (lambda r: print(format_row(r))))(row)
             del cts
         dense_of.clear()
-        del ws_f32, ws_bf16
     return rows
 
 
