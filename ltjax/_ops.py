@@ -84,8 +84,12 @@ try:  # CPU FFI handlers (may be absent or partial in this checkout).
     from ltjax import ffi as _ffi
 except ImportError:  # pragma: no cover
     _ffi = None
+try:  # the CUDA bitmask_int8 GEMV (its CPU twin is an emulation for tests).
+    from ltjax.ffi import gemv as _gemv
+except ImportError:  # pragma: no cover
+    _gemv = None
 
-IMPLS = ("pallas", "ffi", "xla", "reference")
+IMPLS = ("pallas", "cuda", "ffi", "xla", "reference")
 _LOOP_DOT_MAX_ELEMENTS = 2048 * 2048  # M = 1: up to here XLA fuses convert+dot into one loop
 _VMAP_MAX_M = 16  # largest M for the 3-D fused multiply-reduce; beyond it, chunked dots
 _FWD_CHUNK_ROWS = 256  # rows of W^T decoded per step of the chunked forward (4 MiB f32 at K=4096)
@@ -167,6 +171,20 @@ def _ffi_reason(x2: Any, ct: CompressedTensor) -> str | None:
     return None
 
 
+def _cuda_reason(x2: Any, ct: CompressedTensor, *, need_gpu: bool = True) -> str | None:
+    """Why the CUDA GEMV cannot run this matmul (None: it can); its backward's dx runs on Pallas."""
+    if not _module_has(_gemv, "why_not", "gemv"):
+        return "ltjax.ffi.gemv is not available in this installation"
+    if need_gpu and not _is_gpu():
+        return f"the CUDA GEMV needs a GPU; the backend is {_backend()!r}"
+    why = _gemv.why_not(x2, ct, emulate=not need_gpu)
+    if why is not None:
+        return why
+    if need_gpu:
+        return _pallas_reason(x2, ct)
+    return None
+
+
 def _xla_reason(ct: CompressedTensor) -> str | None:
     if ct.ndim != 2 or ct.header.axis != 1:
         return (
@@ -201,6 +219,11 @@ def _choose_impl(x2: Any, ct: CompressedTensor, impl: str | None) -> _Config:
         if reason is not None:
             raise ValueError(f"impl='pallas' cannot run: {reason}")
         return _Config("pallas", interpret=not _is_gpu())
+    if impl == "cuda":
+        reason = _cuda_reason(x2, ct, need_gpu=False)
+        if reason is not None:
+            raise ValueError(f"impl='cuda' cannot run: {reason}")
+        return _Config("cuda", interpret=not _is_gpu())
     if impl == "ffi":
         reason = _ffi_reason(x2, ct)
         if reason is not None:
@@ -214,6 +237,11 @@ def _choose_impl(x2: Any, ct: CompressedTensor, impl: str | None) -> _Config:
     if impl == "reference":
         return _Config("reference")
     # impl=None: the best that can run.
+    if _is_gpu() and _module_has(_gemv, "enabled") and _gemv.enabled() and ct.codec == "bitmask_int8":
+        reason = _cuda_reason(x2, ct)
+        if reason is None:
+            return _Config("cuda")
+        _log_fallback_once(f"matmul falls back from the CUDA GEMV: {reason}")
     if _is_gpu():
         reason = _pallas_reason(x2, ct)
         if reason is None:
@@ -393,6 +421,8 @@ def _forward(cfg: _Config, x2: jax.Array, ct: CompressedTensor) -> tuple[jax.Arr
     """(y [M, N] in x's dtype, the f32 unscaled accumulator when the impl has it for free)."""
     if cfg.impl == "pallas":
         return _pallas.matmul(x2, ct, interpret=cfg.interpret).astype(x2.dtype), None
+    if cfg.impl == "cuda":  # interpret: the CPU emulation of the same decode
+        return _gemv.gemv(x2, ct), None
     if cfg.impl == "ffi":
         return _ffi.matmul(x2, ct).astype(x2.dtype), None
     if cfg.impl == "xla":
@@ -403,7 +433,7 @@ def _forward(cfg: _Config, x2: jax.Array, ct: CompressedTensor) -> tuple[jax.Arr
 
 
 def _matmul_t(cfg: _Config, dy2: jax.Array, ct: CompressedTensor) -> jax.Array:
-    if cfg.impl == "pallas":
+    if cfg.impl == "pallas" or (cfg.impl == "cuda" and not cfg.interpret):  # the GEMV has no transposed twin
         return _pallas.matmul_t(dy2, ct, interpret=cfg.interpret)
     if cfg.impl == "ffi" and dy2.shape[0] <= _FFI_MAX_M:  # larger M: only the AMX forward is faster
         return _ffi.matmul_t(dy2, ct)

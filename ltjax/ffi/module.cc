@@ -15,6 +15,7 @@ XLA_FFI_Error* LtjaxBitmaskMatmul(XLA_FFI_CallFrame*);
 XLA_FFI_Error* LtjaxBitmaskMatmulT(XLA_FFI_CallFrame*);
 XLA_FFI_Error* LtjaxBitmaskUnpack(XLA_FFI_CallFrame*);
 XLA_FFI_Error* LtjaxBitmaskInt8Unpack(XLA_FFI_CallFrame*);
+XLA_FFI_Error* LtjaxBitmaskInt8GemvEmulated(XLA_FFI_CallFrame*);
 }
 
 namespace {
@@ -33,6 +34,8 @@ const Target kTargets[] = {
     {"ltjax_bitmask_matmul_t", LtjaxBitmaskMatmulT},
     {"ltjax_bitmask_unpack", LtjaxBitmaskUnpack},
     {"ltjax_bitmask_int8_unpack", LtjaxBitmaskInt8Unpack},
+    // The CUDA GEMV's decode, emulated lane by lane (tests; ltjax/ffi/gemv.py).
+    {"ltjax_bitmask_int8_gemv", LtjaxBitmaskInt8GemvEmulated},
 };
 
 PyObject* Targets(PyObject*, PyObject*) {

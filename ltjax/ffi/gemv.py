@@ -1,0 +1,128 @@
+"""The CUDA bitmask_int8 GEMV: ``x [M, K] @ W.T`` for M <= 4 as one XLA FFI custom call.
+
+One warp per output row decodes its mask words and packed codes with byte permutes in registers
+(``gemv_warp.h``; docs/pallas.md, "CUDA GEMV"): about 7 instructions per weight element on sm_90
+against the Pallas bitmask kernels' 21, which bound them at ~40 µs of instruction issue per
+8192² layer. Built by the package install into ``_ltjax_cuda.so`` when ``nvcc`` is found, and
+registered for platform "CUDA" at first use. The same target name is registered for "cpu" by the
+CPU extension, where it runs the same per-lane code lane by lane: the tests' emulation.
+
+Not yet timed on a GPU: ``impl=None`` takes it only with ``LTJAX_CUDA_GEMV=1``;
+``ltjax.matmul(..., impl="cuda")`` forces it (on CPU: the emulation).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ltjax._format import CompressedTensor
+
+TARGET = "ltjax_bitmask_int8_gemv"
+MAX_M = 4
+X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+_state: dict = {"done": False, "reason": None}
+
+
+def _install_dirs() -> list[Path]:
+    """Where the install may have put ``_ltjax_cuda.so``: beside this file, and beside the CPU
+    extension (an editable install keeps built files in site-packages, not in the source tree)."""
+    dirs = [Path(__file__).parent]
+    try:
+        spec = importlib.util.find_spec("ltjax.ffi._ltjax_ffi")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.origin and Path(spec.origin).parent not in dirs:
+        dirs.append(Path(spec.origin).parent)
+    return dirs
+
+
+def _register_cuda() -> str | None:
+    """Loads ``_ltjax_cuda.so`` and registers its handler for "CUDA" (once); why not, or None."""
+    if _state["done"]:
+        return _state["reason"]
+    _state["done"] = True
+    dirs = _install_dirs()
+    libs = [d / "_ltjax_cuda.so" for d in dirs if (d / "_ltjax_cuda.so").exists()]
+    if not libs:
+        infos = [d / "_cuda_build_info.txt" for d in dirs if (d / "_cuda_build_info.txt").exists()]
+        why = infos[0].read_text().strip() if infos else "not found in " + ", ".join(map(str, dirs))
+        _state["reason"] = f"_ltjax_cuda.so is not built ({why})"
+        return _state["reason"]
+    try:
+        lib = ctypes.CDLL(str(libs[0]))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LtjaxBitmaskInt8GemvCuda), platform="CUDA")
+    except Exception as e:  # noqa: BLE001 - any load/registration failure means "not available"
+        _state["reason"] = f"{libs[0]} could not be loaded: {type(e).__name__}: {e}"
+    return _state["reason"]
+
+
+def enabled() -> bool:
+    """Whether ``impl=None`` may pick the CUDA GEMV on a GPU (``LTJAX_CUDA_GEMV=1``; off until timed)."""
+    return os.environ.get("LTJAX_CUDA_GEMV", "") == "1"
+
+
+def seg_words(ct: CompressedTensor) -> int | None:
+    """Mask words per tile column (a power of two <= 32), 0 for one tile column, None: unsupported."""
+    (_, k), (_, tc) = ct.header.storage_shape, ct.header.tile
+    if tc % 32 == 0 and tc // 32 <= 32 and (tc // 32) & (tc // 32 - 1) == 0:
+        return tc // 32
+    return 0 if math.ceil(k / tc) == 1 else None
+
+
+def why_not(x2: Any, ct: CompressedTensor, *, emulate: bool = False) -> str | None:
+    """Why `gemv(x2, ct)` cannot run (None: it can). ``emulate``: the CPU emulation, no GPU needed."""
+    if not emulate:
+        if jax.default_backend() not in ("gpu", "cuda"):
+            return f"the CUDA GEMV needs a CUDA GPU; the backend is {jax.default_backend()!r}"
+        reason = _register_cuda()
+        if reason is not None:
+            return reason
+    if ct.codec != "bitmask_int8":
+        return f"the CUDA GEMV decodes bitmask_int8 only, not {ct.codec!r}"
+    if ct.ndim != 2 or ct.header.axis != 1:
+        return f"the CUDA GEMV needs a 2-D weight stored [N, K] (axis=1); got shape={ct.shape} axis={ct.header.axis}"
+    if x2.ndim != 2 or not 1 <= x2.shape[0] <= MAX_M:
+        return f"the CUDA GEMV takes 1 to {MAX_M} rows of x; got x{tuple(x2.shape)}"
+    if np.dtype(x2.dtype) not in X_DTYPES:
+        return f"the CUDA GEMV takes float32/bfloat16/float16 x, got {np.dtype(x2.dtype)}"
+    if seg_words(ct) is None:
+        return f"the CUDA GEMV needs tile columns of 32 * 2^i (<= 1024) or one tile column; got tile {ct.header.tile}"
+    if jax.device_count() > 1 and not emulate:
+        return f"FFI custom calls are not partitioned across the {jax.device_count()} devices"
+    return None
+
+
+def row_starts(ct: CompressedTensor) -> jax.Array:
+    """int32 [N * tile columns]: the packed index of row r's first value in tile column j (XLA).
+
+    One popcount pass over the mask words; it depends on the weight only, so inside a jitted
+    decode loop XLA lifts it out of the loop.
+    """
+    from ltjax.pallas._decode import row_bands  # the one implementation of the band starts
+
+    h = ct.header
+    _, starts = row_bands(jnp.asarray(ct.mask), jnp.asarray(ct.offsets), h.storage_shape, h.tile, 1)
+    return starts.astype(jnp.int32)
+
+
+def gemv(x2: jax.Array, ct: CompressedTensor) -> jax.Array:
+    """``x2 [M, K] @ W.T -> [M, N]`` in x2's dtype, W the [N, K] storage of a bitmask_int8 ``ct``
+    (f32 accumulation of exact code * x products, times the row's scale)."""
+    n, k = ct.header.storage_shape
+    m = x2.shape[0]
+    mask = jnp.asarray(ct.mask)
+    kp = 32 * mask.shape[1]
+    xf = jnp.pad(x2.astype(jnp.float32), ((0, 0), (0, kp - k)))
+    # vmap: one call per batch element (ltjax.matmul folds a batched x into M before this).
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    y = call(xf, mask, row_starts(ct), jnp.asarray(ct.codes), jnp.asarray(ct.scales), seg_words=np.int64(seg_words(ct)))
+    return y.astype(x2.dtype)

@@ -1,0 +1,103 @@
+// The CUDA bitmask_int8 GEMV: y[M, N] = x[M, K] @ W^T for M <= 4, W [N, K] decoded in registers
+// from its mask words and tile-major int8 codes, one warp per output row (gemv_warp.h has the
+// per-lane steps, shared with the CPU emulation that the tests run; docs/pallas.md, "CUDA GEMV").
+//
+// Target (platform "CUDA"): "ltjax_bitmask_int8_gemv"
+//   x          f32 [M, Kp]      Kp = 32 W, zero past K
+//   mask       u32 [N, W]
+//   row_starts s32 [N * GC]     packed index of row r's first value in tile column j (from XLA)
+//   codes      s8  [nnz]
+//   scales     f32 [N]
+//   -> y       f32 [M, N]
+//   attribute  seg_words (i64): words per tile column (a power of two <= 32), or 0 for one tile
+//              column spanning the row
+#include <cuda_runtime.h>
+
+#include "gemv_ffi.h"
+
+namespace ltjax {
+namespace gemv {
+namespace {
+
+constexpr unsigned kFull = 0xFFFFFFFFu;
+constexpr int kRowsPerBlock = 4;  // warps per block
+
+template <int M>
+__global__ void __launch_bounds__(32 * kRowsPerBlock) BitmaskInt8Gemv(
+    const float* __restrict__ x, const uint32_t* __restrict__ mask, const int32_t* __restrict__ row_starts,
+    const uint8_t* __restrict__ packed, const float* __restrict__ scales, float* __restrict__ y, Geometry g) {
+  __shared__ uint32_t select[16];
+  if (threadIdx.x < 16) select[threadIdx.x] = SelectorOf(threadIdx.x);
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
+  if (r >= g.n) return;  // whole warps: the shuffles below never see an exited lane
+  const int lanes = g.seg == 0 ? 32 : g.seg;
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+  int32_t carry = 0;  // seg == 0: the row's values in earlier steps
+  const int64_t steps = (g.w + 31) / 32;
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint32_t word = LaneWord(mask, g, r, s, lane);
+    const uint32_t cnt = Popc(word);
+    uint32_t incl = cnt;
+    for (int d = 1; d < lanes; d <<= 1) {
+      const uint32_t v = __shfl_up_sync(kFull, incl, d);
+      if ((lane & (lanes - 1)) >= d) incl += v;
+    }
+    const int64_t w = 32 * s + lane;
+    if (word != 0) {
+      const int32_t p = row_starts[r * g.gc + TileColumn(g, w)] + carry + static_cast<int32_t>(incl - cnt);
+      DecodeWord<M>(word, p, packed, g.nnz, select, x, g.kp, static_cast<int32_t>(32 * w), acc);
+    }
+    if (g.seg == 0) carry += static_cast<int32_t>(__shfl_sync(kFull, incl, 31));
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) acc[m] += __shfl_xor_sync(kFull, acc[m], d);
+  if (lane == 0) {
+    const float sc = scales[r];
+#pragma unroll
+    for (int m = 0; m < M; ++m) y[m * g.n + r] = acc[m] * sc;
+  }
+}
+
+ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer row_starts,
+                    ffi::AnyBuffer codes, ffi::AnyBuffer scales, ffi::Result<ffi::AnyBuffer> y, int64_t seg_words) {
+  Geometry g;
+  if (ffi::Error err = MakeGeometry(x, mask, row_starts, codes, scales, *y, seg_words, &g); err.failure()) return err;
+  if (g.n == 0) return ffi::Error::Success();
+  const dim3 grid(static_cast<unsigned>((g.n + kRowsPerBlock - 1) / kRowsPerBlock)), block(32 * kRowsPerBlock);
+  auto* xs = static_cast<const float*>(x.untyped_data());
+  auto* ms = static_cast<const uint32_t*>(mask.untyped_data());
+  auto* rs = static_cast<const int32_t*>(row_starts.untyped_data());
+  auto* ps = static_cast<const uint8_t*>(codes.untyped_data());
+  auto* ss = static_cast<const float*>(scales.untyped_data());
+  auto* ys = static_cast<float*>(y->untyped_data());
+  switch (g.m) {
+    case 1: BitmaskInt8Gemv<1><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
+    case 2: BitmaskInt8Gemv<2><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
+    case 3: BitmaskInt8Gemv<3><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
+    default: BitmaskInt8Gemv<4><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
+  }
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("ltjax: CUDA GEMV launch: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace gemv
+}  // namespace ltjax
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxBitmaskInt8GemvCuda, ltjax::gemv::GemvImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Attr<int64_t>("seg_words"));

@@ -1,0 +1,173 @@
+"""The CUDA bitmask_int8 GEMV (ltjax/ffi/gemv*): its decode, emulated lane by lane on the CPU,
+against the jnp reference; its argument checks; its lowering for CUDA; its sm_90/sm_80 build;
+and, on a CUDA GPU, the kernel itself."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ltjax
+import ltjax.ffi as lffi
+from ltjax._format import decode_storage, pack
+from ltjax.ffi import gemv
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_emulation = pytest.mark.skipif(not lffi.available(), reason=f"ltjax.ffi unavailable: {lffi.unavailable_reason()}")
+ON_GPU = jax.default_backend() == "gpu"
+
+# (K, N, M, tile, sparsity): tile columns of 32 * 2^i (segments of 1-32 lanes), one tile column
+# narrower than a word multiple or wider than a warp's step (the carried prefix), ragged K and
+# N, tiles that cut rows, dense and all-zero weights.
+CASES = [
+    (300, 70, 1, (16, 64), 0.5),
+    (1000, 37, 3, (8, 256), 0.9),
+    (77, 45, 2, (256, 256), 0.0),
+    (2100, 20, 4, (4, 4096), 0.5),
+    (512, 64, 1, (1, 32), 0.5),
+    (1500, 9, 4, (16, 1024), 0.3),
+    (260, 33, 2, (32, 128), 1.0),
+    (4097, 5, 1, (3, 512), 0.6),
+]
+
+
+def _weight(seed, k, n, sparsity):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    w[rng.random((k, n)) < sparsity] = 0.0
+    return w
+
+
+def _ct(seed, k, n, tile, sparsity):
+    return jax.tree.map(jnp.asarray, pack(_weight(seed, k, n, sparsity), "bitmask_int8", tile=tile))
+
+
+def _want(x, ct):
+    return (x.astype(jnp.float32) @ decode_storage(ct, jnp.float32).T).astype(x.dtype)
+
+
+def _close(got, want, dtype):
+    scale = float(jnp.max(jnp.abs(want.astype(jnp.float32)))) or 1.0
+    tol = 2e-6 if dtype == jnp.float32 else 1.6e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol * scale, rtol=0)
+
+
+@needs_emulation
+@pytest.mark.parametrize("k,n,m,tile,sparsity", CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_emulated_gemv_matches_reference(k, n, m, tile, sparsity, dtype):
+    ct = _ct(k * 7 + n, k, n, tile, sparsity)
+    assert gemv.seg_words(ct) is not None and gemv.why_not(jnp.zeros((m, k)), ct, emulate=True) is None
+    x = jnp.asarray(np.random.default_rng(k + m).standard_normal((m, k)), dtype)
+    got = ltjax.matmul(x, ct, impl="cuda")
+    assert got.dtype == dtype and got.shape == (m, n)
+    _close(got, _want(x, ct), dtype)
+
+
+@needs_emulation
+@pytest.mark.parametrize("nnz", [1, 2, 3, 5, 11, 13, 41])
+def test_packed_tail_words(nnz):
+    """The last packed word may be partial and a few values may sit in fewer than three words:
+    those reads go byte by byte and stop at the array's end."""
+    rng = np.random.default_rng(nnz)
+    k, n = 96, 3
+    w = np.zeros((k, n), np.float32)
+    flat = rng.choice(k * n, size=nnz, replace=False)
+    w.reshape(-1)[flat] = rng.uniform(0.5, 2.0, nnz) * rng.choice([-1, 1], nnz)
+    ct = jax.tree.map(jnp.asarray, pack(w, "bitmask_int8", tile=(2, 64)))
+    assert ct.nnz == nnz
+    x = jnp.asarray(rng.standard_normal((2, k)), jnp.float32)
+    _close(ltjax.matmul(x, ct, impl="cuda"), _want(x, ct), jnp.float32)
+
+
+@needs_emulation
+def test_gradients_jit_and_vmap():
+    ct = _ct(3, 400, 50, (32, 128), 0.5)
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 400)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((2, 50)), jnp.float32)
+
+    def loss(impl):
+        return lambda x, ct: jnp.sum(ltjax.matmul(x, ct, impl=impl) * g)
+
+    gx, gct = jax.jit(jax.grad(loss("cuda"), argnums=(0, 1), allow_int=True))(x, ct)
+    rx, rct = jax.grad(loss("reference"), argnums=(0, 1), allow_int=True)(x, ct)
+    _close(gx, rx, jnp.float32)
+    _close(gct.scales, rct.scales, jnp.float32)
+    xs = jnp.asarray(rng.standard_normal((3, 4, 400)), jnp.float32)  # batch dims fold into M = 4
+    got = jax.vmap(lambda xb: ltjax.matmul(xb, ct, impl="cuda"))(xs)
+    _close(got, jnp.stack([_want(xb, ct) for xb in xs]), jnp.float32)
+
+
+def test_refusals_name_the_reason():
+    ct = _ct(5, 64, 16, (16, 64), 0.5)
+    assert "1 to 4 rows" in gemv.why_not(jnp.zeros((5, 64)), ct, emulate=True)
+    int8 = jax.tree.map(jnp.asarray, pack(_weight(6, 64, 16, 0.0), "int8"))
+    assert "bitmask_int8 only" in gemv.why_not(jnp.zeros((1, 64)), int8, emulate=True)
+    odd = _ct(7, 300, 16, (16, 96), 0.5)  # tile columns of 3 words, several per row
+    assert gemv.seg_words(odd) is None and "tile columns" in gemv.why_not(jnp.zeros((1, 300)), odd, emulate=True)
+    with pytest.raises(ValueError, match="impl='cuda' cannot run: .*1 to 4 rows"):
+        ltjax.matmul(jnp.zeros((5, 64)), ct, impl="cuda")
+    if not ON_GPU:
+        assert "needs a CUDA GPU" in gemv.why_not(jnp.zeros((1, 64)), ct)
+        assert ltjax.matmul_impl(jnp.zeros((1, 64)), ct) != "cuda"  # never picked off-GPU
+
+
+@needs_emulation
+def test_handler_rejects_bad_operands():
+    ct = _ct(8, 64, 16, (16, 64), 0.5)
+    args = [jnp.zeros((1, 64), jnp.float32), ct.mask, gemv.row_starts(ct), ct.codes, ct.scales]
+    out = jax.ShapeDtypeStruct((1, 16), jnp.float32)
+    call = jax.ffi.ffi_call(gemv.TARGET, out)
+    with pytest.raises(Exception, match=r"x must be float32 \[M, 32 W\], got \[1, 64\]"):
+        call(args[0].astype(jnp.float16), *args[1:], seg_words=np.int64(2))
+    with pytest.raises(Exception, match="seg_words must be 0 or a power of two <= 32, got 3"):
+        call(*args, seg_words=np.int64(3))
+    with pytest.raises(Exception, match=r"row_starts must be int32 \[N \* tile columns\] = \[16\]"):
+        call(args[0], args[1], args[2][:-1], *args[3:], seg_words=np.int64(2))
+    with pytest.raises(Exception, match=r"the GEMV takes 1 to 4 rows of x, got \[5, 64\]"):
+        jax.ffi.ffi_call(gemv.TARGET, jax.ShapeDtypeStruct((5, 16), jnp.float32))(
+            jnp.zeros((5, 64), jnp.float32), *args[1:], seg_words=np.int64(2))
+
+
+def test_lowers_for_cuda():
+    ct = _ct(9, 256, 32, (16, 128), 0.5)
+    text = jax.jit(gemv.gemv).trace(jax.ShapeDtypeStruct((1, 256), jnp.bfloat16), ct).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert re.search(r"custom_call.*ltjax_bitmask_int8_gemv", text) or "@ltjax_bitmask_int8_gemv" in text
+    assert "seg_words = 4" in text
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_cuda_source_builds_without_spills(tmp_path):
+    """The kernel compiles for sm_90 and sm_80 with no local-memory spills (ptxas -v)."""
+    proc = subprocess.run(
+        ["nvcc", "-O3", "-std=c++17", "-c", "-Xptxas", "-v", f"-I{jax.ffi.include_dir()}", f"-I{ROOT / 'ltjax/ffi'}",
+         "-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_80,code=sm_80",
+         "-o", str(tmp_path / "gemv.o"), str(ROOT / "ltjax/ffi/gemv_cuda.cu")],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", proc.stderr)]
+    assert len(regs) == 8, proc.stderr  # M = 1..4 on two architectures
+    assert max(regs) <= 64, regs  # 32 warps an SM
+    assert not re.search(r"[1-9]\d* bytes spill", proc.stderr), proc.stderr
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs in benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("k,n,m,tile,sparsity", CASES + [(4096, 4096, 1, (256, 256), 0.5), (8192, 1024, 4, (256, 256), 0.9)])
+def test_native_gpu_gemv_matches_reference(k, n, m, tile, sparsity):
+    ct = _ct(k + n, k, n, tile, sparsity)
+    reason = gemv.why_not(jnp.zeros((m, k)), ct)
+    if reason is not None and "not built" in reason:
+        pytest.skip(reason)
+    assert reason is None, reason
+    x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.float32)
+    _close(jax.jit(gemv.gemv)(x, ct), _want(x, ct), jnp.float32)
+    assert ltjax.matmul_impl(x, ct, impl="cuda") == "cuda"
