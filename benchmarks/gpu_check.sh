@@ -8,16 +8,19 @@
 #   benchmarks/gpu_check.sh OUTDIR
 #
 # Runs from the source tree (PYTHONPATH=.) under a preinstalled jax with the CUDA plugin, no
-# network. Each stage has its own time limit (tests 150 s, benchmark 180 s, sweep 120 s: at
-# most 7.5 minutes, about 3 in practice on an H200), and the benchmarks rewrite their JSON
+# network. Each stage has its own time limit (tests 150 s, benchmark 180 s, CUDA GEMV benchmark
+# 45 s, sweep 130 s: at most 8.4 minutes, about 3.5 in practice on an H200; trim with the knobs
+# below when the device budget is short), and the benchmarks rewrite their JSON
 # after every row, so a stage cut short still reports what it measured.
 # ltjax's own dependencies must import there (crc32c is not in the GPU image: carry its wheel,
 # see benchmarks/README.md).
 # Knobs for a smoke run elsewhere: GPU_CHECK_SIZES (default 8192), GPU_CHECK_MS (default
 # "1 4 16 64"), GPU_CHECK_REPS (default 20), GPU_CHECK_SWEEP_ARGS (extra sweep options, e.g.
 # "--only bitmask int8_matmul/64/float32"), GPU_CHECK_SWEEP_S (default 100; 0 skips the sweep),
-# GPU_CHECK_BENCH_S (default 180; 0 skips the benchmark), GPU_CHECK_TESTS_K (a pytest -k filter),
-# PYTHON (default python).
+# GPU_CHECK_BENCH_S (default 180; 0 skips the benchmark), GPU_CHECK_CUDA_S (default 45; 0 skips the
+# CUDA GEMV benchmark), GPU_CHECK_TESTS_K (a pytest -k filter), PYTHON (default python).
+# The CUDA GEMV (ltjax/ffi/_ltjax_cuda.so, built by `pip install -e .` where nvcc is) is git-ignored:
+# carry it to the GPU machine; without it its stage records the Pallas rows and why.
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -63,11 +66,20 @@ else
   echo "benchmark skipped (GPU_CHECK_BENCH_S=0)" | tee "$OUT/bench.log"
   BENCH_RC=-1
 fi
+
+CUDA_S=${GPU_CHECK_CUDA_S:-45}
+if [ "$CUDA_S" -gt 0 ]; then
+  echo "== CUDA GEMV benchmark (LTJAX_CUDA_GEMV=1: bitmask_int8, M <= 4), K=N=$SIZES"
+  # shellcheck disable=SC2086
+  LTJAX_CUDA_GEMV=1 timeout "$CUDA_S" "$PY" -m benchmarks.matmul --sizes $SIZES --ms 1 4 --reps "$REPS" \
+    --codecs bitmask_int8 --x-dtypes bfloat16 float32 --no-unpack --out "$OUT/matmul_cuda.json" \
+    --note "gpu_check.sh: LTJAX_CUDA_GEMV=1" 2>&1 | tee "$OUT/bench_cuda.log"
+fi
 BENCH_END=$(date +%s)
 
 echo "== Pallas kernel and op tests, native (LTJAX_PALLAS_INTERPRET=0)"
 shopt -s nullglob
-TESTS=(tests/test_pallas*.py)
+TESTS=(tests/test_pallas*.py tests/test_gemv.py)
 PAR=()
 # Several pytest workers share the one GPU: no preallocation, and compiles (CPU-bound) overlap.
 if "$PY" -c "import xdist" 2>/dev/null; then PAR=(-n 8); fi
@@ -109,6 +121,7 @@ if os.path.exists(xml):
 bench_path = os.path.join(out, "matmul_bench.json")
 load = lambda p: json.load(open(p)) if os.path.exists(p) else None
 bench, sweep = load(bench_path), load(os.path.join(out, "sweep.json"))
+cuda_bench = load(os.path.join(out, "matmul_cuda.json"))
 try:  # a COMMIT file, written before the tree was sent, wins over a copied .git (seen stale there)
     from benchmarks._common import git_info
     git = git_info()
@@ -117,10 +130,10 @@ except Exception as e:
 result = dict(device=device, backend=backend, jax_version=jax_version,
               commit=git.get("commit_file") or git["commit"], git=git,
               env={k: os.environ.get(k) for k in ("LTJAX_PALLAS_INTERPRET", "GPU_CHECK_SWEEP_ARGS", "GPU_CHECK_TESTS_K",
-                                                   "GPU_CHECK_SWEEP_S", "GPU_CHECK_BENCH_S")},
+                                                   "GPU_CHECK_SWEEP_S", "GPU_CHECK_BENCH_S", "GPU_CHECK_CUDA_S")},
               device_probe=os.environ.get("GPU_CHECK_DEVICE"), tuned_table=os.environ.get("LTJAX_PALLAS_TUNED"),
               seconds={"sweep": t1 - t0, "benchmark": t2 - t1, "tests": t3 - t2},
-              tests=tests, benchmark_rc=bench_rc, benchmark=bench, sweep_rc=sweep_rc, sweep=sweep,
+              tests=tests, benchmark_rc=bench_rc, benchmark=bench, cuda_benchmark=cuda_bench, sweep_rc=sweep_rc, sweep=sweep,
               tuned=load(os.path.join(out, "tuned.json")))
 with open(os.path.join(out, "gpu_check.json"), "w") as f:
     json.dump(result, f, indent=1)

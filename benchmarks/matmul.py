@@ -224,6 +224,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, help="layers per timed chain (default 8 on GPU, 1 elsewhere)")
     p.add_argument("--x-dtypes", nargs="+", help="activation dtypes of the ltjax rows "
                    "(default: bfloat16 float32 on GPU, float32 elsewhere)")
+    p.add_argument("--codecs", nargs="+", choices=sorted({c for c, _ in CASES}),
+                   help="only these codecs' matmul rows (default: all)")
     p.add_argument("--no-unpack", action="store_true", help="skip the decode-to-dense rows")
     p.add_argument("--burst", type=int, help="also time each row against its dense dot in alternation, samples "
                    "of this many back-to-back calls (default 8 on GPU; 0 = off, the default elsewhere)")
@@ -258,7 +260,8 @@ def main(argv=None) -> int:
 
     floor.extend(read_floor(sizes, reps, layers))
     print(HEADER)
-    run(sizes, ms, CASES, x_dtypes, reps, layers, on_row=emit(format_row, rows), burst=burst)
+    cases = [c for c in CASES if a.codecs is None or c[0] in a.codecs]
+    run(sizes, ms, cases, x_dtypes, reps, layers, on_row=emit(format_row, rows), burst=burst)
     if not a.no_unpack:
         print(UNPACK_HEADER)
         run_unpack(sizes, UNPACK_CASES, reps, layers, on_row=emit(format_unpack_row, unpack_rows))
