@@ -69,10 +69,10 @@ fi
 
 CUDA_S=${GPU_CHECK_CUDA_S:-45}
 if [ "$CUDA_S" -gt 0 ]; then
-  echo "== CUDA GEMV benchmark (LTJAX_CUDA_GEMV=1: bitmask_int8, M <= 4), K=N=$SIZES"
+  echo "== CUDA GEMV benchmark (LTJAX_CUDA_GEMV=1: int8, bitmask_int8, M = 1, 4), K=N=$SIZES"
   # shellcheck disable=SC2086
   LTJAX_CUDA_GEMV=1 timeout "$CUDA_S" "$PY" -m benchmarks.matmul --sizes $SIZES --ms 1 4 --reps "$REPS" \
-    --codecs bitmask_int8 --x-dtypes bfloat16 float32 --no-unpack --out "$OUT/matmul_cuda.json" \
+    --codecs int8 bitmask_int8 --x-dtypes bfloat16 float32 --no-unpack --out "$OUT/matmul_cuda.json" \
     --note "gpu_check.sh: LTJAX_CUDA_GEMV=1" 2>&1 | tee "$OUT/bench_cuda.log"
 fi
 BENCH_END=$(date +%s)

@@ -237,7 +237,7 @@ def _choose_impl(x2: Any, ct: CompressedTensor, impl: str | None) -> _Config:
     if impl == "reference":
         return _Config("reference")
     # impl=None: the best that can run.
-    if _is_gpu() and _module_has(_gemv, "enabled") and _gemv.enabled() and ct.codec == "bitmask_int8":
+    if _is_gpu() and _module_has(_gemv, "enabled") and _gemv.enabled():
         reason = _cuda_reason(x2, ct)
         if reason is None:
             return _Config("cuda")

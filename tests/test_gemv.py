@@ -1,6 +1,6 @@
-"""The CUDA bitmask_int8 GEMV (ltjax/ffi/gemv*): its decode, emulated lane by lane on the CPU,
-against the jnp reference; its argument checks; its lowering for CUDA; its sm_90/sm_80 build;
-and, on a CUDA GPU, the kernel itself."""
+"""The CUDA GEMVs (ltjax/ffi/gemv*, int8 and bitmask_int8, M <= 4): their decode, emulated lane
+by lane on the CPU, against the jnp reference; their argument checks; their lowering for CUDA;
+their sm_90/sm_80 build; and, on a CUDA GPU, the kernels themselves."""
 
 from __future__ import annotations
 
@@ -71,6 +71,22 @@ def test_emulated_gemv_matches_reference(k, n, m, tile, sparsity, dtype):
     _close(got, _want(x, ct), dtype)
 
 
+# int8 (K % 16 == 0): rows shorter than a warp's 512-column step, not a multiple of it, and several steps.
+INT8_CASES = [(16, 7, 1), (400, 33, 2), (2064, 19, 4), (4096, 8, 3)]
+
+
+@needs_emulation
+@pytest.mark.parametrize("k,n,m", INT8_CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_emulated_int8_gemv_matches_reference(k, n, m, dtype):
+    ct = jax.tree.map(jnp.asarray, pack(_weight(k + n, k, n, 0.0), "int8"))
+    assert gemv.why_not(jnp.zeros((m, k)), ct, emulate=True) is None
+    x = jnp.asarray(np.random.default_rng(k * m).standard_normal((m, k)), dtype)
+    got = ltjax.matmul(x, ct, impl="cuda")
+    assert got.dtype == dtype and got.shape == (m, n)
+    _close(got, _want(x, ct), dtype)
+
+
 @needs_emulation
 @pytest.mark.parametrize("nnz", [1, 2, 3, 5, 11, 13, 41])
 def test_packed_tail_words(nnz):
@@ -109,8 +125,10 @@ def test_gradients_jit_and_vmap():
 def test_refusals_name_the_reason():
     ct = _ct(5, 64, 16, (16, 64), 0.5)
     assert "1 to 4 rows" in gemv.why_not(jnp.zeros((5, 64)), ct, emulate=True)
-    int8 = jax.tree.map(jnp.asarray, pack(_weight(6, 64, 16, 0.0), "int8"))
-    assert "bitmask_int8 only" in gemv.why_not(jnp.zeros((1, 64)), int8, emulate=True)
+    raw = jax.tree.map(jnp.asarray, pack(_weight(6, 64, 16, 0.0), "raw"))
+    assert "decodes int8 and bitmask_int8, not 'raw'" in gemv.why_not(jnp.zeros((1, 64)), raw, emulate=True)
+    int8 = jax.tree.map(jnp.asarray, pack(_weight(6, 72, 16, 0.0), "int8"))
+    assert "K % 16 == 0" in gemv.why_not(jnp.zeros((1, 72)), int8, emulate=True)
     odd = _ct(7, 300, 16, (16, 96), 0.5)  # tile columns of 3 words, several per row
     assert gemv.seg_words(odd) is None and "tile columns" in gemv.why_not(jnp.zeros((1, 300)), odd, emulate=True)
     with pytest.raises(ValueError, match="impl='cuda' cannot run: .*1 to 4 rows"):
@@ -135,6 +153,12 @@ def test_handler_rejects_bad_operands():
     with pytest.raises(Exception, match=r"the GEMV takes 1 to 4 rows of x, got \[5, 64\]"):
         jax.ffi.ffi_call(gemv.TARGET, jax.ShapeDtypeStruct((5, 16), jnp.float32))(
             jnp.zeros((5, 64), jnp.float32), *args[1:], seg_words=np.int64(2))
+    int8 = jax.tree.map(jnp.asarray, pack(_weight(9, 40, 8, 0.0), "int8"))
+    call8 = jax.ffi.ffi_call(gemv.INT8_TARGET, jax.ShapeDtypeStruct((1, 8), jnp.float32))
+    with pytest.raises(Exception, match=r"the int8 GEMV needs K % 16 == 0 \(16-byte rows\), got codes \[8, 40\]"):
+        call8(jnp.zeros((1, 40), jnp.float32), int8.codes, int8.scales)
+    with pytest.raises(Exception, match=r"x \[1, 48\] does not match codes \[8, 48\]|x \[1, 32\] does not match"):
+        call8(jnp.zeros((1, 32), jnp.float32), jnp.zeros((8, 48), jnp.int8), int8.scales)
 
 
 def test_lowers_for_cuda():
@@ -143,6 +167,10 @@ def test_lowers_for_cuda():
         lowering_platforms=("cuda",)).as_text()
     assert re.search(r"custom_call.*ltjax_bitmask_int8_gemv", text) or "@ltjax_bitmask_int8_gemv" in text
     assert "seg_words = 4" in text
+    int8 = jax.tree.map(jnp.asarray, pack(_weight(10, 256, 32, 0.0), "int8"))
+    text = jax.jit(gemv.gemv).trace(jax.ShapeDtypeStruct((2, 256), jnp.float32), int8).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "ltjax_int8_gemv" in text
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
@@ -155,15 +183,19 @@ def test_cuda_source_builds_without_spills(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", proc.stderr)]
-    assert len(regs) == 8, proc.stderr  # M = 1..4 on two architectures
+    assert len(regs) == 16, proc.stderr  # two codecs, M = 1..4, two architectures
     assert max(regs) <= 64, regs  # 32 warps an SM
     assert not re.search(r"[1-9]\d* bytes spill", proc.stderr), proc.stderr
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs in benchmarks/gpu_check.sh)")
-@pytest.mark.parametrize("k,n,m,tile,sparsity", CASES + [(4096, 4096, 1, (256, 256), 0.5), (8192, 1024, 4, (256, 256), 0.9)])
+@pytest.mark.parametrize("k,n,m,tile,sparsity", CASES + [(4096, 4096, 1, (256, 256), 0.5), (8192, 1024, 4, (256, 256), 0.9)]
+                         + [(k, n, m, None, None) for k, n, m in INT8_CASES + [(8192, 2048, 1)]])
 def test_native_gpu_gemv_matches_reference(k, n, m, tile, sparsity):
-    ct = _ct(k + n, k, n, tile, sparsity)
+    if sparsity is None:
+        ct = jax.tree.map(jnp.asarray, pack(_weight(k + n, k, n, 0.0), "int8"))
+    else:
+        ct = _ct(k + n, k, n, tile, sparsity)
     reason = gemv.why_not(jnp.zeros((m, k)), ct)
     if reason is not None and "not built" in reason:
         pytest.skip(reason)

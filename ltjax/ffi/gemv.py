@@ -1,14 +1,16 @@
-"""The CUDA bitmask_int8 GEMV: ``x [M, K] @ W.T`` for M <= 4 as one XLA FFI custom call.
+"""The CUDA GEMVs: ``x [M, K] @ W.T`` for M <= 4 over int8 and bitmask_int8 weights, each one
+XLA FFI custom call.
 
-One warp per output row decodes its mask words and packed codes with byte permutes in registers
-(``gemv_warp.h``; docs/pallas.md, "CUDA GEMV"): about 7 instructions per weight element on sm_90
-against the Pallas bitmask kernels' 21, which bound them at ~40 µs of instruction issue per
-8192² layer. Built by the package install into ``_ltjax_cuda.so`` when ``nvcc`` is found, and
-registered for platform "CUDA" at first use. The same target name is registered for "cpu" by the
-CPU extension, where it runs the same per-lane code lane by lane: the tests' emulation.
+One warp per output row decodes in registers (``gemv_warp.h``; docs/pallas.md, "CUDA GEMV"):
+int8 codes 16 per lane per 16-byte load; bitmask_int8 mask words and packed codes with byte
+permutes, about 9 sm_90 instructions per weight element against the Pallas bitmask kernels' 21,
+which bound those at ~40 µs of instruction issue per 8192² layer. Built by the package install
+into ``_ltjax_cuda.so`` where ``nvcc`` is found, and registered for platform "CUDA" at first
+use. The same target names are registered for "cpu" by the CPU extension, where they run the
+same per-lane code lane by lane: the tests' emulation, not a fast path.
 
-Not yet timed on a GPU: ``impl=None`` takes it only with ``LTJAX_CUDA_GEMV=1``;
-``ltjax.matmul(..., impl="cuda")`` forces it (on CPU: the emulation).
+Not yet timed on a GPU: ``impl=None`` takes them only with ``LTJAX_CUDA_GEMV=1``;
+``ltjax.matmul(..., impl="cuda")`` forces them (on CPU: the emulation).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import numpy as np
 from ltjax._format import CompressedTensor
 
 TARGET = "ltjax_bitmask_int8_gemv"
+INT8_TARGET = "ltjax_int8_gemv"
+CODECS = ("int8", "bitmask_int8")
 MAX_M = 4
 X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 _state: dict = {"done": False, "reason": None}
@@ -60,6 +64,7 @@ def _register_cuda() -> str | None:
     try:
         lib = ctypes.CDLL(str(libs[0]))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LtjaxBitmaskInt8GemvCuda), platform="CUDA")
+        jax.ffi.register_ffi_target(INT8_TARGET, jax.ffi.pycapsule(lib.LtjaxInt8GemvCuda), platform="CUDA")
     except Exception as e:  # noqa: BLE001 - any load/registration failure means "not available"
         _state["reason"] = f"{libs[0]} could not be loaded: {type(e).__name__}: {e}"
     return _state["reason"]
@@ -86,15 +91,17 @@ def why_not(x2: Any, ct: CompressedTensor, *, emulate: bool = False) -> str | No
         reason = _register_cuda()
         if reason is not None:
             return reason
-    if ct.codec != "bitmask_int8":
-        return f"the CUDA GEMV decodes bitmask_int8 only, not {ct.codec!r}"
+    if ct.codec not in CODECS:
+        return f"the CUDA GEMV decodes {' and '.join(CODECS)}, not {ct.codec!r}"
     if ct.ndim != 2 or ct.header.axis != 1:
         return f"the CUDA GEMV needs a 2-D weight stored [N, K] (axis=1); got shape={ct.shape} axis={ct.header.axis}"
     if x2.ndim != 2 or not 1 <= x2.shape[0] <= MAX_M:
         return f"the CUDA GEMV takes 1 to {MAX_M} rows of x; got x{tuple(x2.shape)}"
     if np.dtype(x2.dtype) not in X_DTYPES:
         return f"the CUDA GEMV takes float32/bfloat16/float16 x, got {np.dtype(x2.dtype)}"
-    if seg_words(ct) is None:
+    if ct.codec == "int8" and ct.shape[0] % 16:
+        return f"the int8 CUDA GEMV needs K % 16 == 0 (16-byte rows); got K={ct.shape[0]}"
+    if ct.codec == "bitmask_int8" and seg_words(ct) is None:
         return f"the CUDA GEMV needs tile columns of 32 * 2^i (<= 1024) or one tile column; got tile {ct.header.tile}"
     if jax.device_count() > 1 and not emulate:
         return f"FFI custom calls are not partitioned across the {jax.device_count()} devices"
@@ -115,14 +122,18 @@ def row_starts(ct: CompressedTensor) -> jax.Array:
 
 
 def gemv(x2: jax.Array, ct: CompressedTensor) -> jax.Array:
-    """``x2 [M, K] @ W.T -> [M, N]`` in x2's dtype, W the [N, K] storage of a bitmask_int8 ``ct``
-    (f32 accumulation of exact code * x products, times the row's scale)."""
+    """``x2 [M, K] @ W.T -> [M, N]`` in x2's dtype, W the [N, K] storage of an int8 or bitmask_int8
+    ``ct`` (f32 accumulation of exact code * x products, times the row's scale)."""
     n, k = ct.header.storage_shape
     m = x2.shape[0]
+    out = jax.ShapeDtypeStruct((m, n), jnp.float32)
+    if ct.codec == "int8":
+        call = jax.ffi.ffi_call(INT8_TARGET, out, vmap_method="sequential")
+        return call(x2.astype(jnp.float32), jnp.asarray(ct.codes), jnp.asarray(ct.scales)).astype(x2.dtype)
     mask = jnp.asarray(ct.mask)
     kp = 32 * mask.shape[1]
     xf = jnp.pad(x2.astype(jnp.float32), ((0, 0), (0, kp - k)))
     # vmap: one call per batch element (ltjax.matmul folds a batched x into M before this).
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
     y = call(xf, mask, row_starts(ct), jnp.asarray(ct.codes), jnp.asarray(ct.scales), seg_words=np.int64(seg_words(ct)))
     return y.astype(x2.dtype)

@@ -1,6 +1,9 @@
-// The CUDA bitmask_int8 GEMV: y[M, N] = x[M, K] @ W^T for M <= 4, W [N, K] decoded in registers
-// from its mask words and tile-major int8 codes, one warp per output row (gemv_warp.h has the
-// per-lane steps, shared with the CPU emulation that the tests run; docs/pallas.md, "CUDA GEMV").
+// The CUDA GEMVs: y[M, N] = x[M, K] @ W^T for M <= 4, W [N, K] decoded in registers, one warp
+// per output row (gemv_warp.h has the per-lane steps, shared with the CPU emulation that the
+// tests run; docs/pallas.md, "CUDA GEMV").
+//
+// Target (platform "CUDA"): "ltjax_int8_gemv"
+//   x f32 [M, K], codes s8 [N, K] (K % 16 == 0), scales f32 [N] -> y f32 [M, N]
 //
 // Target (platform "CUDA"): "ltjax_bitmask_int8_gemv"
 //   x          f32 [M, Kp]      Kp = 32 W, zero past K
@@ -64,6 +67,57 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock) BitmaskInt8Gemv(
   }
 }
 
+// int8: 16 codes per lane per load, 512 columns per warp step, four loads in flight.
+template <int M>
+__global__ void __launch_bounds__(32 * kRowsPerBlock) Int8Gemv(
+    const float* __restrict__ x, const uint8_t* __restrict__ codes, const float* __restrict__ scales,
+    float* __restrict__ y, Geometry g) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
+  if (r >= g.n) return;
+  const uint8_t* row = codes + r * g.kp;
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+  const int32_t k = static_cast<int32_t>(g.kp);
+#pragma unroll 4
+  for (int32_t c = 16 * lane; c < k; c += 512) Int8Chunk<M>(row, x, g.kp, c, acc);
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) acc[m] += __shfl_xor_sync(kFull, acc[m], d);
+  if (lane == 0) {
+    const float sc = scales[r];
+#pragma unroll
+    for (int m = 0; m < M; ++m) y[m * g.n + r] = acc[m] * sc;
+  }
+}
+
+ffi::Error Launched() {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("ltjax: CUDA GEMV launch: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+ffi::Error Int8GemvImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer scales,
+                        ffi::Result<ffi::AnyBuffer> y) {
+  Geometry g;
+  if (ffi::Error err = MakeInt8Geometry(x, codes, scales, *y, &g); err.failure()) return err;
+  if (g.n == 0) return ffi::Error::Success();
+  const dim3 grid(static_cast<unsigned>((g.n + kRowsPerBlock - 1) / kRowsPerBlock)), block(32 * kRowsPerBlock);
+  auto* xs = static_cast<const float*>(x.untyped_data());
+  auto* cs = static_cast<const uint8_t*>(codes.untyped_data());
+  auto* ss = static_cast<const float*>(scales.untyped_data());
+  auto* ys = static_cast<float*>(y->untyped_data());
+  switch (g.m) {
+    case 1: Int8Gemv<1><<<grid, block, 0, stream>>>(xs, cs, ss, ys, g); break;
+    case 2: Int8Gemv<2><<<grid, block, 0, stream>>>(xs, cs, ss, ys, g); break;
+    case 3: Int8Gemv<3><<<grid, block, 0, stream>>>(xs, cs, ss, ys, g); break;
+    default: Int8Gemv<4><<<grid, block, 0, stream>>>(xs, cs, ss, ys, g); break;
+  }
+  return Launched();
+}
+
 ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer row_starts,
                     ffi::AnyBuffer codes, ffi::AnyBuffer scales, ffi::Result<ffi::AnyBuffer> y, int64_t seg_words) {
   Geometry g;
@@ -82,14 +136,20 @@ ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer mask, 
     case 3: BitmaskInt8Gemv<3><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
     default: BitmaskInt8Gemv<4><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
   }
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("ltjax: CUDA GEMV launch: ") + cudaGetErrorString(err));
-  return ffi::Error::Success();
+  return Launched();
 }
 
 }  // namespace
 }  // namespace gemv
 }  // namespace ltjax
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxInt8GemvCuda, ltjax::gemv::Int8GemvImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxBitmaskInt8GemvCuda, ltjax::gemv::GemvImpl,
                               xla::ffi::Ffi::Bind()

@@ -1,7 +1,7 @@
-// The CUDA bitmask_int8 GEMV (gemv_cuda.cu) run on the CPU, lane by lane: the same per-lane
-// steps (gemv_warp.h), the warp's shuffles replaced by loops over the 32 lanes, in the same order.
-// Registered as "ltjax_bitmask_int8_gemv" for platform "cpu", so the CPU tests run the decode the
-// GPU runs through the very call ltjax makes (ltjax/ffi/gemv.py). A test vehicle, not a fast path:
+// The CUDA GEMVs (gemv_cuda.cu) run on the CPU, lane by lane: the same per-lane steps
+// (gemv_warp.h), the warp's shuffles replaced by loops over the 32 lanes, in the same order.
+// Registered as "ltjax_int8_gemv" and "ltjax_bitmask_int8_gemv" for platform "cpu", so the CPU
+// tests run the decode the GPU runs through the very call ltjax makes (ltjax/ffi/gemv.py). A test vehicle, not a fast path:
 // one thread, no SIMD.
 #include <vector>
 
@@ -10,6 +10,19 @@
 namespace ltjax {
 namespace gemv {
 namespace {
+
+// Lane 0's sum after the kernels' __shfl_xor_sync butterfly (offsets 16, 8, 4, 2, 1), same order.
+template <int M>
+float ButterflySum(const float (&acc)[32][M], int m) {
+  float v[32];
+  for (int l = 0; l < 32; ++l) v[l] = acc[l][m];
+  for (int d = 16; d > 0; d >>= 1) {
+    float next[32];
+    for (int l = 0; l < 32; ++l) next[l] = v[l] + v[l ^ d];
+    for (int l = 0; l < 32; ++l) v[l] = next[l];
+  }
+  return v[0];
+}
 
 template <int M>
 void EmulateRows(const Geometry& g, const float* x, const uint32_t* mask, const int32_t* row_starts,
@@ -41,15 +54,34 @@ void EmulateRows(const Geometry& g, const float* x, const uint32_t* mask, const 
       }
       if (g.seg == 0) carry += static_cast<int32_t>(incl[31]);
     }
-    for (int d = 16; d > 0; d >>= 1) {  // __shfl_xor_sync butterfly
-      float next[32][M];
-      for (int l = 0; l < 32; ++l)
-        for (int m = 0; m < M; ++m) next[l][m] = acc[l][m] + acc[l ^ d][m];
-      for (int l = 0; l < 32; ++l)
-        for (int m = 0; m < M; ++m) acc[l][m] = next[l][m];
-    }
-    for (int m = 0; m < M; ++m) y[m * g.n + r] = acc[0][m] * scales[r];
+    for (int m = 0; m < M; ++m) y[m * g.n + r] = ButterflySum<M>(acc, m) * scales[r];
   }
+}
+
+template <int M>
+void EmulateInt8Rows(const Geometry& g, const float* x, const uint8_t* codes, const float* scales, float* y) {
+  for (int64_t r = 0; r < g.n; ++r) {
+    float acc[32][M] = {};
+    for (int l = 0; l < 32; ++l)
+      for (int32_t c = 16 * l; c < g.kp; c += 512) Int8Chunk<M>(codes + r * g.kp, x, g.kp, c, acc[l]);
+    for (int m = 0; m < M; ++m) y[m * g.n + r] = ButterflySum<M>(acc, m) * scales[r];
+  }
+}
+
+ffi::Error EmulateInt8Impl(ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer scales, ffi::Result<ffi::AnyBuffer> y) {
+  Geometry g;
+  if (ffi::Error err = MakeInt8Geometry(x, codes, scales, *y, &g); err.failure()) return err;
+  auto* xs = static_cast<const float*>(x.untyped_data());
+  auto* cs = static_cast<const uint8_t*>(codes.untyped_data());
+  auto* ss = static_cast<const float*>(scales.untyped_data());
+  auto* ys = static_cast<float*>(y->untyped_data());
+  switch (g.m) {
+    case 1: EmulateInt8Rows<1>(g, xs, cs, ss, ys); break;
+    case 2: EmulateInt8Rows<2>(g, xs, cs, ss, ys); break;
+    case 3: EmulateInt8Rows<3>(g, xs, cs, ss, ys); break;
+    default: EmulateInt8Rows<4>(g, xs, cs, ss, ys); break;
+  }
+  return ffi::Error::Success();
 }
 
 ffi::Error EmulateImpl(ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer row_starts, ffi::AnyBuffer codes,
@@ -84,3 +116,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxBitmaskInt8GemvEmulated, ltjax::gemv::Emulate
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Ret<xla::ffi::AnyBuffer>()
                                   .Attr<int64_t>("seg_words"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxInt8GemvEmulated, ltjax::gemv::EmulateInt8Impl,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>());

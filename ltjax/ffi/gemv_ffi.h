@@ -1,5 +1,5 @@
-// Argument checks of the "ltjax_bitmask_int8_gemv" target, shared by its CUDA handler
-// (gemv_cuda.cu) and its CPU emulation (gemv_emulate.cc): the same call is refused the same way.
+// Argument checks of the "ltjax_bitmask_int8_gemv" and "ltjax_int8_gemv" targets, shared by their
+// CUDA handlers (gemv_cuda.cu) and CPU emulations (gemv_emulate.cc): a call is refused the same way.
 #pragma once
 
 #include <cstdint>
@@ -50,6 +50,29 @@ inline ffi::Error MakeGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& ma
   if (row_starts.element_type() != DataType::S32 || row_starts.element_count() != static_cast<size_t>(g->n * g->gc))
     return Invalid("row_starts must be int32 [N * tile columns] = [" + std::to_string(g->n * g->gc) + "], got " +
                    DimsOf(row_starts));
+  if (scales.element_type() != DataType::F32 || scales.element_count() != static_cast<size_t>(g->n))
+    return Invalid("scales must be float32 [N], got " + DimsOf(scales));
+  if (y.element_type() != DataType::F32 || y.element_count() != static_cast<size_t>(g->m * g->n))
+    return Invalid("y must be float32 [M, N], got " + DimsOf(y));
+  return ffi::Error::Success();
+}
+
+// The int8 GEMV's operands: x f32 [M, K], codes s8 [N, K] (K % 16 == 0), scales f32 [N], y f32 [M, N].
+inline ffi::Error MakeInt8Geometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& codes, const ffi::AnyBuffer& scales,
+                                   const ffi::AnyBuffer& y, Geometry* g) {
+  using ffi::DataType;
+  if (x.element_type() != DataType::F32 || x.dimensions().size() != 2)
+    return Invalid("x must be float32 [M, K], got " + DimsOf(x));
+  if (codes.element_type() != DataType::S8 || codes.dimensions().size() != 2)
+    return Invalid("codes must be int8 [N, K], got " + DimsOf(codes));
+  *g = Geometry{};
+  g->n = codes.dimensions()[0];
+  g->kp = codes.dimensions()[1];
+  g->m = static_cast<int>(x.dimensions()[0]);
+  if (g->kp % 16 != 0) return Invalid("the int8 GEMV needs K % 16 == 0 (16-byte rows), got codes " + DimsOf(codes));
+  if (g->kp >= (int64_t{1} << 31)) return Invalid("the int8 GEMV needs K < 2**31, got codes " + DimsOf(codes));
+  if (x.dimensions()[1] != g->kp) return Invalid("x " + DimsOf(x) + " does not match codes " + DimsOf(codes));
+  if (g->m < 1 || g->m > kMaxM) return Invalid("the GEMV takes 1 to 4 rows of x, got " + DimsOf(x));
   if (scales.element_type() != DataType::F32 || scales.element_count() != static_cast<size_t>(g->n))
     return Invalid("scales must be float32 [N], got " + DimsOf(scales));
   if (y.element_type() != DataType::F32 || y.element_count() != static_cast<size_t>(g->m * g->n))

@@ -1,9 +1,10 @@
-// The per-lane steps of the CUDA bitmask_int8 GEMV (gemv_cuda.cu), written once for the device
-// and for the host: gemv_emulate.cc runs the same functions lane by lane on the CPU, so the
-// decode the GPU runs is the decode the CPU tests check (docs/pallas.md, "CUDA GEMV").
+// The per-lane steps of the CUDA GEMVs (gemv_cuda.cu), written once for the device and for the
+// host: gemv_emulate.cc runs the same functions lane by lane on the CPU, so the decode the GPU
+// runs is the decode the CPU tests check (docs/pallas.md, "CUDA GEMV").
 //
 // A warp computes one output row r: y[m, r] = scale[r] * sum_k x[m, k] * code[r, k], M <= 4.
-// Step s covers mask words 32 s .. 32 s + 31 of row r, one per lane. Lane l:
+// int8: lane l takes 16 codes (one 16-byte load) at columns 16 l + 512 i, i = 0, 1, ...
+// bitmask_int8: step s covers mask words 32 s .. 32 s + 31 of row r, one per lane. Lane l:
 //   1. loads its word (columns 32 w .. 32 w + 31, w = 32 s + l) and counts its bits;
 //   2. an exclusive prefix of those counts over the lanes of the same tile column (segments of
 //      `seg` lanes; the warp's words are consecutive, and so are their packed values inside a
@@ -82,6 +83,16 @@ LTJAX_HD void Load4(const float* x, float* out) {
   out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
 #else
   std::memcpy(out, x, 16);
+#endif
+}
+
+// 16 bytes at p (16-byte aligned) as four words: one vector load on the device.
+LTJAX_HD void Load16(const uint8_t* p, uint32_t* out) {
+#ifdef __CUDA_ARCH__
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+#else
+  std::memcpy(out, p, 16);
 #endif
 }
 
@@ -166,6 +177,15 @@ LTJAX_HD void DecodeWord(uint32_t word, int32_t p, const uint8_t* packed, int32_
     Fma4<M>(v0, x, kp, c0 + 8 * k, acc);
     Fma4<M>(v1, x, kp, c0 + 8 * k + 4, acc);
   }
+}
+
+// int8: the 16 codes of row `row` at columns c .. c + 15 (c % 16 == 0), against x [M, kp].
+template <int M>
+LTJAX_HD void Int8Chunk(const uint8_t* row, const float* x, int64_t kp, int32_t c, float* acc) {
+  uint32_t v[4];
+  Load16(row + c, v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) Fma4<M>(v[i], x, kp, c + 4 * i, acc);
 }
 
 // ------------------------------------------------------------------ the geometry

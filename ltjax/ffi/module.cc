@@ -16,6 +16,7 @@ XLA_FFI_Error* LtjaxBitmaskMatmulT(XLA_FFI_CallFrame*);
 XLA_FFI_Error* LtjaxBitmaskUnpack(XLA_FFI_CallFrame*);
 XLA_FFI_Error* LtjaxBitmaskInt8Unpack(XLA_FFI_CallFrame*);
 XLA_FFI_Error* LtjaxBitmaskInt8GemvEmulated(XLA_FFI_CallFrame*);
+XLA_FFI_Error* LtjaxInt8GemvEmulated(XLA_FFI_CallFrame*);
 }
 
 namespace {
@@ -34,8 +35,9 @@ const Target kTargets[] = {
     {"ltjax_bitmask_matmul_t", LtjaxBitmaskMatmulT},
     {"ltjax_bitmask_unpack", LtjaxBitmaskUnpack},
     {"ltjax_bitmask_int8_unpack", LtjaxBitmaskInt8Unpack},
-    // The CUDA GEMV's decode, emulated lane by lane (tests; ltjax/ffi/gemv.py).
+    // The CUDA GEMVs' decode, emulated lane by lane (tests; ltjax/ffi/gemv.py).
     {"ltjax_bitmask_int8_gemv", LtjaxBitmaskInt8GemvEmulated},
+    {"ltjax_int8_gemv", LtjaxInt8GemvEmulated},
 };
 
 PyObject* Targets(PyObject*, PyObject*) {
