@@ -184,7 +184,7 @@ def test_cuda_source_builds_without_spills(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", proc.stderr)]
     assert len(regs) == 16, proc.stderr  # two codecs, M = 1..4, two architectures
-    assert max(regs) <= 64, regs  # 32 warps an SM
+    assert max(regs) <= 128, regs  # the launch bounds: 64 (M = 1, int8) to 128 (bitmask_int8, M >= 3)
     assert not re.search(r"[1-9]\d* bytes spill", proc.stderr), proc.stderr
 
 

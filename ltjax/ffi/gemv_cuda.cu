@@ -24,9 +24,15 @@ namespace {
 
 constexpr unsigned kFull = 0xFFFFFFFFu;
 constexpr int kRowsPerBlock = 4;  // warps per block
+// Blocks an SM must hold: the register budget ptxas gets (left to itself it chose 32 for the
+// bitmask M = 1 kernel and spilled). 8 blocks (32 warps): 64 registers; 6: 80 and 4: 128, which
+// the bitmask kernel's in-flight loads need at M = 2 and M >= 3 (96 still spilled at M = 4).
+constexpr int kMinBlocksPerSm = 8;
+template <int M>
+constexpr int kBitmaskMinBlocks = M == 1 ? 8 : M == 2 ? 6 : 4;
 
 template <int M>
-__global__ void __launch_bounds__(32 * kRowsPerBlock) BitmaskInt8Gemv(
+__global__ void __launch_bounds__(32 * kRowsPerBlock, kBitmaskMinBlocks<M>) BitmaskInt8Gemv(
     const float* __restrict__ x, const uint32_t* __restrict__ mask, const int32_t* __restrict__ row_starts,
     const uint8_t* __restrict__ packed, const float* __restrict__ scales, float* __restrict__ y, Geometry g) {
   __shared__ uint32_t select[16];
@@ -40,21 +46,30 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock) BitmaskInt8Gemv(
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.0f;
   int32_t carry = 0;  // seg == 0: the row's values in earlier steps
-  const int64_t steps = (g.w + 31) / 32;
-  for (int64_t s = 0; s < steps; ++s) {
-    const uint32_t word = LaneWord(mask, g, r, s, lane);
+  const uint32_t* mrow = mask + r * g.w;
+  const int32_t* srow = row_starts + r * g.gc;
+  const int32_t nw = static_cast<int32_t>(g.w);
+  const int tile_shift = TileShift(g);
+  const bool carried = g.seg == 0;
+  const int32_t nnz = g.nnz;
+  const int64_t kp = g.kp;
+  // Software-pipelined: step s + 1's mask word and row start are loaded while step s decodes.
+  uint32_t word = WordAt(mrow, lane, nw);
+  int32_t start = RowStartAt(srow, lane, nw, tile_shift);
+  for (int32_t w = lane; w - lane < nw; w += 32) {  // w: this lane's word in the step
+    const uint32_t next_word = WordAt(mrow, w + 32, nw);
+    const int32_t next_start = RowStartAt(srow, w + 32, nw, tile_shift);
     const uint32_t cnt = Popc(word);
     uint32_t incl = cnt;
     for (int d = 1; d < lanes; d <<= 1) {
       const uint32_t v = __shfl_up_sync(kFull, incl, d);
       if ((lane & (lanes - 1)) >= d) incl += v;
     }
-    const int64_t w = 32 * s + lane;
-    if (word != 0) {
-      const int32_t p = row_starts[r * g.gc + TileColumn(g, w)] + carry + static_cast<int32_t>(incl - cnt);
-      DecodeWord<M>(word, p, packed, g.nnz, select, x, g.kp, static_cast<int32_t>(32 * w), acc);
-    }
-    if (g.seg == 0) carry += static_cast<int32_t>(__shfl_sync(kFull, incl, 31));
+    if (word != 0)
+      DecodeWord<M>(word, start + carry + static_cast<int32_t>(incl - cnt), packed, nnz, select, x, kp, 32 * w, acc);
+    if (carried) carry += static_cast<int32_t>(__shfl_sync(kFull, incl, 31));
+    word = next_word;
+    start = next_start;
   }
 #pragma unroll
   for (int m = 0; m < M; ++m)
@@ -67,9 +82,9 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock) BitmaskInt8Gemv(
   }
 }
 
-// int8: 16 codes per lane per load, 512 columns per warp step, four loads in flight.
+// int8: 16 codes per lane per load, 512 columns per warp step, 2-4 loads in flight.
 template <int M>
-__global__ void __launch_bounds__(32 * kRowsPerBlock) Int8Gemv(
+__global__ void __launch_bounds__(32 * kRowsPerBlock, kMinBlocksPerSm) Int8Gemv(
     const float* __restrict__ x, const uint8_t* __restrict__ codes, const float* __restrict__ scales,
     float* __restrict__ y, Geometry g) {
   const int lane = threadIdx.x & 31;
@@ -80,7 +95,8 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock) Int8Gemv(
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.0f;
   const int32_t k = static_cast<int32_t>(g.kp);
-#pragma unroll 4
+  constexpr int kUnroll = M == 1 ? 4 : 2;  // loads in flight per lane; M >= 3 unrolled 4 spills at 64 registers
+#pragma unroll kUnroll
   for (int32_t c = 16 * lane; c < k; c += 512) Int8Chunk<M>(row, x, g.kp, c, acc);
 #pragma unroll
   for (int m = 0; m < M; ++m)

@@ -30,14 +30,16 @@ void EmulateRows(const Geometry& g, const float* x, const uint32_t* mask, const 
   uint32_t select[16];
   for (uint32_t n = 0; n < 16; ++n) select[n] = SelectorOf(n);
   const int lanes = g.seg == 0 ? 32 : g.seg;
-  const int64_t steps = (g.w + 31) / 32;
+  const int32_t nw = static_cast<int32_t>(g.w);
   for (int64_t r = 0; r < g.n; ++r) {
+    const uint32_t* mrow = mask + r * g.w;
+    const int32_t* srow = row_starts + r * g.gc;
     float acc[32][M] = {};
     int32_t carry = 0;
-    for (int64_t s = 0; s < steps; ++s) {
+    for (int32_t w0 = 0; w0 < nw; w0 += 32) {  // a step: lane l holds word w0 + l
       uint32_t word[32], cnt[32], incl[32];
       for (int l = 0; l < 32; ++l) {
-        word[l] = LaneWord(mask, g, r, s, l);
+        word[l] = WordAt(mrow, w0 + l, nw);
         cnt[l] = incl[l] = Popc(word[l]);
       }
       for (int d = 1; d < lanes; d <<= 1) {  // __shfl_up_sync: every lane reads before any writes
@@ -47,10 +49,9 @@ void EmulateRows(const Geometry& g, const float* x, const uint32_t* mask, const 
           if ((l & (lanes - 1)) >= d) incl[l] += up[l];
       }
       for (int l = 0; l < 32; ++l) {
-        const int64_t w = 32 * s + l;
         if (word[l] == 0) continue;
-        const int32_t p = row_starts[r * g.gc + TileColumn(g, w)] + carry + static_cast<int32_t>(incl[l] - cnt[l]);
-        DecodeWord<M>(word[l], p, packed, g.nnz, select, x, g.kp, static_cast<int32_t>(32 * w), acc[l]);
+        const int32_t p = RowStartAt(srow, w0 + l, nw, TileShift(g)) + carry + static_cast<int32_t>(incl[l] - cnt[l]);
+        DecodeWord<M>(word[l], p, packed, g.nnz, select, x, g.kp, 32 * (w0 + l), acc[l]);
       }
       if (g.seg == 0) carry += static_cast<int32_t>(incl[31]);
     }

@@ -39,6 +39,7 @@ inline ffi::Error MakeGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& ma
   g->m = static_cast<int>(x.dimensions()[0]);
   g->kp = x.dimensions()[1];
   g->nnz = static_cast<int32_t>(codes.dimensions()[0]);
+  if (g->kp >= (int64_t{1} << 31)) return Invalid("the GEMV needs K < 2**31, got x " + DimsOf(x));
   if (g->kp != 32 * g->w)
     return Invalid("x must have 32 columns per mask word, got " + DimsOf(x) + " for mask " + DimsOf(mask));
   if (g->m < 1 || g->m > kMaxM) return Invalid("the GEMV takes 1 to 4 rows of x, got " + DimsOf(x));

@@ -121,10 +121,11 @@ LTJAX_HD uint32_t PackedWordSlow(const uint8_t* packed, int32_t nnz, int32_t i) 
   return w;
 }
 
-// Words i, i + 1, i + 2 of the packed codes: three aligned loads where all lie inside the array.
+// Words i, i + 1, i + 2 of the packed codes: three aligned loads (Fast: the caller checked they
+// lie inside the array), else byte by byte.
+template <bool Fast>
 LTJAX_HD void PackedWords3(const uint8_t* packed, int32_t nnz, int32_t i, uint32_t* w) {
-  const int32_t lim = (nnz >> 2) - 2;  // i in [0, lim): words i .. i + 2 are whole words of the array
-  if (lim > 0 && static_cast<uint32_t>(i) < static_cast<uint32_t>(lim)) {
+  if (Fast) {
 #ifdef __CUDA_ARCH__
     const uint32_t* p = reinterpret_cast<const uint32_t*>(packed) + i;
     w[0] = __ldg(p), w[1] = __ldg(p + 1), w[2] = __ldg(p + 2);
@@ -135,7 +136,6 @@ LTJAX_HD void PackedWords3(const uint8_t* packed, int32_t nnz, int32_t i, uint32
     for (int j = 0; j < 3; ++j) w[j] = PackedWordSlow(packed, nnz, i + j);
   }
 }
-
 
 // ------------------------------------------------------------------ step 3: one lane's word
 // acc[m] += sum over the 4 codes in v (bytes, absent = 0) of code * x[m][c + i].
@@ -157,19 +157,19 @@ LTJAX_HD void Fma4(uint32_t v, const float* x, int64_t kp, int32_t c, float* acc
 }
 
 // The 32 codes of mask word `word` (columns c0 .. c0 + 31), whose first nonzero is packed[p].
-template <int M>
-LTJAX_HD void DecodeWord(uint32_t word, int32_t p, const uint8_t* packed, int32_t nnz, const uint32_t* select,
-                         const float* x, int64_t kp, int32_t c0, float* acc) {
+// Every byte of the word is decoded, absent or not (no branch, so the compiler issues all the
+// word's loads before the first use); absent codes come out 0 and add 0.
+template <int M, bool Fast>
+LTJAX_HD void DecodeWordAs(uint32_t word, int32_t p, const uint8_t* packed, int32_t nnz, const uint32_t* select,
+                           const float* x, int64_t kp, int32_t c0, float* acc) {
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     const uint32_t mb = (word >> (8 * k)) & 0xFF;
-    if (mb == 0) continue;
     // Packed index of this byte's first nonzero (int32: the format's offsets are int32).
     const int32_t q = p + static_cast<int32_t>(Popc(word & ((1u << (8 * k)) - 1u)));
-    const int32_t wi = q >> 2;  // floor, also for a (damaged) negative q
     const uint32_t sh = static_cast<uint32_t>(q & 3) * 8;
     uint32_t w[3];
-    PackedWords3(packed, nnz, wi, w);
+    PackedWords3<Fast>(packed, nnz, q >> 2, w);  // q >> 2: floor, also for a (damaged) negative q
     const uint32_t lo = FunnelShiftRC(w[0], w[1], sh), hi = FunnelShiftRC(w[1], w[2], sh);  // packed[q .. q + 7]
     const uint32_t n0 = mb & 0xF, n1 = mb >> 4;
     const uint32_t v0 = BytePerm(lo, 0, select[n0]);
@@ -177,6 +177,17 @@ LTJAX_HD void DecodeWord(uint32_t word, int32_t p, const uint8_t* packed, int32_
     Fma4<M>(v0, x, kp, c0 + 8 * k, acc);
     Fma4<M>(v1, x, kp, c0 + 8 * k + 4, acc);
   }
+}
+
+// The same, with one bounds check for the whole word: the fast path where every packed word it
+// may read (at most words (p + 24) / 4 + 2, for 32 values from p) lies inside the array.
+template <int M>
+LTJAX_HD void DecodeWord(uint32_t word, int32_t p, const uint8_t* packed, int32_t nnz, const uint32_t* select,
+                         const float* x, int64_t kp, int32_t c0, float* acc) {
+  if (p >= 0 && ((p + 24) >> 2) + 3 <= (nnz >> 2))
+    DecodeWordAs<M, true>(word, p, packed, nnz, select, x, kp, c0, acc);
+  else
+    DecodeWordAs<M, false>(word, p, packed, nnz, select, x, kp, c0, acc);
 }
 
 // int8: the 16 codes of row `row` at columns c .. c + 15 (c % 16 == 0), against x [M, kp].
@@ -198,14 +209,17 @@ struct Geometry {
   int m;
 };
 
-// Step 1: the word lane `lane` holds in step `s` of row r (0 past the row's end).
-LTJAX_HD uint32_t LaneWord(const uint32_t* mask, const Geometry& g, int64_t r, int64_t s, int lane) {
-  const int64_t w = 32 * s + lane;
-  return w < g.w ? mask[r * g.w + w] : 0u;
+// Step 1: word w of a row's mask words `mrow` (0 past the row's end, w >= nw).
+LTJAX_HD uint32_t WordAt(const uint32_t* mrow, int32_t w, int32_t nw) { return w < nw ? mrow[w] : 0u; }
+
+// The packed index of the row's first value in the tile column of word w (`srow`: the row's
+// starts, one per tile column; 0 past the row's end). `tile_shift`: log2 of the words per tile
+// column, or 31 for one tile column (every w < nw maps to column 0).
+LTJAX_HD int32_t RowStartAt(const int32_t* srow, int32_t w, int32_t nw, int tile_shift) {
+  return w < nw ? srow[w >> tile_shift] : 0;
 }
 
-// The tile column of word w.
-LTJAX_HD int64_t TileColumn(const Geometry& g, int64_t w) { return g.seg == 0 ? 0 : w >> g.seg_log2; }
+LTJAX_HD int TileShift(const Geometry& g) { return g.seg == 0 ? 31 : g.seg_log2; }
 
 }  // namespace gemv
 }  // namespace ltjax
