@@ -3,7 +3,8 @@
 # written as a tuned-table file), then, with that table ($LTJAX_PALLAS_TUNED), the matmul and
 # unpack benchmark at K = N = 8192 and the Pallas kernel and op tests run natively
 # (interpret=False); writes OUTDIR/gpu_check.json (device, jax version, commit, sweep, tuned
-# rows, benchmark rows, test summary) beside the raw logs (8 files in all).
+# rows, benchmark rows, CUDA GEMV build log and rows, test summary) beside the raw logs (11 files
+# in all).
 #
 #   benchmarks/gpu_check.sh OUTDIR
 #
@@ -19,8 +20,9 @@
 # "--only bitmask int8_matmul/64/float32"), GPU_CHECK_SWEEP_S (default 100; 0 skips the sweep),
 # GPU_CHECK_BENCH_S (default 180; 0 skips the benchmark), GPU_CHECK_CUDA_S (default 45; 0 skips the
 # CUDA GEMV benchmark), GPU_CHECK_TESTS_K (a pytest -k filter), PYTHON (default python).
-# The CUDA GEMV (ltjax/ffi/_ltjax_cuda.so, built by `pip install -e .` where nvcc is) is git-ignored:
-# carry it to the GPU machine; without it its stage records the Pallas rows and why.
+# The CUDA GEMVs' library (ltjax/ffi/_ltjax_cuda.so, git-ignored) is built here with nvcc when the
+# tree lacks it (`python -m ltjax.ffi.gemv --build`, ~15 s; log in OUTDIR/cuda_build.log); without
+# nvcc or a carried copy, their stage records the Pallas rows and why.
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -41,6 +43,16 @@ echo "== device"
 DEVICE=$({ nvidia-smi -L 2>&1 | head -2
   "$PY" -c "import jax; print(jax.__version__, jax.default_backend(), jax.devices())" 2>&1; })
 echo "$DEVICE"
+
+echo "== CUDA GEMV library"
+if [ -f ltjax/ffi/_ltjax_cuda.so ]; then
+  echo "present (carried)" | tee "$OUT/cuda_build.log"
+elif command -v nvcc > /dev/null; then
+  timeout 120 "$PY" -m ltjax.ffi.gemv --build ltjax/ffi/_ltjax_cuda.so > "$OUT/cuda_build.log" 2>&1
+  echo "nvcc build rc=$?" | tee -a "$OUT/cuda_build.log"
+else
+  echo "no nvcc and no carried ltjax/ffi/_ltjax_cuda.so" | tee "$OUT/cuda_build.log"
+fi
 
 if [ "$SWEEP_S" -gt 0 ]; then
   echo "== block-size sweep (${SWEEP_S} s), fastest per group -> tuned.json"
@@ -122,6 +134,7 @@ bench_path = os.path.join(out, "matmul_bench.json")
 load = lambda p: json.load(open(p)) if os.path.exists(p) else None
 bench, sweep = load(bench_path), load(os.path.join(out, "sweep.json"))
 cuda_bench = load(os.path.join(out, "matmul_cuda.json"))
+cuda_build = open(os.path.join(out, "cuda_build.log")).read()[-2000:] if os.path.exists(os.path.join(out, "cuda_build.log")) else None
 try:  # a COMMIT file, written before the tree was sent, wins over a copied .git (seen stale there)
     from benchmarks._common import git_info
     git = git_info()
@@ -133,7 +146,7 @@ result = dict(device=device, backend=backend, jax_version=jax_version,
                                                    "GPU_CHECK_SWEEP_S", "GPU_CHECK_BENCH_S", "GPU_CHECK_CUDA_S")},
               device_probe=os.environ.get("GPU_CHECK_DEVICE"), tuned_table=os.environ.get("LTJAX_PALLAS_TUNED"),
               seconds={"sweep": t1 - t0, "benchmark": t2 - t1, "tests": t3 - t2},
-              tests=tests, benchmark_rc=bench_rc, benchmark=bench, cuda_benchmark=cuda_bench, sweep_rc=sweep_rc, sweep=sweep,
+              tests=tests, benchmark_rc=bench_rc, benchmark=bench, cuda_build=cuda_build, cuda_benchmark=cuda_bench, sweep_rc=sweep_rc, sweep=sweep,
               tuned=load(os.path.join(out, "tuned.json")))
 with open(os.path.join(out, "gpu_check.json"), "w") as f:
     json.dump(result, f, indent=1)

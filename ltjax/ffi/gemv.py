@@ -70,6 +70,16 @@ def _register_cuda() -> str | None:
     return _state["reason"]
 
 
+def nvcc_command(out: str | os.PathLike, *extra: str) -> list[str]:
+    """The nvcc line that builds ``_ltjax_cuda.so`` at ``out`` (sm_80 and sm_90, static CUDA
+    runtime), as CMakeLists.txt does at install time; ``python -m ltjax.ffi.gemv --build OUT``
+    runs it (benchmarks/gpu_check.sh, on a GPU machine with nvcc but no install)."""
+    here = Path(__file__).parent
+    return ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static",
+            f"-I{jax.ffi.include_dir()}", f"-I{here}", "-gencode", "arch=compute_80,code=sm_80",
+            "-gencode", "arch=compute_90,code=sm_90", *extra, "-o", str(out), str(here / "gemv_cuda.cu")]
+
+
 def enabled() -> bool:
     """Whether ``impl=None`` may pick the CUDA GEMV on a GPU (``LTJAX_CUDA_GEMV=1``; off until timed)."""
     return os.environ.get("LTJAX_CUDA_GEMV", "") == "1"
@@ -137,3 +147,12 @@ def gemv(x2: jax.Array, ct: CompressedTensor) -> jax.Array:
     call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
     y = call(xf, mask, row_starts(ct), jnp.asarray(ct.codes), jnp.asarray(ct.scales), seg_words=np.int64(seg_words(ct)))
     return y.astype(x2.dtype)
+
+
+if __name__ == "__main__":  # python -m ltjax.ffi.gemv --build OUT
+    import subprocess
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "--build":
+        sys.exit("usage: python -m ltjax.ffi.gemv --build OUT.so")
+    sys.exit(subprocess.run(nvcc_command(sys.argv[2])).returncode)
