@@ -65,9 +65,48 @@ def test_emulated_gemv_matches_reference(k, n, m, tile, sparsity, dtype):
     ct = _ct(k * 7 + n, k, n, tile, sparsity)
     assert gemv.seg_words(ct) is not None and gemv.why_not(jnp.zeros((m, k)), ct, emulate=True) is None
     x = jnp.asarray(np.random.default_rng(k + m).standard_normal((m, k)), dtype)
-    got = ltjax.matmul(x, ct, impl="cuda")
+    got = gemv.gemv(x, ct, kernel="gemv")
     assert got.dtype == dtype and got.shape == (m, n)
     _close(got, _want(x, ct), dtype)
+    _close(ltjax.matmul(x, ct, impl="cuda"), _want(x, ct), dtype)  # M >= 2: the MMA kernel
+
+
+# The MMA kernel (bitmask_int8, M <= 16): 16-row warps over ragged N, odd word counts (a half-empty
+# last step), tile columns of 1, 2, 8 and 32 words and one spanning the row, K splits (`chunk`).
+MMA_CASES = [
+    (300, 70, 16, (16, 64), 0.5),
+    (1000, 37, 5, (8, 256), 0.9),
+    (77, 45, 2, (256, 256), 0.0),
+    (2100, 20, 16, (4, 4096), 0.5),
+    (512, 64, 9, (1, 32), 0.5),
+    (1500, 9, 1, (16, 1024), 0.3),
+    (260, 33, 12, (32, 128), 1.0),
+    (4097, 17, 3, (3, 512), 0.6),
+]
+
+
+@needs_emulation
+@pytest.mark.parametrize("k,n,m,tile,sparsity", MMA_CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_emulated_mma_matches_reference(k, n, m, tile, sparsity, dtype):
+    ct = _ct(k * 3 + n, k, n, tile, sparsity)
+    assert gemv.why_not(jnp.zeros((m, k)), ct, emulate=True) is None
+    x = jnp.asarray(np.random.default_rng(k + 7 * m).standard_normal((m, k)), dtype)
+    got = gemv.gemv(x, ct, kernel="mma")
+    assert got.dtype == dtype and got.shape == (m, n)
+    _close(got, _want(x, ct), dtype if dtype != jnp.float16 else jnp.bfloat16)
+    if m >= gemv.MMA_MIN_M:
+        assert gemv.kernel_for(x, ct) == "mma"
+
+
+def test_mma_splits_follow_tile_columns():
+    """K splits are whole tile columns (a split starts each row's prefix afresh) and bring an
+    8192^2 weight's grid to 512 row warps x 8 splits."""
+    assert gemv.mma_chunk_words(8192, 256, 8) == 32
+    for n, w, seg in [(1024, 256, 8), (70, 10, 2), (37, 32, 8), (64, 16, 1), (5000, 100, 4)]:
+        chunk = gemv.mma_chunk_words(n, w, seg)
+        assert chunk % max(2, seg) == 0 and 1 <= -(-w // chunk) <= w
+    assert gemv.mma_chunk_words(45, 3, 0) >= 3  # one tile column: one split
 
 
 # int8 (K % 16 == 0): rows shorter than a warp's 512-column step, not a multiple of it, and several steps.
@@ -123,15 +162,19 @@ def test_gradients_jit_and_vmap():
 
 def test_refusals_name_the_reason():
     ct = _ct(5, 64, 16, (16, 64), 0.5)
-    assert "1 to 4 rows" in gemv.why_not(jnp.zeros((5, 64)), ct, emulate=True)
+    assert "1 to 16 rows" in gemv.why_not(jnp.zeros((17, 64)), ct, emulate=True)
+    int8_64 = jax.tree.map(jnp.asarray, pack(_weight(5, 64, 16, 0.0), "int8"))
+    assert "1 to 4 rows" in gemv.why_not(jnp.zeros((5, 64)), int8_64, emulate=True)
+    with pytest.raises(ValueError, match="1 to 4 rows of x"):
+        gemv.gemv(jnp.zeros((5, 64)), ct, kernel="gemv")
     raw = jax.tree.map(jnp.asarray, pack(_weight(6, 64, 16, 0.0), "raw"))
     assert "decodes int8 and bitmask_int8, not 'raw'" in gemv.why_not(jnp.zeros((1, 64)), raw, emulate=True)
     int8 = jax.tree.map(jnp.asarray, pack(_weight(6, 72, 16, 0.0), "int8"))
     assert "K % 16 == 0" in gemv.why_not(jnp.zeros((1, 72)), int8, emulate=True)
     odd = _ct(7, 300, 16, (16, 96), 0.5)  # tile columns of 3 words, several per row
     assert gemv.seg_words(odd) is None and "tile columns" in gemv.why_not(jnp.zeros((1, 300)), odd, emulate=True)
-    with pytest.raises(ValueError, match="impl='cuda' cannot run: .*1 to 4 rows"):
-        ltjax.matmul(jnp.zeros((5, 64)), ct, impl="cuda")
+    with pytest.raises(ValueError, match="impl='cuda' cannot run: .*1 to 16 rows"):
+        ltjax.matmul(jnp.zeros((17, 64)), ct, impl="cuda")
     if not ON_GPU:
         assert "needs a CUDA GPU" in gemv.why_not(jnp.zeros((1, 64)), ct)
         assert ltjax.matmul_impl(jnp.zeros((1, 64)), ct) != "cuda"  # never picked off-GPU
@@ -152,6 +195,17 @@ def test_handler_rejects_bad_operands():
     with pytest.raises(Exception, match=r"the GEMV takes 1 to 4 rows of x, got \[5, 64\]"):
         jax.ffi.ffi_call(gemv.TARGET, jax.ShapeDtypeStruct((5, 16), jnp.float32))(
             jnp.zeros((5, 64), jnp.float32), *args[1:], seg_words=np.int64(2))
+    mma = jax.ffi.ffi_call(gemv.MMA_TARGET, jax.ShapeDtypeStruct((1, 8, 16), jnp.float32))
+    xb = jnp.zeros((8, 64), jnp.bfloat16)
+    with pytest.raises(Exception, match=r"x must be bfloat16 \[Mp, 64 ceil\(W / 2\)\], got \[8, 64\]"):
+        mma(xb.astype(jnp.float32), *args[1:], seg_words=np.int64(2), chunk_words=np.int64(2))
+    with pytest.raises(Exception, match="chunk_words must be even, a multiple of seg_words"):
+        mma(xb, *args[1:], seg_words=np.int64(2), chunk_words=np.int64(3))
+    with pytest.raises(Exception, match=r"the MMA kernel takes 8, 16, ..., 48 rows of x, got \[4, 64\]"):
+        mma(xb[:4], *args[1:], seg_words=np.int64(2), chunk_words=np.int64(2))
+    with pytest.raises(Exception, match=r"y must be float32 \[splits, Mp, N\] = \[1, 8, 16\]"):
+        jax.ffi.ffi_call(gemv.MMA_TARGET, jax.ShapeDtypeStruct((2, 8, 16), jnp.float32))(
+            xb, *args[1:], seg_words=np.int64(2), chunk_words=np.int64(2))
     int8 = jax.tree.map(jnp.asarray, pack(_weight(9, 40, 8, 0.0), "int8"))
     call8 = jax.ffi.ffi_call(gemv.INT8_TARGET, jax.ShapeDtypeStruct((1, 8), jnp.float32))
     with pytest.raises(Exception, match=r"the int8 GEMV needs K % 16 == 0 \(16-byte rows\), got codes \[8, 40\]"):
@@ -166,6 +220,9 @@ def test_lowers_for_cuda():
         lowering_platforms=("cuda",)).as_text()
     assert re.search(r"custom_call.*ltjax_bitmask_int8_gemv", text) or "@ltjax_bitmask_int8_gemv" in text
     assert "seg_words = 4" in text
+    text = jax.jit(gemv.gemv).trace(jax.ShapeDtypeStruct((12, 256), jnp.float32), ct).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "ltjax_bitmask_int8_mma" in text and "chunk_words" in text
     int8 = jax.tree.map(jnp.asarray, pack(_weight(10, 256, 32, 0.0), "int8"))
     text = jax.jit(gemv.gemv).trace(jax.ShapeDtypeStruct((2, 256), jnp.float32), int8).lower(
         lowering_platforms=("cuda",)).as_text()
@@ -180,15 +237,16 @@ def test_cuda_library_builds_without_spills(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", proc.stderr)]
-    assert len(regs) == 16, proc.stderr  # two codecs, M = 1..4, two architectures
-    assert max(regs) <= 128, regs  # the launch bounds: 64 (M = 1, int8) to 128 (bitmask_int8, M >= 3)
+    assert len(regs) == 28, proc.stderr  # (GEMVs: two codecs x M = 1..4, MMA: 1..6 n8 tiles) x two architectures
+    assert max(regs) <= 128, regs  # the launch bounds: 64 (M = 1, int8) to 128
     assert not re.search(r"[1-9]\d* bytes spill", proc.stderr), proc.stderr
     lib = ctypes.CDLL(str(tmp_path / "lib.so"))
-    assert lib.LtjaxBitmaskInt8GemvCuda and lib.LtjaxInt8GemvCuda
+    assert lib.LtjaxBitmaskInt8GemvCuda and lib.LtjaxInt8GemvCuda and lib.LtjaxBitmaskInt8MmaCuda
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs in benchmarks/gpu_check.sh)")
-@pytest.mark.parametrize("k,n,m,tile,sparsity", CASES + [(4096, 4096, 1, (256, 256), 0.5), (8192, 1024, 4, (256, 256), 0.9)]
+@pytest.mark.parametrize("k,n,m,tile,sparsity", CASES + MMA_CASES
+                         + [(4096, 4096, 1, (256, 256), 0.5), (8192, 1024, 4, (256, 256), 0.9), (8192, 2048, 16, (256, 256), 0.5)]
                          + [(k, n, m, None, None) for k, n, m in INT8_CASES + [(8192, 2048, 1)]])
 def test_native_gpu_gemv_matches_reference(k, n, m, tile, sparsity):
     if sparsity is None:
@@ -199,6 +257,9 @@ def test_native_gpu_gemv_matches_reference(k, n, m, tile, sparsity):
     if reason is not None and "not built" in reason:
         pytest.skip(reason)
     assert reason is None, reason
-    x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.float32)
-    _close(jax.jit(gemv.gemv)(x, ct), _want(x, ct), jnp.float32)
+    kernels = ["gemv"] if ct.codec == "int8" else ["gemv", "mma"] if m <= 4 else ["mma"]
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), dtype)
+        for kernel in kernels:
+            _close(jax.jit(gemv.gemv, static_argnames="kernel")(x, ct, kernel=kernel), _want(x, ct), dtype)
     assert ltjax.matmul_impl(x, ct, impl="cuda") == "cuda"

@@ -30,8 +30,11 @@ from ltjax._format import CompressedTensor
 
 TARGET = "ltjax_bitmask_int8_gemv"
 INT8_TARGET = "ltjax_int8_gemv"
+MMA_TARGET = "ltjax_bitmask_int8_mma"
 CODECS = ("int8", "bitmask_int8")
-MAX_M = 4
+MAX_M = {"int8": 4, "bitmask_int8": 16}  # rows of x each codec's kernels take
+MMA_MIN_M = 2  # bitmask_int8 from here on: the tensor-core kernel (one conversion per code, not M FMAs)
+_MMA_TARGET_WARPS = 4096  # K splits until the grid has about this many warps (8192^2: 512 row warps x 8)
 X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 _state: dict = {"done": False, "reason": None}
 
@@ -65,6 +68,7 @@ def _register_cuda() -> str | None:
         lib = ctypes.CDLL(str(libs[0]))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LtjaxBitmaskInt8GemvCuda), platform="CUDA")
         jax.ffi.register_ffi_target(INT8_TARGET, jax.ffi.pycapsule(lib.LtjaxInt8GemvCuda), platform="CUDA")
+        jax.ffi.register_ffi_target(MMA_TARGET, jax.ffi.pycapsule(lib.LtjaxBitmaskInt8MmaCuda), platform="CUDA")
     except Exception as e:  # noqa: BLE001 - any load/registration failure means "not available"
         _state["reason"] = f"{libs[0]} could not be loaded: {type(e).__name__}: {e}"
     return _state["reason"]
@@ -105,8 +109,8 @@ def why_not(x2: Any, ct: CompressedTensor, *, emulate: bool = False) -> str | No
         return f"the CUDA GEMV decodes {' and '.join(CODECS)}, not {ct.codec!r}"
     if ct.ndim != 2 or ct.header.axis != 1:
         return f"the CUDA GEMV needs a 2-D weight stored [N, K] (axis=1); got shape={ct.shape} axis={ct.header.axis}"
-    if x2.ndim != 2 or not 1 <= x2.shape[0] <= MAX_M:
-        return f"the CUDA GEMV takes 1 to {MAX_M} rows of x; got x{tuple(x2.shape)}"
+    if x2.ndim != 2 or not 1 <= x2.shape[0] <= MAX_M[ct.codec]:
+        return f"the CUDA {ct.codec} kernels take 1 to {MAX_M[ct.codec]} rows of x; got x{tuple(x2.shape)}"
     if np.dtype(x2.dtype) not in X_DTYPES:
         return f"the CUDA GEMV takes float32/bfloat16/float16 x, got {np.dtype(x2.dtype)}"
     if ct.codec == "int8" and ct.shape[0] % 16:
@@ -131,9 +135,59 @@ def row_starts(ct: CompressedTensor) -> jax.Array:
     return starts.astype(jnp.int32)
 
 
-def gemv(x2: jax.Array, ct: CompressedTensor) -> jax.Array:
+def kernel_for(x2: Any, ct: CompressedTensor) -> str:
+    """Which CUDA kernel `gemv` runs: ``"gemv"`` (FMA, one warp a row) or ``"mma"`` (bitmask_int8
+    at M >= MMA_MIN_M: tensor cores over 16 decoded rows a warp)."""
+    return "mma" if ct.codec == "bitmask_int8" and x2.shape[0] >= MMA_MIN_M else "gemv"
+
+
+def mma_chunk_words(n: int, w: int, seg: int) -> int:
+    """Mask words per K split of the MMA kernel: whole tile columns (so a split starts a row's
+    prefix at its tile column's start), as many splits as bring the grid to ~4096 warps."""
+    if seg == 0 or w == 0:  # one tile column: no split (its prefix runs along the whole row)
+        return max(2, w + (w & 1))
+    unit = max(2, seg)
+    splits = max(1, min(-(-_MMA_TARGET_WARPS // -(-n // 16)), -(-w // unit)))
+    return unit * -(-(-(-w // splits)) // unit)
+
+
+def _mma(x2: jax.Array, ct: CompressedTensor) -> jax.Array:
+    """bitmask_int8 on the tensor cores: x as bf16 rows (f32 and f16 x as an exact hi/mid/lo split,
+    three bf16 rows each, whose three partial products are added in f32), padded to 8-row tiles."""
+    from ltjax.pallas._decode import split_bf16  # the one implementation of the exact split
+
+    n, k = ct.header.storage_shape
+    m = x2.shape[0]
+    mask = jnp.asarray(ct.mask)
+    w = mask.shape[1]
+    parts = (x2.astype(jnp.bfloat16),) if x2.dtype == jnp.bfloat16 else split_bf16(x2.astype(jnp.float32))
+    xb = jnp.concatenate(parts, axis=0)
+    rows = xb.shape[0]
+    mp, kp = 8 * -(-rows // 8), 64 * -(-w // 2)
+    xb = jnp.pad(xb, ((0, mp - rows), (0, kp - k)))
+    seg = seg_words(ct)
+    chunk = mma_chunk_words(n, w, seg)
+    splits = max(1, -(-w // chunk))
+    call = jax.ffi.ffi_call(MMA_TARGET, jax.ShapeDtypeStruct((splits, mp, n), jnp.float32), vmap_method="sequential")
+    y = call(xb, mask, row_starts(ct), jnp.asarray(ct.codes), jnp.asarray(ct.scales), seg_words=np.int64(seg),
+             chunk_words=np.int64(chunk))
+    y = y.sum(axis=0)[:rows].reshape(len(parts), m, n).sum(axis=0)
+    return y.astype(x2.dtype)
+
+
+def gemv(x2: jax.Array, ct: CompressedTensor, *, kernel: str | None = None) -> jax.Array:
     """``x2 [M, K] @ W.T -> [M, N]`` in x2's dtype, W the [N, K] storage of an int8 or bitmask_int8
-    ``ct`` (f32 accumulation of exact code * x products, times the row's scale)."""
+    ``ct`` (f32 accumulation of exact code * x products, times the row's scale). ``kernel``:
+    ``"gemv"`` or ``"mma"`` (bitmask_int8, M <= 4 either; default `kernel_for`)."""
+    kernel = kernel or kernel_for(x2, ct)
+    if kernel == "mma":
+        if ct.codec != "bitmask_int8":
+            raise ValueError(f"the CUDA MMA kernel decodes bitmask_int8, not {ct.codec!r}")
+        return _mma(x2, ct)
+    if kernel != "gemv":
+        raise ValueError(f"kernel={kernel!r}: choose 'gemv', 'mma' or None")
+    if x2.shape[0] > 4:
+        raise ValueError(f"the CUDA GEMV takes 1 to 4 rows of x, got x{tuple(x2.shape)}; the MMA kernel takes up to 16")
     n, k = ct.header.storage_shape
     m = x2.shape[0]
     out = jax.ShapeDtypeStruct((m, n), jnp.float32)

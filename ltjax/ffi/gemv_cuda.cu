@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, kBitmaskMinBlocks<M>) Bitm
       if ((lane & (lanes - 1)) >= d) incl += v;
     }
     if (word != 0)
-      DecodeWord<M>(word, start + carry + static_cast<int32_t>(incl - cnt), packed, nnz, select, x, kp, 32 * w, acc);
+      DecodeWord(word, start + carry + static_cast<int32_t>(incl - cnt), packed, nnz, select, FmaSink<M>{x, kp, 32 * w, acc});
     if (carried) carry += static_cast<int32_t>(__shfl_sync(kFull, incl, 31));
     word = next_word;
     start = next_start;
@@ -80,6 +80,131 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, kBitmaskMinBlocks<M>) Bitm
 #pragma unroll
     for (int m = 0; m < M; ++m) y[m * g.n + r] = acc[m] * sc;
   }
+}
+
+ffi::Error Launched() {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("ltjax: CUDA GEMV launch: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+// bitmask_int8, 2 <= M <= 16: a warp decodes 16 weight rows, 64 columns a step, into bf16 in shared
+// memory, and the tensor cores multiply them with NT n8 tiles of x (gemv_warp.h, "the MMA kernel's
+// layouts"). Grid: (row blocks of 64, K splits); each split writes its own partial [Mp, N].
+__device__ __forceinline__ void LdMatrixX4(const uint16_t* p, uint32_t* a) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(addr));
+}
+
+__device__ __forceinline__ void MmaBf16(float* c, const uint32_t* a, const uint32_t* b) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <int NT>
+__global__ void __launch_bounds__(32 * kRowsPerBlock, 4) BitmaskInt8Mma(
+    const uint16_t* __restrict__ x, const uint32_t* __restrict__ mask, const int32_t* __restrict__ row_starts,
+    const uint8_t* __restrict__ packed, const float* __restrict__ scales, float* __restrict__ y, Geometry g) {
+  __shared__ uint32_t select[16];
+  __shared__ __align__(16) uint16_t tiles[kRowsPerBlock][16 * kTileStride];
+  if (threadIdx.x < 16) select[threadIdx.x] = SelectorOf(threadIdx.x);
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, half = lane & 1;
+  const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp) * 16;
+  if (r0 >= g.n) return;  // whole warps
+  const int64_t row = r0 + (lane >> 1);
+  const bool row_ok = row < g.n;
+  const int32_t nw = static_cast<int32_t>(g.w);
+  const int tile_shift = TileShift(g);
+  const uint32_t* mrow = mask + (row_ok ? row : 0) * g.w;
+  const int32_t* srow = row_starts + (row_ok ? row : 0) * g.gc;
+  uint16_t* tile = tiles[warp];
+  const int32_t w_begin = static_cast<int32_t>(blockIdx.y) * g.chunk;
+  const int32_t w_end = min(w_begin + g.chunk, nw);
+  float acc[NT][4];
+  const uint16_t* xb[NT];  // this lane's B fragments, advanced 64 columns a step
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+    xb[t] = BFragBase(x, g.kp, lane, t) + 32 * w_begin;
+  }
+  int32_t carry = 0;  // this row's values in earlier steps of the current tile column
+  for (int32_t w0 = w_begin; w0 < w_end; w0 += 2) {
+    const int32_t w = w0 + half;
+    const uint32_t word = row_ok ? WordAt(mrow, w, nw) : 0u;
+    const int32_t start = row_ok ? RowStartAt(srow, w, nw, tile_shift) : 0;
+    const uint32_t cnt = Popc(word);
+    const uint32_t other = __shfl_xor_sync(kFull, cnt, 1);
+    uint32_t vals[16];
+    if (word != 0) {
+      DecodeWord(word, MmaWordStart(start, carry, other, half, tile_shift), packed, g.nnz, select, Bf16Sink{vals});
+    } else {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) vals[i] = 0;
+    }
+    carry = MmaNextCarry(carry, cnt + other, w0, tile_shift);
+    uint4* dst = reinterpret_cast<uint4*>(tile + (lane >> 1) * kTileStride + half * 32);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dst[i] = make_uint4(vals[4 * i], vals[4 * i + 1], vals[4 * i + 2], vals[4 * i + 3]);
+    __syncwarp();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t a[4];
+      LdMatrixX4(tile + LdmRow(lane) * kTileStride + kk * 16 + LdmCol(lane), a);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        uint32_t b[2];
+        BFrag(xb[t], 16 * kk, b);
+        MmaBf16(acc[t], a, b);
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t) xb[t] += 64;
+    __syncwarp();  // the tile is rewritten next step
+  }
+  float* ys = y + static_cast<int64_t>(blockIdx.y) * g.m * g.n;
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t rr = r0 + CRow(lane, i);
+      if (rr < g.n) ys[(8 * t + CCol(lane, i)) * g.n + rr] = acc[t][i] * scales[rr];
+    }
+}
+
+ffi::Error MmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer row_starts,
+                   ffi::AnyBuffer codes, ffi::AnyBuffer scales, ffi::Result<ffi::AnyBuffer> y, int64_t seg_words,
+                   int64_t chunk_words) {
+  Geometry g;
+  if (ffi::Error err = MakeMmaGeometry(x, mask, row_starts, codes, scales, *y, seg_words, chunk_words, &g); err.failure())
+    return err;
+  if (g.n == 0) return ffi::Error::Success();
+  const int64_t row_blocks = (g.n + 16 * kRowsPerBlock - 1) / (16 * kRowsPerBlock);
+  if (row_blocks >= (int64_t{1} << 31) || g.splits > 65535) return Invalid("the MMA kernel's grid is too large");
+  if (g.w == 0) {  // no columns: the partial sums are 0
+    const cudaError_t err = cudaMemsetAsync(y->untyped_data(), 0, y->size_bytes(), stream);
+    if (err != cudaSuccess) return ffi::Error::Internal(std::string("ltjax: cudaMemsetAsync: ") + cudaGetErrorString(err));
+    return ffi::Error::Success();
+  }
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(g.splits)), block(32 * kRowsPerBlock);
+  auto* xs = static_cast<const uint16_t*>(x.untyped_data());
+  auto* ms = static_cast<const uint32_t*>(mask.untyped_data());
+  auto* rs = static_cast<const int32_t*>(row_starts.untyped_data());
+  auto* ps = static_cast<const uint8_t*>(codes.untyped_data());
+  auto* ss = static_cast<const float*>(scales.untyped_data());
+  auto* ys = static_cast<float*>(y->untyped_data());
+  switch (g.m / 8) {
+    case 1: BitmaskInt8Mma<1><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
+    case 2: BitmaskInt8Mma<2><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
+    case 3: BitmaskInt8Mma<3><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
+    case 4: BitmaskInt8Mma<4><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
+    case 5: BitmaskInt8Mma<5><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
+    default: BitmaskInt8Mma<6><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
+  }
+  return Launched();
 }
 
 // int8: 16 codes per lane per load, 512 columns per warp step, 2-4 loads in flight.
@@ -107,12 +232,6 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, kMinBlocksPerSm) Int8Gemv(
 #pragma unroll
     for (int m = 0; m < M; ++m) y[m * g.n + r] = acc[m] * sc;
   }
-}
-
-ffi::Error Launched() {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("ltjax: CUDA GEMV launch: ") + cudaGetErrorString(err));
-  return ffi::Error::Success();
 }
 
 ffi::Error Int8GemvImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer scales,
@@ -158,6 +277,18 @@ ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer mask, 
 }  // namespace
 }  // namespace gemv
 }  // namespace ltjax
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxBitmaskInt8MmaCuda, ltjax::gemv::MmaImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Attr<int64_t>("seg_words")
+                                  .Attr<int64_t>("chunk_words"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxInt8GemvCuda, ltjax::gemv::Int8GemvImpl,
                               xla::ffi::Ffi::Bind()

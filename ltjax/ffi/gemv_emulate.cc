@@ -3,6 +3,8 @@
 // Registered as "ltjax_int8_gemv" and "ltjax_bitmask_int8_gemv" for platform "cpu", so the CPU
 // tests run the decode the GPU runs through the very call ltjax makes (ltjax/ffi/gemv.py). A test vehicle, not a fast path:
 // one thread, no SIMD.
+#include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "gemv_ffi.h"
@@ -51,7 +53,7 @@ void EmulateRows(const Geometry& g, const float* x, const uint32_t* mask, const 
       for (int l = 0; l < 32; ++l) {
         if (word[l] == 0) continue;
         const int32_t p = RowStartAt(srow, w0 + l, nw, TileShift(g)) + carry + static_cast<int32_t>(incl[l] - cnt[l]);
-        DecodeWord<M>(word[l], p, packed, g.nnz, select, x, g.kp, 32 * (w0 + l), acc[l]);
+        DecodeWord(word[l], p, packed, g.nnz, select, FmaSink<M>{x, g.kp, 32 * (w0 + l), acc[l]});
       }
       if (g.seg == 0) carry += static_cast<int32_t>(incl[31]);
     }
@@ -81,6 +83,111 @@ ffi::Error EmulateInt8Impl(ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffe
     case 2: EmulateInt8Rows<2>(g, xs, cs, ss, ys); break;
     case 3: EmulateInt8Rows<3>(g, xs, cs, ss, ys); break;
     default: EmulateInt8Rows<4>(g, xs, cs, ss, ys); break;
+  }
+  return ffi::Error::Success();
+}
+
+// bf16 bits -> float.
+float Bf16(uint32_t half_bits) { return AsFloat(half_bits << 16); }
+
+// mma.m16n8k16.row.col (bf16 in, f32 accumulate) over the warp's fragments, laid out as the PTX
+// ISA has them: a_j holds row g + 8 (j & 1), columns 2 q + 8 (j >> 1) + {0, 1}; b_j rows (k)
+// 2 q + 8 j + {0, 1} of column g; c_i as CRow / CCol (g = lane >> 2, q = lane & 3).
+template <int NT>
+void MmaEmulate(const uint32_t (&a)[32][4], const uint32_t (&b)[32][NT][2], float (&c)[32][NT][4]) {
+  float A[16][16], B[NT][16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, q = l & 3;
+    for (int j = 0; j < 4; ++j)
+      for (int e = 0; e < 2; ++e) A[g + 8 * (j & 1)][2 * q + 8 * (j >> 1) + e] = Bf16((a[l][j] >> (16 * e)) & 0xFFFF);
+    for (int t = 0; t < NT; ++t)
+      for (int j = 0; j < 2; ++j)
+        for (int e = 0; e < 2; ++e) B[t][2 * q + 8 * j + e][g] = Bf16((b[l][t][j] >> (16 * e)) & 0xFFFF);
+  }
+  for (int l = 0; l < 32; ++l)
+    for (int t = 0; t < NT; ++t)
+      for (int i = 0; i < 4; ++i) {
+        float s = 0.0f;
+        for (int k = 0; k < 16; ++k) s += A[CRow(l, i)][k] * B[t][k][CCol(l, i)];
+        c[l][t][i] += s;
+      }
+}
+
+template <int NT>
+void EmulateMma(const Geometry& g, const uint16_t* x, const uint32_t* mask, const int32_t* row_starts,
+                const uint8_t* packed, const float* scales, float* y) {
+  uint32_t select[16];
+  for (uint32_t n = 0; n < 16; ++n) select[n] = SelectorOf(n);
+  const int32_t nw = static_cast<int32_t>(g.w);
+  const int tile_shift = TileShift(g);
+  std::vector<uint16_t> tile(16 * kTileStride);
+  for (int s = 0; s < g.splits; ++s) {
+    const int32_t w_begin = s * g.chunk, w_end = std::min(w_begin + g.chunk, nw);
+    float* ys = y + static_cast<int64_t>(s) * g.m * g.n;
+    for (int64_t r0 = 0; r0 < g.n; r0 += 16) {  // a warp
+      float acc[32][NT][4] = {};
+      int32_t carry[32] = {};
+      for (int32_t w0 = w_begin; w0 < w_end; w0 += 2) {
+        uint32_t cnt[32];
+        uint32_t word[32];
+        int32_t start[32];
+        for (int l = 0; l < 32; ++l) {
+          const int64_t row = r0 + (l >> 1);
+          const bool ok = row < g.n;
+          word[l] = ok ? WordAt(mask + row * g.w, w0 + (l & 1), nw) : 0u;
+          start[l] = ok ? RowStartAt(row_starts + row * g.gc, w0 + (l & 1), nw, tile_shift) : 0;
+          cnt[l] = Popc(word[l]);
+        }
+        for (int l = 0; l < 32; ++l) {
+          const uint32_t other = cnt[l ^ 1];  // __shfl_xor_sync(.., 1)
+          uint32_t vals[16] = {};
+          if (word[l] != 0)
+            DecodeWord(word[l], MmaWordStart(start[l], carry[l], other, l & 1, tile_shift), packed, g.nnz, select,
+                       Bf16Sink{vals});
+          carry[l] = MmaNextCarry(carry[l], cnt[l] + other, w0, tile_shift);
+          std::memcpy(tile.data() + (l >> 1) * kTileStride + (l & 1) * 32, vals, 64);
+        }
+        for (int kk = 0; kk < 4; ++kk) {
+          uint32_t a[32][4], b[32][NT][2];
+          for (int l = 0; l < 32; ++l) {
+            for (int j = 0; j < 4; ++j) {  // ldmatrix.x4: matrix j's row l >> 2, addressed by lane 8 j + (l >> 2)
+              const int src = 8 * j + (l >> 2);
+              std::memcpy(&a[l][j], tile.data() + LdmRow(src) * kTileStride + kk * 16 + LdmCol(src) + 2 * (l & 3), 4);
+            }
+            for (int t = 0; t < NT; ++t) BFrag(BFragBase(x, g.kp, l, t) + 32 * w0, 16 * kk, b[l][t]);
+          }
+          MmaEmulate<NT>(a, b, acc);
+        }
+      }
+      for (int l = 0; l < 32; ++l)
+        for (int t = 0; t < NT; ++t)
+          for (int i = 0; i < 4; ++i) {
+            const int64_t rr = r0 + CRow(l, i);
+            if (rr < g.n) ys[(8 * t + CCol(l, i)) * g.n + rr] = acc[l][t][i] * scales[rr];
+          }
+    }
+  }
+}
+
+ffi::Error EmulateMmaImpl(ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer row_starts, ffi::AnyBuffer codes,
+                          ffi::AnyBuffer scales, ffi::Result<ffi::AnyBuffer> y, int64_t seg_words, int64_t chunk_words) {
+  Geometry g;
+  if (ffi::Error err = MakeMmaGeometry(x, mask, row_starts, codes, scales, *y, seg_words, chunk_words, &g); err.failure())
+    return err;
+  auto* xs = static_cast<const uint16_t*>(x.untyped_data());
+  auto* ms = static_cast<const uint32_t*>(mask.untyped_data());
+  auto* rs = static_cast<const int32_t*>(row_starts.untyped_data());
+  auto* ps = static_cast<const uint8_t*>(codes.untyped_data());
+  auto* ss = static_cast<const float*>(scales.untyped_data());
+  auto* ys = static_cast<float*>(y->untyped_data());
+  std::memset(ys, 0, y->size_bytes());
+  switch (g.m / 8) {
+    case 1: EmulateMma<1>(g, xs, ms, rs, ps, ss, ys); break;
+    case 2: EmulateMma<2>(g, xs, ms, rs, ps, ss, ys); break;
+    case 3: EmulateMma<3>(g, xs, ms, rs, ps, ss, ys); break;
+    case 4: EmulateMma<4>(g, xs, ms, rs, ps, ss, ys); break;
+    case 5: EmulateMma<5>(g, xs, ms, rs, ps, ss, ys); break;
+    default: EmulateMma<6>(g, xs, ms, rs, ps, ss, ys); break;
   }
   return ffi::Error::Success();
 }
@@ -117,6 +224,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxBitmaskInt8GemvEmulated, ltjax::gemv::Emulate
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Ret<xla::ffi::AnyBuffer>()
                                   .Attr<int64_t>("seg_words"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxBitmaskInt8MmaEmulated, ltjax::gemv::EmulateMmaImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Attr<int64_t>("seg_words")
+                                  .Attr<int64_t>("chunk_words"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxInt8GemvEmulated, ltjax::gemv::EmulateInt8Impl,
                               xla::ffi::Ffi::Bind()

@@ -66,6 +66,16 @@ LTJAX_HD uint32_t FunnelShiftRC(uint32_t lo, uint32_t hi, uint32_t sh) {
 #endif
 }
 
+LTJAX_HD uint32_t FloatBits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
 LTJAX_HD float AsFloat(uint32_t u) {
 #ifdef __CUDA_ARCH__
   return __uint_as_float(u);
@@ -156,13 +166,39 @@ LTJAX_HD void Fma4(uint32_t v, const float* x, int64_t kp, int32_t c, float* acc
   }
 }
 
-// The 32 codes of mask word `word` (columns c0 .. c0 + 31), whose first nonzero is packed[p].
-// Every byte of the word is decoded, absent or not (no branch, so the compiler issues all the
-// word's loads before the first use); absent codes come out 0 and add 0.
-template <int M, bool Fast>
-LTJAX_HD void DecodeWordAs(uint32_t word, int32_t p, const uint8_t* packed, int32_t nnz, const uint32_t* select,
-                           const float* x, int64_t kp, int32_t c0, float* acc) {
+// The GEMV's sink: acc[m] += code * x[m][c0 + o + i] for the 4 codes of v at word offset o.
+template <int M>
+struct FmaSink {
+  static constexpr int kUnroll = M >= 3 ? 2 : 4;  // mask bytes decoded together (M >= 3: x loads spill at 4)
+  const float* x;
+  int64_t kp;
+  int32_t c0;
+  float* acc;
+  LTJAX_HD void operator()(uint32_t v, int o) const { Fma4<M>(v, x, kp, c0 + o, acc); }
+};
+
+// The MMA kernel's sink: the codes as bf16 (exact: at most 8 significant bits), two per word,
+// out[o / 2 + j] holding the codes at word offsets o + 2 j, o + 2 j + 1 (low half first).
+struct Bf16Sink {
+  static constexpr int kUnroll = 4;
+  uint32_t* out;
+  LTJAX_HD void operator()(uint32_t v, int o) const {
+    const uint32_t u = v ^ 0x80808080u;
+    uint32_t f[4];
 #pragma unroll
+    for (int i = 0; i < 4; ++i) f[i] = FloatBits(AsFloat(BytePerm(u, 0x4Bu, 0x4550u + i)) - 8388736.0f);
+    out[o / 2] = BytePerm(f[0], f[1], 0x7632u);  // the high halves: bf16(f[0]) | bf16(f[1]) << 16
+    out[o / 2 + 1] = BytePerm(f[2], f[3], 0x7632u);
+  }
+};
+
+// The 32 codes of mask word `word`, whose first nonzero is packed[p], handed to `sink` four at a
+// time (word offsets 0, 4, ..., 28). Every byte of the word is decoded, absent or not (no branch,
+// so the compiler issues all the word's loads before the first use); absent codes come out 0.
+template <bool Fast, typename Sink>
+LTJAX_HD void DecodeWordAs(uint32_t word, int32_t p, const uint8_t* packed, int32_t nnz, const uint32_t* select,
+                           const Sink& sink) {
+#pragma unroll Sink::kUnroll
   for (int k = 0; k < 4; ++k) {
     const uint32_t mb = (word >> (8 * k)) & 0xFF;
     // Packed index of this byte's first nonzero (int32: the format's offsets are int32).
@@ -172,22 +208,20 @@ LTJAX_HD void DecodeWordAs(uint32_t word, int32_t p, const uint8_t* packed, int3
     PackedWords3<Fast>(packed, nnz, q >> 2, w);  // q >> 2: floor, also for a (damaged) negative q
     const uint32_t lo = FunnelShiftRC(w[0], w[1], sh), hi = FunnelShiftRC(w[1], w[2], sh);  // packed[q .. q + 7]
     const uint32_t n0 = mb & 0xF, n1 = mb >> 4;
-    const uint32_t v0 = BytePerm(lo, 0, select[n0]);
-    const uint32_t v1 = BytePerm(FunnelShiftRC(lo, hi, 8 * Popc(n0)), 0, select[n1]);
-    Fma4<M>(v0, x, kp, c0 + 8 * k, acc);
-    Fma4<M>(v1, x, kp, c0 + 8 * k + 4, acc);
+    sink(BytePerm(lo, 0, select[n0]), 8 * k);
+    sink(BytePerm(FunnelShiftRC(lo, hi, 8 * Popc(n0)), 0, select[n1]), 8 * k + 4);
   }
 }
 
 // The same, with one bounds check for the whole word: the fast path where every packed word it
 // may read (at most words (p + 24) / 4 + 2, for 32 values from p) lies inside the array.
-template <int M>
+template <typename Sink>
 LTJAX_HD void DecodeWord(uint32_t word, int32_t p, const uint8_t* packed, int32_t nnz, const uint32_t* select,
-                         const float* x, int64_t kp, int32_t c0, float* acc) {
+                         const Sink& sink) {
   if (p >= 0 && ((p + 24) >> 2) + 3 <= (nnz >> 2))
-    DecodeWordAs<M, true>(word, p, packed, nnz, select, x, kp, c0, acc);
+    DecodeWordAs<true>(word, p, packed, nnz, select, sink);
   else
-    DecodeWordAs<M, false>(word, p, packed, nnz, select, x, kp, c0, acc);
+    DecodeWordAs<false>(word, p, packed, nnz, select, sink);
 }
 
 // int8: the 16 codes of row `row` at columns c .. c + 15 (c % 16 == 0), against x [M, kp].
@@ -199,6 +233,58 @@ LTJAX_HD void Int8Chunk(const uint8_t* row, const float* x, int64_t kp, int32_t 
   for (int i = 0; i < 4; ++i) Fma4<M>(v[i], x, kp, c + 4 * i, acc);
 }
 
+// ------------------------------------------------------------------ the MMA kernel's layouts
+// bitmask_int8 at 2 <= M <= 16 (gemv_cuda.cu, BitmaskInt8Mma): a warp owns 16 weight rows; in a
+// step lane l decodes word w0 + (l & 1) of row l >> 1 (64 columns of 16 rows a step) into bf16 in
+// shared memory, and `mma.m16n8k16` (bf16 in, f32 accumulate) takes the rows as A (16 x 16 per
+// instruction, loaded with `ldmatrix.x4`) and x as B (k16 x n8: 8 rows of x). The fragment
+// layouts are the PTX ISA's for m16n8k16 .bf16 (groupID = lane >> 2, threadID_in_group = lane & 3).
+constexpr int kTileStride = 72;  // bf16 per shared row: 64 + 8, so ldmatrix's 8 rows hit 8 distinct bank groups
+
+// The shared-memory row and column whose 16 bytes lane `lane` addresses in `ldmatrix.x4`:
+// matrices 0-3 are rows 0-7 / 8-15 of columns 0-7, then of columns 8-15: a0..a3 of the A fragment.
+LTJAX_HD int LdmRow(int lane) { return ((lane >> 3) & 1) * 8 + (lane & 7); }
+LTJAX_HD int LdmCol(int lane) { return (lane >> 4) * 8; }
+
+// Two bf16 at p (4-byte aligned) as one word.
+LTJAX_HD uint32_t Load2Bf16(const uint16_t* p) {
+#ifdef __CUDA_ARCH__
+  return __ldg(reinterpret_cast<const uint32_t*>(p));
+#else
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+#endif
+}
+
+// Where lane `lane`'s B fragments of n8 tile t start in x [rows, kp] (bf16, row-major): row
+// 8 t + g, column 2 q (g = lane >> 2, q = lane & 3).
+LTJAX_HD const uint16_t* BFragBase(const uint16_t* x, int64_t kp, int lane, int t) {
+  return x + (8 * t + (lane >> 2)) * kp + 2 * (lane & 3);
+}
+
+// The B fragment at column k0: b0 holds x[8 t + g][k0 + 2 q, + 1], b1 the same 8 columns on.
+LTJAX_HD void BFrag(const uint16_t* base, int32_t k0, uint32_t* b) {
+  b[0] = Load2Bf16(base + k0);
+  b[1] = Load2Bf16(base + k0 + 8);
+}
+
+// The tile row (weight row) and column (row of x) of accumulator c_i of lane `lane`.
+LTJAX_HD int CRow(int lane, int i) { return (lane >> 2) + 8 * (i >> 1); }
+LTJAX_HD int CCol(int lane, int i) { return 2 * (lane & 3) + (i & 1); }
+
+// The packed index of this lane's word in an MMA step (lanes l, l ^ 1 hold words w0, w0 + 1 of
+// one row): the row's start in the word's tile column, plus (tile columns wider than a word) the
+// row's values in earlier steps of that column and, for the second word, the first word's.
+LTJAX_HD int32_t MmaWordStart(int32_t start, int32_t carry, uint32_t first_cnt, int half, int tile_shift) {
+  return tile_shift == 0 ? start : start + carry + (half ? static_cast<int32_t>(first_cnt) : 0);
+}
+
+// The carry for the next step: reset where the next step starts a new tile column.
+LTJAX_HD int32_t MmaNextCarry(int32_t carry, uint32_t cnt_pair, int32_t w0, int tile_shift) {
+  return ((w0 + 2) >> tile_shift) != (w0 >> tile_shift) ? 0 : carry + static_cast<int32_t>(cnt_pair);
+}
+
 // ------------------------------------------------------------------ the geometry
 // Words of row r: W. Tile columns: `seg` = 2^seg_log2 words each (at most 32), or seg = 0: one
 // tile column spanning the row (the warp's packed values then continue from step to step).
@@ -206,7 +292,9 @@ struct Geometry {
   int64_t n, w, gc, kp;
   int32_t nnz;
   int seg, seg_log2;  // seg: lanes per tile column inside a step; 0: one tile column, carried across steps
-  int m;
+  int m;              // rows of x (MMA: a multiple of 8)
+  int32_t chunk;      // MMA: mask words per K split
+  int splits;         // MMA: K splits (partial outputs)
 };
 
 // Step 1: word w of a row's mask words `mrow` (0 past the row's end, w >= nw).
