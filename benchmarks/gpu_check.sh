@@ -1,28 +1,30 @@
 #!/usr/bin/env bash
-# One prepared GPU check: a block-size sweep of the kernels (the fastest candidate of each group
-# written as a tuned-table file), then, with that table ($LTJAX_PALLAS_TUNED), the matmul and
-# unpack benchmark at K = N = 8192 and the Pallas kernel and op tests run natively
-# (interpret=False); writes OUTDIR/gpu_check.json (device, jax version, commit, sweep, tuned
-# rows, benchmark rows, CUDA GEMV build log and rows, test summary) beside the raw logs (11 files
-# in all).
+# One prepared GPU check, in this order:
+#   1. the CUDA kernels' library (ltjax/ffi/_ltjax_cuda.so, git-ignored): kept if carried, else
+#      built here with nvcc (`python -m ltjax.ffi.gemv --build`, ~15 s; OUTDIR/cuda_build.log);
+#   2. a block-size sweep of the Pallas kernels, the fastest candidate of each group written as a
+#      tuned-table file ($LTJAX_PALLAS_TUNED for what follows);
+#   3. the Pallas and CUDA kernel tests and the op tests, natively (interpret=False);
+#   4. the matmul and unpack benchmark at K = N = 8192;
+#   5. the CUDA kernels against the same dense dots (LTJAX_CUDA_GEMV=1, M = 1, 4, 16).
+# Writes OUTDIR/gpu_check.json (device, jax version, commit, every stage's result) beside the raw
+# logs (11 files in all).
 #
 #   benchmarks/gpu_check.sh OUTDIR
 #
 # Runs from the source tree (PYTHONPATH=.) under a preinstalled jax with the CUDA plugin, no
-# network. Each stage has its own time limit (tests 150 s, benchmark 180 s, CUDA GEMV benchmark
-# 45 s, sweep 130 s: at most 8.4 minutes, about 3.5 in practice on an H200; trim with the knobs
-# below when the device budget is short), and the benchmarks rewrite their JSON
-# after every row, so a stage cut short still reports what it measured.
+# network. Each stage has a time limit (build 90 s, sweep GPU_CHECK_SWEEP_S + 30, tests 180,
+# benchmark 180, CUDA benchmark 60), cut to what is left of GPU_CHECK_TOTAL_S (default 450: the
+# whole check within 7.5 minutes; about 4 in practice on an H200). The benchmarks rewrite their
+# JSON after every row, so a stage cut short still reports what it measured.
 # ltjax's own dependencies must import there (crc32c is not in the GPU image: carry its wheel,
 # see benchmarks/README.md).
 # Knobs for a smoke run elsewhere: GPU_CHECK_SIZES (default 8192), GPU_CHECK_MS (default
 # "1 4 16 64"), GPU_CHECK_REPS (default 20), GPU_CHECK_SWEEP_ARGS (extra sweep options, e.g.
 # "--only bitmask int8_matmul/64/float32"), GPU_CHECK_SWEEP_S (default 100; 0 skips the sweep),
-# GPU_CHECK_BENCH_S (default 180; 0 skips the benchmark), GPU_CHECK_CUDA_S (default 45; 0 skips the
-# CUDA GEMV benchmark), GPU_CHECK_TESTS_K (a pytest -k filter), PYTHON (default python).
-# The CUDA GEMVs' library (ltjax/ffi/_ltjax_cuda.so, git-ignored) is built here with nvcc when the
-# tree lacks it (`python -m ltjax.ffi.gemv --build`, ~15 s; log in OUTDIR/cuda_build.log); without
-# nvcc or a carried copy, their stage records the Pallas rows and why.
+# GPU_CHECK_BENCH_S (default 180; 0 skips the benchmark), GPU_CHECK_CUDA_S (default 60; 0 skips the
+# CUDA benchmark), GPU_CHECK_TOTAL_S (default 450), GPU_CHECK_TESTS_K (a pytest -k filter),
+# PYTHON (default python).
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -38,6 +40,10 @@ REPS=${GPU_CHECK_REPS:-20}
 SWEEP_S=${GPU_CHECK_SWEEP_S:-100}
 BENCH_S=${GPU_CHECK_BENCH_S:-180}
 START=$(date +%s)
+# Every stage's time limit is also cut to what is left of GPU_CHECK_TOTAL_S (default 450 s: the
+# whole check, JSON included, in 7.5 minutes), keeping 15 s for the JSON.
+DEADLINE=$((START + ${GPU_CHECK_TOTAL_S:-450}))
+cap() { local left=$((DEADLINE - $(date +%s) - 15)); [ "$left" -lt 5 ] && left=5; echo $(( $1 < left ? $1 : left )); }
 
 echo "== device"
 DEVICE=$({ nvidia-smi -L 2>&1 | head -2
@@ -48,15 +54,16 @@ echo "== CUDA GEMV library"
 if [ -f ltjax/ffi/_ltjax_cuda.so ]; then
   echo "present (carried)" | tee "$OUT/cuda_build.log"
 elif command -v nvcc > /dev/null; then
-  timeout 120 "$PY" -m ltjax.ffi.gemv --build ltjax/ffi/_ltjax_cuda.so > "$OUT/cuda_build.log" 2>&1
+  timeout "$(cap 90)" "$PY" -m ltjax.ffi.gemv --build ltjax/ffi/_ltjax_cuda.so > "$OUT/cuda_build.log" 2>&1
   echo "nvcc build rc=$?" | tee -a "$OUT/cuda_build.log"
 else
   echo "no nvcc and no carried ltjax/ffi/_ltjax_cuda.so" | tee "$OUT/cuda_build.log"
 fi
+BUILD_END=$(date +%s)
 
 if [ "$SWEEP_S" -gt 0 ]; then
   echo "== block-size sweep (${SWEEP_S} s), fastest per group -> tuned.json"
-  timeout $((SWEEP_S + 30)) "$PY" -m benchmarks.pallas_sweep --budget "$SWEEP_S" --reps "$REPS" \
+  timeout "$(cap $((SWEEP_S + 30)))" "$PY" -m benchmarks.pallas_sweep --budget "$SWEEP_S" --reps "$REPS" \
     --out "$OUT/sweep.json" --write-tuned "$OUT/tuned.json" ${GPU_CHECK_SWEEP_ARGS:-} > "$OUT/sweep.log" 2>&1
   SWEEP_RC=$?
   tail -2 "$OUT/sweep.log"
@@ -64,32 +71,11 @@ else
   echo "sweep skipped (GPU_CHECK_SWEEP_S=0)" > "$OUT/sweep.log"
   SWEEP_RC=-1
 fi
-# The benchmark and the tests run with the block sizes this GPU measured fastest.
+# The tests and the benchmark run with the block sizes this GPU measured fastest.
 if [ -s "$OUT/tuned.json" ]; then export LTJAX_PALLAS_TUNED="$OUT/tuned.json"; fi
 SWEEP_END=$(date +%s)
 
-if [ "$BENCH_S" -gt 0 ]; then
-  echo "== benchmark K=N=$SIZES M=$MS"
-  # shellcheck disable=SC2086
-  timeout "$BENCH_S" "$PY" -m benchmarks.matmul --sizes $SIZES --ms $MS --reps "$REPS" \
-    --out "$OUT/matmul_bench.json" --note "gpu_check.sh" 2>&1 | tee "$OUT/bench.log"
-  BENCH_RC=${PIPESTATUS[0]}
-else
-  echo "benchmark skipped (GPU_CHECK_BENCH_S=0)" | tee "$OUT/bench.log"
-  BENCH_RC=-1
-fi
-
-CUDA_S=${GPU_CHECK_CUDA_S:-45}
-if [ "$CUDA_S" -gt 0 ]; then
-  echo "== CUDA GEMV benchmark (LTJAX_CUDA_GEMV=1: int8, bitmask_int8, M = 1, 4), K=N=$SIZES"
-  # shellcheck disable=SC2086
-  LTJAX_CUDA_GEMV=1 timeout "$CUDA_S" "$PY" -m benchmarks.matmul --sizes $SIZES --ms 1 4 --reps "$REPS" \
-    --codecs int8 bitmask_int8 --x-dtypes bfloat16 float32 --no-unpack --out "$OUT/matmul_cuda.json" \
-    --note "gpu_check.sh: LTJAX_CUDA_GEMV=1" 2>&1 | tee "$OUT/bench_cuda.log"
-fi
-BENCH_END=$(date +%s)
-
-echo "== Pallas kernel and op tests, native (LTJAX_PALLAS_INTERPRET=0)"
+echo "== Pallas and CUDA kernel and op tests, native (LTJAX_PALLAS_INTERPRET=0)"
 shopt -s nullglob
 TESTS=(tests/test_pallas*.py tests/test_gemv.py)
 PAR=()
@@ -98,7 +84,7 @@ if "$PY" -c "import xdist" 2>/dev/null; then PAR=(-n 8); fi
 if [ ${#TESTS[@]} -gt 0 ]; then
   KSEL=()
   if [ -n "${GPU_CHECK_TESTS_K:-}" ]; then KSEL=(-k "$GPU_CHECK_TESTS_K"); fi
-  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 "$PY" -m pytest -q -p no:cacheprovider "${PAR[@]}" "${KSEL[@]}" \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$(cap 180)" "$PY" -m pytest -q -p no:cacheprovider "${PAR[@]}" "${KSEL[@]}" \
     "${TESTS[@]}" tests/test_ops.py --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
   TEST_RC=$?
 else
@@ -106,15 +92,36 @@ else
   TEST_RC=-1
 fi
 tail -3 "$OUT/tests.log"
+TESTS_END=$(date +%s)
+
+if [ "$BENCH_S" -gt 0 ]; then
+  echo "== benchmark K=N=$SIZES M=$MS"
+  # shellcheck disable=SC2086
+  timeout "$(cap "$BENCH_S")" "$PY" -m benchmarks.matmul --sizes $SIZES --ms $MS --reps "$REPS" \
+    --out "$OUT/matmul_bench.json" --note "gpu_check.sh" 2>&1 | tee "$OUT/bench.log"
+  BENCH_RC=${PIPESTATUS[0]}
+else
+  echo "benchmark skipped (GPU_CHECK_BENCH_S=0)" | tee "$OUT/bench.log"
+  BENCH_RC=-1
+fi
+
+CUDA_S=${GPU_CHECK_CUDA_S:-60}
+if [ "$CUDA_S" -gt 0 ]; then
+  echo "== CUDA kernels' benchmark (LTJAX_CUDA_GEMV=1: int8, bitmask_int8, M = 1, 4, 16), K=N=$SIZES"
+  # shellcheck disable=SC2086
+  LTJAX_CUDA_GEMV=1 timeout "$(cap "$CUDA_S")" "$PY" -m benchmarks.matmul --sizes $SIZES --ms 1 4 16 --reps "$REPS" \
+    --codecs int8 bitmask_int8 --x-dtypes bfloat16 float32 --no-unpack --out "$OUT/matmul_cuda.json" \
+    --note "gpu_check.sh: LTJAX_CUDA_GEMV=1" 2>&1 | tee "$OUT/bench_cuda.log"
+fi
 END=$(date +%s)
 
 export GPU_CHECK_DEVICE="$DEVICE"
-"$PY" - "$OUT" "$TEST_RC" "$BENCH_RC" "$SWEEP_RC" "$START" "$SWEEP_END" "$BENCH_END" "$END" <<'PYEOF'
+"$PY" - "$OUT" "$TEST_RC" "$BENCH_RC" "$SWEEP_RC" "$START" "$SWEEP_END" "$TESTS_END" "$END" "$BUILD_END" <<'PYEOF'
 import json, os, sys
 import xml.etree.ElementTree as ET
 
 out = sys.argv[1]
-test_rc, bench_rc, sweep_rc, t0, t1, t2, t3 = map(int, sys.argv[2:9])
+test_rc, bench_rc, sweep_rc, t0, t1, t2, t3, tb = map(int, sys.argv[2:10])
 
 try:
     import jax
@@ -145,7 +152,7 @@ result = dict(device=device, backend=backend, jax_version=jax_version,
               env={k: os.environ.get(k) for k in ("LTJAX_PALLAS_INTERPRET", "GPU_CHECK_SWEEP_ARGS", "GPU_CHECK_TESTS_K",
                                                    "GPU_CHECK_SWEEP_S", "GPU_CHECK_BENCH_S", "GPU_CHECK_CUDA_S")},
               device_probe=os.environ.get("GPU_CHECK_DEVICE"), tuned_table=os.environ.get("LTJAX_PALLAS_TUNED"),
-              seconds={"sweep": t1 - t0, "benchmark": t2 - t1, "tests": t3 - t2},
+              seconds={"cuda_build": tb - t0, "sweep": t1 - tb, "tests": t2 - t1, "benchmark": t3 - t2},
               tests=tests, benchmark_rc=bench_rc, benchmark=bench, cuda_build=cuda_build, cuda_benchmark=cuda_bench, sweep_rc=sweep_rc, sweep=sweep,
               tuned=load(os.path.join(out, "tuned.json")))
 with open(os.path.join(out, "gpu_check.json"), "w") as f:

@@ -1,13 +1,16 @@
-"""The CUDA GEMVs: ``x [M, K] @ W.T`` for M <= 4 over int8 and bitmask_int8 weights, each one
-XLA FFI custom call.
+"""The CUDA kernels for small M: ``x [M, K] @ W.T`` over int8 (M <= 4) and bitmask_int8 (M <= 16)
+weights, each one XLA FFI custom call (docs/cuda.md).
 
-One warp per output row decodes in registers (``gemv_warp.h``; docs/pallas.md, "CUDA GEMV"):
-int8 codes 16 per lane per 16-byte load; bitmask_int8 mask words and packed codes with byte
-permutes, about 9 sm_90 instructions per weight element against the Pallas bitmask kernels' 21,
-which bound those at ~40 µs of instruction issue per 8192² layer. Built by the package install
+The GEMVs give each output row a warp that decodes in registers (``gemv_warp.h``): int8 codes
+16 per lane per 16-byte load; bitmask_int8 mask words and packed codes with byte permutes,
+about 9 sm_90 instructions per weight element against the Pallas bitmask kernels' 21, which
+bound those at ~40 µs of instruction issue per 8192² layer. From M = 2 bitmask_int8 runs on the
+tensor cores instead: the same decode into bf16 in shared memory, 16 rows a warp, then
+``ldmatrix`` and ``mma.m16n8k16``. Built by the package install
 into ``_ltjax_cuda.so`` where ``nvcc`` is found, and registered for platform "CUDA" at first
 use. The same target names are registered for "cpu" by the CPU extension, where they run the
-same per-lane code lane by lane: the tests' emulation, not a fast path.
+same per-lane code lane by lane (and the MMA's fragments by the PTX ISA's layouts): the tests'
+emulation, not a fast path.
 
 Not yet timed on a GPU: ``impl=None`` takes them only with ``LTJAX_CUDA_GEMV=1``;
 ``ltjax.matmul(..., impl="cuda")`` forces them (on CPU: the emulation).
