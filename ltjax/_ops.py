@@ -2,12 +2,15 @@
 
 Dispatch (one place: `_choose_impl`)
 ------------------------------------
-``impl=None`` picks, in order: ``"pallas"`` on GPU when `ltjax.pallas.can_use_pallas` says yes;
+``impl=None`` picks, in order: ``"cuda"`` on GPU when ``LTJAX_CUDA_GEMV=1`` and
+`ltjax.ffi.gemv.why_not` says yes (the CUDA small-M kernels, docs/cuda.md: opt-in until a GPU
+has timed them); ``"pallas"`` on GPU when `ltjax.pallas.can_use_pallas` says yes;
 ``"ffi"`` on CPU when `ltjax.ffi.can_use_ffi` says yes (single device: a custom call is not SPMD-partitioned; M <= 64: above it the XLA path is faster, except for int8 on AMX CPUs); ``"xla"`` when `can_use_xla` says yes
 (2-D tensors in the output-channel-major storage of a Dense kernel, any codec, any backend);
 ``"reference"`` otherwise. Each fallback is logged once per reason on the ``"ltjax"`` logger.
 A user can force any of them; a forced impl that cannot run raises `ValueError` with the
-reason (``"pallas"`` forced on a non-GPU backend runs the kernels with ``interpret=True``).
+reason (``"pallas"`` forced on a non-GPU backend runs the kernels with ``interpret=True``,
+``"cuda"`` the CUDA kernels' CPU emulation).
 
 The XLA path (measured, jax 0.10.2 CPU, 2 shared cores, K = N = 4096, int8 codes, ms)
 --------------------------------------------------------------------------------------
@@ -90,6 +93,7 @@ except ImportError:  # pragma: no cover
     _gemv = None
 
 IMPLS = ("pallas", "cuda", "ffi", "xla", "reference")
+DECOMPRESS_IMPLS = ("pallas", "ffi", "xla", "reference")  # the CUDA kernels only multiply
 _LOOP_DOT_MAX_ELEMENTS = 2048 * 2048  # M = 1: up to here XLA fuses convert+dot into one loop
 _VMAP_MAX_M = 16  # largest M for the 3-D fused multiply-reduce; beyond it, chunked dots
 _FWD_CHUNK_ROWS = 256  # rows of W^T decoded per step of the chunked forward (4 MiB f32 at K=4096)
@@ -495,7 +499,7 @@ def _check_matmul_args(x: Any, ct: Any) -> None:
 
 
 def matmul_impl(x: Any, ct: CompressedTensor, *, impl: str | None = None) -> str:
-    """The implementation ``matmul(x, ct, impl=impl)`` runs here: ``"pallas"``, ``"ffi"``,
+    """The implementation ``matmul(x, ct, impl=impl)`` runs here: ``"pallas"``, ``"cuda"``, ``"ffi"``,
     ``"xla"`` or ``"reference"`` (``x`` may be a `jax.ShapeDtypeStruct`). Same dispatch as `matmul`."""
     _check_matmul_args(x, ct)
     x2 = jax.ShapeDtypeStruct((int(np.prod(np.shape(x)[:-1], dtype=np.int64)), ct.shape[0]), x.dtype)
@@ -507,7 +511,8 @@ def matmul(x: jax.Array, ct: CompressedTensor, *, impl: str | None = None) -> ja
 
     Accumulates in f32 and returns ``x.dtype``. Jittable, vmappable, differentiable w.r.t.
     ``x`` and the float leaves of ``ct``. ``impl``: ``None`` (the best that can run, see the
-    module docstring), ``"pallas"``, ``"ffi"``, ``"xla"`` or ``"reference"``.
+    module docstring), ``"pallas"``, ``"cuda"`` (int8 at M <= 4 and bitmask_int8 at M <= 16,
+    docs/cuda.md), ``"ffi"``, ``"xla"`` or ``"reference"``.
     """
     _check_matmul_args(x, ct)
     x = jnp.asarray(x)
@@ -567,8 +572,8 @@ _decompress.defvjp(_decompress_fwd, _decompress_bwd)
 
 
 def _choose_decompress_impl(ct: CompressedTensor, impl: str | None) -> _Config:
-    if impl is not None and impl not in IMPLS:
-        raise ValueError(f"{impl=} is not an implementation; choose one of {IMPLS} or None")
+    if impl is not None and impl not in DECOMPRESS_IMPLS:
+        raise ValueError(f"{impl=} is not a decompress implementation; choose one of {DECOMPRESS_IMPLS} or None")
     has_pallas = _module_has(_pallas, "decompress")
     if impl == "pallas":
         if not has_pallas:

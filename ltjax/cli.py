@@ -128,8 +128,13 @@ def info_report() -> dict[str, Any]:
 
                 routes[f"{codec} M={m}"]["kernel"] = lp.kernel_backend(x, ct)
     ffi = {k: v for k, v in lffi.info().items() if k != "targets"}
+    from ltjax.ffi import gemv
+
+    path, why = gemv.library()
+    cuda = {"library": str(path) if path else None, "reason": why, "auto": gemv.enabled()}
     return {"ltjax": ltjax.__version__, "jax": jax.__version__, "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()], "cpu_ffi": ffi, "matmul_routes": routes}
+            "devices": [str(d) for d in jax.devices()], "cpu_ffi": ffi, "cuda_kernels": cuda,
+            "matmul_routes": routes}
 
 
 def _cmd_info(args) -> int:
@@ -145,6 +150,9 @@ def _cmd_info(args) -> int:
               f"{f['vnni'] or 'f32 walk'}; int8 GEMM (M >= 2): {'AMX tiles' if f['amx'] else 'f32 kernel'}")
     else:
         print(f"CPU FFI extension: not loaded ({f['reason']})")
+    c = r["cuda_kernels"]
+    print(f"CUDA small-M kernels (docs/cuda.md): {'built, ' + c['library'] if c['library'] else c['reason']}; "
+          f"picked by impl=None on a GPU: {'yes' if c['auto'] else 'no (LTJAX_CUDA_GEMV=1 turns it on)'}")
     print("ltjax.matmul with f32 activations runs:")
     for name, route in r["matmul_routes"].items():
         impl = route["impl"] + (f" ({route['kernel']})" if "kernel" in route else "")

@@ -79,9 +79,15 @@ def test_info_says_what_runs_here(capsys):
         assert routes["bitmask_int8 M=65"]["impl"] == "xla"
         assert "M=65 > 64" in routes["bitmask_int8 M=65"]["why_not_fast_path"]
         assert routes["int8 M=65"]["impl"] == ("ffi" if lffi.info()["amx"] else "xla")  # the AMX GEMM wins at any M
+    from ltjax.ffi import gemv
+
+    path, why = gemv.library()
+    assert r["cuda_kernels"] == {"library": str(path) if path else None, "reason": why, "auto": gemv.enabled()}
+    assert (path is None) == (why is not None)
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "ltjax.matmul with f32 activations runs:" in out and "bitmask_int8 M=1" in out
+    assert "CUDA small-M kernels (docs/cuda.md): " + (f"built, {path}" if path else why) in out
     if lffi.available():
         assert ("AMX tiles" if lffi.info()["amx"] else "f32 kernel") in out
 

@@ -175,6 +175,8 @@ def test_refusals_name_the_reason():
     assert gemv.seg_words(odd) is None and "tile columns" in gemv.why_not(jnp.zeros((1, 300)), odd, emulate=True)
     with pytest.raises(ValueError, match="impl='cuda' cannot run: .*1 to 16 rows"):
         ltjax.matmul(jnp.zeros((17, 64)), ct, impl="cuda")
+    with pytest.raises(ValueError, match="impl='cuda' is not a decompress implementation"):
+        ltjax.decompress(ct, impl="cuda")
     if not ON_GPU:
         assert "needs a CUDA GPU" in gemv.why_not(jnp.zeros((1, 64)), ct)
         assert ltjax.matmul_impl(jnp.zeros((1, 64)), ct) != "cuda"  # never picked off-GPU

@@ -187,13 +187,16 @@ def test_fallback_to_reference_is_logged_once(caplog, monkeypatch):
 def test_forced_unavailable_impls_raise(monkeypatch):
     monkeypatch.setattr(_ops, "_pallas", None)
     monkeypatch.setattr(_ops, "_ffi", None)
+    monkeypatch.setattr(_ops, "_gemv", None)
     ct = make_ct("int8", 64, 32, None)
     with pytest.raises(ValueError, match="pallas"):
         ltjax.matmul(rand((1, 64)), ct, impl="pallas")
     with pytest.raises(ValueError, match="ffi"):
         ltjax.matmul(rand((1, 64)), ct, impl="ffi")
-    with pytest.raises(ValueError, match="impl="):
+    with pytest.raises(ValueError, match="impl='cuda' cannot run: ltjax.ffi.gemv is not available"):
         ltjax.matmul(rand((1, 64)), ct, impl="cuda")
+    with pytest.raises(ValueError, match="impl='triton' is not an implementation"):
+        ltjax.matmul(rand((1, 64)), ct, impl="triton")
 
 
 def _fake_kernels(calls):

@@ -55,18 +55,27 @@ def _install_dirs() -> list[Path]:
     return dirs
 
 
+def library() -> tuple[Path | None, str | None]:
+    """The built ``_ltjax_cuda.so`` (not loaded), or None and why it is missing."""
+    dirs = _install_dirs()
+    libs = [d / "_ltjax_cuda.so" for d in dirs if (d / "_ltjax_cuda.so").exists()]
+    if libs:
+        return libs[0], None
+    infos = [d / "_cuda_build_info.txt" for d in dirs if (d / "_cuda_build_info.txt").exists()]
+    why = infos[0].read_text().strip() if infos else "not found in " + ", ".join(map(str, dirs))
+    return None, f"_ltjax_cuda.so is not built ({why})"
+
+
 def _register_cuda() -> str | None:
-    """Loads ``_ltjax_cuda.so`` and registers its handler for "CUDA" (once); why not, or None."""
+    """Loads ``_ltjax_cuda.so`` and registers its handlers for "CUDA" (once); why not, or None."""
     if _state["done"]:
         return _state["reason"]
     _state["done"] = True
-    dirs = _install_dirs()
-    libs = [d / "_ltjax_cuda.so" for d in dirs if (d / "_ltjax_cuda.so").exists()]
-    if not libs:
-        infos = [d / "_cuda_build_info.txt" for d in dirs if (d / "_cuda_build_info.txt").exists()]
-        why = infos[0].read_text().strip() if infos else "not found in " + ", ".join(map(str, dirs))
-        _state["reason"] = f"_ltjax_cuda.so is not built ({why})"
-        return _state["reason"]
+    path, why = library()
+    if path is None:
+        _state["reason"] = why
+        return why
+    libs = [path]
     try:
         lib = ctypes.CDLL(str(libs[0]))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LtjaxBitmaskInt8GemvCuda), platform="CUDA")
