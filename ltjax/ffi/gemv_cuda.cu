@@ -33,8 +33,10 @@ constexpr int kBitmaskMinBlocks = M == 1 ? 8 : M == 2 ? 6 : 4;
 
 template <int M>
 __global__ void __launch_bounds__(32 * kRowsPerBlock, kBitmaskMinBlocks<M>) BitmaskInt8Gemv(
-    const float* __restrict__ x, const uint32_t* __restrict__ mask, const int32_t* __restrict__ row_starts,
-    const uint8_t* __restrict__ packed, const float* __restrict__ scales, float* __restrict__ y, Geometry g) {
+    const float* __restrict__ x, BitmaskArrays arrays, Geometry g) {
+  const uint32_t* __restrict__ mask = arrays.mask;
+  const int32_t* __restrict__ row_starts = arrays.row_starts;
+  const uint8_t* __restrict__ packed = arrays.codes;
   __shared__ uint32_t select[16];
   if (threadIdx.x < 16) select[threadIdx.x] = SelectorOf(threadIdx.x);
   __syncthreads();
@@ -76,9 +78,9 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, kBitmaskMinBlocks<M>) Bitm
 #pragma unroll
     for (int d = 16; d > 0; d >>= 1) acc[m] += __shfl_xor_sync(kFull, acc[m], d);
   if (lane == 0) {
-    const float sc = scales[r];
+    const float sc = arrays.scales[r];
 #pragma unroll
-    for (int m = 0; m < M; ++m) y[m * g.n + r] = acc[m] * sc;
+    for (int m = 0; m < M; ++m) arrays.y[m * g.n + r] = acc[m] * sc;
   }
 }
 
@@ -106,8 +108,10 @@ __device__ __forceinline__ void MmaBf16(float* c, const uint32_t* a, const uint3
 
 template <int NT>
 __global__ void __launch_bounds__(32 * kRowsPerBlock, 4) BitmaskInt8Mma(
-    const uint16_t* __restrict__ x, const uint32_t* __restrict__ mask, const int32_t* __restrict__ row_starts,
-    const uint8_t* __restrict__ packed, const float* __restrict__ scales, float* __restrict__ y, Geometry g) {
+    const uint16_t* __restrict__ x, BitmaskArrays arrays, Geometry g) {
+  const uint32_t* __restrict__ mask = arrays.mask;
+  const int32_t* __restrict__ row_starts = arrays.row_starts;
+  const uint8_t* __restrict__ packed = arrays.codes;
   __shared__ uint32_t select[16];
   __shared__ __align__(16) uint16_t tiles[kRowsPerBlock][16 * kTileStride];
   if (threadIdx.x < 16) select[threadIdx.x] = SelectorOf(threadIdx.x);
@@ -165,13 +169,13 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, 4) BitmaskInt8Mma(
     for (int t = 0; t < NT; ++t) xb[t] += 64;
     __syncwarp();  // the tile is rewritten next step
   }
-  float* ys = y + static_cast<int64_t>(blockIdx.y) * g.m * g.n;
+  float* ys = arrays.y + static_cast<int64_t>(blockIdx.y) * g.m * g.n;
 #pragma unroll
   for (int t = 0; t < NT; ++t)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int64_t rr = r0 + CRow(lane, i);
-      if (rr < g.n) ys[(8 * t + CCol(lane, i)) * g.n + rr] = acc[t][i] * scales[rr];
+      if (rr < g.n) ys[(8 * t + CCol(lane, i)) * g.n + rr] = acc[t][i] * arrays.scales[rr];
     }
 }
 
@@ -190,20 +194,9 @@ ffi::Error MmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer mask, f
     return ffi::Error::Success();
   }
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(g.splits)), block(32 * kRowsPerBlock);
-  auto* xs = static_cast<const uint16_t*>(x.untyped_data());
-  auto* ms = static_cast<const uint32_t*>(mask.untyped_data());
-  auto* rs = static_cast<const int32_t*>(row_starts.untyped_data());
-  auto* ps = static_cast<const uint8_t*>(codes.untyped_data());
-  auto* ss = static_cast<const float*>(scales.untyped_data());
-  auto* ys = static_cast<float*>(y->untyped_data());
-  switch (g.m / 8) {
-    case 1: BitmaskInt8Mma<1><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
-    case 2: BitmaskInt8Mma<2><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
-    case 3: BitmaskInt8Mma<3><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
-    case 4: BitmaskInt8Mma<4><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
-    case 5: BitmaskInt8Mma<5><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
-    default: BitmaskInt8Mma<6><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
-  }
+  const auto* xs = static_cast<const uint16_t*>(x.untyped_data());
+  const BitmaskArrays arrays = ArraysOf(mask, row_starts, codes, scales, *y);
+  WithConstant<1, 6>(g.m / 8, [&](auto nt) { BitmaskInt8Mma<decltype(nt)::value><<<grid, block, 0, stream>>>(xs, arrays, g); });
   return Launched();
 }
 
@@ -240,16 +233,11 @@ ffi::Error Int8GemvImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer co
   if (ffi::Error err = MakeInt8Geometry(x, codes, scales, *y, &g); err.failure()) return err;
   if (g.n == 0) return ffi::Error::Success();
   const dim3 grid(static_cast<unsigned>((g.n + kRowsPerBlock - 1) / kRowsPerBlock)), block(32 * kRowsPerBlock);
-  auto* xs = static_cast<const float*>(x.untyped_data());
-  auto* cs = static_cast<const uint8_t*>(codes.untyped_data());
-  auto* ss = static_cast<const float*>(scales.untyped_data());
+  const auto* xs = static_cast<const float*>(x.untyped_data());
+  const auto* cs = static_cast<const uint8_t*>(codes.untyped_data());
+  const auto* ss = static_cast<const float*>(scales.untyped_data());
   auto* ys = static_cast<float*>(y->untyped_data());
-  switch (g.m) {
-    case 1: Int8Gemv<1><<<grid, block, 0, stream>>>(xs, cs, ss, ys, g); break;
-    case 2: Int8Gemv<2><<<grid, block, 0, stream>>>(xs, cs, ss, ys, g); break;
-    case 3: Int8Gemv<3><<<grid, block, 0, stream>>>(xs, cs, ss, ys, g); break;
-    default: Int8Gemv<4><<<grid, block, 0, stream>>>(xs, cs, ss, ys, g); break;
-  }
+  WithConstant<1, kMaxM>(g.m, [&](auto m) { Int8Gemv<decltype(m)::value><<<grid, block, 0, stream>>>(xs, cs, ss, ys, g); });
   return Launched();
 }
 
@@ -259,18 +247,9 @@ ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer mask, 
   if (ffi::Error err = MakeGeometry(x, mask, row_starts, codes, scales, *y, seg_words, &g); err.failure()) return err;
   if (g.n == 0) return ffi::Error::Success();
   const dim3 grid(static_cast<unsigned>((g.n + kRowsPerBlock - 1) / kRowsPerBlock)), block(32 * kRowsPerBlock);
-  auto* xs = static_cast<const float*>(x.untyped_data());
-  auto* ms = static_cast<const uint32_t*>(mask.untyped_data());
-  auto* rs = static_cast<const int32_t*>(row_starts.untyped_data());
-  auto* ps = static_cast<const uint8_t*>(codes.untyped_data());
-  auto* ss = static_cast<const float*>(scales.untyped_data());
-  auto* ys = static_cast<float*>(y->untyped_data());
-  switch (g.m) {
-    case 1: BitmaskInt8Gemv<1><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
-    case 2: BitmaskInt8Gemv<2><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
-    case 3: BitmaskInt8Gemv<3><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
-    default: BitmaskInt8Gemv<4><<<grid, block, 0, stream>>>(xs, ms, rs, ps, ss, ys, g); break;
-  }
+  const auto* xs = static_cast<const float*>(x.untyped_data());
+  const BitmaskArrays arrays = ArraysOf(mask, row_starts, codes, scales, *y);
+  WithConstant<1, kMaxM>(g.m, [&](auto m) { BitmaskInt8Gemv<decltype(m)::value><<<grid, block, 0, stream>>>(xs, arrays, g); });
   return Launched();
 }
 
@@ -279,32 +258,11 @@ ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer mask, 
 }  // namespace ltjax
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxBitmaskInt8MmaCuda, ltjax::gemv::MmaImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Attr<int64_t>("seg_words")
+                              ltjax::gemv::BindBitmask(xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>())
                                   .Attr<int64_t>("chunk_words"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxInt8GemvCuda, ltjax::gemv::Int8GemvImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>());
+                              ltjax::gemv::BindInt8(xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxBitmaskInt8GemvCuda, ltjax::gemv::GemvImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Attr<int64_t>("seg_words"));
+                              ltjax::gemv::BindBitmask(xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()));

@@ -27,15 +27,14 @@ float ButterflySum(const float (&acc)[32][M], int m) {
 }
 
 template <int M>
-void EmulateRows(const Geometry& g, const float* x, const uint32_t* mask, const int32_t* row_starts,
-                 const uint8_t* packed, const float* scales, float* y) {
+void EmulateRows(const Geometry& g, const float* x, const BitmaskArrays& a) {
   uint32_t select[16];
   for (uint32_t n = 0; n < 16; ++n) select[n] = SelectorOf(n);
   const int lanes = g.seg == 0 ? 32 : g.seg;
   const int32_t nw = static_cast<int32_t>(g.w);
   for (int64_t r = 0; r < g.n; ++r) {
-    const uint32_t* mrow = mask + r * g.w;
-    const int32_t* srow = row_starts + r * g.gc;
+    const uint32_t* mrow = a.mask + r * g.w;
+    const int32_t* srow = a.row_starts + r * g.gc;
     float acc[32][M] = {};
     int32_t carry = 0;
     for (int32_t w0 = 0; w0 < nw; w0 += 32) {  // a step: lane l holds word w0 + l
@@ -53,11 +52,11 @@ void EmulateRows(const Geometry& g, const float* x, const uint32_t* mask, const 
       for (int l = 0; l < 32; ++l) {
         if (word[l] == 0) continue;
         const int32_t p = RowStartAt(srow, w0 + l, nw, TileShift(g)) + carry + static_cast<int32_t>(incl[l] - cnt[l]);
-        DecodeWord(word[l], p, packed, g.nnz, select, FmaSink<M>{x, g.kp, 32 * (w0 + l), acc[l]});
+        DecodeWord(word[l], p, a.codes, g.nnz, select, FmaSink<M>{x, g.kp, 32 * (w0 + l), acc[l]});
       }
       if (g.seg == 0) carry += static_cast<int32_t>(incl[31]);
     }
-    for (int m = 0; m < M; ++m) y[m * g.n + r] = ButterflySum<M>(acc, m) * scales[r];
+    for (int m = 0; m < M; ++m) a.y[m * g.n + r] = ButterflySum<M>(acc, m) * a.scales[r];
   }
 }
 
@@ -78,12 +77,7 @@ ffi::Error EmulateInt8Impl(ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffe
   auto* cs = static_cast<const uint8_t*>(codes.untyped_data());
   auto* ss = static_cast<const float*>(scales.untyped_data());
   auto* ys = static_cast<float*>(y->untyped_data());
-  switch (g.m) {
-    case 1: EmulateInt8Rows<1>(g, xs, cs, ss, ys); break;
-    case 2: EmulateInt8Rows<2>(g, xs, cs, ss, ys); break;
-    case 3: EmulateInt8Rows<3>(g, xs, cs, ss, ys); break;
-    default: EmulateInt8Rows<4>(g, xs, cs, ss, ys); break;
-  }
+  WithConstant<1, kMaxM>(g.m, [&](auto m) { EmulateInt8Rows<decltype(m)::value>(g, xs, cs, ss, ys); });
   return ffi::Error::Success();
 }
 
@@ -114,8 +108,7 @@ void MmaEmulate(const uint32_t (&a)[32][4], const uint32_t (&b)[32][NT][2], floa
 }
 
 template <int NT>
-void EmulateMma(const Geometry& g, const uint16_t* x, const uint32_t* mask, const int32_t* row_starts,
-                const uint8_t* packed, const float* scales, float* y) {
+void EmulateMma(const Geometry& g, const uint16_t* x, const BitmaskArrays& a) {
   uint32_t select[16];
   for (uint32_t n = 0; n < 16; ++n) select[n] = SelectorOf(n);
   const int32_t nw = static_cast<int32_t>(g.w);
@@ -123,7 +116,7 @@ void EmulateMma(const Geometry& g, const uint16_t* x, const uint32_t* mask, cons
   std::vector<uint16_t> tile(16 * kTileStride);
   for (int s = 0; s < g.splits; ++s) {
     const int32_t w_begin = s * g.chunk, w_end = std::min(w_begin + g.chunk, nw);
-    float* ys = y + static_cast<int64_t>(s) * g.m * g.n;
+    float* ys = a.y + static_cast<int64_t>(s) * g.m * g.n;
     for (int64_t r0 = 0; r0 < g.n; r0 += 16) {  // a warp
       float acc[32][NT][4] = {};
       int32_t carry[32] = {};
@@ -134,36 +127,36 @@ void EmulateMma(const Geometry& g, const uint16_t* x, const uint32_t* mask, cons
         for (int l = 0; l < 32; ++l) {
           const int64_t row = r0 + (l >> 1);
           const bool ok = row < g.n;
-          word[l] = ok ? WordAt(mask + row * g.w, w0 + (l & 1), nw) : 0u;
-          start[l] = ok ? RowStartAt(row_starts + row * g.gc, w0 + (l & 1), nw, tile_shift) : 0;
+          word[l] = ok ? WordAt(a.mask + row * g.w, w0 + (l & 1), nw) : 0u;
+          start[l] = ok ? RowStartAt(a.row_starts + row * g.gc, w0 + (l & 1), nw, tile_shift) : 0;
           cnt[l] = Popc(word[l]);
         }
         for (int l = 0; l < 32; ++l) {
           const uint32_t other = cnt[l ^ 1];  // __shfl_xor_sync(.., 1)
           uint32_t vals[16] = {};
           if (word[l] != 0)
-            DecodeWord(word[l], MmaWordStart(start[l], carry[l], other, l & 1, tile_shift), packed, g.nnz, select,
+            DecodeWord(word[l], MmaWordStart(start[l], carry[l], other, l & 1, tile_shift), a.codes, g.nnz, select,
                        Bf16Sink{vals});
           carry[l] = MmaNextCarry(carry[l], cnt[l] + other, w0, tile_shift);
           std::memcpy(tile.data() + (l >> 1) * kTileStride + (l & 1) * 32, vals, 64);
         }
         for (int kk = 0; kk < 4; ++kk) {
-          uint32_t a[32][4], b[32][NT][2];
+          uint32_t af[32][4], bf[32][NT][2];
           for (int l = 0; l < 32; ++l) {
             for (int j = 0; j < 4; ++j) {  // ldmatrix.x4: matrix j's row l >> 2, addressed by lane 8 j + (l >> 2)
               const int src = 8 * j + (l >> 2);
-              std::memcpy(&a[l][j], tile.data() + LdmRow(src) * kTileStride + kk * 16 + LdmCol(src) + 2 * (l & 3), 4);
+              std::memcpy(&af[l][j], tile.data() + LdmRow(src) * kTileStride + kk * 16 + LdmCol(src) + 2 * (l & 3), 4);
             }
-            for (int t = 0; t < NT; ++t) BFrag(BFragBase(x, g.kp, l, t) + 32 * w0, 16 * kk, b[l][t]);
+            for (int t = 0; t < NT; ++t) BFrag(BFragBase(x, g.kp, l, t) + 32 * w0, 16 * kk, bf[l][t]);
           }
-          MmaEmulate<NT>(a, b, acc);
+          MmaEmulate<NT>(af, bf, acc);
         }
       }
       for (int l = 0; l < 32; ++l)
         for (int t = 0; t < NT; ++t)
           for (int i = 0; i < 4; ++i) {
             const int64_t rr = r0 + CRow(l, i);
-            if (rr < g.n) ys[(8 * t + CCol(l, i)) * g.n + rr] = acc[l][t][i] * scales[rr];
+            if (rr < g.n) ys[(8 * t + CCol(l, i)) * g.n + rr] = acc[l][t][i] * a.scales[rr];
           }
     }
   }
@@ -174,21 +167,10 @@ ffi::Error EmulateMmaImpl(ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer 
   Geometry g;
   if (ffi::Error err = MakeMmaGeometry(x, mask, row_starts, codes, scales, *y, seg_words, chunk_words, &g); err.failure())
     return err;
-  auto* xs = static_cast<const uint16_t*>(x.untyped_data());
-  auto* ms = static_cast<const uint32_t*>(mask.untyped_data());
-  auto* rs = static_cast<const int32_t*>(row_starts.untyped_data());
-  auto* ps = static_cast<const uint8_t*>(codes.untyped_data());
-  auto* ss = static_cast<const float*>(scales.untyped_data());
-  auto* ys = static_cast<float*>(y->untyped_data());
-  std::memset(ys, 0, y->size_bytes());
-  switch (g.m / 8) {
-    case 1: EmulateMma<1>(g, xs, ms, rs, ps, ss, ys); break;
-    case 2: EmulateMma<2>(g, xs, ms, rs, ps, ss, ys); break;
-    case 3: EmulateMma<3>(g, xs, ms, rs, ps, ss, ys); break;
-    case 4: EmulateMma<4>(g, xs, ms, rs, ps, ss, ys); break;
-    case 5: EmulateMma<5>(g, xs, ms, rs, ps, ss, ys); break;
-    default: EmulateMma<6>(g, xs, ms, rs, ps, ss, ys); break;
-  }
+  const auto* xs = static_cast<const uint16_t*>(x.untyped_data());
+  const BitmaskArrays arrays = ArraysOf(mask, row_starts, codes, scales, *y);
+  std::memset(arrays.y, 0, y->size_bytes());
+  WithConstant<1, 6>(g.m / 8, [&](auto nt) { EmulateMma<decltype(nt)::value>(g, xs, arrays); });
   return ffi::Error::Success();
 }
 
@@ -196,18 +178,9 @@ ffi::Error EmulateImpl(ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer row
                        ffi::AnyBuffer scales, ffi::Result<ffi::AnyBuffer> y, int64_t seg_words) {
   Geometry g;
   if (ffi::Error err = MakeGeometry(x, mask, row_starts, codes, scales, *y, seg_words, &g); err.failure()) return err;
-  auto* xs = static_cast<const float*>(x.untyped_data());
-  auto* ms = static_cast<const uint32_t*>(mask.untyped_data());
-  auto* rs = static_cast<const int32_t*>(row_starts.untyped_data());
-  auto* ps = static_cast<const uint8_t*>(codes.untyped_data());
-  auto* ss = static_cast<const float*>(scales.untyped_data());
-  auto* ys = static_cast<float*>(y->untyped_data());
-  switch (g.m) {
-    case 1: EmulateRows<1>(g, xs, ms, rs, ps, ss, ys); break;
-    case 2: EmulateRows<2>(g, xs, ms, rs, ps, ss, ys); break;
-    case 3: EmulateRows<3>(g, xs, ms, rs, ps, ss, ys); break;
-    default: EmulateRows<4>(g, xs, ms, rs, ps, ss, ys); break;
-  }
+  const auto* xs = static_cast<const float*>(x.untyped_data());
+  const BitmaskArrays arrays = ArraysOf(mask, row_starts, codes, scales, *y);
+  WithConstant<1, kMaxM>(g.m, [&](auto m) { EmulateRows<decltype(m)::value>(g, xs, arrays); });
   return ffi::Error::Success();
 }
 
@@ -216,29 +189,9 @@ ffi::Error EmulateImpl(ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer row
 }  // namespace ltjax
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxBitmaskInt8GemvEmulated, ltjax::gemv::EmulateImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Attr<int64_t>("seg_words"));
+                              ltjax::gemv::BindBitmask(xla::ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxBitmaskInt8MmaEmulated, ltjax::gemv::EmulateMmaImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Attr<int64_t>("seg_words")
-                                  .Attr<int64_t>("chunk_words"));
+                              ltjax::gemv::BindBitmask(xla::ffi::Ffi::Bind()).Attr<int64_t>("chunk_words"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxInt8GemvEmulated, ltjax::gemv::EmulateInt8Impl,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxInt8GemvEmulated, ltjax::gemv::EmulateInt8Impl, ltjax::gemv::BindInt8(xla::ffi::Ffi::Bind()));

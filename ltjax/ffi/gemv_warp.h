@@ -297,6 +297,15 @@ struct Geometry {
   int splits;         // MMA: K splits (partial outputs)
 };
 
+// The bitmask_int8 weight's arrays and the output, as the kernels read them.
+struct BitmaskArrays {
+  const uint32_t* mask;       // [N, W]
+  const int32_t* row_starts;  // [N * tile columns]
+  const uint8_t* codes;       // [nnz], tile by tile, row-major inside a tile
+  const float* scales;        // [N]
+  float* y;
+};
+
 // Step 1: word w of a row's mask words `mrow` (0 past the row's end, w >= nw).
 LTJAX_HD uint32_t WordAt(const uint32_t* mrow, int32_t w, int32_t nw) { return w < nw ? mrow[w] : 0u; }
 
