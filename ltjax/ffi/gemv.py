@@ -114,6 +114,9 @@ def why_not(x2: Any, ct: CompressedTensor, *, emulate: bool = False) -> str | No
     if not emulate:
         if jax.default_backend() not in ("gpu", "cuda"):
             return f"the CUDA GEMV needs a CUDA GPU; the backend is {jax.default_backend()!r}"
+        version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
+        if "rocm" in version:  # ROCm reports the backend "gpu" too
+            return f"the CUDA GEMV needs a CUDA GPU; this GPU's platform is {version!r}"
         reason = _register_cuda()
         if reason is not None:
             return reason
