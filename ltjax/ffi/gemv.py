@@ -6,9 +6,10 @@ The GEMVs give each output row a warp that decodes in registers (``gemv_warp.h``
 about 9 sm_90 instructions per weight element against the Pallas bitmask kernels' 21, which
 bound those at ~40 µs of instruction issue per 8192² layer. From M = 2 bitmask_int8 runs on the
 tensor cores instead: the same decode into bf16 in shared memory, 16 rows a warp, then
-``ldmatrix`` and ``mma.m16n8k16``. Built by the package install
-into ``_ltjax_cuda.so`` where ``nvcc`` is found, and registered for platform "CUDA" at first
-use. The same target names are registered for "cpu" by the CPU extension, where they run the
+``ldmatrix`` and ``mma.m16n8k16``.
+
+Built by the package install into ``_ltjax_cuda.so`` where ``nvcc`` is found, and registered for
+platform "CUDA" at first use. The same target names are registered for "cpu" by the CPU extension, where they run the
 same per-lane code lane by lane (and the MMA's fragments by the PTX ISA's layouts): the tests'
 emulation, not a fast path.
 
