@@ -6,7 +6,8 @@
 #      tuned-table file ($LTJAX_PALLAS_TUNED for what follows);
 #   3. the Pallas and CUDA kernel tests and the op tests, natively (interpret=False);
 #   4. the matmul and unpack benchmark at K = N = 8192;
-#   5. the CUDA kernels against the same dense dots (LTJAX_CUDA_GEMV=1, M = 1, 4, 16).
+#   5. the CUDA kernels against the Pallas kernels and the dense dots (benchmarks.cuda_kernels:
+#      int8 and bitmask_int8, M = 1, 4, 16, with and without the row starts' XLA pass).
 # Writes OUTDIR/gpu_check.json (device, jax version, commit, every stage's result) beside the raw
 # logs (11 files in all).
 #
@@ -14,7 +15,7 @@
 #
 # Runs from the source tree (PYTHONPATH=.) under a preinstalled jax with the CUDA plugin, no
 # network. Each stage has a time limit (build 90 s, sweep GPU_CHECK_SWEEP_S + 30, tests 180,
-# benchmark 180, CUDA benchmark 60), cut to what is left of GPU_CHECK_TOTAL_S (default 450: the
+# benchmark 180, CUDA benchmark 90), cut to what is left of GPU_CHECK_TOTAL_S (default 450: the
 # whole check within 7.5 minutes; about 4 in practice on an H200). The benchmarks rewrite their
 # JSON after every row, so a stage cut short still reports what it measured.
 # ltjax's own dependencies must import there (crc32c is not in the GPU image: carry its wheel,
@@ -22,7 +23,7 @@
 # Knobs for a smoke run elsewhere: GPU_CHECK_SIZES (default 8192), GPU_CHECK_MS (default
 # "1 4 16 64"), GPU_CHECK_REPS (default 20), GPU_CHECK_SWEEP_ARGS (extra sweep options, e.g.
 # "--only bitmask int8_matmul/64/float32"), GPU_CHECK_SWEEP_S (default 100; 0 skips the sweep),
-# GPU_CHECK_BENCH_S (default 180; 0 skips the benchmark), GPU_CHECK_CUDA_S (default 60; 0 skips the
+# GPU_CHECK_BENCH_S (default 180; 0 skips the benchmark), GPU_CHECK_CUDA_S (default 90; 0 skips the
 # CUDA benchmark), GPU_CHECK_TOTAL_S (default 450), GPU_CHECK_TESTS_K (a pytest -k filter),
 # PYTHON (default python).
 set -u
@@ -105,13 +106,12 @@ else
   BENCH_RC=-1
 fi
 
-CUDA_S=${GPU_CHECK_CUDA_S:-60}
+CUDA_S=${GPU_CHECK_CUDA_S:-90}
 if [ "$CUDA_S" -gt 0 ]; then
-  echo "== CUDA kernels' benchmark (LTJAX_CUDA_GEMV=1: int8, bitmask_int8, M = 1, 4, 16), K=N=$SIZES"
+  echo "== CUDA kernels against Pallas and the dense dots (benchmarks.cuda_kernels), K=N=$SIZES"
   # shellcheck disable=SC2086
-  LTJAX_CUDA_GEMV=1 timeout "$(cap "$CUDA_S")" "$PY" -m benchmarks.matmul --sizes $SIZES --ms 1 4 16 --reps "$REPS" \
-    --codecs int8 bitmask_int8 --x-dtypes bfloat16 float32 --no-unpack --out "$OUT/matmul_cuda.json" \
-    --note "gpu_check.sh: LTJAX_CUDA_GEMV=1" 2>&1 | tee "$OUT/bench_cuda.log"
+  timeout "$(cap "$CUDA_S")" "$PY" -m benchmarks.cuda_kernels --sizes $SIZES --reps "$REPS" \
+    --out "$OUT/cuda_kernels.json" 2>&1 | tee "$OUT/bench_cuda.log"
 fi
 END=$(date +%s)
 
@@ -140,7 +140,7 @@ if os.path.exists(xml):
 bench_path = os.path.join(out, "matmul_bench.json")
 load = lambda p: json.load(open(p)) if os.path.exists(p) else None
 bench, sweep = load(bench_path), load(os.path.join(out, "sweep.json"))
-cuda_bench = load(os.path.join(out, "matmul_cuda.json"))
+cuda_bench = load(os.path.join(out, "cuda_kernels.json"))
 cuda_build = open(os.path.join(out, "cuda_build.log")).read()[-2000:] if os.path.exists(os.path.join(out, "cuda_build.log")) else None
 try:  # a COMMIT file, written before the tree was sent, wins over a copied .git (seen stale there)
     from benchmarks._common import git_info

@@ -175,3 +175,27 @@ def test_occupancy_arithmetic():
     # Shared memory binds: 100 KiB a program leaves room for 2.
     o = occupancy(32, 4, 100 * 1024, 64)
     assert (o["programs_per_sm"], o["limited_by"]) == (2, "shared")
+
+
+def test_cuda_kernels_quick_rows_agree_with_the_reference(tmp_path):
+    """`benchmarks.cuda_kernels --quick` (the kernels' CPU emulation off-GPU): every row is timed or
+    says why it was skipped, and the CUDA op's output matches the reference. No speed is asserted."""
+    import ltjax.ffi as lffi
+    from benchmarks import cuda_kernels as CK
+
+    if not lffi.available():
+        pytest.skip(f"the emulation needs the CPU extension: {lffi.unavailable_reason()}")
+    out = tmp_path / "ck.json"
+    assert CK.main(["--quick", "--ms", "1", "5", "--x-dtypes", "float32", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["benchmark"] == "cuda_kernels" and r["complete"] is True and CK.REQUIRES_BACKEND == "gpu"
+    rows = r["rows"]
+    assert len(rows) == 2 * len(CK.CASES)
+    for row in rows:
+        if row["codec"] == "int8" and row["M"] == 5:
+            assert "1 to 4 rows" in row["skipped"]
+            continue
+        assert "error" not in row and row["rel_diff"] < 1e-5, row
+        assert row["kernel"] == ("mma" if row["codec"] == "bitmask_int8" and row["M"] >= 2 else "gemv")
+        for k in ("t_cuda_ms", "t_cuda_bare_ms", "t_bf16_ms", "t_f32_ms", "t_cuda_paired_ms", "t_dense_paired_ms"):
+            assert row[k] > 0, k

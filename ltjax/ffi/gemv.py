@@ -167,7 +167,7 @@ def mma_chunk_words(n: int, w: int, seg: int) -> int:
     return unit * -(-(-(-w // splits)) // unit)
 
 
-def _mma(x2: jax.Array, ct: CompressedTensor) -> jax.Array:
+def _mma(x2: jax.Array, ct: CompressedTensor, starts: jax.Array) -> jax.Array:
     """bitmask_int8 on the tensor cores: x as bf16 rows (f32 and f16 x as an exact hi/mid/lo split,
     three bf16 rows each, whose three partial products are added in f32), padded to 8-row tiles."""
     from ltjax.pallas._decode import split_bf16  # the one implementation of the exact split
@@ -185,21 +185,24 @@ def _mma(x2: jax.Array, ct: CompressedTensor) -> jax.Array:
     chunk = mma_chunk_words(n, w, seg)
     splits = max(1, -(-w // chunk))
     call = jax.ffi.ffi_call(MMA_TARGET, jax.ShapeDtypeStruct((splits, mp, n), jnp.float32), vmap_method="sequential")
-    y = call(xb, mask, row_starts(ct), jnp.asarray(ct.codes), jnp.asarray(ct.scales), seg_words=np.int64(seg),
+    y = call(xb, mask, starts, jnp.asarray(ct.codes), jnp.asarray(ct.scales), seg_words=np.int64(seg),
              chunk_words=np.int64(chunk))
     y = y.sum(axis=0)[:rows].reshape(len(parts), m, n).sum(axis=0)
     return y.astype(x2.dtype)
 
 
-def gemv(x2: jax.Array, ct: CompressedTensor, *, kernel: str | None = None) -> jax.Array:
+def gemv(x2: jax.Array, ct: CompressedTensor, *, kernel: str | None = None, starts: jax.Array | None = None) -> jax.Array:
     """``x2 [M, K] @ W.T -> [M, N]`` in x2's dtype, W the [N, K] storage of an int8 or bitmask_int8
     ``ct`` (f32 accumulation of exact code * x products, times the row's scale). ``kernel``:
-    ``"gemv"`` or ``"mma"`` (bitmask_int8, M <= 4 either; default `kernel_for`)."""
+    ``"gemv"`` or ``"mma"`` (bitmask_int8, M <= 4 either; default `kernel_for`). ``starts``:
+    `row_starts(ct)` computed beforehand (bitmask_int8; default: computed here, in XLA)."""
     kernel = kernel or kernel_for(x2, ct)
+    if ct.codec == "bitmask_int8" and starts is None:
+        starts = row_starts(ct)
     if kernel == "mma":
         if ct.codec != "bitmask_int8":
             raise ValueError(f"the CUDA MMA kernel decodes bitmask_int8, not {ct.codec!r}")
-        return _mma(x2, ct)
+        return _mma(x2, ct, starts)
     if kernel != "gemv":
         raise ValueError(f"kernel={kernel!r}: choose 'gemv', 'mma' or None")
     if x2.shape[0] > 4:
@@ -215,7 +218,7 @@ def gemv(x2: jax.Array, ct: CompressedTensor, *, kernel: str | None = None) -> j
     xf = jnp.pad(x2.astype(jnp.float32), ((0, 0), (0, kp - k)))
     # vmap: one call per batch element (ltjax.matmul folds a batched x into M before this).
     call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
-    y = call(xf, mask, row_starts(ct), jnp.asarray(ct.codes), jnp.asarray(ct.scales), seg_words=np.int64(seg_words(ct)))
+    y = call(xf, mask, starts, jnp.asarray(ct.codes), jnp.asarray(ct.scales), seg_words=np.int64(seg_words(ct)))
     return y.astype(x2.dtype)
 
 
