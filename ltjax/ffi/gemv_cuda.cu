@@ -232,6 +232,7 @@ ffi::Error Int8GemvImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer co
   Geometry g;
   if (ffi::Error err = MakeInt8Geometry(x, codes, scales, *y, &g); err.failure()) return err;
   if (g.n == 0) return ffi::Error::Success();
+  if ((g.n + kRowsPerBlock - 1) / kRowsPerBlock >= (int64_t{1} << 31)) return Invalid("the GEMV's grid is too large");
   const dim3 grid(static_cast<unsigned>((g.n + kRowsPerBlock - 1) / kRowsPerBlock)), block(32 * kRowsPerBlock);
   const auto* xs = static_cast<const float*>(x.untyped_data());
   const auto* cs = static_cast<const uint8_t*>(codes.untyped_data());
@@ -246,6 +247,7 @@ ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer mask, 
   Geometry g;
   if (ffi::Error err = MakeGeometry(x, mask, row_starts, codes, scales, *y, seg_words, &g); err.failure()) return err;
   if (g.n == 0) return ffi::Error::Success();
+  if ((g.n + kRowsPerBlock - 1) / kRowsPerBlock >= (int64_t{1} << 31)) return Invalid("the GEMV's grid is too large");
   const dim3 grid(static_cast<unsigned>((g.n + kRowsPerBlock - 1) / kRowsPerBlock)), block(32 * kRowsPerBlock);
   const auto* xs = static_cast<const float*>(x.untyped_data());
   const BitmaskArrays arrays = ArraysOf(mask, row_starts, codes, scales, *y);
