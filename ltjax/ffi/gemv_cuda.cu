@@ -1,6 +1,7 @@
-// The CUDA GEMVs: y[M, N] = x[M, K] @ W^T for M <= 4, W [N, K] decoded in registers, one warp
-// per output row (gemv_warp.h has the per-lane steps, shared with the CPU emulation that the
-// tests run; docs/pallas.md, "CUDA GEMV").
+// The CUDA small-M kernels: y[M, N] = x[M, K] @ W^T, W [N, K] decoded in registers (GEMVs, one
+// warp per output row, M <= 4) or into shared memory for the tensor cores (bitmask_int8, M <= 16).
+// gemv_warp.h has the per-lane steps, shared with the CPU emulation that the tests run;
+// docs/cuda.md has the design and the instruction counts.
 //
 // Target (platform "CUDA"): "ltjax_int8_gemv"
 //   x f32 [M, K], codes s8 [N, K] (K % 16 == 0), scales f32 [N] -> y f32 [M, N]
@@ -14,6 +15,10 @@
 //   -> y       f32 [M, N]
 //   attribute  seg_words (i64): words per tile column (a power of two <= 32), or 0 for one tile
 //              column spanning the row
+//
+// Target (platform "CUDA"): "ltjax_bitmask_int8_mma"
+//   x bf16 [Mp, 64 ceil(W / 2)] (Mp = 8 .. 48, zero rows and columns past x), the weight as above,
+//   -> y f32 [S, Mp, N]: one partial product per K split of chunk_words (i64) mask words
 #include <cuda_runtime.h>
 
 #include "gemv_ffi.h"

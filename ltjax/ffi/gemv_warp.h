@@ -1,6 +1,6 @@
 // The per-lane steps of the CUDA GEMVs (gemv_cuda.cu), written once for the device and for the
 // host: gemv_emulate.cc runs the same functions lane by lane on the CPU, so the decode the GPU
-// runs is the decode the CPU tests check (docs/pallas.md, "CUDA GEMV").
+// runs is the decode the CPU tests check (docs/cuda.md).
 //
 // A warp computes one output row r: y[m, r] = scale[r] * sum_k x[m, k] * code[r, k], M <= 4.
 // int8: lane l takes 16 codes (one 16-byte load) at columns 16 l + 512 i, i = 0, 1, ...
