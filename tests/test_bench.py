@@ -199,3 +199,31 @@ def test_cuda_kernels_quick_rows_agree_with_the_reference(tmp_path):
         assert row["kernel"] == ("mma" if row["codec"] == "bitmask_int8" and row["M"] >= 2 else "gemv")
         for k in ("t_cuda_ms", "t_cuda_bare_ms", "t_bf16_ms", "t_f32_ms", "t_cuda_paired_ms", "t_dense_paired_ms"):
             assert row[k] > 0, k
+
+
+def test_cuda_sass_analysis_finds_the_loop_and_the_aligned_path():
+    """`benchmarks/_cuda_sass.py` on a made-up SASS listing: the main loop is the longest backward
+    branch's body, the aligned word path runs from the bounds check's target to its BSYNC, and a
+    step on it is the loop without the byte-by-byte path between the two."""
+    from benchmarks import _cuda_sass as S
+
+    listing = [
+        (0x00, "MOV R1, R2"),
+        (0x10, "LDG.E R3, desc[UR4][R4.64]"),        # loop start
+        (0x20, "@!P0 BRA P1, 0x60"),                  # bounds check -> aligned path at 0x60
+        (0x30, "LDG.E.U8 R5, desc[UR4][R6.64]"),     # byte-by-byte path (0x30-0x50)
+        (0x40, "LDG.E.U8 R7, desc[UR4][R6.64+0x1]"),
+        (0x50, "BRA 0x90"),
+        (0x60, "LDG.E.CONSTANT R8, desc[UR4][R6.64]"),  # aligned path
+        (0x70, "PRMT R9, R8, R10, RZ"),
+        (0x80, "FFMA R11, R9, R12, R11"),
+        (0x90, "BSYNC B1"),
+        (0xa0, "@!P2 BRA 0x10"),                      # back to the loop start
+        (0xb0, "EXIT"),
+    ]
+    r = S.analyse(listing)
+    assert r["instructions"] == 12 and r["loop"]["instructions"] == 10
+    assert r["aligned_word_path"]["instructions"] == 3 and r["aligned_word_path"]["histogram"]["PRMT"] == 1
+    assert r["step_on_aligned_path"] == 10 - 3  # without the byte-by-byte path, 0x30-0x50
+    inner = listing[:8] + [(0x88, "@P3 BRA 0x70")] + listing[8:]
+    assert "step_on_aligned_path" not in S.analyse(inner)  # a loop inside the path: no static count
