@@ -107,7 +107,7 @@ LTJAX_HD void Load16(const uint8_t* p, uint32_t* out) {
 }
 
 // ------------------------------------------------------------------ the selector table
-// kSelect[n] for a mask nibble n: output byte i takes the rank of bit i among n's set bits
+// The selector for a mask nibble n: output byte i takes the rank of bit i among n's set bits
 // (the packed position of that value) when bit i is set, else 4 (byte 0 of the zero operand).
 LTJAX_HDC uint32_t SelectorOf(uint32_t n) {
   uint32_t s = 0, rank = 0;
@@ -148,15 +148,20 @@ LTJAX_HD void PackedWords3(const uint8_t* packed, int32_t nnz, int32_t i, uint32
 }
 
 // ------------------------------------------------------------------ step 3: one lane's word
-// acc[m] += sum over the 4 codes in v (bytes, absent = 0) of code * x[m][c + i].
-template <int M>
-LTJAX_HD void Fma4(uint32_t v, const float* x, int64_t kp, int32_t c, float* acc) {
-  // (code ^ 0x80) in a float's low mantissa byte under exponent 2^23: 2^23 + 128 + code, exact;
-  // absent codes are 0 and contribute 0.
+// The 4 int8 codes of v (bytes) as f32, exactly and without I2F: (code ^ 0x80) in a float's low
+// mantissa byte under exponent 2^23 is 2^23 + 128 + code; one subtract leaves the code. Absent
+// codes (0) come out 0.
+LTJAX_HD void CodesToF32(uint32_t v, float* w) {
   const uint32_t u = v ^ 0x80808080u;
-  float w[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) w[i] = AsFloat(BytePerm(u, 0x4Bu, 0x4550u + i)) - 8388736.0f;
+}
+
+// acc[m] += sum over the 4 codes in v of code * x[m][c + i].
+template <int M>
+LTJAX_HD void Fma4(uint32_t v, const float* x, int64_t kp, int32_t c, float* acc) {
+  float w[4];
+  CodesToF32(v, w);
 #pragma unroll
   for (int m = 0; m < M; ++m) {
     float xm[4];
@@ -183,12 +188,10 @@ struct Bf16Sink {
   static constexpr int kUnroll = 4;
   uint32_t* out;
   LTJAX_HD void operator()(uint32_t v, int o) const {
-    const uint32_t u = v ^ 0x80808080u;
-    uint32_t f[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) f[i] = FloatBits(AsFloat(BytePerm(u, 0x4Bu, 0x4550u + i)) - 8388736.0f);
-    out[o / 2] = BytePerm(f[0], f[1], 0x7632u);  // the high halves: bf16(f[0]) | bf16(f[1]) << 16
-    out[o / 2 + 1] = BytePerm(f[2], f[3], 0x7632u);
+    float f[4];
+    CodesToF32(v, f);  // the high halves: bf16(f[0]) | bf16(f[1]) << 16, ...
+    out[o / 2] = BytePerm(FloatBits(f[0]), FloatBits(f[1]), 0x7632u);
+    out[o / 2 + 1] = BytePerm(FloatBits(f[2]), FloatBits(f[3]), 0x7632u);
   }
 };
 
