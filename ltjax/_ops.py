@@ -87,7 +87,7 @@ try:  # CPU FFI handlers (may be absent or partial in this checkout).
     from ltjax import ffi as _ffi
 except ImportError:  # pragma: no cover
     _ffi = None
-try:  # the CUDA bitmask_int8 GEMV (its CPU twin is an emulation for tests).
+try:  # the CUDA small-M kernels (their CPU twins are an emulation for tests).
     from ltjax.ffi import gemv as _gemv
 except ImportError:  # pragma: no cover
     _gemv = None
@@ -176,11 +176,10 @@ def _ffi_reason(x2: Any, ct: CompressedTensor) -> str | None:
 
 
 def _cuda_reason(x2: Any, ct: CompressedTensor, *, need_gpu: bool = True) -> str | None:
-    """Why the CUDA GEMV cannot run this matmul (None: it can); its backward's dx runs on Pallas."""
+    """Why the CUDA kernels cannot run this matmul (None: they can); its backward's dx runs on Pallas.
+    ``need_gpu=False``: their CPU emulation (forced ``impl="cuda"`` off-GPU)."""
     if not _module_has(_gemv, "why_not", "gemv"):
         return "ltjax.ffi.gemv is not available in this installation"
-    if need_gpu and not _is_gpu():
-        return f"the CUDA GEMV needs a GPU; the backend is {_backend()!r}"
     why = _gemv.why_not(x2, ct, emulate=not need_gpu)
     if why is not None:
         return why
@@ -245,7 +244,7 @@ def _choose_impl(x2: Any, ct: CompressedTensor, impl: str | None) -> _Config:
         reason = _cuda_reason(x2, ct)
         if reason is None:
             return _Config("cuda")
-        _log_fallback_once(f"matmul falls back from the CUDA GEMV: {reason}")
+        _log_fallback_once(f"matmul falls back from the CUDA kernels: {reason}")
     if _is_gpu():
         reason = _pallas_reason(x2, ct)
         if reason is None:

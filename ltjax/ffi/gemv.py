@@ -162,9 +162,10 @@ def mma_chunk_words(n: int, w: int, seg: int) -> int:
     prefix at its tile column's start), as many splits as bring the grid to ~4096 warps."""
     if seg == 0 or w == 0:  # one tile column: no split (its prefix runs along the whole row)
         return max(2, w + (w & 1))
-    unit = max(2, seg)
-    splits = max(1, min(-(-_MMA_TARGET_WARPS // -(-n // 16)), -(-w // unit)))
-    return unit * -(-(-(-w // splits)) // unit)
+    cdiv = lambda a, b: -(-a // b)
+    unit = max(2, seg)  # whole tile columns, and whole two-word steps
+    splits = max(1, min(cdiv(_MMA_TARGET_WARPS, cdiv(n, 16)), cdiv(w, unit)))
+    return unit * cdiv(cdiv(w, splits), unit)
 
 
 def _mma(x2: jax.Array, ct: CompressedTensor, starts: jax.Array) -> jax.Array:
