@@ -232,13 +232,21 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, kMinBlocksPerSm) Int8Gemv(
   }
 }
 
+// The GEMVs' grid: one warp per output row, kRowsPerBlock rows a block.
+ffi::Error RowGrid(int64_t n, dim3* grid) {
+  const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
+  if (blocks >= (int64_t{1} << 31)) return Invalid("the GEMV's grid is too large");
+  *grid = dim3(static_cast<unsigned>(blocks));
+  return ffi::Error::Success();
+}
+
 ffi::Error Int8GemvImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer scales,
                         ffi::Result<ffi::AnyBuffer> y) {
   Geometry g;
   if (ffi::Error err = MakeInt8Geometry(x, codes, scales, *y, &g); err.failure()) return err;
   if (g.n == 0) return ffi::Error::Success();
-  if ((g.n + kRowsPerBlock - 1) / kRowsPerBlock >= (int64_t{1} << 31)) return Invalid("the GEMV's grid is too large");
-  const dim3 grid(static_cast<unsigned>((g.n + kRowsPerBlock - 1) / kRowsPerBlock)), block(32 * kRowsPerBlock);
+  dim3 grid, block(32 * kRowsPerBlock);
+  if (ffi::Error err = RowGrid(g.n, &grid); err.failure()) return err;
   const auto* xs = static_cast<const float*>(x.untyped_data());
   const auto* cs = static_cast<const uint8_t*>(codes.untyped_data());
   const auto* ss = static_cast<const float*>(scales.untyped_data());
@@ -252,8 +260,8 @@ ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer mask, 
   Geometry g;
   if (ffi::Error err = MakeGeometry(x, mask, row_starts, codes, scales, *y, seg_words, &g); err.failure()) return err;
   if (g.n == 0) return ffi::Error::Success();
-  if ((g.n + kRowsPerBlock - 1) / kRowsPerBlock >= (int64_t{1} << 31)) return Invalid("the GEMV's grid is too large");
-  const dim3 grid(static_cast<unsigned>((g.n + kRowsPerBlock - 1) / kRowsPerBlock)), block(32 * kRowsPerBlock);
+  dim3 grid, block(32 * kRowsPerBlock);
+  if (ffi::Error err = RowGrid(g.n, &grid); err.failure()) return err;
   const auto* xs = static_cast<const float*>(x.untyped_data());
   const BitmaskArrays arrays = ArraysOf(mask, row_starts, codes, scales, *y);
   WithConstant<1, kMaxM>(g.m, [&](auto m) { BitmaskInt8Gemv<decltype(m)::value><<<grid, block, 0, stream>>>(xs, arrays, g); });
