@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     regs = ptxas_registers(log)
     kernels = {}
     for name, ins in functions(sass).items():
-        short = re.search(r"(BitmaskInt8Gemv|BitmaskInt8Mma|Int8Gemv)ILi(\d+)E", name)
+        short = re.search(r"(BitmaskInt8Gemv|BitmaskInt8Mma|Int8Gemv|Int8Mma)ILi(\d+)E", name)
         key = f"{short.group(1)}<{short.group(2)}>" if short else name
         kernels[key] = {**regs.get(name, {}), **analyse(ins)}
         k = kernels[key]
@@ -134,6 +134,8 @@ def main(argv=None) -> int:
             k["per_element"] = round(k["step_on_aligned_path"] / 32, 2)
         elif short and short.group(1) == "Int8Gemv" and "loop" in k:  # 16 codes a chunk, 4 chunks unrolled at M = 1, else 2
             k["per_element"] = round(k["loop"]["instructions"] / (16 * (4 if short.group(2) == "1" else 2)), 2)
+        elif short and short.group(1) == "Int8Mma" and "loop" in k:  # a step: 16 codes of each of two rows a lane
+            k["per_element"] = round(k["loop"]["instructions"] / 32, 2)
         print(f"{key:22s} regs {k.get('registers')}  spill {k.get('spill_bytes')}  loop {k.get('loop', {}).get('instructions')}"
               + (f"  aligned word {k['aligned_word_path']['instructions']}" if "aligned_word_path" in k else "")
               + (f"  step {k['step_on_aligned_path']}" if "step_on_aligned_path" in k else "")

@@ -510,7 +510,7 @@ def matmul(x: jax.Array, ct: CompressedTensor, *, impl: str | None = None) -> ja
 
     Accumulates in f32 and returns ``x.dtype``. Jittable, vmappable, differentiable w.r.t.
     ``x`` and the float leaves of ``ct``. ``impl``: ``None`` (the best that can run, see the
-    module docstring), ``"pallas"``, ``"cuda"`` (int8 at M <= 4 and bitmask_int8 at M <= 16,
+    module docstring), ``"pallas"``, ``"cuda"`` (int8 and bitmask_int8 at M <= 16,
     docs/cuda.md), ``"ffi"``, ``"xla"`` or ``"reference"``.
     """
     _check_matmul_args(x, ct)

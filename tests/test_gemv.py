@@ -1,5 +1,5 @@
-"""The CUDA GEMVs (ltjax/ffi/gemv*, int8 and bitmask_int8, M <= 4): their decode, emulated lane
-by lane on the CPU, against the jnp reference; their argument checks; their lowering for CUDA;
+"""The CUDA small-M kernels (ltjax/ffi/gemv*, int8 and bitmask_int8: GEMVs at M <= 4, tensor-core
+kernels at M <= 16): their decode, emulated lane by lane on the CPU, against the jnp reference; their argument checks; their lowering for CUDA;
 their sm_90/sm_80 build; and, on a CUDA GPU, the kernels themselves."""
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def test_emulated_mma_matches_reference(k, n, m, tile, sparsity, dtype):
     got = gemv.gemv(x, ct, kernel="mma")
     assert got.dtype == dtype and got.shape == (m, n)
     _close(got, _want(x, ct), dtype if dtype != jnp.float16 else jnp.bfloat16)
-    if m >= gemv.MMA_MIN_M:
+    if m >= gemv.MMA_MIN_M["bitmask_int8"]:
         assert gemv.kernel_for(x, ct) == "mma"
 
 
@@ -111,6 +111,9 @@ def test_mma_splits_follow_tile_columns():
 
 # int8 (K % 16 == 0): rows shorter than a warp's 512-column step, not a multiple of it, and several steps.
 INT8_CASES = [(16, 7, 1), (400, 33, 2), (2064, 19, 4), (4096, 8, 3)]
+# The int8 MMA kernel: K not a multiple of its 64-column step (lanes past K load zeros), N not a
+# multiple of a warp's 16 rows, one to six n8 tiles of x (f32: three bf16 rows per row), K splits.
+INT8_MMA_CASES = [(16, 7, 2), (400, 33, 5), (2064, 19, 16), (4096, 40, 3), (1040, 70, 9), (192, 130, 12)]
 
 
 @needs_emulation
@@ -120,9 +123,35 @@ def test_emulated_int8_gemv_matches_reference(k, n, m, dtype):
     ct = jax.tree.map(jnp.asarray, pack(_weight(k + n, k, n, 0.0), "int8"))
     assert gemv.why_not(jnp.zeros((m, k)), ct, emulate=True) is None
     x = jnp.asarray(np.random.default_rng(k * m).standard_normal((m, k)), dtype)
-    got = ltjax.matmul(x, ct, impl="cuda")
+    got = gemv.gemv(x, ct, kernel="gemv")
     assert got.dtype == dtype and got.shape == (m, n)
     _close(got, _want(x, ct), dtype)
+    _close(ltjax.matmul(x, ct, impl="cuda"), _want(x, ct), dtype)  # M >= 3: the MMA kernel
+
+
+@needs_emulation
+@pytest.mark.parametrize("k,n,m", INT8_MMA_CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_emulated_int8_mma_matches_reference(k, n, m, dtype):
+    ct = jax.tree.map(jnp.asarray, pack(_weight(k * 5 + n, k, n, 0.0), "int8"))
+    assert gemv.why_not(jnp.zeros((m, k)), ct, emulate=True) is None
+    x = jnp.asarray(np.random.default_rng(k + 11 * m).standard_normal((m, k)), dtype)
+    got = gemv.gemv(x, ct, kernel="mma")
+    assert got.dtype == dtype and got.shape == (m, n)
+    _close(got, _want(x, ct), dtype if dtype != jnp.float16 else jnp.bfloat16)
+    assert gemv.kernel_for(x, ct) == ("mma" if m >= gemv.MMA_MIN_M["int8"] else "gemv")
+    _close(ltjax.matmul(x, ct, impl="cuda"), _want(x, ct), dtype if dtype != jnp.float16 else jnp.bfloat16)
+
+
+def test_int8_mma_splits_are_whole_steps():
+    """K splits of the int8 MMA kernel are whole 64-column steps and bring an 8192^2 weight's grid
+    to 512 row warps x 8 splits; a short row is one split."""
+    assert gemv.int8_mma_chunk_cols(8192, 8192) == 1024
+    for n, k in [(7, 16), (33, 400), (8192, 4096), (4096, 11008), (130, 192)]:
+        chunk = gemv.int8_mma_chunk_cols(n, k)
+        row_warps = -(-n // 16)
+        assert chunk % 64 == 0 and chunk >= 64 and -(-k // chunk) * row_warps <= max(4096, row_warps)
+    assert gemv.int8_mma_chunk_cols(8192, 48) == 64
 
 
 @needs_emulation
@@ -164,9 +193,12 @@ def test_refusals_name_the_reason():
     ct = _ct(5, 64, 16, (16, 64), 0.5)
     assert "1 to 16 rows" in gemv.why_not(jnp.zeros((17, 64)), ct, emulate=True)
     int8_64 = jax.tree.map(jnp.asarray, pack(_weight(5, 64, 16, 0.0), "int8"))
-    assert "1 to 4 rows" in gemv.why_not(jnp.zeros((5, 64)), int8_64, emulate=True)
-    with pytest.raises(ValueError, match="1 to 4 rows of x"):
-        gemv.gemv(jnp.zeros((5, 64)), ct, kernel="gemv")
+    assert "int8 kernels take 1 to 16 rows" in gemv.why_not(jnp.zeros((17, 64)), int8_64, emulate=True)
+    for w in (ct, int8_64):
+        with pytest.raises(ValueError, match="GEMV takes 1 to 4 rows of x, got x\\(5, 64\\); the MMA kernels"):
+            gemv.gemv(jnp.zeros((5, 64)), w, kernel="gemv")
+    with pytest.raises(ValueError, match="kernel='fma': choose 'gemv', 'mma' or None"):
+        gemv.gemv(jnp.zeros((1, 64)), int8_64, kernel="fma")
     raw = jax.tree.map(jnp.asarray, pack(_weight(6, 64, 16, 0.0), "raw"))
     assert "decodes int8 and bitmask_int8, not 'raw'" in gemv.why_not(jnp.zeros((1, 64)), raw, emulate=True)
     int8 = jax.tree.map(jnp.asarray, pack(_weight(6, 72, 16, 0.0), "int8"))
@@ -214,6 +246,24 @@ def test_handler_rejects_bad_operands():
         call8(jnp.zeros((1, 40), jnp.float32), int8.codes, int8.scales)
     with pytest.raises(Exception, match=r"x \[1, 48\] does not match codes \[8, 48\]|x \[1, 32\] does not match"):
         call8(jnp.zeros((1, 32), jnp.float32), jnp.zeros((8, 48), jnp.int8), int8.scales)
+    int8_48 = jax.tree.map(jnp.asarray, pack(_weight(9, 48, 8, 0.0), "int8"))
+    mma8 = jax.ffi.ffi_call(gemv.INT8_MMA_TARGET, jax.ShapeDtypeStruct((1, 8, 8), jnp.float32))
+    xb8 = jnp.zeros((8, 64), jnp.bfloat16)
+    with pytest.raises(Exception, match=r"x must be bfloat16 \[Mp, 64 ceil\(K / 64\)\], got \[8, 64\]"):
+        mma8(xb8.astype(jnp.float32), int8_48.codes, int8_48.scales, chunk_cols=np.int64(64))
+    with pytest.raises(Exception, match=r"x must have 64 ceil\(K / 64\) columns, got \[8, 128\] for codes \[8, 48\]"):
+        mma8(jnp.zeros((8, 128), jnp.bfloat16), int8_48.codes, int8_48.scales, chunk_cols=np.int64(64))
+    with pytest.raises(Exception, match=r"the int8 MMA kernel needs K % 16 == 0 \(16-byte rows\), got codes \[8, 40\]"):
+        mma8(xb8, int8.codes, int8.scales, chunk_cols=np.int64(64))
+    with pytest.raises(Exception, match="chunk_cols must be a positive multiple of 64, got 96"):
+        mma8(xb8, int8_48.codes, int8_48.scales, chunk_cols=np.int64(96))
+    with pytest.raises(Exception, match=r"the MMA kernel takes 8, 16, ..., 48 rows of x, got \[56, 64\]"):
+        mma8(jnp.zeros((56, 64), jnp.bfloat16), int8_48.codes, int8_48.scales, chunk_cols=np.int64(64))
+    with pytest.raises(Exception, match=r"scales must be float32 \[N\], got \[7\]"):
+        mma8(xb8, int8_48.codes, int8_48.scales[:7], chunk_cols=np.int64(64))
+    with pytest.raises(Exception, match=r"y must be float32 \[splits, Mp, N\] = \[1, 8, 8\]"):
+        jax.ffi.ffi_call(gemv.INT8_MMA_TARGET, jax.ShapeDtypeStruct((2, 8, 8), jnp.float32))(
+            xb8, int8_48.codes, int8_48.scales, chunk_cols=np.int64(64))
 
 
 def test_lowers_for_cuda():
@@ -229,27 +279,30 @@ def test_lowers_for_cuda():
     text = jax.jit(gemv.gemv).trace(jax.ShapeDtypeStruct((2, 256), jnp.float32), int8).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "ltjax_int8_gemv" in text
+    text = jax.jit(gemv.gemv).trace(jax.ShapeDtypeStruct((16, 256), jnp.bfloat16), int8).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "ltjax_int8_mma" in text and "chunk_cols" in text
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_cuda_library_builds_without_spills(tmp_path):
     """`python -m ltjax.ffi.gemv --build`'s nvcc line builds the library for sm_90 and sm_80 with
-    no local-memory spills (ptxas -v), and it exports both handlers."""
+    no local-memory spills (ptxas -v), and it exports the four handlers."""
     proc = subprocess.run(gemv.nvcc_command(tmp_path / "lib.so", "-Xptxas", "-v"), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", proc.stderr)]
-    assert len(regs) == 28, proc.stderr  # (GEMVs: two codecs x M = 1..4, MMA: 1..6 n8 tiles) x two architectures
+    assert len(regs) == 40, proc.stderr  # (GEMVs: two codecs x M = 1..4, MMAs: two codecs x 1..6 n8 tiles) x two architectures
     assert max(regs) <= 128, regs  # the launch bounds: 64 (M = 1, int8) to 128
     assert not re.search(r"[1-9]\d* bytes spill", proc.stderr), proc.stderr
     lib = ctypes.CDLL(str(tmp_path / "lib.so"))
-    assert lib.LtjaxBitmaskInt8GemvCuda and lib.LtjaxInt8GemvCuda and lib.LtjaxBitmaskInt8MmaCuda
+    assert lib.LtjaxBitmaskInt8GemvCuda and lib.LtjaxInt8GemvCuda and lib.LtjaxBitmaskInt8MmaCuda and lib.LtjaxInt8MmaCuda
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs in benchmarks/gpu_check.sh)")
 @pytest.mark.parametrize("k,n,m,tile,sparsity", CASES + MMA_CASES
                          + [(4096, 4096, 1, (256, 256), 0.5), (8192, 1024, 4, (256, 256), 0.9), (8192, 2048, 16, (256, 256), 0.5)]
-                         + [(k, n, m, None, None) for k, n, m in INT8_CASES + [(8192, 2048, 1)]])
+                         + [(k, n, m, None, None) for k, n, m in INT8_CASES + INT8_MMA_CASES + [(8192, 2048, 1), (8192, 2048, 16)]])
 def test_native_gpu_gemv_matches_reference(k, n, m, tile, sparsity):
     if sparsity is None:
         ct = jax.tree.map(jnp.asarray, pack(_weight(k + n, k, n, 0.0), "int8"))
@@ -259,7 +312,7 @@ def test_native_gpu_gemv_matches_reference(k, n, m, tile, sparsity):
     if reason is not None and "not built" in reason:
         pytest.skip(reason)
     assert reason is None, reason
-    kernels = ["gemv"] if ct.codec == "int8" else ["gemv", "mma"] if m <= 4 else ["mma"]
+    kernels = ["gemv", "mma"] if m <= gemv.GEMV_MAX_M else ["mma"]
     for dtype in (jnp.float32, jnp.bfloat16):
         x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), dtype)
         for kernel in kernels:

@@ -1,12 +1,13 @@
-"""The CUDA kernels for small M: ``x [M, K] @ W.T`` over int8 (M <= 4) and bitmask_int8 (M <= 16)
-weights, each one XLA FFI custom call (docs/cuda.md).
+"""The CUDA kernels for small M: ``x [M, K] @ W.T`` over int8 and bitmask_int8 weights (M <= 16),
+each one XLA FFI custom call (docs/cuda.md).
 
 The GEMVs give each output row a warp that decodes in registers (``gemv_warp.h``): int8 codes
 16 per lane per 16-byte load; bitmask_int8 mask words and packed codes with byte permutes,
 about 9 sm_90 instructions per weight element against the Pallas bitmask kernels' 21, which
 bound those at ~40 µs of instruction issue per 8192² layer. From M = 2 bitmask_int8 runs on the
 tensor cores instead: the same decode into bf16 in shared memory, 16 rows a warp, then
-``ldmatrix`` and ``mma.m16n8k16``.
+``ldmatrix`` and ``mma.m16n8k16``; from M = 3 int8 does too, its A fragments made in registers
+straight from 16-byte loads.
 
 Built by the package install into ``_ltjax_cuda.so`` where ``nvcc`` is found, and registered for
 platform "CUDA" at first use. The same target names are registered for "cpu" by the CPU extension, where they run the
@@ -35,9 +36,15 @@ from ltjax._format import CompressedTensor
 TARGET = "ltjax_bitmask_int8_gemv"
 INT8_TARGET = "ltjax_int8_gemv"
 MMA_TARGET = "ltjax_bitmask_int8_mma"
+INT8_MMA_TARGET = "ltjax_int8_mma"
 CODECS = ("int8", "bitmask_int8")
-MAX_M = {"int8": 4, "bitmask_int8": 16}  # rows of x each codec's kernels take
-MMA_MIN_M = 2  # bitmask_int8 from here on: the tensor-core kernel (one conversion per code, not M FMAs)
+MAX_M = {"int8": 16, "bitmask_int8": 16}  # rows of x each codec's kernels take
+GEMV_MAX_M = 4  # the GEMVs' M FMAs per code: up to 4 rows
+# From here on the tensor-core kernels (one conversion per code, not M FMAs). sm_90 SASS per
+# element (benchmarks/results/cuda_sass_sm90.json): bitmask_int8 GEMV 9.6 at M = 1, 10.4 at 2,
+# against the MMA's 8.6; int8 GEMV 3.7 / 5.1 / 6.6 / 7.8 at M = 1 / 2 / 3 / 4, against the MMA's
+# 4.2 (4.8 with f32 x from M = 3). At int8 M = 2 the GEMV stays: close, and no partial sums to add.
+MMA_MIN_M = {"int8": 3, "bitmask_int8": 2}
 _MMA_TARGET_WARPS = 4096  # K splits until the grid has about this many warps (8192^2: 512 row warps x 8)
 X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 _state: dict = {"done": False, "reason": None}
@@ -82,6 +89,7 @@ def _register_cuda() -> str | None:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LtjaxBitmaskInt8GemvCuda), platform="CUDA")
         jax.ffi.register_ffi_target(INT8_TARGET, jax.ffi.pycapsule(lib.LtjaxInt8GemvCuda), platform="CUDA")
         jax.ffi.register_ffi_target(MMA_TARGET, jax.ffi.pycapsule(lib.LtjaxBitmaskInt8MmaCuda), platform="CUDA")
+        jax.ffi.register_ffi_target(INT8_MMA_TARGET, jax.ffi.pycapsule(lib.LtjaxInt8MmaCuda), platform="CUDA")
     except Exception as e:  # noqa: BLE001 - any load/registration failure means "not available"
         _state["reason"] = f"{libs[0]} could not be loaded: {type(e).__name__}: {e}"
     return _state["reason"]
@@ -152,9 +160,9 @@ def row_starts(ct: CompressedTensor) -> jax.Array:
 
 
 def kernel_for(x2: Any, ct: CompressedTensor) -> str:
-    """Which CUDA kernel `gemv` runs: ``"gemv"`` (FMA, one warp a row) or ``"mma"`` (bitmask_int8
-    at M >= MMA_MIN_M: tensor cores over 16 decoded rows a warp)."""
-    return "mma" if ct.codec == "bitmask_int8" and x2.shape[0] >= MMA_MIN_M else "gemv"
+    """Which CUDA kernel `gemv` runs: ``"gemv"`` (FMA, one warp a row) or ``"mma"`` (from
+    ``MMA_MIN_M[codec]`` rows of x: tensor cores over 16 decoded rows a warp)."""
+    return "mma" if x2.shape[0] >= MMA_MIN_M[ct.codec] else "gemv"
 
 
 def mma_chunk_words(n: int, w: int, seg: int) -> int:
@@ -168,26 +176,40 @@ def mma_chunk_words(n: int, w: int, seg: int) -> int:
     return unit * cdiv(cdiv(w, splits), unit)
 
 
-def _mma(x2: jax.Array, ct: CompressedTensor, starts: jax.Array) -> jax.Array:
-    """bitmask_int8 on the tensor cores: x as bf16 rows (f32 and f16 x as an exact hi/mid/lo split,
-    three bf16 rows each, whose three partial products are added in f32), padded to 8-row tiles."""
+def int8_mma_chunk_cols(n: int, k: int) -> int:
+    """Columns per K split of the int8 MMA kernel: whole 64-column steps, as many splits as bring
+    the grid to ~4096 warps."""
+    cdiv = lambda a, b: -(-a // b)
+    steps = cdiv(k, 64)
+    splits = max(1, min(cdiv(_MMA_TARGET_WARPS, cdiv(n, 16)), steps))
+    return 64 * max(1, cdiv(steps, splits))
+
+
+def _mma(x2: jax.Array, ct: CompressedTensor, starts: jax.Array | None) -> jax.Array:
+    """The tensor-core kernels: x as bf16 rows (f32 and f16 x as an exact hi/mid/lo split, three
+    bf16 rows each, whose three partial products are added in f32), padded to 8-row tiles and to
+    the kernel's columns; the K splits' partial products added here."""
     from ltjax.pallas._decode import split_bf16  # the one implementation of the exact split
 
     n, k = ct.header.storage_shape
     m = x2.shape[0]
-    mask = jnp.asarray(ct.mask)
-    w = mask.shape[1]
     parts = (x2.astype(jnp.bfloat16),) if x2.dtype == jnp.bfloat16 else split_bf16(x2.astype(jnp.float32))
     xb = jnp.concatenate(parts, axis=0)
     rows = xb.shape[0]
-    mp, kp = 8 * -(-rows // 8), 64 * -(-w // 2)
+    mp = 8 * -(-rows // 8)
+    if ct.codec == "int8":
+        kp, chunk = 64 * -(-k // 64), int8_mma_chunk_cols(n, k)
+        splits = max(1, -(-kp // chunk))
+        target, args, attrs = INT8_MMA_TARGET, (), dict(chunk_cols=np.int64(chunk))
+    else:
+        mask = jnp.asarray(ct.mask)
+        w, seg = mask.shape[1], seg_words(ct)
+        kp, chunk = 64 * -(-w // 2), mma_chunk_words(n, w, seg)
+        splits = max(1, -(-w // chunk))
+        target, args, attrs = MMA_TARGET, (mask, starts), dict(seg_words=np.int64(seg), chunk_words=np.int64(chunk))
     xb = jnp.pad(xb, ((0, mp - rows), (0, kp - k)))
-    seg = seg_words(ct)
-    chunk = mma_chunk_words(n, w, seg)
-    splits = max(1, -(-w // chunk))
-    call = jax.ffi.ffi_call(MMA_TARGET, jax.ShapeDtypeStruct((splits, mp, n), jnp.float32), vmap_method="sequential")
-    y = call(xb, mask, starts, jnp.asarray(ct.codes), jnp.asarray(ct.scales), seg_words=np.int64(seg),
-             chunk_words=np.int64(chunk))
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((splits, mp, n), jnp.float32), vmap_method="sequential")
+    y = call(xb, *args, jnp.asarray(ct.codes), jnp.asarray(ct.scales), **attrs)
     y = y.sum(axis=0)[:rows].reshape(len(parts), m, n).sum(axis=0)
     return y.astype(x2.dtype)
 
@@ -195,19 +217,18 @@ def _mma(x2: jax.Array, ct: CompressedTensor, starts: jax.Array) -> jax.Array:
 def gemv(x2: jax.Array, ct: CompressedTensor, *, kernel: str | None = None, starts: jax.Array | None = None) -> jax.Array:
     """``x2 [M, K] @ W.T -> [M, N]`` in x2's dtype, W the [N, K] storage of an int8 or bitmask_int8
     ``ct`` (f32 accumulation of exact code * x products, times the row's scale). ``kernel``:
-    ``"gemv"`` or ``"mma"`` (bitmask_int8, M <= 4 either; default `kernel_for`). ``starts``:
+    ``"gemv"`` (M <= 4) or ``"mma"`` (default `kernel_for`). ``starts``:
     `row_starts(ct)` computed beforehand (bitmask_int8; default: computed here, in XLA)."""
     kernel = kernel or kernel_for(x2, ct)
+    if kernel not in ("gemv", "mma"):
+        raise ValueError(f"kernel={kernel!r}: choose 'gemv', 'mma' or None")
     if ct.codec == "bitmask_int8" and starts is None:
         starts = row_starts(ct)
     if kernel == "mma":
-        if ct.codec != "bitmask_int8":
-            raise ValueError(f"the CUDA MMA kernel decodes bitmask_int8, not {ct.codec!r}")
         return _mma(x2, ct, starts)
-    if kernel != "gemv":
-        raise ValueError(f"kernel={kernel!r}: choose 'gemv', 'mma' or None")
-    if x2.shape[0] > 4:
-        raise ValueError(f"the CUDA GEMV takes 1 to 4 rows of x, got x{tuple(x2.shape)}; the MMA kernel takes up to 16")
+    if x2.shape[0] > GEMV_MAX_M:
+        raise ValueError(f"the CUDA GEMV takes 1 to {GEMV_MAX_M} rows of x, got x{tuple(x2.shape)}; "
+                         "the MMA kernels take up to 16")
     n, k = ct.header.storage_shape
     m = x2.shape[0]
     out = jax.ShapeDtypeStruct((m, n), jnp.float32)

@@ -1,10 +1,15 @@
 // The CUDA small-M kernels: y[M, N] = x[M, K] @ W^T, W [N, K] decoded in registers (GEMVs, one
-// warp per output row, M <= 4) or into shared memory for the tensor cores (bitmask_int8, M <= 16).
+// warp per output row, M <= 4; int8 for the tensor cores, M <= 16) or into shared memory for the
+// tensor cores (bitmask_int8, M <= 16).
 // gemv_warp.h has the per-lane steps, shared with the CPU emulation that the tests run;
 // docs/cuda.md has the design and the instruction counts.
 //
 // Target (platform "CUDA"): "ltjax_int8_gemv"
 //   x f32 [M, K], codes s8 [N, K] (K % 16 == 0), scales f32 [N] -> y f32 [M, N]
+//
+// Target (platform "CUDA"): "ltjax_int8_mma"
+//   x bf16 [Mp, 64 ceil(K / 64)] (Mp = 8 .. 48, zero rows and columns past x), codes and scales as
+//   above -> y f32 [S, Mp, N]: one partial product per K split of chunk_cols (i64) columns
 //
 // Target (platform "CUDA"): "ltjax_bitmask_int8_gemv"
 //   x          f32 [M, Kp]      Kp = 32 W, zero past K
@@ -89,9 +94,24 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock, kBitmaskMinBlocks<M>) Bitm
   }
 }
 
+// No columns: the partial sums are 0.
+ffi::Error ZeroFill(ffi::AnyBuffer& y, cudaStream_t stream) {
+  const cudaError_t err = cudaMemsetAsync(y.untyped_data(), 0, y.size_bytes(), stream);
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("ltjax: cudaMemsetAsync: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
 ffi::Error Launched() {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("ltjax: CUDA GEMV launch: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+// The MMA kernels' grid: row blocks of 16 rows a warp, times the K splits.
+ffi::Error MmaGrid(const Geometry& g, dim3* grid) {
+  const int64_t row_blocks = (g.n + 16 * kRowsPerBlock - 1) / (16 * kRowsPerBlock);
+  if (row_blocks >= (int64_t{1} << 31) || g.splits > 65535) return Invalid("the MMA kernel's grid is too large");
+  *grid = dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(g.splits));
   return ffi::Error::Success();
 }
 
@@ -191,17 +211,80 @@ ffi::Error MmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer mask, f
   if (ffi::Error err = MakeMmaGeometry(x, mask, row_starts, codes, scales, *y, seg_words, chunk_words, &g); err.failure())
     return err;
   if (g.n == 0) return ffi::Error::Success();
-  const int64_t row_blocks = (g.n + 16 * kRowsPerBlock - 1) / (16 * kRowsPerBlock);
-  if (row_blocks >= (int64_t{1} << 31) || g.splits > 65535) return Invalid("the MMA kernel's grid is too large");
-  if (g.w == 0) {  // no columns: the partial sums are 0
-    const cudaError_t err = cudaMemsetAsync(y->untyped_data(), 0, y->size_bytes(), stream);
-    if (err != cudaSuccess) return ffi::Error::Internal(std::string("ltjax: cudaMemsetAsync: ") + cudaGetErrorString(err));
-    return ffi::Error::Success();
-  }
-  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(g.splits)), block(32 * kRowsPerBlock);
+  if (g.w == 0) return ZeroFill(*y, stream);
+  dim3 grid, block(32 * kRowsPerBlock);
+  if (ffi::Error err = MmaGrid(g, &grid); err.failure()) return err;
   const auto* xs = static_cast<const uint16_t*>(x.untyped_data());
   const BitmaskArrays arrays = ArraysOf(mask, row_starts, codes, scales, *y);
   WithConstant<1, 6>(g.m / 8, [&](auto nt) { BitmaskInt8Mma<decltype(nt)::value><<<grid, block, 0, stream>>>(xs, arrays, g); });
+  return Launched();
+}
+
+// int8, 3 <= M <= 16 (up to 48 bf16 rows of x): a warp multiplies 16 weight rows with x on the
+// tensor cores, 64 columns a step, its A fragments made in registers from two 16-byte loads a lane
+// (gemv_warp.h, "the int8 MMA's layouts"); the next step's codes load while this one multiplies.
+// Grid: (row blocks of 64, K splits); each split writes its own partial [Mp, N].
+template <int NT>
+__global__ void __launch_bounds__(32 * kRowsPerBlock, 4) Int8Mma(const uint16_t* __restrict__ x,
+                                                                  const uint8_t* __restrict__ codes,
+                                                                  const float* __restrict__ scales,
+                                                                  float* __restrict__ y, Geometry g) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5)) * 16;
+  if (r0 >= g.n) return;  // whole warps
+  const int64_t ra = r0 + (lane >> 2), rb = ra + 8;
+  const bool ok_a = ra < g.n, ok_b = rb < g.n;
+  const uint8_t* row_a = codes + (ok_a ? ra : 0) * g.k;
+  const uint8_t* row_b = codes + (ok_b ? rb : 0) * g.k;
+  const int64_t c_begin = static_cast<int64_t>(blockIdx.y) * g.chunk;
+  const int64_t c_end = min(c_begin + g.chunk, g.kp);
+  const int64_t col = 16 * (lane & 3);  // the lane's columns in a step: c0 + col .. + 15
+  float acc[NT][4];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+  uint32_t va[4], vb[4];
+  CodesAt(row_a, ok_a, c_begin + col, g.k, va);
+  CodesAt(row_b, ok_b, c_begin + col, g.k, vb);
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += 64) {
+    uint32_t na[4], nb[4];
+    CodesAt(row_a, ok_a && c0 + 64 < c_end, c0 + 64 + col, g.k, na);
+    CodesAt(row_b, ok_b && c0 + 64 < c_end, c0 + 64 + col, g.k, nb);
+    uint32_t xw[NT][8];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) Int8BWords(x, g.kp, lane, t, c0, xw[t]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t a[4];
+      Int8AFrag(va[j], vb[j], a);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) MmaBf16(acc[t], a, xw[t] + 2 * j);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) va[i] = na[i], vb[i] = nb[i];
+  }
+  float* ys = y + static_cast<int64_t>(blockIdx.y) * g.m * g.n;
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t rr = r0 + CRow(lane, i);
+      if (rr < g.n) ys[(8 * t + CCol(lane, i)) * g.n + rr] = acc[t][i] * scales[rr];
+    }
+}
+
+ffi::Error Int8MmaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer scales,
+                       ffi::Result<ffi::AnyBuffer> y, int64_t chunk_cols) {
+  Geometry g;
+  if (ffi::Error err = MakeInt8MmaGeometry(x, codes, scales, *y, chunk_cols, &g); err.failure()) return err;
+  if (g.n == 0) return ffi::Error::Success();
+  if (g.kp == 0) return ZeroFill(*y, stream);
+  dim3 grid, block(32 * kRowsPerBlock);
+  if (ffi::Error err = MmaGrid(g, &grid); err.failure()) return err;
+  const auto* xs = static_cast<const uint16_t*>(x.untyped_data());
+  const auto* cs = static_cast<const uint8_t*>(codes.untyped_data());
+  const auto* ss = static_cast<const float*>(scales.untyped_data());
+  auto* ys = static_cast<float*>(y->untyped_data());
+  WithConstant<1, 6>(g.m / 8, [&](auto nt) { Int8Mma<decltype(nt)::value><<<grid, block, 0, stream>>>(xs, cs, ss, ys, g); });
   return Launched();
 }
 
@@ -275,6 +358,10 @@ ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer mask, 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxBitmaskInt8MmaCuda, ltjax::gemv::MmaImpl,
                               ltjax::gemv::BindBitmask(xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>())
                                   .Attr<int64_t>("chunk_words"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxInt8MmaCuda, ltjax::gemv::Int8MmaImpl,
+                              ltjax::gemv::BindInt8(xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>())
+                                  .Attr<int64_t>("chunk_cols"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxInt8GemvCuda, ltjax::gemv::Int8GemvImpl,
                               ltjax::gemv::BindInt8(xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()));

@@ -1,6 +1,6 @@
 // The CUDA GEMVs (gemv_cuda.cu) run on the CPU, lane by lane: the same per-lane steps
 // (gemv_warp.h), the warp's shuffles replaced by loops over the 32 lanes, in the same order.
-// Registered as "ltjax_int8_gemv" and "ltjax_bitmask_int8_gemv" for platform "cpu", so the CPU
+// Registered under the CUDA targets' names for platform "cpu", so the CPU
 // tests run the decode the GPU runs through the very call ltjax makes (ltjax/ffi/gemv.py). A test vehicle, not a fast path:
 // one thread, no SIMD.
 #include <algorithm>
@@ -107,6 +107,17 @@ void MmaEmulate(const uint32_t (&a)[32][4], const uint32_t (&b)[32][NT][2], floa
       }
 }
 
+// A warp's accumulators (rows r0 .. r0 + 15) times the rows' scales into its split's [Mp, N].
+template <int NT>
+void StoreMma(const float (&acc)[32][NT][4], int64_t r0, int64_t n, const float* scales, float* ys) {
+  for (int l = 0; l < 32; ++l)
+    for (int t = 0; t < NT; ++t)
+      for (int i = 0; i < 4; ++i) {
+        const int64_t rr = r0 + CRow(l, i);
+        if (rr < n) ys[(8 * t + CCol(l, i)) * n + rr] = acc[l][t][i] * scales[rr];
+      }
+}
+
 template <int NT>
 void EmulateMma(const Geometry& g, const uint16_t* x, const BitmaskArrays& a) {
   uint32_t select[16];
@@ -152,14 +163,51 @@ void EmulateMma(const Geometry& g, const uint16_t* x, const BitmaskArrays& a) {
           MmaEmulate<NT>(af, bf, acc);
         }
       }
-      for (int l = 0; l < 32; ++l)
-        for (int t = 0; t < NT; ++t)
-          for (int i = 0; i < 4; ++i) {
-            const int64_t rr = r0 + CRow(l, i);
-            if (rr < g.n) ys[(8 * t + CCol(l, i)) * g.n + rr] = acc[l][t][i] * a.scales[rr];
-          }
+      StoreMma<NT>(acc, r0, g.n, a.scales, ys);
     }
   }
+}
+
+template <int NT>
+void EmulateInt8Mma(const Geometry& g, const uint16_t* x, const uint8_t* codes, const float* scales, float* y) {
+  for (int s = 0; s < g.splits; ++s) {
+    const int64_t c_begin = static_cast<int64_t>(s) * g.chunk, c_end = std::min<int64_t>(c_begin + g.chunk, g.kp);
+    float* ys = y + static_cast<int64_t>(s) * g.m * g.n;
+    for (int64_t r0 = 0; r0 < g.n; r0 += 16) {  // a warp
+      float acc[32][NT][4] = {};
+      for (int64_t c0 = c_begin; c0 < c_end; c0 += 64) {
+        uint32_t va[32][4], vb[32][4], xw[32][NT][8];
+        for (int l = 0; l < 32; ++l) {
+          const int64_t ra = r0 + (l >> 2), rb = ra + 8, c = c0 + 16 * (l & 3);
+          CodesAt(codes + (ra < g.n ? ra : 0) * g.k, ra < g.n, c, g.k, va[l]);
+          CodesAt(codes + (rb < g.n ? rb : 0) * g.k, rb < g.n, c, g.k, vb[l]);
+          for (int t = 0; t < NT; ++t) Int8BWords(x, g.kp, l, t, c0, xw[l][t]);
+        }
+        for (int j = 0; j < 4; ++j) {
+          uint32_t af[32][4], bf[32][NT][2];
+          for (int l = 0; l < 32; ++l) {
+            Int8AFrag(va[l][j], vb[l][j], af[l]);
+            for (int t = 0; t < NT; ++t) bf[l][t][0] = xw[l][t][2 * j], bf[l][t][1] = xw[l][t][2 * j + 1];
+          }
+          MmaEmulate<NT>(af, bf, acc);
+        }
+      }
+      StoreMma<NT>(acc, r0, g.n, scales, ys);
+    }
+  }
+}
+
+ffi::Error EmulateInt8MmaImpl(ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer scales, ffi::Result<ffi::AnyBuffer> y,
+                              int64_t chunk_cols) {
+  Geometry g;
+  if (ffi::Error err = MakeInt8MmaGeometry(x, codes, scales, *y, chunk_cols, &g); err.failure()) return err;
+  std::memset(y->untyped_data(), 0, y->size_bytes());
+  WithConstant<1, 6>(g.m / 8, [&](auto nt) {
+    EmulateInt8Mma<decltype(nt)::value>(g, static_cast<const uint16_t*>(x.untyped_data()),
+                                        static_cast<const uint8_t*>(codes.untyped_data()),
+                                        static_cast<const float*>(scales.untyped_data()), static_cast<float*>(y->untyped_data()));
+  });
+  return ffi::Error::Success();
 }
 
 ffi::Error EmulateMmaImpl(ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer row_starts, ffi::AnyBuffer codes,
@@ -193,5 +241,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxBitmaskInt8GemvEmulated, ltjax::gemv::Emulate
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxBitmaskInt8MmaEmulated, ltjax::gemv::EmulateMmaImpl,
                               ltjax::gemv::BindBitmask(xla::ffi::Ffi::Bind()).Attr<int64_t>("chunk_words"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxInt8MmaEmulated, ltjax::gemv::EmulateInt8MmaImpl,
+                              ltjax::gemv::BindInt8(xla::ffi::Ffi::Bind()).Attr<int64_t>("chunk_cols"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LtjaxInt8GemvEmulated, ltjax::gemv::EmulateInt8Impl, ltjax::gemv::BindInt8(xla::ffi::Ffi::Bind()));

@@ -1,5 +1,5 @@
-// Argument checks, pointers and bindings of the "ltjax_int8_gemv", "ltjax_bitmask_int8_gemv" and
-// "ltjax_bitmask_int8_mma" targets, shared by their CUDA handlers (gemv_cuda.cu) and CPU emulations
+// Argument checks, pointers and bindings of the "ltjax_int8_gemv", "ltjax_int8_mma",
+// "ltjax_bitmask_int8_gemv" and "ltjax_bitmask_int8_mma" targets, shared by their CUDA handlers (gemv_cuda.cu) and CPU emulations
 // (gemv_emulate.cc): a call is refused the same way on both.
 #pragma once
 
@@ -131,6 +131,38 @@ inline ffi::Error MakeInt8Geometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer
   if (scales.element_type() != DataType::F32 || scales.element_count() != static_cast<size_t>(g->n))
     return Invalid("scales must be float32 [N], got " + DimsOf(scales));
   return CheckOutput(y, g->m * g->n, "[M, N]");
+}
+
+// The int8 MMA kernel's operands: x bf16 [Mp, Kp] (Mp = 8, 16, ..., 48; Kp = 64 ceil(K / 64), zero
+// past K), codes s8 [N, K] (K % 16 == 0), scales f32 [N], y f32 [S, Mp, N] (S = ceil(Kp / chunk_cols)
+// K splits; chunk_cols a multiple of 64).
+inline ffi::Error MakeInt8MmaGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& codes, const ffi::AnyBuffer& scales,
+                                      const ffi::AnyBuffer& y, int64_t chunk_cols, Geometry* g) {
+  using ffi::DataType;
+  *g = Geometry{};
+  if (x.element_type() != DataType::BF16 || x.dimensions().size() != 2)
+    return Invalid("x must be bfloat16 [Mp, 64 ceil(K / 64)], got " + DimsOf(x));
+  if (codes.element_type() != DataType::S8 || codes.dimensions().size() != 2)
+    return Invalid("codes must be int8 [N, K], got " + DimsOf(codes));
+  g->n = codes.dimensions()[0];
+  g->k = codes.dimensions()[1];
+  g->m = static_cast<int>(x.dimensions()[0]);
+  g->kp = x.dimensions()[1];
+  if (g->k % 16 != 0) return Invalid("the int8 MMA kernel needs K % 16 == 0 (16-byte rows), got codes " + DimsOf(codes));
+  if (g->kp >= (int64_t{1} << 31)) return Invalid("the int8 MMA kernel needs K < 2**31, got x " + DimsOf(x));
+  if (g->kp != 64 * ((g->k + 63) / 64))
+    return Invalid("x must have 64 ceil(K / 64) columns, got " + DimsOf(x) + " for codes " + DimsOf(codes));
+  if (g->m < 8 || g->m > 48 || g->m % 8)
+    return Invalid("the MMA kernel takes 8, 16, ..., 48 rows of x, got " + DimsOf(x));
+  if (scales.element_type() != DataType::F32 || scales.element_count() != static_cast<size_t>(g->n))
+    return Invalid("scales must be float32 [N], got " + DimsOf(scales));
+  if (chunk_cols <= 0 || chunk_cols % 64 != 0 || chunk_cols >= (int64_t{1} << 30))
+    return Invalid("chunk_cols must be a positive multiple of 64, got " + std::to_string(chunk_cols));
+  g->chunk = static_cast<int32_t>(chunk_cols);
+  g->splits = static_cast<int>(std::max<int64_t>(1, (g->kp + chunk_cols - 1) / chunk_cols));
+  return CheckOutput(y, static_cast<int64_t>(g->splits) * g->m * g->n,
+                     "[splits, Mp, N] = [" + std::to_string(g->splits) + ", " + std::to_string(g->m) + ", " +
+                         std::to_string(g->n) + "]");
 }
 
 // The handlers' bindings: the bitmask targets take x and the weight's four arrays, the int8 GEMV

@@ -182,16 +182,20 @@ struct FmaSink {
   LTJAX_HD void operator()(uint32_t v, int o) const { Fma4<M>(v, x, kp, c0 + o, acc); }
 };
 
-// The MMA kernel's sink: the codes as bf16 (exact: at most 8 significant bits), two per word,
-// out[o / 2 + j] holding the codes at word offsets o + 2 j, o + 2 j + 1 (low half first).
+// Two floats that are exact in bf16 (a code: at most 8 significant bits) as one bf16 pair, lo in
+// the low half: their high halves, one byte permute.
+LTJAX_HD uint32_t PackBf16x2(float lo, float hi) { return BytePerm(FloatBits(lo), FloatBits(hi), 0x7632u); }
+
+// The bitmask MMA kernel's sink: the codes as bf16, two per word, out[o / 2 + j] holding the
+// codes at word offsets o + 2 j, o + 2 j + 1 (low half first).
 struct Bf16Sink {
   static constexpr int kUnroll = 4;
   uint32_t* out;
   LTJAX_HD void operator()(uint32_t v, int o) const {
     float f[4];
-    CodesToF32(v, f);  // the high halves: bf16(f[0]) | bf16(f[1]) << 16, ...
-    out[o / 2] = BytePerm(FloatBits(f[0]), FloatBits(f[1]), 0x7632u);
-    out[o / 2 + 1] = BytePerm(FloatBits(f[2]), FloatBits(f[3]), 0x7632u);
+    CodesToF32(v, f);
+    out[o / 2] = PackBf16x2(f[0], f[1]);
+    out[o / 2 + 1] = PackBf16x2(f[2], f[3]);
   }
 };
 
@@ -288,15 +292,56 @@ LTJAX_HD int32_t MmaNextCarry(int32_t carry, uint32_t cnt_pair, int32_t w0, int 
   return ((w0 + 2) >> tile_shift) != (w0 >> tile_shift) ? 0 : carry + static_cast<int32_t>(cnt_pair);
 }
 
+// ------------------------------------------------------------------ the int8 MMA's layouts
+// int8 at 3 <= M <= 16 (gemv_cuda.cu, Int8Mma): a warp owns 16 weight rows and takes 64 columns a
+// step. Lane l (g = l >> 2, q = l & 3) loads 16 codes of row g and of row g + 8 at columns
+// c0 + 16 q .. c0 + 16 q + 15 (two 16-byte loads; the 4 lanes of a row read 64 contiguous bytes),
+// and makes the A fragments of the step's four mma.m16n8k16 in registers, no shared memory: the
+// sum over k does not depend on which 16 columns an instruction takes, only on A and B agreeing.
+// So instruction j takes, in lane l's k slots 2 q, 2 q + 1, 2 q + 8, 2 q + 9, the columns
+// c0 + 16 q + 4 j + 0, 1, 2, 3: code word j of each row for A, and for B the same four columns of
+// x (row 8 t + g of n8 tile t), words 2 j and 2 j + 1 of the lane's 16 bf16 of x.
+
+// The 16 codes of a weight row at columns c .. c + 15 as four words: zeros past the row's end
+// (c >= k, K % 16 == 0) or for a row past the weight's (ok false).
+LTJAX_HD void CodesAt(const uint8_t* row, bool ok, int64_t c, int64_t k, uint32_t* v) {
+  if (ok && c < k) {
+    Load16(row + c, v);
+  } else {
+    v[0] = v[1] = v[2] = v[3] = 0u;
+  }
+}
+
+// Instruction j's A fragment from code word j of rows g (wa) and g + 8 (wb): a0 = row g, k slots
+// 2 q, 2 q + 1; a1 = row g + 8, the same; a2, a3: slots 2 q + 8, 2 q + 9 (the PTX ISA's layout).
+LTJAX_HD void Int8AFrag(uint32_t wa, uint32_t wb, uint32_t* a) {
+  float fa[4], fb[4];
+  CodesToF32(wa, fa);
+  CodesToF32(wb, fb);
+  a[0] = PackBf16x2(fa[0], fa[1]);
+  a[1] = PackBf16x2(fb[0], fb[1]);
+  a[2] = PackBf16x2(fa[2], fa[3]);
+  a[3] = PackBf16x2(fb[2], fb[3]);
+}
+
+// Lane l's 16 bf16 of x row 8 t + g at columns c0 + 16 q .. (x [rows, kp], kp % 64 == 0) as eight
+// words: two 16-byte loads. Instruction j's B fragment is words 2 j, 2 j + 1.
+LTJAX_HD void Int8BWords(const uint16_t* x, int64_t kp, int lane, int t, int64_t c0, uint32_t* xw) {
+  const uint8_t* p = reinterpret_cast<const uint8_t*>(x + (8 * t + (lane >> 2)) * kp + c0 + 16 * (lane & 3));
+  Load16(p, xw);
+  Load16(p + 16, xw + 4);
+}
+
 // ------------------------------------------------------------------ the geometry
 // Words of row r: W. Tile columns: `seg` = 2^seg_log2 words each (at most 32), or seg = 0: one
 // tile column spanning the row (the warp's packed values then continue from step to step).
 struct Geometry {
-  int64_t n, w, gc, kp;
+  int64_t n, w, gc, kp;  // kp: x's row stride
+  int64_t k;             // int8 MMA: the codes' row length (kp: K rounded up to 64)
   int32_t nnz;
   int seg, seg_log2;  // seg: lanes per tile column inside a step; 0: one tile column, carried across steps
   int m;              // rows of x (MMA: a multiple of 8)
-  int32_t chunk;      // MMA: mask words per K split
+  int32_t chunk;      // MMA: mask words (int8: columns) per K split
   int splits;         // MMA: K splits (partial outputs)
 };
 

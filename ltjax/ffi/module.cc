@@ -17,6 +17,7 @@ XLA_FFI_Error* LtjaxBitmaskUnpack(XLA_FFI_CallFrame*);
 XLA_FFI_Error* LtjaxBitmaskInt8Unpack(XLA_FFI_CallFrame*);
 XLA_FFI_Error* LtjaxBitmaskInt8GemvEmulated(XLA_FFI_CallFrame*);
 XLA_FFI_Error* LtjaxInt8GemvEmulated(XLA_FFI_CallFrame*);
+XLA_FFI_Error* LtjaxInt8MmaEmulated(XLA_FFI_CallFrame*);
 XLA_FFI_Error* LtjaxBitmaskInt8MmaEmulated(XLA_FFI_CallFrame*);
 }
 
@@ -39,6 +40,7 @@ const Target kTargets[] = {
     // The CUDA GEMVs' decode, emulated lane by lane (tests; ltjax/ffi/gemv.py).
     {"ltjax_bitmask_int8_gemv", LtjaxBitmaskInt8GemvEmulated},
     {"ltjax_int8_gemv", LtjaxInt8GemvEmulated},
+    {"ltjax_int8_mma", LtjaxInt8MmaEmulated},
     {"ltjax_bitmask_int8_mma", LtjaxBitmaskInt8MmaEmulated},
 };
 
