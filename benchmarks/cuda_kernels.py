@@ -5,11 +5,11 @@ For each K = N, codec (int8, bitmask_int8 at 50% and 90% sparsity), activation d
 16), per layer of a jitted chain of ``--layers`` distinct weight copies (as
 `benchmarks.matmul` times, whose helpers it uses):
 
-- ``t_cuda_ms``: ``ltjax.matmul(x, ct, impl="cuda")``, what a user gets: bitmask_int8's row starts
-  come from an XLA pass over the mask inside every call;
-- ``t_cuda_bare_ms``: the same custom calls with the row starts computed once, outside the timed
-  program (in a jitted decode loop XLA lifts them out the same way); the gap is their cost;
-- ``t_alt_bare_ms`` (M <= 4, where both kernels apply): ``t_cuda_bare_ms`` with the other of
+- ``t_cuda_ms``: ``ltjax.matmul(x, ct, impl="cuda")`` over weights as `ltjax.compress` gives
+  them: bitmask_int8's row starts come from an XLA pass over the mask inside every call;
+- ``t_cuda_indexed_ms``: the same over weights that carry their row starts (`ltjax.index_rows`,
+  once, outside the timed program); the gap is that pass's cost (int8: the same program);
+- ``t_alt_indexed_ms`` (M <= 4, where both kernels apply): ``t_cuda_indexed_ms`` with the other of
   the GEMV and the tensor-core kernel (``alt_kernel``), for where the one should hand over to the other;
 - ``t_pallas_ms``: ``impl="pallas"``, the Triton kernels;
 - ``t_bf16_ms``, ``t_f32_ms``: XLA's dense dots; ``t_cuda_paired_ms`` / ``t_dense_paired_ms``: the
@@ -38,11 +38,10 @@ REQUIRES_BACKEND = "gpu"
 CASES = (("int8", 0.0), ("bitmask_int8", 0.5), ("bitmask_int8", 0.9))
 
 
-def _bare_chain(x, cts, starts, kernel=None):
-    """The CUDA custom calls over ``cts`` with their row starts given (computed outside the timed
-    program); ``kernel``: `gemv.gemv`'s, None for `gemv.kernel_for`'s pick."""
-    for ct, s in zip(cts, starts):
-        x = gemv.gemv(x, ct, kernel=kernel, starts=s)
+def _kernel_chain(x, cts, kernel):
+    """The CUDA custom calls over ``cts`` with ``kernel`` (`gemv.gemv`'s) instead of `gemv.kernel_for`'s pick."""
+    for ct in cts:
+        x = gemv.gemv(x, ct, kernel=kernel)
     return x
 
 
@@ -50,7 +49,7 @@ def run(sizes, ms, x_dtypes, reps: int, layers: int, burst: int, on_row, seed: i
     on_gpu = jax.default_backend() == "gpu"
     rng = np.random.default_rng(seed)
     cuda = chain(lambda x, ct: ltjax.matmul(x, ct, impl="cuda"))
-    bare = jax.jit(_bare_chain, static_argnames="kernel")
+    forced = jax.jit(_kernel_chain, static_argnames="kernel")
     pallas = chain(lambda x, ct: ltjax.matmul(x, ct, impl="pallas"))
     reference = chain(lambda x, ct: ltjax.matmul(x, ct, impl="reference"))
     dense = {"float32": chain(lambda x, w: x @ w), "bfloat16": chain(lambda x, w: x.astype(jnp.bfloat16) @ w)}
@@ -61,7 +60,7 @@ def run(sizes, ms, x_dtypes, reps: int, layers: int, burst: int, on_row, seed: i
         dense_ws = {"float32": ws32, "bfloat16": [w.astype(jnp.bfloat16) for w in ws32]}
         for codec, sparsity in CASES:
             cts = replicate(jax.device_put(pack(make_weight(rng, kn, kn, sparsity), codec)), layers)
-            starts = [gemv.row_starts(ct) if codec == "bitmask_int8" else None for ct in cts]
+            indexed = ltjax.index_rows(cts)
             for xdt in x_dtypes:
                 for m in ms:
                     x = jnp.asarray(rng.standard_normal((m, kn), dtype=np.float32)).astype(xdt)
@@ -78,12 +77,12 @@ def run(sizes, ms, x_dtypes, reps: int, layers: int, burst: int, on_row, seed: i
                         want = pallas(x, cts) if on_gpu else reference(x, cts)
                         row["rel_diff"] = rel_diff(y, want)
                         row["t_cuda_ms"] = per_layer(cuda, x, cts) * 1e3
-                        row["t_cuda_bare_ms"] = per_layer(bare, x, cts, starts) * 1e3
+                        row["indexed_rel_diff"] = rel_diff(cuda(x, indexed), want)
+                        row["t_cuda_indexed_ms"] = per_layer(cuda, x, indexed) * 1e3
                         if m <= gemv.GEMV_MAX_M:  # both kernels apply: the other one too, for the crossover
                             row["alt_kernel"] = "mma" if row["kernel"] == "gemv" else "gemv"
-                            y_alt = bare(x, cts, starts, kernel=row["alt_kernel"])
-                            row["alt_rel_diff"] = rel_diff(y_alt, want)
-                            row["t_alt_bare_ms"] = per_layer(bare, x, cts, starts, row["alt_kernel"]) * 1e3
+                            row["alt_rel_diff"] = rel_diff(forced(x, indexed, row["alt_kernel"]), want)
+                            row["t_alt_indexed_ms"] = per_layer(forced, x, indexed, row["alt_kernel"]) * 1e3
                         if on_gpu:
                             row["t_pallas_ms"] = per_layer(pallas, x, cts) * 1e3
                         row["t_f32_ms"] = per_layer(dense["float32"], x, dense_ws["float32"]) * 1e3
@@ -101,7 +100,7 @@ def run(sizes, ms, x_dtypes, reps: int, layers: int, burst: int, on_row, seed: i
                         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     on_row(row)
                     rows.append(row)
-            del cts, starts
+            del cts, indexed
     return rows
 
 
@@ -112,12 +111,12 @@ def format_row(r: dict) -> str:
     if "error" in r:
         return f"{head}  ERROR {r['error']}"
     ms = lambda k: f"{r[k]:9.4f}" if k in r else f"{'-':>9}"
-    return (f"{head} {r['kernel']:>5} {ms('t_cuda_ms')} {ms('t_cuda_bare_ms')} {ms('t_pallas_ms')} {ms('t_bf16_ms')} "
+    return (f"{head} {r['kernel']:>5} {ms('t_cuda_ms')} {ms('t_cuda_indexed_ms')} {ms('t_pallas_ms')} {ms('t_bf16_ms')} "
             f"{r['speedup_vs_bf16']:6.2f} {r['speedup_vs_dense_paired']:6.2f} {r['rel_diff']:8.1e}"
-            + (f"  {r['alt_kernel']}: {r['t_alt_bare_ms']:.4f}" if "t_alt_bare_ms" in r else ""))
+            + (f"  {r['alt_kernel']}: {r['t_alt_indexed_ms']:.4f}" if "t_alt_indexed_ms" in r else ""))
 
 
-HEADER = (f"{'M':>3} {'K=N':>5} {'codec':>12} {'sp':>4} {'x':>8} {'kern':>5} {'t_cuda':>9} {'t_bare':>9} "
+HEADER = (f"{'M':>3} {'K=N':>5} {'codec':>12} {'sp':>4} {'x':>8} {'kern':>5} {'t_cuda':>9} {'t_index':>9} "
           f"{'t_pallas':>9} {'t_bf16':>9} {'x bf16':>6} {'paired':>6} {'diff':>8}")
 
 

@@ -27,7 +27,7 @@ from ltjax._activations import (
     value_and_grad_exact,
 )
 from ltjax._errors import ChecksumError, LTFormatError
-from ltjax._format import CODECS, FORMAT_VERSION, CompressedTensor, Header
+from ltjax._format import CODECS, FORMAT_VERSION, CompressedTensor, Header, index_rows
 from ltjax._io import load, save, verify
 from ltjax._ops import decompress, matmul, matmul_impl, matmul_reference
 from ltjax._sharding import shard
@@ -57,6 +57,7 @@ __all__ = [
     "suggest_capacity",
     "value_and_grad_exact",
     "decompress",
+    "index_rows",
     "load",
     "matmul",
     "matmul_impl",

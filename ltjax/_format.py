@@ -40,10 +40,11 @@ from typing import Any
 import crc32c as _crc32c
 import jax
 import jax.numpy as jnp
+from jax import lax
 import ml_dtypes
 import numpy as np
 
-from ltjax._errors import ChecksumError
+from ltjax._errors import ChecksumError, LTFormatError
 
 FORMAT_VERSION = 1
 CODECS = ("raw", "int8", "bitmask", "bitmask_int8")
@@ -132,6 +133,11 @@ class CompressedTensor:
         ``len(values or codes) == total popcount``; decoding is exact for ``bitmask``.
       * ``checksums[t]`` is the CRC32C of tile ``t`` (`tile_checksums`); it is computed at
         pack time and checked by `ltjax.load` / `verify` before data reaches a device.
+      * ``row_starts`` (bitmask codecs, optional, not part of the format): int32 ``[C * T_c]``,
+        `row_starts` of the mask and offsets, set by `ltjax.index_rows` so that the GPU kernels
+        read each row's packed start instead of counting it from the mask in every call. It is
+        derived, so it is neither saved nor checksummed; replacing ``mask`` or ``offsets`` of a
+        tensor that carries it must drop it (``dataclasses.replace(ct, ..., row_starts=None)``).
 
     Under ``jit``/``vmap``/``grad`` the leaves may be tracers; properties read only the header.
     """
@@ -143,6 +149,7 @@ class CompressedTensor:
     mask: Any = None
     offsets: Any = None
     checksums: Any = None
+    row_starts: Any = None  # a derived index (above), not one of the format's arrays
 
     # ---------------------------------------------------------------- properties
     @property
@@ -170,8 +177,12 @@ class CompressedTensor:
         return self.header.tile
 
     def arrays(self) -> dict[str, Any]:
-        """The codec's arrays by field name (absent fields left out)."""
+        """The codec's arrays by field name (absent fields left out): what the format stores."""
         return {f: getattr(self, f) for f in _ARRAY_FIELDS if getattr(self, f) is not None}
+
+    def leaves(self) -> dict[str, Any]:
+        """Every array the pytree holds: `arrays` and, where set, the derived ``row_starts``."""
+        return {**self.arrays(), **({"row_starts": self.row_starts} if self.row_starts is not None else {})}
 
     @property
     def nbytes(self) -> int:
@@ -189,7 +200,7 @@ class CompressedTensor:
         if not self.stack_shape:
             return [self]
         return [
-            CompressedTensor(header=self.header, **{k: v[idx] for k, v in self.arrays().items()})
+            CompressedTensor(header=self.header, **{k: v[idx] for k, v in self.leaves().items()})
             for idx in np.ndindex(*self.stack_shape)
         ]
 
@@ -230,6 +241,14 @@ class CompressedTensor:
     def validate(self) -> None:
         """Checks shapes and dtypes of the arrays against the header (not the checksums)."""
         validate_arrays(self.header, self.arrays())
+        if self.row_starts is not None:
+            h = self.header
+            want = (h.storage_shape[0] * h.tile_grid[1],)
+            got = tuple(self.row_starts.shape)
+            if h.codec not in ("bitmask", "bitmask_int8") or np.dtype(self.row_starts.dtype) != np.int32 or got[-1:] != want:
+                raise LTFormatError(
+                    f"row_starts must be int32 {list(want)} (storage rows x tile columns) of a bitmask codec; got "
+                    f"{np.dtype(self.row_starts.dtype)} {list(got)} for codec {h.codec!r}")
 
 
 # ---------------------------------------------------------------------- geometry
@@ -298,8 +317,6 @@ def expected_arrays(header: Header, nnz: int | None) -> dict[str, tuple[tuple[in
 
 
 def validate_header(header: Header) -> None:
-    from ltjax._errors import LTFormatError
-
     if header.version > FORMAT_VERSION:
         raise LTFormatError(
             f"format version {header.version} is newer than this ltjax reads ({FORMAT_VERSION}): upgrade ltjax"
@@ -323,8 +340,6 @@ def validate_header(header: Header) -> None:
 
 
 def validate_arrays(header: Header, arrays: dict[str, Any]) -> None:
-    from ltjax._errors import LTFormatError
-
     validate_header(header)
     ck = arrays.get("checksums")
     stack = tuple(ck.shape[:-1]) if ck is not None and len(ck.shape) >= 1 else ()
@@ -543,6 +558,65 @@ def packed_index(header: Header, bits: jax.Array, offsets: jax.Array) -> jax.Arr
     rank = jnp.cumsum(b, axis=-1) - b + offsets.reshape(gr, gc, 1)
     rank = rank.reshape(gr, gc, tr, tc).transpose(0, 2, 1, 3).reshape(gr * tr, gc * tc)
     return rank[:c, :r]
+
+
+def row_starts(ct: CompressedTensor) -> jax.Array:
+    """int32 ``[C * T_c]``: for storage row ``r`` and tile column ``j``, the packed index of the row's
+    first nonzero in tile column ``j`` (row-major over rows, then tile columns), for the bitmask codecs.
+
+    A tile stores its values row by row, so that is the tile's offset plus the popcount of the
+    tile's rows above ``r``: one popcount pass over the mask words (pure jnp), unless ``ct``
+    carries them (`ltjax.index_rows`) or its tiles are one row high (then they are the offsets).
+    """
+    h = ct.header
+    if h.codec not in ("bitmask", "bitmask_int8"):
+        raise ValueError(f"row_starts needs a bitmask codec, got {h.codec!r}")
+    if ct.row_starts is not None:
+        return ct.row_starts
+    (c, r), (tr, tc) = h.storage_shape, h.tile
+    gr, gc = h.tile_grid
+    offsets = jnp.asarray(ct.offsets)
+    if tr == 1:
+        return offsets
+    cnt = lax.population_count(jnp.asarray(ct.mask)).astype(jnp.int32)  # [C, W]; a tile's words never straddle two tiles
+    if gc == 1:
+        cnt = cnt.sum(axis=1, keepdims=True)
+    else:  # tc % 32 == 0 when more than one tile spans a row
+        wpt = tc // 32
+        cnt = jnp.pad(cnt, ((0, 0), (0, gc * wpt - cnt.shape[1]))).reshape(c, gc, wpt).sum(axis=2)
+    cnt = jnp.pad(cnt, ((0, gr * tr - c), (0, 0))).reshape(gr, tr, gc)
+    starts = offsets.reshape(gr, 1, gc) + jnp.cumsum(cnt, axis=1) - cnt
+    return starts.reshape(gr * tr, gc)[:c].reshape(-1)
+
+
+def index_rows(tree: Any) -> Any:
+    """``tree`` with every bitmask `CompressedTensor` in it carrying its `row_starts`.
+
+    The GPU kernels over bitmask weights need each row's packed start per tile column. Without
+    this index each call counts them from the mask in XLA (one pass over the mask words, a few
+    µs per 8192² layer, paid per call: per layer and per token in a decode step that takes the
+    weights as arguments); with it they read them. It costs 4 bytes per row and tile column
+    (1/64 byte per element with 256-column tiles) of device memory. Not saved by `ltjax.save`;
+    index after loading. Other leaves pass through; tensors that carry the index keep it.
+
+    >>> import numpy as np, ltjax
+    >>> w = np.where(np.random.default_rng(0).random((64, 96)) < 0.5, 0.0, 1.0).astype(np.float32)
+    >>> ct = ltjax.index_rows(ltjax.compress(w, "bitmask_int8", tile=(32, 64)))
+    >>> ct.row_starts.shape  # 96 storage rows x 1 tile column (64 rows are one column-tile wide)
+    (96,)
+    """
+
+    def index(leaf):
+        if not isinstance(leaf, CompressedTensor) or leaf.codec not in ("bitmask", "bitmask_int8"):
+            return leaf
+        if leaf.row_starts is not None:
+            return leaf
+        starts = row_starts
+        for _ in leaf.stack_shape:
+            starts = jax.vmap(starts)
+        return dataclasses.replace(leaf, row_starts=starts(leaf))
+
+    return jax.tree.map(index, tree, is_leaf=lambda x: isinstance(x, CompressedTensor))
 
 
 def decode_storage(ct: CompressedTensor, dtype=None) -> jax.Array:

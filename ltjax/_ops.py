@@ -409,7 +409,7 @@ def _float0_like(a: Any) -> np.ndarray:
 def _ct_cotangent(ct: CompressedTensor, **float_cots: Any) -> CompressedTensor:
     """A CompressedTensor-shaped cotangent: given float leaves, float0 zeros for integer leaves."""
     leaves = {}
-    for f, a in ct.arrays().items():
+    for f, a in ct.leaves().items():
         if f in float_cots:
             leaves[f] = float_cots[f]
         elif jnp.issubdtype(a.dtype, jnp.floating):

@@ -81,4 +81,6 @@ def shard(ct: CompressedTensor, sharding: NamedSharding) -> CompressedTensor:
         arrays["mask"] = put(ct.mask, row, None)
         arrays["offsets"] = put(ct.offsets, row)
         arrays[packed_name] = put(packed, row)
+        if ct.row_starts is not None:  # per storage row and tile column: split like the rows
+            arrays["row_starts"] = put(ct.row_starts, row)
     return dataclasses.replace(ct, **arrays)

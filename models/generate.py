@@ -63,7 +63,9 @@ def compress_params(
 
     Goes through ``ltjax.compress_tree`` under `weight_policy` (``error_budget`` is used by
     ``"auto"`` only). With ``return_report=True`` returns ``(params, report)``, the report
-    being the `ltjax.CompressionReport` (``None`` for "none").
+    being the `ltjax.CompressionReport` (``None`` for "none"). On a GPU the bitmask weights
+    carry their row index (`ltjax.index_rows`): the kernels then read each row's packed start
+    instead of counting it from the mask in every decode step.
 
     Raises:
       ValueError: unknown codec or a negative error budget.
@@ -78,7 +80,10 @@ def compress_params(
     if not hasattr(ltjax, "compress_tree"):
         raise ImportError("ltjax.compress_tree is not available in this ltjax build")
     policy = weight_policy(codec, error_budget)
-    return ltjax.compress_tree(params, policy=policy, return_report=return_report)
+    params, report = ltjax.compress_tree(params, policy=policy, return_report=True)
+    if jax.default_backend() == "gpu":  # the GPU kernels read the row index instead of counting it per step
+        params = ltjax.index_rows(params)
+    return (params, report) if return_report else params
 
 
 def make_apply_fn(config: LlamaConfig, codec: str | None = None) -> ApplyFn:

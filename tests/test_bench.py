@@ -195,8 +195,9 @@ def test_cuda_kernels_quick_rows_agree_with_the_reference(tmp_path):
         assert "error" not in row and "skipped" not in row and row["rel_diff"] < 1e-5, row
         assert row["kernel"] == ("mma" if row["M"] >= 2 else "gemv")
         if row["M"] == 1:  # both kernels apply: the other one is timed and checked too
-            assert row["alt_kernel"] == "mma" and row["alt_rel_diff"] < 1e-5 and row["t_alt_bare_ms"] > 0, row
-        for k in ("t_cuda_ms", "t_cuda_bare_ms", "t_bf16_ms", "t_f32_ms", "t_cuda_paired_ms", "t_dense_paired_ms"):
+            assert row["alt_kernel"] == "mma" and row["alt_rel_diff"] < 1e-5 and row["t_alt_indexed_ms"] > 0, row
+        assert row["indexed_rel_diff"] < 1e-5, row
+        for k in ("t_cuda_ms", "t_cuda_indexed_ms", "t_bf16_ms", "t_f32_ms", "t_cuda_paired_ms", "t_dense_paired_ms"):
             assert row[k] > 0, k
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from ltjax._format import decompress_reference, decode_storage, pack
+import ltjax
 from ltjax import pallas as lp
 from ltjax.pallas import BlockSizes
 from ltjax.pallas._config import fit_block_m
@@ -139,12 +140,14 @@ def test_row_bands(tile, band_rows):
     from ltjax.pallas._decode import row_bands
 
     ct = pack(_weight(91, 150, 131, sparsity=0.6), "bitmask_int8", tile=tile)  # storage [131, 150]
-    mask = jax.lax.bitcast_convert_type(ct.mask, jnp.int32)
-    got_tile, got = row_bands(mask, ct.offsets, ct.header.storage_shape, ct.header.tile, band_rows)
+    got_tile, got = row_bands(ct, band_rows)
     banded = 0 < band_rows < tile[0] and tile[0] % band_rows == 0
     assert got_tile == ((band_rows, tile[1]) if banded else tile)
     want = _band_starts_numpy(ct, got_tile[0])
     np.testing.assert_array_equal(np.asarray(got), want)
+    indexed_tile, indexed = row_bands(ltjax.index_rows(ct), band_rows)  # read off the row starts it carries
+    assert indexed_tile == got_tile
+    np.testing.assert_array_equal(np.asarray(indexed), want)
     if not banded:
         np.testing.assert_array_equal(want, np.asarray(ct.offsets))  # the reference agrees with the format
 
@@ -161,8 +164,9 @@ def test_row_bands_in_the_kernels(codec, bs, xdtype):
     k, n, m = 90, 131, 3
     ct = pack(_weight(92, k, n), codec, tile=(48, 64))  # storage [131, 90]: 3 tile rows, the last 35 rows
     x, dy = _x(93, (m, k), xdtype), _x(94, (m, n), xdtype)
-    _close(lp.bitmask_matmul(x, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(x, ct), xdtype)
-    _close(lp.bitmask_matmul_t(dy, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(dy, ct, True), xdtype)
+    for w in (ct, ltjax.index_rows(ct)):  # band starts counted in XLA, or read off the weight's index
+        _close(lp.bitmask_matmul(x, w, interpret=INTERPRET, block_sizes=bs), _ref_matmul(x, ct), xdtype)
+        _close(lp.bitmask_matmul_t(dy, w, interpret=INTERPRET, block_sizes=bs), _ref_matmul(dy, ct, True), xdtype)
     want = np.asarray(decode_storage(ct))
     for transposed in (False, True):
         got = lp.bitmask_unpack(ct, interpret=INTERPRET, transposed=transposed, block_sizes=bs)

@@ -142,7 +142,7 @@ def _vjp_bwd(res, dy):
     x2, ct = res
     dx = matmul_t(dy, ct).astype(x2.dtype)
     # Weight cotangent: storage dS[N, K] = dy^T x, pulled back to the float leaves by the reference
-    # decoder; integer leaves (codes, mask, offsets, checksums) get float0 zeros.
+    # decoder; integer leaves (codes, mask, offsets, checksums, row_starts) get float0 zeros.
     a = x2.reshape(-1, x2.shape[-1]).astype(jnp.float32)
     g = dy.reshape(-1, dy.shape[-1]).astype(jnp.float32)
     ds = g.T @ a
@@ -155,7 +155,7 @@ def _vjp_bwd(res, dy):
     (dfl,) = pull(ds)
     cot = {
         k: dfl[k].astype(v.dtype) if k in dfl else np.zeros(v.shape, jax.dtypes.float0)
-        for k, v in ct.arrays().items()
+        for k, v in ct.leaves().items()
     }
     return dx, type(ct)(header=ct.header, **cot)
 

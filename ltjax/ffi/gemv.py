@@ -147,16 +147,11 @@ def why_not(x2: Any, ct: CompressedTensor, *, emulate: bool = False) -> str | No
 
 
 def row_starts(ct: CompressedTensor) -> jax.Array:
-    """int32 [N * tile columns]: the packed index of row r's first value in tile column j (XLA).
+    """int32 [N * tile columns]: the packed index of row r's first value in tile column j: what ``ct``
+    carries (`ltjax.index_rows`), else one popcount pass over the mask in XLA, per call."""
+    from ltjax._format import row_starts as starts_of  # the one implementation
 
-    One popcount pass over the mask words; it depends on the weight only, so inside a jitted
-    decode loop XLA lifts it out of the loop.
-    """
-    from ltjax.pallas._decode import row_bands  # the one implementation of the band starts
-
-    h = ct.header
-    _, starts = row_bands(jnp.asarray(ct.mask), jnp.asarray(ct.offsets), h.storage_shape, h.tile, 1)
-    return starts.astype(jnp.int32)
+    return jnp.asarray(starts_of(ct)).astype(jnp.int32)
 
 
 def kernel_for(x2: Any, ct: CompressedTensor) -> str:
@@ -214,16 +209,15 @@ def _mma(x2: jax.Array, ct: CompressedTensor, starts: jax.Array | None) -> jax.A
     return y.astype(x2.dtype)
 
 
-def gemv(x2: jax.Array, ct: CompressedTensor, *, kernel: str | None = None, starts: jax.Array | None = None) -> jax.Array:
+def gemv(x2: jax.Array, ct: CompressedTensor, *, kernel: str | None = None) -> jax.Array:
     """``x2 [M, K] @ W.T -> [M, N]`` in x2's dtype, W the [N, K] storage of an int8 or bitmask_int8
     ``ct`` (f32 accumulation of exact code * x products, times the row's scale). ``kernel``:
-    ``"gemv"`` (M <= 4) or ``"mma"`` (default `kernel_for`). ``starts``:
-    `row_starts(ct)` computed beforehand (bitmask_int8; default: computed here, in XLA)."""
+    ``"gemv"`` (M <= 4) or ``"mma"`` (default `kernel_for`). bitmask_int8 reads the row starts
+    ``ct`` carries (`ltjax.index_rows`), else counts them here, in XLA (`row_starts`)."""
     kernel = kernel or kernel_for(x2, ct)
     if kernel not in ("gemv", "mma"):
         raise ValueError(f"kernel={kernel!r}: choose 'gemv', 'mma' or None")
-    if ct.codec == "bitmask_int8" and starts is None:
-        starts = row_starts(ct)
+    starts = row_starts(ct) if ct.codec == "bitmask_int8" else None
     if kernel == "mma":
         return _mma(x2, ct, starts)
     if x2.shape[0] > GEMV_MAX_M:

@@ -62,7 +62,8 @@ class BlockSizes:
       band_rows: bitmask kernels only: rows per program's tile. 0 = the stored tile's; a divisor of
         the stored tile's rows cuts each tile into row bands, one program each (more programs, each
         walking fewer rows), their packed starts counted in XLA first (`_decode.row_bands`: one
-        popcount pass over the mask words). Ignored where it does not divide the tile's rows.
+        popcount pass over the mask words, or none for a weight that carries its row starts,
+        `ltjax.index_rows`). Ignored where it does not divide the tile's rows.
       mosaic: int8 forward only: `MosaicTiles` of the Mosaic GPU kernel
         (`ltjax.pallas.int8_matmul_mosaic`), taken on a Hopper GPU where the shape fits its
         tiles; the Triton fields above are the fallback everywhere else. None: Triton only.

@@ -52,31 +52,26 @@ def tile_row_starts(mask_ref, offsets_ref, tile_index, carry, r0, r_end, tw0, tw
     return start, rowcnt.sum()
 
 
-def row_bands(mask, offsets, storage_shape, tile, band_rows: int):
+def row_bands(ct, band_rows: int):
     """The tile grid a bitmask kernel walks, and its offsets: the stored one, or each stored tile cut into
-    row bands of ``band_rows`` rows (runs in XLA, before the kernel).
+    row bands of ``band_rows`` rows (in XLA, before the kernel).
 
     A band's packed values are contiguous (a tile stores its values row by row), so a band is a
     tile of its own to the kernels: a program per band walks ``band_rows`` rows instead of the
-    tile's, with no count of the rows above it to take (its start comes from here: the tile's
-    offset plus the popcount of the tile's rows above the band, one pass over the mask words).
-    Only where ``band_rows`` divides the tile's rows (and is smaller); else the stored grid.
-    Returns ``((rows, cols), offsets)``, offsets flat in band-row-major order.
+    tile's, with no count of the rows above it to take. Its start is its first row's
+    (`ltjax._format.row_starts`: one popcount pass over the mask words, or none where ``ct``
+    carries them, `ltjax.index_rows`). Only where ``band_rows`` divides the tile's rows (and is
+    smaller); else the stored grid. Returns ``((rows, cols), offsets)``, offsets flat in
+    band-row-major order.
     """
-    (n, k), (tr, tc) = storage_shape, tile
+    from ltjax._format import row_starts
+
+    h = ct.header
+    (n, k), (tr, tc) = h.storage_shape, h.tile
     if band_rows <= 0 or band_rows >= tr or tr % band_rows:
-        return tile, offsets
-    gr, gc = -(-n // tr), -(-k // tc)
-    nb = tr // band_rows
-    cnt = popc(mask)  # [n, W] set bits per word; a tile's words never straddle two tiles
-    if gc == 1:
-        cnt = cnt.sum(axis=1, keepdims=True)
-    else:  # tc % 32 == 0 when more than one tile spans a row
-        wpt = tc // 32
-        cnt = jnp.pad(cnt, ((0, 0), (0, gc * wpt - cnt.shape[1]))).reshape(n, gc, wpt).sum(axis=2)
-    cnt = jnp.pad(cnt, ((0, gr * tr - n), (0, 0))).reshape(gr, nb, band_rows, gc).sum(axis=2)
-    starts = offsets.reshape(gr, 1, gc) + excl_cumsum(cnt, axis=1)  # [gr, nb, gc]
-    return (band_rows, tc), starts.reshape(gr * nb, gc)[:-(-n // band_rows)].reshape(-1)
+        return h.tile, ct.offsets
+    gc = h.tile_grid[1]
+    return (band_rows, tc), row_starts(ct).reshape(n, gc)[::band_rows].reshape(-1)
 
 
 def gather_packed(packed_ref, words: jax.Array, row_start: jax.Array) -> jax.Array:

@@ -185,7 +185,7 @@ def operands(ct: CompressedTensor, band_rows: int):
     packed = ct.codes if ct.codec == "bitmask_int8" else ct.values
     scales = ct.scales if ct.codec == "bitmask_int8" else jnp.ones((h.storage_shape[0],), jnp.float32)
     mask = lax.bitcast_convert_type(ct.mask, jnp.int32)
-    tile, offsets = row_bands(mask, ct.offsets, h.storage_shape, h.tile, band_rows)
+    tile, offsets = row_bands(ct, band_rows)
     return tile, (mask, packed, offsets, scales)
 
 
