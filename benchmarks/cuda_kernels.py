@@ -1,8 +1,8 @@
 """Times the CUDA small-M kernels (`ltjax.ffi.gemv`, docs/cuda.md) against the Pallas kernels and
 the dense dots, on a CUDA GPU, all in the same run.
 
-For each K = N, codec (int8, bitmask_int8 at 50% and 90% sparsity), activation dtype and M (1, 4,
-16), per layer of a jitted chain of ``--layers`` distinct weight copies (as
+For each K = N, activation dtype (bf16 first), codec (int8, bitmask_int8 at 50% and 90%
+sparsity) and M (1, 4, 16), per layer of a jitted chain of ``--layers`` distinct weight copies (as
 `benchmarks.matmul` times, whose helpers it uses):
 
 - ``t_cuda_ms``: ``ltjax.matmul(x, ct, impl="cuda")`` over weights as `ltjax.compress` gives
@@ -13,7 +13,8 @@ For each K = N, codec (int8, bitmask_int8 at 50% and 90% sparsity), activation d
   the GEMV and the tensor-core kernel (``alt_kernel``), for where the one should hand over to the other;
 - ``t_pallas_ms``: ``impl="pallas"``, the Triton kernels;
 - ``t_bf16_ms``, ``t_f32_ms``: XLA's dense dots; ``t_cuda_paired_ms`` / ``t_dense_paired_ms``: the
-  CUDA op and the dense dot of x's dtype timed in alternation, bursts of ``--burst`` calls;
+  CUDA op over the indexed weights and the dense dot of x's dtype timed in alternation, bursts of
+  ``--burst`` calls; ``weight_GBps``: the indexed op's;
 - ``rel_diff``: the CUDA op's output against the Pallas one (or the reference), relative L2.
 
 ``REQUIRES_BACKEND = "gpu"``: `benchmarks.run` skips a full run elsewhere. ``--quick`` runs at 256²
@@ -58,10 +59,12 @@ def run(sizes, ms, x_dtypes, reps: int, layers: int, burst: int, on_row, seed: i
     for kn in sizes:
         ws32 = replicate(jnp.asarray(make_weight(rng, kn, kn, 0.0)), layers)
         dense_ws = {"float32": ws32, "bfloat16": [w.astype(jnp.bfloat16) for w in ws32]}
+        weights = {}  # the bf16 rows of every case first: what a run cut short should keep
         for codec, sparsity in CASES:
             cts = replicate(jax.device_put(pack(make_weight(rng, kn, kn, sparsity), codec)), layers)
-            indexed = ltjax.index_rows(cts)
-            for xdt in x_dtypes:
+            weights[codec, sparsity] = cts, ltjax.index_rows(cts)
+        for xdt in x_dtypes:
+            for (codec, sparsity), (cts, indexed) in weights.items():
                 for m in ms:
                     x = jnp.asarray(rng.standard_normal((m, kn), dtype=np.float32)).astype(xdt)
                     row = dict(K=kn, N=kn, codec=codec, sparsity=sparsity, x_dtype=jnp.dtype(xdt).name, M=m,
@@ -89,18 +92,19 @@ def run(sizes, ms, x_dtypes, reps: int, layers: int, burst: int, on_row, seed: i
                         row["t_bf16_ms"] = per_layer(dense["bfloat16"], x, dense_ws["bfloat16"]) * 1e3
                         d = row["x_dtype"] if row["x_dtype"] in dense else "float32"
                         t_c, t_d = _common.paired_median_times(
-                            [lambda: cuda(x, cts), lambda: dense[d](x, dense_ws[d])], reps=reps, burst=burst)
+                            [lambda: cuda(x, indexed), lambda: dense[d](x, dense_ws[d])], reps=reps, burst=burst)
                         row.update(paired_dense=d, paired_burst=burst, t_cuda_paired_ms=t_c / layers * 1e3,
                                    t_dense_paired_ms=t_d / layers * 1e3, speedup_vs_dense_paired=t_d / t_c,
                                    speedup_vs_bf16=row["t_bf16_ms"] / row["t_cuda_ms"],
-                                   weight_GBps=cts[0].nbytes / (row["t_cuda_ms"] * 1e-3) / 1e9)
+                                   speedup_indexed_vs_bf16=row["t_bf16_ms"] / row["t_cuda_indexed_ms"],
+                                   weight_GBps=cts[0].nbytes / (row["t_cuda_indexed_ms"] * 1e-3) / 1e9)
                         if "t_pallas_ms" in row:
                             row["speedup_vs_pallas"] = row["t_pallas_ms"] / row["t_cuda_ms"]
                     except Exception as e:  # a kernel that fails here is the finding: record it, go on
                         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     on_row(row)
                     rows.append(row)
-            del cts, indexed
+        del weights
     return rows
 
 

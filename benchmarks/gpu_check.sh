@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# One prepared GPU check, in this order:
+# One prepared GPU check, in this order (what #3 still needs measured first, so a check cut short
+# by its deadline loses the least):
 #   1. the CUDA kernels' library (ltjax/ffi/_ltjax_cuda.so, git-ignored): kept if carried, else
 #      built here with nvcc (`python -m ltjax.ffi.gemv --build`, ~15 s; OUTDIR/cuda_build.log);
-#   2. a block-size sweep of the Pallas kernels, the fastest candidate of each group written as a
-#      tuned-table file ($LTJAX_PALLAS_TUNED for what follows);
-#   3. the Pallas and CUDA kernel tests and the op tests, natively (interpret=False);
+#   2. the Pallas and CUDA kernel tests and the op tests, natively (interpret=False), with the
+#      built-in block sizes (or a carried $LTJAX_PALLAS_TUNED);
+#   3. the CUDA kernels against the Pallas kernels and the dense dots (benchmarks.cuda_kernels:
+#      int8 and bitmask_int8, M = 1, 4, 16, with and without the row index, both kernels where
+#      both apply);
 #   4. the matmul and unpack benchmark at K = N = 8192;
-#   5. the CUDA kernels against the Pallas kernels and the dense dots (benchmarks.cuda_kernels:
-#      int8 and bitmask_int8, M = 1, 4, 16, with and without the row starts' XLA pass).
+#   5. a block-size sweep of the Pallas kernels, the fastest candidate of each group written as a
+#      tuned-table file (OUTDIR/tuned.json, for the built-in table or $LTJAX_PALLAS_TUNED later).
 # Writes OUTDIR/gpu_check.json (device, jax version, commit, every stage's result) beside the raw
 # logs (11 files in all).
 #
 #   benchmarks/gpu_check.sh OUTDIR
 #
 # Runs from the source tree (PYTHONPATH=.) under a preinstalled jax with the CUDA plugin, no
-# network. Each stage has a time limit (build 90 s, sweep GPU_CHECK_SWEEP_S + 30, tests 180,
-# benchmark 180, CUDA benchmark 90), cut to what is left of GPU_CHECK_TOTAL_S (default 450: the
+# network. Each stage has a time limit (build 90 s, tests 180, CUDA benchmark 150, benchmark 180,
+# sweep GPU_CHECK_SWEEP_S + 30), cut to what is left of GPU_CHECK_TOTAL_S (default 450: the
 # whole check within 7.5 minutes; about 4 in practice on an H200). The benchmarks rewrite their
 # JSON after every row, so a stage cut short still reports what it measured.
 # ltjax's own dependencies must import there (crc32c is not in the GPU image: carry its wheel,
@@ -23,13 +26,16 @@
 # Knobs for a smoke run elsewhere: GPU_CHECK_SIZES (default 8192), GPU_CHECK_MS (default
 # "1 4 16 64"), GPU_CHECK_REPS (default 20), GPU_CHECK_SWEEP_ARGS (extra sweep options, e.g.
 # "--only bitmask int8_matmul/64/float32"), GPU_CHECK_SWEEP_S (default 100; 0 skips the sweep),
-# GPU_CHECK_BENCH_S (default 180; 0 skips the benchmark), GPU_CHECK_CUDA_S (default 90; 0 skips the
-# CUDA benchmark), GPU_CHECK_TOTAL_S (default 450), GPU_CHECK_TESTS_K (a pytest -k filter),
-# PYTHON (default python).
+# GPU_CHECK_BENCH_S (default 180; 0 skips the benchmark), GPU_CHECK_CUDA_S (default 150; 0 skips the
+# CUDA benchmark), GPU_CHECK_BUILD_S (default 90; 0 skips the library's build), GPU_CHECK_TOTAL_S
+# (default 450), GPU_CHECK_TESTS_K (a pytest -k filter), PYTHON (default python).
+# tests/test_bench.py runs it on the CPU with every stage but a few tests skipped: its plumbing.
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+# A stage that is skipped or cut short must not report an earlier run's file as its own.
+rm -f "$OUT"/{gpu_check.json,cuda_kernels.json,matmul_bench.json,sweep.json,tuned.json,tests.xml}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
@@ -51,30 +57,18 @@ DEVICE=$({ nvidia-smi -L 2>&1 | head -2
   "$PY" -c "import jax; print(jax.__version__, jax.default_backend(), jax.devices())" 2>&1; })
 echo "$DEVICE"
 
-echo "== CUDA GEMV library"
-if [ -f ltjax/ffi/_ltjax_cuda.so ]; then
+echo "== CUDA kernels' library"
+if [ "${GPU_CHECK_BUILD_S:-90}" -le 0 ]; then
+  echo "build skipped (GPU_CHECK_BUILD_S=0)" | tee "$OUT/cuda_build.log"
+elif [ -f ltjax/ffi/_ltjax_cuda.so ]; then
   echo "present (carried)" | tee "$OUT/cuda_build.log"
 elif command -v nvcc > /dev/null; then
-  timeout "$(cap 90)" "$PY" -m ltjax.ffi.gemv --build ltjax/ffi/_ltjax_cuda.so > "$OUT/cuda_build.log" 2>&1
+  timeout "$(cap "${GPU_CHECK_BUILD_S:-90}")" "$PY" -m ltjax.ffi.gemv --build ltjax/ffi/_ltjax_cuda.so > "$OUT/cuda_build.log" 2>&1
   echo "nvcc build rc=$?" | tee -a "$OUT/cuda_build.log"
 else
   echo "no nvcc and no carried ltjax/ffi/_ltjax_cuda.so" | tee "$OUT/cuda_build.log"
 fi
 BUILD_END=$(date +%s)
-
-if [ "$SWEEP_S" -gt 0 ]; then
-  echo "== block-size sweep (${SWEEP_S} s), fastest per group -> tuned.json"
-  timeout "$(cap $((SWEEP_S + 30)))" "$PY" -m benchmarks.pallas_sweep --budget "$SWEEP_S" --reps "$REPS" \
-    --out "$OUT/sweep.json" --write-tuned "$OUT/tuned.json" ${GPU_CHECK_SWEEP_ARGS:-} > "$OUT/sweep.log" 2>&1
-  SWEEP_RC=$?
-  tail -2 "$OUT/sweep.log"
-else
-  echo "sweep skipped (GPU_CHECK_SWEEP_S=0)" > "$OUT/sweep.log"
-  SWEEP_RC=-1
-fi
-# The tests and the benchmark run with the block sizes this GPU measured fastest.
-if [ -s "$OUT/tuned.json" ]; then export LTJAX_PALLAS_TUNED="$OUT/tuned.json"; fi
-SWEEP_END=$(date +%s)
 
 echo "== Pallas and CUDA kernel and op tests, native (LTJAX_PALLAS_INTERPRET=0)"
 shopt -s nullglob
@@ -95,6 +89,15 @@ fi
 tail -3 "$OUT/tests.log"
 TESTS_END=$(date +%s)
 
+CUDA_S=${GPU_CHECK_CUDA_S:-150}
+if [ "$CUDA_S" -gt 0 ]; then
+  echo "== CUDA kernels against Pallas and the dense dots (benchmarks.cuda_kernels), K=N=$SIZES"
+  # shellcheck disable=SC2086
+  timeout "$(cap "$CUDA_S")" "$PY" -m benchmarks.cuda_kernels --sizes $SIZES --reps "$REPS" \
+    --out "$OUT/cuda_kernels.json" 2>&1 | tee "$OUT/bench_cuda.log"
+fi
+CUDA_END=$(date +%s)
+
 if [ "$BENCH_S" -gt 0 ]; then
   echo "== benchmark K=N=$SIZES M=$MS"
   # shellcheck disable=SC2086
@@ -105,23 +108,27 @@ else
   echo "benchmark skipped (GPU_CHECK_BENCH_S=0)" | tee "$OUT/bench.log"
   BENCH_RC=-1
 fi
+BENCH_END=$(date +%s)
 
-CUDA_S=${GPU_CHECK_CUDA_S:-90}
-if [ "$CUDA_S" -gt 0 ]; then
-  echo "== CUDA kernels against Pallas and the dense dots (benchmarks.cuda_kernels), K=N=$SIZES"
-  # shellcheck disable=SC2086
-  timeout "$(cap "$CUDA_S")" "$PY" -m benchmarks.cuda_kernels --sizes $SIZES --reps "$REPS" \
-    --out "$OUT/cuda_kernels.json" 2>&1 | tee "$OUT/bench_cuda.log"
+if [ "$SWEEP_S" -gt 0 ]; then
+  echo "== block-size sweep (${SWEEP_S} s), fastest per group -> tuned.json"
+  timeout "$(cap $((SWEEP_S + 30)))" "$PY" -m benchmarks.pallas_sweep --budget "$SWEEP_S" --reps "$REPS" \
+    --out "$OUT/sweep.json" --write-tuned "$OUT/tuned.json" ${GPU_CHECK_SWEEP_ARGS:-} > "$OUT/sweep.log" 2>&1
+  SWEEP_RC=$?
+  tail -2 "$OUT/sweep.log"
+else
+  echo "sweep skipped (GPU_CHECK_SWEEP_S=0)" > "$OUT/sweep.log"
+  SWEEP_RC=-1
 fi
 END=$(date +%s)
 
 export GPU_CHECK_DEVICE="$DEVICE"
-"$PY" - "$OUT" "$TEST_RC" "$BENCH_RC" "$SWEEP_RC" "$START" "$SWEEP_END" "$TESTS_END" "$END" "$BUILD_END" <<'PYEOF'
+"$PY" - "$OUT" "$TEST_RC" "$BENCH_RC" "$SWEEP_RC" "$START" "$BUILD_END" "$TESTS_END" "$CUDA_END" "$BENCH_END" "$END" <<'PYEOF'
 import json, os, sys
 import xml.etree.ElementTree as ET
 
 out = sys.argv[1]
-test_rc, bench_rc, sweep_rc, t0, t1, t2, t3, tb = map(int, sys.argv[2:10])
+test_rc, bench_rc, sweep_rc, t0, t_build, t_tests, t_cuda, t_bench, t_end = map(int, sys.argv[2:11])
 
 try:
     import jax
@@ -150,9 +157,10 @@ except Exception as e:
 result = dict(device=device, backend=backend, jax_version=jax_version,
               commit=git.get("commit_file") or git["commit"], git=git,
               env={k: os.environ.get(k) for k in ("LTJAX_PALLAS_INTERPRET", "GPU_CHECK_SWEEP_ARGS", "GPU_CHECK_TESTS_K",
-                                                   "GPU_CHECK_SWEEP_S", "GPU_CHECK_BENCH_S", "GPU_CHECK_CUDA_S")},
+                                                   "GPU_CHECK_SWEEP_S", "GPU_CHECK_BENCH_S", "GPU_CHECK_CUDA_S", "GPU_CHECK_BUILD_S")},
               device_probe=os.environ.get("GPU_CHECK_DEVICE"), tuned_table=os.environ.get("LTJAX_PALLAS_TUNED"),
-              seconds={"cuda_build": tb - t0, "sweep": t1 - tb, "tests": t2 - t1, "benchmark": t3 - t2},
+              seconds={"cuda_build": t_build - t0, "tests": t_tests - t_build, "cuda_benchmark": t_cuda - t_tests,
+                       "benchmark": t_bench - t_cuda, "sweep": t_end - t_bench},
               tests=tests, benchmark_rc=bench_rc, benchmark=bench, cuda_build=cuda_build, cuda_benchmark=cuda_bench, sweep_rc=sweep_rc, sweep=sweep,
               tuned=load(os.path.join(out, "tuned.json")))
 with open(os.path.join(out, "gpu_check.json"), "w") as f:

@@ -227,3 +227,27 @@ def test_cuda_sass_analysis_finds_the_loop_and_the_aligned_path():
     assert r["step_on_aligned_path"] == 10 - 3  # without the byte-by-byte path, 0x30-0x50
     inner = listing[:8] + [(0x88, "@P3 BRA 0x70")] + listing[8:]
     assert "step_on_aligned_path" not in S.analyse(inner)  # a loop inside the path: no static count
+
+
+def test_gpu_check_script_writes_its_json_on_the_cpu(tmp_path):
+    """`benchmarks/gpu_check.sh` off a GPU, every stage skipped but two CPU-only tests: the script's
+    plumbing (stage order, time caps, the one JSON with device, commit, every stage's result), so a
+    lent GPU's few minutes are not lost to a broken script."""
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_BUILD_S": "0", "GPU_CHECK_SWEEP_S": "0",
+           "GPU_CHECK_BENCH_S": "0", "GPU_CHECK_CUDA_S": "0", "GPU_CHECK_TOTAL_S": "400",
+           "GPU_CHECK_TESTS_K": "test_refusals_name_the_reason or test_int8_mma_splits_are_whole_steps"}
+    (tmp_path / "cuda_kernels.json").write_text("{}")  # an earlier run's file: not this run's result
+    proc = subprocess.run(["bash", os.path.join(root, "benchmarks", "gpu_check.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert r["backend"] == "cpu" and r["commit"] and r["jax_version"]
+    assert r["tests"]["rc"] == 0 and r["tests"]["tests"] == 2 and r["tests"]["failed"] == [], r["tests"]
+    assert "build skipped" in r["cuda_build"] and r["benchmark_rc"] == -1 and r["sweep_rc"] == -1
+    assert r["cuda_benchmark"] is None and r["benchmark"] is None
+    assert list(r["seconds"]) == ["cuda_build", "tests", "cuda_benchmark", "benchmark", "sweep"]
+    assert all(v >= 0 for v in r["seconds"].values())
