@@ -84,6 +84,19 @@ inline ffi::Error MakeGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& ma
   return CheckOutput(y, g->m * g->n, "[M, N]");
 }
 
+// The MMA kernels' rows of x (8, 16, ..., 48: whole n8 tiles) and their output y f32 [S, Mp, N], S
+// = ceil(total / chunk) K splits (chunk checked by the caller).
+inline ffi::Error CheckMmaSplits(const ffi::AnyBuffer& x, const ffi::AnyBuffer& y, int64_t chunk, int64_t total,
+                                 Geometry* g) {
+  if (g->m < 8 || g->m > 48 || g->m % 8)
+    return Invalid("the MMA kernel takes 8, 16, ..., 48 rows of x, got " + DimsOf(x));
+  g->chunk = static_cast<int32_t>(chunk);
+  g->splits = static_cast<int>(std::max<int64_t>(1, (total + chunk - 1) / chunk));
+  return CheckOutput(y, static_cast<int64_t>(g->splits) * g->m * g->n,
+                     "[splits, Mp, N] = [" + std::to_string(g->splits) + ", " + std::to_string(g->m) + ", " +
+                         std::to_string(g->n) + "]");
+}
+
 // The bitmask_int8 MMA kernel's operands: x bf16 [Mp, Kp] (Mp = 8, 16, ..., 48; Kp = 64 ceil(W / 2)),
 // the weight, y f32 [S, Mp, N] (S = ceil(W / chunk_words) K splits; chunk_words: even, a multiple
 // of seg_words, or at least W for one tile column).
@@ -99,37 +112,39 @@ inline ffi::Error MakeMmaGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer&
   if (g->kp >= (int64_t{1} << 31)) return Invalid("the MMA kernel needs K < 2**31, got x " + DimsOf(x));
   if (g->kp != 64 * ((g->w + 1) / 2))
     return Invalid("x must have 64 columns per two mask words, got " + DimsOf(x) + " for mask " + DimsOf(mask));
-  if (g->m < 8 || g->m > 48 || g->m % 8)
-    return Invalid("the MMA kernel takes 8, 16, ..., 48 rows of x, got " + DimsOf(x));
   const bool chunk_ok = chunk_words > 0 && chunk_words % 2 == 0 &&
                         (seg_words == 0 ? chunk_words >= g->w : chunk_words % seg_words == 0) && chunk_words < (1 << 30);
   if (!chunk_ok)
     return Invalid("chunk_words must be even, a multiple of seg_words (0: at least W), got " + std::to_string(chunk_words));
-  g->chunk = static_cast<int32_t>(chunk_words);
-  g->splits = static_cast<int>(std::max<int64_t>(1, (g->w + chunk_words - 1) / chunk_words));
-  return CheckOutput(y, static_cast<int64_t>(g->splits) * g->m * g->n,
-                     "[splits, Mp, N] = [" + std::to_string(g->splits) + ", " + std::to_string(g->m) + ", " +
-                         std::to_string(g->n) + "]");
+  return CheckMmaSplits(x, y, chunk_words, g->w, g);
+}
+
+// The int8 weight: codes s8 [N, K] (K % 16 == 0: 16-byte rows, K < 2**31), scales f32 [N]; fills n, k.
+inline ffi::Error CheckInt8Weight(const ffi::AnyBuffer& codes, const ffi::AnyBuffer& scales, const std::string& kernel,
+                                  Geometry* g) {
+  using ffi::DataType;
+  if (codes.element_type() != DataType::S8 || codes.dimensions().size() != 2)
+    return Invalid("codes must be int8 [N, K], got " + DimsOf(codes));
+  g->n = codes.dimensions()[0];
+  g->k = codes.dimensions()[1];
+  if (g->k % 16 != 0) return Invalid("the int8 " + kernel + " needs K % 16 == 0 (16-byte rows), got codes " + DimsOf(codes));
+  if (g->k >= (int64_t{1} << 31)) return Invalid("the int8 " + kernel + " needs K < 2**31, got codes " + DimsOf(codes));
+  if (scales.element_type() != DataType::F32 || scales.element_count() != static_cast<size_t>(g->n))
+    return Invalid("scales must be float32 [N], got " + DimsOf(scales));
+  return ffi::Error::Success();
 }
 
 // The int8 GEMV's operands: x f32 [M, K], codes s8 [N, K] (K % 16 == 0), scales f32 [N], y f32 [M, N].
 inline ffi::Error MakeInt8Geometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& codes, const ffi::AnyBuffer& scales,
                                    const ffi::AnyBuffer& y, Geometry* g) {
-  using ffi::DataType;
   *g = Geometry{};
-  if (x.element_type() != DataType::F32 || x.dimensions().size() != 2)
+  if (x.element_type() != ffi::DataType::F32 || x.dimensions().size() != 2)
     return Invalid("x must be float32 [M, K], got " + DimsOf(x));
-  if (codes.element_type() != DataType::S8 || codes.dimensions().size() != 2)
-    return Invalid("codes must be int8 [N, K], got " + DimsOf(codes));
-  g->n = codes.dimensions()[0];
-  g->kp = codes.dimensions()[1];
+  if (ffi::Error err = CheckInt8Weight(codes, scales, "GEMV", g); err.failure()) return err;
+  g->kp = g->k;
   g->m = static_cast<int>(x.dimensions()[0]);
-  if (g->kp % 16 != 0) return Invalid("the int8 GEMV needs K % 16 == 0 (16-byte rows), got codes " + DimsOf(codes));
-  if (g->kp >= (int64_t{1} << 31)) return Invalid("the int8 GEMV needs K < 2**31, got codes " + DimsOf(codes));
   if (x.dimensions()[1] != g->kp) return Invalid("x " + DimsOf(x) + " does not match codes " + DimsOf(codes));
   if (g->m < 1 || g->m > kMaxM) return Invalid("the GEMV takes 1 to 4 rows of x, got " + DimsOf(x));
-  if (scales.element_type() != DataType::F32 || scales.element_count() != static_cast<size_t>(g->n))
-    return Invalid("scales must be float32 [N], got " + DimsOf(scales));
   return CheckOutput(y, g->m * g->n, "[M, N]");
 }
 
@@ -138,31 +153,17 @@ inline ffi::Error MakeInt8Geometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer
 // K splits; chunk_cols a multiple of 64).
 inline ffi::Error MakeInt8MmaGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& codes, const ffi::AnyBuffer& scales,
                                       const ffi::AnyBuffer& y, int64_t chunk_cols, Geometry* g) {
-  using ffi::DataType;
   *g = Geometry{};
-  if (x.element_type() != DataType::BF16 || x.dimensions().size() != 2)
+  if (x.element_type() != ffi::DataType::BF16 || x.dimensions().size() != 2)
     return Invalid("x must be bfloat16 [Mp, 64 ceil(K / 64)], got " + DimsOf(x));
-  if (codes.element_type() != DataType::S8 || codes.dimensions().size() != 2)
-    return Invalid("codes must be int8 [N, K], got " + DimsOf(codes));
-  g->n = codes.dimensions()[0];
-  g->k = codes.dimensions()[1];
+  if (ffi::Error err = CheckInt8Weight(codes, scales, "MMA kernel", g); err.failure()) return err;
   g->m = static_cast<int>(x.dimensions()[0]);
   g->kp = x.dimensions()[1];
-  if (g->k % 16 != 0) return Invalid("the int8 MMA kernel needs K % 16 == 0 (16-byte rows), got codes " + DimsOf(codes));
-  if (g->kp >= (int64_t{1} << 31)) return Invalid("the int8 MMA kernel needs K < 2**31, got x " + DimsOf(x));
   if (g->kp != 64 * ((g->k + 63) / 64))
     return Invalid("x must have 64 ceil(K / 64) columns, got " + DimsOf(x) + " for codes " + DimsOf(codes));
-  if (g->m < 8 || g->m > 48 || g->m % 8)
-    return Invalid("the MMA kernel takes 8, 16, ..., 48 rows of x, got " + DimsOf(x));
-  if (scales.element_type() != DataType::F32 || scales.element_count() != static_cast<size_t>(g->n))
-    return Invalid("scales must be float32 [N], got " + DimsOf(scales));
   if (chunk_cols <= 0 || chunk_cols % 64 != 0 || chunk_cols >= (int64_t{1} << 30))
     return Invalid("chunk_cols must be a positive multiple of 64, got " + std::to_string(chunk_cols));
-  g->chunk = static_cast<int32_t>(chunk_cols);
-  g->splits = static_cast<int>(std::max<int64_t>(1, (g->kp + chunk_cols - 1) / chunk_cols));
-  return CheckOutput(y, static_cast<int64_t>(g->splits) * g->m * g->n,
-                     "[splits, Mp, N] = [" + std::to_string(g->splits) + ", " + std::to_string(g->m) + ", " +
-                         std::to_string(g->n) + "]");
+  return CheckMmaSplits(x, y, chunk_cols, g->kp, g);
 }
 
 // The handlers' bindings: the bitmask targets take x and the weight's four arrays, the int8 GEMV
