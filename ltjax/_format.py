@@ -602,7 +602,7 @@ def index_rows(tree: Any) -> Any:
     >>> import numpy as np, ltjax
     >>> w = np.where(np.random.default_rng(0).random((64, 96)) < 0.5, 0.0, 1.0).astype(np.float32)
     >>> ct = ltjax.index_rows(ltjax.compress(w, "bitmask_int8", tile=(32, 64)))
-    >>> ct.row_starts.shape  # 96 storage rows x 1 tile column (64 rows are one column-tile wide)
+    >>> ct.row_starts.shape  # storage [96 output channels, 64]: 96 rows x 1 tile column of 64
     (96,)
     """
 

@@ -166,3 +166,12 @@ def test_shard_places_the_index_with_the_rows():
     sh = ltjax.shard(ct, NamedSharding(mesh, P(None, "model")))
     assert sh.row_starts.sharding.spec == P("model")
     np.testing.assert_array_equal(np.asarray(sh.row_starts), np.asarray(ct.row_starts))
+
+
+def test_the_docstring_example_runs():
+    import doctest
+
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(ltjax.index_rows, "index_rows", globs={}):
+        runner.run(test)
+    assert runner.summarize(verbose=False).attempted == 4 and runner.failures == 0
