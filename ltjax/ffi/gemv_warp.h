@@ -337,7 +337,7 @@ LTJAX_HD void Int8BWords(const uint16_t* x, int64_t kp, int lane, int t, int64_t
 // tile column spanning the row (the warp's packed values then continue from step to step).
 struct Geometry {
   int64_t n, w, gc, kp;  // kp: x's row stride
-  int64_t k;             // int8 MMA: the codes' row length (kp: K rounded up to 64)
+  int64_t k;             // int8: the codes' row length (the MMA's kp: K rounded up to 64)
   int32_t nnz;
   int seg, seg_log2;  // seg: lanes per tile column inside a step; 0: one tile column, carried across steps
   int m;              // rows of x (MMA: a multiple of 8)
