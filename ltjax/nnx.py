@@ -42,6 +42,7 @@ __all__ = [
     "CompressedLinearGeneral",
     "CompressedParam",
     "compress_model",
+    "index_rows",
 ]
 
 Array = jax.Array
@@ -410,3 +411,13 @@ def compress_model(model: nnx.Module, policy: Policy | None = None) -> Compressi
         else:
             setattr(parent, keys[-1], new)
     return report
+
+
+def index_rows(model: nnx.Module) -> nnx.Module:
+    """`ltjax.index_rows` for an nnx model, in place: every bitmask `CompressedParam` carries its
+    row starts, which the GPU kernels read instead of counting them from the mask in every call.
+    Returns ``model``."""
+    from ltjax._format import index_rows as index_tree
+
+    nnx.update(model, index_tree(nnx.state(model, CompressedParam)))
+    return model

@@ -175,3 +175,25 @@ def test_the_docstring_example_runs():
     for test in doctest.DocTestFinder().find(ltjax.index_rows, "index_rows", globs={}):
         runner.run(test)
     assert runner.summarize(verbose=False).attempted == 4 and runner.failures == 0
+
+
+def test_nnx_models_are_indexed_in_place():
+    from flax import nnx
+
+    class Two(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(128, 64, rngs=rngs), nnx.Linear(64, 40, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(self.a(x))
+
+    model = Two(nnx.Rngs(0))
+    ltjax.nnx.compress_model(model, ltjax.Policy(codec="bitmask_int8", min_size=0))
+    x = jnp.asarray(np.random.default_rng(10).standard_normal((3, 128)), jnp.float32)
+    want = model(x)
+    assert ltjax.nnx.index_rows(model) is model
+    for layer, rows in ((model.a, 64), (model.b, 40)):
+        ct = layer.kernel.get_value()
+        assert ct.row_starts is not None and ct.row_starts.shape == (rows,)
+        np.testing.assert_array_equal(np.asarray(ct.row_starts), _count(ct))
+    _close(model(x), want)
