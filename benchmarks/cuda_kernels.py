@@ -11,6 +11,8 @@ sparsity) and M (1, 4, 16), per layer of a jitted chain of ``--layers`` distinct
   once, outside the timed program); the gap is that pass's cost (int8: the same program);
 - ``t_alt_indexed_ms`` (M <= 4, where both kernels apply): ``t_cuda_indexed_ms`` with the other of
   the GEMV and the tensor-core kernel (``alt_kernel``), for where the one should hand over to the other;
+- ``t_mma_warps_ms`` (tensor-core rows): ``{warps: ms}``, ``t_cuda_indexed_ms`` with the K
+  splits sized for other grids than ``gemv.MMA_WARPS`` (4096 warps), which is not yet timed;
 - ``t_pallas_ms``: ``impl="pallas"``, the Triton kernels;
 - ``t_bf16_ms``, ``t_f32_ms``: XLA's dense dots; ``t_cuda_paired_ms`` / ``t_dense_paired_ms``: the
   CUDA op over the indexed weights and the dense dot of x's dtype timed in alternation, bursts of
@@ -39,10 +41,14 @@ REQUIRES_BACKEND = "gpu"
 CASES = (("int8", 0.0), ("bitmask_int8", 0.5), ("bitmask_int8", 0.9))
 
 
-def _kernel_chain(x, cts, kernel):
-    """The CUDA custom calls over ``cts`` with ``kernel`` (`gemv.gemv`'s) instead of `gemv.kernel_for`'s pick."""
+MMA_WARPS = (1024, 2048, 8192)  # grid sizes the MMA kernels' K splits are also timed at (default: gemv.MMA_WARPS)
+
+
+def _kernel_chain(x, cts, kernel, mma_warps=gemv.MMA_WARPS):
+    """The CUDA custom calls over ``cts`` with ``kernel`` (`gemv.gemv`'s) instead of `gemv.kernel_for`'s
+    pick, and the MMA kernels' K splits sized for ``mma_warps``."""
     for ct in cts:
-        x = gemv.gemv(x, ct, kernel=kernel)
+        x = gemv.gemv(x, ct, kernel=kernel, mma_warps=mma_warps)
     return x
 
 
@@ -50,7 +56,7 @@ def run(sizes, ms, x_dtypes, reps: int, layers: int, burst: int, on_row, seed: i
     on_gpu = jax.default_backend() == "gpu"
     rng = np.random.default_rng(seed)
     cuda = chain(lambda x, ct: ltjax.matmul(x, ct, impl="cuda"))
-    forced = jax.jit(_kernel_chain, static_argnames="kernel")
+    forced = jax.jit(_kernel_chain, static_argnames=("kernel", "mma_warps"))
     pallas = chain(lambda x, ct: ltjax.matmul(x, ct, impl="pallas"))
     reference = chain(lambda x, ct: ltjax.matmul(x, ct, impl="reference"))
     dense = {"float32": chain(lambda x, w: x @ w), "bfloat16": chain(lambda x, w: x.astype(jnp.bfloat16) @ w)}
@@ -86,6 +92,11 @@ def run(sizes, ms, x_dtypes, reps: int, layers: int, burst: int, on_row, seed: i
                             row["alt_kernel"] = "mma" if row["kernel"] == "gemv" else "gemv"
                             row["alt_rel_diff"] = rel_diff(forced(x, indexed, row["alt_kernel"]), want)
                             row["t_alt_indexed_ms"] = per_layer(forced, x, indexed, row["alt_kernel"]) * 1e3
+                        if row["kernel"] == "mma":  # other K splits: per grid size, the indexed op's time
+                            row["t_mma_warps_ms"] = {
+                                str(wp): per_layer(forced, x, indexed, "mma", wp) * 1e3 for wp in MMA_WARPS}
+                            row["mma_warps_rel_diff"] = max(
+                                rel_diff(forced(x, indexed, "mma", wp), want) for wp in MMA_WARPS)
                         if on_gpu:
                             row["t_pallas_ms"] = per_layer(pallas, x, cts) * 1e3
                         row["t_f32_ms"] = per_layer(dense["float32"], x, dense_ws["float32"]) * 1e3

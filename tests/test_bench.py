@@ -194,6 +194,8 @@ def test_cuda_kernels_quick_rows_agree_with_the_reference(tmp_path):
     for row in rows:
         assert "error" not in row and "skipped" not in row and row["rel_diff"] < 1e-5, row
         assert row["kernel"] == ("mma" if row["M"] >= 2 else "gemv")
+        if row["kernel"] == "mma":  # the K splits at other grid sizes, checked and timed
+            assert row["mma_warps_rel_diff"] < 1e-5 and set(row["t_mma_warps_ms"]) == {"1024", "2048", "8192"}, row
         if row["M"] == 1:  # both kernels apply: the other one is timed and checked too
             assert row["alt_kernel"] == "mma" and row["alt_rel_diff"] < 1e-5 and row["t_alt_indexed_ms"] > 0, row
         assert row["indexed_rel_diff"] < 1e-5, row

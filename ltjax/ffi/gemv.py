@@ -45,7 +45,7 @@ GEMV_MAX_M = 4  # the GEMVs' M FMAs per code: up to 4 rows
 # against the MMA's 8.6; int8 GEMV 3.7 / 5.1 / 6.6 / 7.8 at M = 1 / 2 / 3 / 4, against the MMA's
 # 4.2 (4.8 with f32 x from M = 3). At int8 M = 2 the GEMV stays: close, and no partial sums to add.
 MMA_MIN_M = {"int8": 3, "bitmask_int8": 2}
-_MMA_TARGET_WARPS = 4096  # K splits until the grid has about this many warps (8192^2: 512 row warps x 8)
+MMA_WARPS = 4096  # K splits until the grid has about this many warps (8192^2: 512 row warps x 8); untimed
 X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 _state: dict = {"done": False, "reason": None}
 
@@ -160,27 +160,27 @@ def kernel_for(x2: Any, ct: CompressedTensor) -> str:
     return "mma" if x2.shape[0] >= MMA_MIN_M[ct.codec] else "gemv"
 
 
-def mma_chunk_words(n: int, w: int, seg: int) -> int:
+def mma_chunk_words(n: int, w: int, seg: int, warps: int = MMA_WARPS) -> int:
     """Mask words per K split of the MMA kernel: whole tile columns (so a split starts a row's
-    prefix at its tile column's start), as many splits as bring the grid to ~4096 warps."""
+    prefix at its tile column's start), as many splits as bring the grid to about ``warps`` warps."""
     if seg == 0 or w == 0:  # one tile column: no split (its prefix runs along the whole row)
         return max(2, w + (w & 1))
     cdiv = lambda a, b: -(-a // b)
     unit = max(2, seg)  # whole tile columns, and whole two-word steps
-    splits = max(1, min(cdiv(_MMA_TARGET_WARPS, cdiv(n, 16)), cdiv(w, unit)))
+    splits = max(1, min(cdiv(warps, cdiv(n, 16)), cdiv(w, unit)))
     return unit * cdiv(cdiv(w, splits), unit)
 
 
-def int8_mma_chunk_cols(n: int, k: int) -> int:
+def int8_mma_chunk_cols(n: int, k: int, warps: int = MMA_WARPS) -> int:
     """Columns per K split of the int8 MMA kernel: whole 64-column steps, as many splits as bring
-    the grid to ~4096 warps."""
+    the grid to about ``warps`` warps."""
     cdiv = lambda a, b: -(-a // b)
     steps = cdiv(k, 64)
-    splits = max(1, min(cdiv(_MMA_TARGET_WARPS, cdiv(n, 16)), steps))
+    splits = max(1, min(cdiv(warps, cdiv(n, 16)), steps))
     return 64 * max(1, cdiv(steps, splits))
 
 
-def _mma(x2: jax.Array, ct: CompressedTensor, starts: jax.Array | None) -> jax.Array:
+def _mma(x2: jax.Array, ct: CompressedTensor, starts: jax.Array | None, warps: int) -> jax.Array:
     """The tensor-core kernels: x as bf16 rows (f32 and f16 x as an exact hi/mid/lo split, three
     bf16 rows each, whose three partial products are added in f32), padded to 8-row tiles and to
     the kernel's columns; the K splits' partial products added here."""
@@ -193,13 +193,13 @@ def _mma(x2: jax.Array, ct: CompressedTensor, starts: jax.Array | None) -> jax.A
     rows = xb.shape[0]
     mp = 8 * -(-rows // 8)
     if ct.codec == "int8":
-        kp, chunk = 64 * -(-k // 64), int8_mma_chunk_cols(n, k)
+        kp, chunk = 64 * -(-k // 64), int8_mma_chunk_cols(n, k, warps)
         splits = max(1, -(-kp // chunk))
         target, args, attrs = INT8_MMA_TARGET, (), dict(chunk_cols=np.int64(chunk))
     else:
         mask = jnp.asarray(ct.mask)
         w, seg = mask.shape[1], seg_words(ct)
-        kp, chunk = 64 * -(-w // 2), mma_chunk_words(n, w, seg)
+        kp, chunk = 64 * -(-w // 2), mma_chunk_words(n, w, seg, warps)
         splits = max(1, -(-w // chunk))
         target, args, attrs = MMA_TARGET, (mask, starts), dict(seg_words=np.int64(seg), chunk_words=np.int64(chunk))
     xb = jnp.pad(xb, ((0, mp - rows), (0, kp - k)))
@@ -209,17 +209,19 @@ def _mma(x2: jax.Array, ct: CompressedTensor, starts: jax.Array | None) -> jax.A
     return y.astype(x2.dtype)
 
 
-def gemv(x2: jax.Array, ct: CompressedTensor, *, kernel: str | None = None) -> jax.Array:
+def gemv(x2: jax.Array, ct: CompressedTensor, *, kernel: str | None = None, mma_warps: int = MMA_WARPS) -> jax.Array:
     """``x2 [M, K] @ W.T -> [M, N]`` in x2's dtype, W the [N, K] storage of an int8 or bitmask_int8
     ``ct`` (f32 accumulation of exact code * x products, times the row's scale). ``kernel``:
-    ``"gemv"`` (M <= 4) or ``"mma"`` (default `kernel_for`). bitmask_int8 reads the row starts
-    ``ct`` carries (`ltjax.index_rows`), else counts them here, in XLA (`row_starts`)."""
+    ``"gemv"`` (M <= 4) or ``"mma"`` (default `kernel_for`). ``mma_warps``: the MMA kernels cut K
+    into splits until their grid has about this many warps (`benchmarks.cuda_kernels` times a few).
+    bitmask_int8 reads the row starts ``ct`` carries (`ltjax.index_rows`), else counts them here,
+    in XLA (`row_starts`)."""
     kernel = kernel or kernel_for(x2, ct)
     if kernel not in ("gemv", "mma"):
         raise ValueError(f"kernel={kernel!r}: choose 'gemv', 'mma' or None")
     starts = row_starts(ct) if ct.codec == "bitmask_int8" else None
     if kernel == "mma":
-        return _mma(x2, ct, starts)
+        return _mma(x2, ct, starts, mma_warps)
     if x2.shape[0] > GEMV_MAX_M:
         raise ValueError(f"the CUDA GEMV takes 1 to {GEMV_MAX_M} rows of x, got x{tuple(x2.shape)}; "
                          "the MMA kernels take up to 16")
