@@ -152,3 +152,20 @@ def test_bad_flags_give_clear_errors(module, argv, message, capsys):
         module.main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_compressed_params_carry_the_row_index_on_a_gpu(monkeypatch):
+    """On a GPU `compress_params` indexes the bitmask weights (`ltjax.index_rows`), so a decode step
+    that takes them as arguments does not count their row starts per token; elsewhere it does not."""
+    params = _params()
+    w = np.array(params["layers_0"]["mlp"]["up_proj"]["kernel"])
+    w[np.random.default_rng(2).random(w.shape) < 0.6] = 0.0  # sparse: "auto" picks a bitmask codec
+    params = {**params, "layers_0": {**params["layers_0"], "mlp": {
+        **params["layers_0"]["mlp"], "up_proj": {"kernel": w}}}}
+    up = lambda p: p["layers_0"]["mlp"]["up_proj"]["kernel"]
+    cpu = gen.compress_params(params, "auto", error_budget=0.01)
+    assert up(cpu).codec.startswith("bitmask") and up(cpu).row_starts is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    gpu = gen.compress_params(params, "auto", error_budget=0.01)
+    assert up(gpu).row_starts is not None
+    np.testing.assert_array_equal(np.asarray(up(gpu).row_starts), np.asarray(ltjax.index_rows(up(cpu)).row_starts))
