@@ -9,6 +9,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ltjax._format import row_starts
+
 
 def iota(n: int) -> jax.Array:
     return lax.broadcasted_iota(jnp.int32, (n,), 0)
@@ -64,8 +66,6 @@ def row_bands(ct, band_rows: int):
     smaller); else the stored grid. Returns ``((rows, cols), offsets)``, offsets flat in
     band-row-major order.
     """
-    from ltjax._format import row_starts
-
     h = ct.header
     (n, k), (tr, tc) = h.storage_shape, h.tile
     if band_rows <= 0 or band_rows >= tr or tr % band_rows:
