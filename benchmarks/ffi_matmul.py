@@ -1,7 +1,11 @@
 """CPU FFI matmul benchmark: fused int8 / bitmask kernels vs XLA's dense dots, same run.
 
-    python -m benchmarks.ffi_matmul [--sizes 1024 4096] [--ms 1 4 16] [--seconds 0.6]
+    python -m benchmarks.ffi_matmul [--quick] [--sizes 1024 4096] [--ms 1 4 16] [--seconds 0.6]
                                     [--out benchmarks/results/ffi_cpu.json]
+
+``--quick`` (what `ltjax bench --quick` passes) is a CI-sized run: 256², M = 1 and 4, a 0.02 s
+budget per candidate and 3 cold rounds; its times are a smoke test, not figures. Where the CPU
+extension is not loaded the benchmark writes a JSON saying why (``skipped``) and returns 0.
 
 Prints one table row per (size, M, candidate): median latency, GB/s of weight bytes read,
 and the ratio to XLA's f32 dot measured in the same round-robin. Candidates are timed in
@@ -134,7 +138,7 @@ def _weight(rng, k: int, n: int, sparsity: float) -> np.ndarray:
     return w
 
 
-def run(sizes, ms, seconds: float) -> list[dict]:
+def run(sizes, ms, seconds: float, *, min_rounds: int = 30, cold_rounds: int = 30) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
     for size, m in itertools.product(sizes, ms):
@@ -192,11 +196,11 @@ def run(sizes, ms, seconds: float) -> list[dict]:
 
         light = {c: f for c, f in fns.items() if c not in HEAVY}
         heavy = {c: fns[c] for c in ("xla_f32_dot", *HEAVY)}
-        groups = {"main": _timeit_round_robin(light, args, seconds),
-                  "heavy": _timeit_round_robin(heavy, args, seconds / 2, min_rounds=10)}
-        bursts = _timeit_bursts({c: fns[c] for c in BURST_CANDIDATES}, args, seconds)
+        groups = {"main": _timeit_round_robin(light, args, seconds, min_rounds=min_rounds),
+                  "heavy": _timeit_round_robin(heavy, args, seconds / 2, min_rounds=min(10, min_rounds))}
+        bursts = _timeit_bursts({c: fns[c] for c in BURST_CANDIDATES}, args, seconds, min_rounds=min(8, min_rounds))
         burst_base = statistics.median(bursts["xla_f32_dot"])
-        cold = _timeit_cold({c: fns[c] for c in BURST_CANDIDATES}, args)
+        cold = _timeit_cold({c: fns[c] for c in BURST_CANDIDATES}, args, rounds=cold_rounds)
         cold_base = statistics.median(cold["xla_f32_dot"])
         timed = [("main", c, ts) for c, ts in groups["main"].items()] + [("heavy", c, groups["heavy"][c]) for c in HEAVY]
         for group, name, ts in timed:
@@ -230,33 +234,46 @@ def run(sizes, ms, seconds: float) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
-    p.add_argument("--ms", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--seconds", type=float, default=0.6, help="timing budget per candidate per config")
-    p.add_argument("--out", default="benchmarks/results/ffi_cpu.json")
+    p.add_argument("--quick", action="store_true", help="CI-sized run: 256², M = 1 4, 0.02 s per candidate")
+    p.add_argument("--sizes", type=int, nargs="+", help="K = N values (default 1024 4096; --quick 256)")
+    p.add_argument("--ms", type=int, nargs="+", help="M values (default 1 4 16; --quick 1 4)")
+    p.add_argument("--seconds", type=float, help="timing budget per candidate per config (default 0.6; --quick 0.02)")
+    p.add_argument("--out", help="JSON output path (default benchmarks/results/ffi_cpu.json; --quick: ffi_cpu_quick.json)")
     a = p.parse_args(argv)
-    if not lffi.available():
-        raise SystemExit(f"ltjax.ffi is unavailable: {lffi.unavailable_reason()}")
-    rows = run(a.sizes, a.ms, a.seconds)
+    sizes = a.sizes or ([256] if a.quick else [1024, 4096])
+    ms = a.ms or ([1, 4] if a.quick else [1, 4, 16])
+    seconds = a.seconds if a.seconds is not None else (0.02 if a.quick else 0.6)
+    out = Path(a.out or f"benchmarks/results/ffi_cpu{'_quick' if a.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
+        "benchmark": "ffi_matmul",
+        "quick": a.quick,
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "ffi": lffi.info(),
-        "note": "2 shared CPU cores: other processes may run; candidates interleaved round-robin, medians; "
-        f"group 'heavy': {', '.join(HEAVY)} timed in their own round-robin with the f32 dot as baseline; "
-        f"burst_*: {BURST} consecutive calls per candidate (first dropped), bursts shuffled; "
-        f"cold_*: a {COLD_FLUSH_MIB} MiB buffer read before every call (weights evicted from the caches)",
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if not lffi.available():
+        why = f"ltjax.ffi is unavailable: {lffi.unavailable_reason()}"
+        print(f"ffi_matmul: skipped: {why}")
+        out.write_text(json.dumps({"benchmark": "ffi_matmul", "skipped": why, "meta": meta, "rows": []}, indent=1))
+        print(f"wrote {out}")
+        return 0
+    rows = run(sizes, ms, seconds, min_rounds=3 if a.quick else 30, cold_rounds=3 if a.quick else 30)
+    meta["note"] = (
+        "2 shared CPU cores: other processes may run; candidates interleaved round-robin, medians; "
+        f"group 'heavy': {', '.join(HEAVY)} timed in their own round-robin with the f32 dot as baseline; "
+        f"burst_*: {BURST} consecutive calls per candidate (first dropped), bursts shuffled; "
+        f"cold_*: a {COLD_FLUSH_MIB} MiB buffer read before every call (weights evicted from the caches)"
+        + ("; --quick: a smoke run, its times are not figures" if a.quick else ""))
+    out.write_text(json.dumps({"benchmark": "ffi_matmul", "meta": meta, "rows": rows}, indent=1))
     print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
 import matplotlib
@@ -156,14 +155,15 @@ def draw_all(benches: dict[str, Any], out_dir: str) -> dict[str, str]:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print(__doc__)
-        return 2
-    with open(os.path.join(argv[0], "run.json")) as f:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", help="a benchmark run's directory (holds run.json); the plots are redrawn there")
+    args = p.parse_args(argv)
+    with open(os.path.join(args.run_dir, "run.json")) as f:
         run = json.load(f)
-    for name, p in draw_all(run["benchmarks"], argv[0]).items():
-        print(f"{name}: {p}")
+    for name, path in draw_all(run["benchmarks"], args.run_dir).items():
+        print(f"{name}: {path}")
     return 0
 
 

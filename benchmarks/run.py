@@ -6,7 +6,9 @@
 Discovery: every module ``benchmarks/<name>.py`` (not starting with ``_``, and not one of
 the harness's own modules) that defines ``main(argv)`` is a benchmark. The convention a
 module follows to plug in: ``main(argv) -> int`` (0 on success; a returned dict counts as
-success), a parser accepting ``--quick`` (a CI-sized run) and ``--out PATH`` (its JSON).
+success), a parser accepting ``--quick`` (a CI-sized run) and ``--out PATH`` (its JSON). A
+benchmark that cannot measure here (e.g. the CPU extension is not built) writes a JSON with a
+``"skipped": "<why>"`` key and returns 0: the run lists it as skipped, with that reason.
 
 Each run writes into DIR (default ``benchmarks/results/<date>-<backend>[-quick]/``):
 ``<name>.json`` per benchmark, ``run.json`` (machine, platform, CPU model, backend, device,
@@ -140,6 +142,9 @@ def run_one(name: str, modname: str, out_dir: str, quick: bool) -> dict[str, Any
         entry["json"] = os.path.relpath(path, out_dir)
         with open(path) as f:
             entry["result"] = json.load(f)
+        skipped = entry["result"].get("skipped") if isinstance(entry["result"], dict) else None
+        if entry["status"] == "ok" and isinstance(skipped, str):  # ran, and said why it measured nothing
+            entry.update(status="skipped", reason=skipped)
     elif entry["status"] == "ok":
         entry.update(status="failed", error=f"finished but wrote no JSON at {path}")
     print(f"=== {name}: {entry['status']} in {entry['seconds']:.1f} s", flush=True)

@@ -253,3 +253,15 @@ def test_gpu_check_script_writes_its_json_on_the_cpu(tmp_path):
     assert r["cuda_benchmark"] is None and r["benchmark"] is None
     assert list(r["seconds"]) == ["cuda_build", "tests", "cuda_benchmark", "benchmark", "sweep"]
     assert all(v >= 0 for v in r["seconds"].values())
+
+
+def test_benchmark_that_cannot_measure_here_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    """ffi_matmul without the CPU extension: a JSON saying why, and the run lists it as skipped
+    (not failed), so `ltjax bench --quick` still exits 0 on a machine without a C++ compiler."""
+    import ltjax.ffi as lffi
+
+    monkeypatch.setattr(lffi, "available", lambda: False)
+    monkeypatch.setattr(lffi, "unavailable_reason", lambda: "the C++ extension is not built (test)")
+    entry = R.run_one("ffi_matmul", "benchmarks.ffi_matmul", str(tmp_path), quick=True)
+    assert entry["status"] == "skipped", entry
+    assert "not built (test)" in entry["reason"] and entry["result"]["rows"] == []

@@ -239,10 +239,18 @@ def gemv(x2: jax.Array, ct: CompressedTensor, *, kernel: str | None = None, mma_
     return y.astype(x2.dtype)
 
 
-if __name__ == "__main__":  # python -m ltjax.ffi.gemv --build OUT
+def main(argv=None) -> int:
+    """``python -m ltjax.ffi.gemv --build [OUT.so]``: builds the CUDA kernels' library with nvcc
+    (default: ``_ltjax_cuda.so`` beside this file, where `library` looks first)."""
+    import argparse
     import subprocess
-    import sys
 
-    if len(sys.argv) != 3 or sys.argv[1] != "--build":
-        sys.exit("usage: python -m ltjax.ffi.gemv --build OUT.so")
-    sys.exit(subprocess.run(nvcc_command(sys.argv[2])).returncode)
+    p = argparse.ArgumentParser(prog="python -m ltjax.ffi.gemv", description=main.__doc__)
+    p.add_argument("--build", metavar="OUT.so", nargs="?", const=str(Path(__file__).with_name("_ltjax_cuda.so")),
+                   required=True, help="build the library, here (default: beside this module)")
+    args = p.parse_args(argv)
+    return subprocess.run(nvcc_command(args.build)).returncode
+
+
+if __name__ == "__main__":  # python -m ltjax.ffi.gemv --build OUT.so
+    raise SystemExit(main())
