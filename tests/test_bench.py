@@ -265,3 +265,39 @@ def test_benchmark_that_cannot_measure_here_is_skipped_with_its_reason(tmp_path,
     entry = R.run_one("ffi_matmul", "benchmarks.ffi_matmul", str(tmp_path), quick=True)
     assert entry["status"] == "skipped", entry
     assert "not built (test)" in entry["reason"] and entry["result"]["rows"] == []
+
+
+def test_effective_memory_headline_is_bytes_held(quick_run):
+    """"24 GiB holds X GiB of bf16" compares bytes held (the step's arguments: weights + KV cache),
+    each side fitted on the same measure; the compiled figure (XLA:CPU upcasts bf16 weights in
+    temp memory) is a second, separately keyed one."""
+    _, _, run = quick_run
+    em = run["benchmarks"]["effective_memory"]["result"]
+    for s in em["summary"]:
+        gib = s["device_gib"]
+        held = gib * s["ltjax_int8+kv8 [arguments only]"] / s["dense_bf16 [arguments only]"]
+        assert s["effective_GiB ltjax_int8+kv8 [bytes held] vs dense_bf16"] == pytest.approx(held)
+        comp = gib * s["ltjax_int8+kv8 [compiled]"] / s["dense_bf16 [compiled]"]
+        assert s["effective_GiB ltjax_int8+kv8 [compiled] vs dense_bf16"] == pytest.approx(comp)
+        assert f"holds {held:.0f} GiB of bf16" in s["headline"] and "bytes held" in s["headline"]
+
+
+def test_readme_effective_memory_headline_is_bytes_held():
+    """The generated table's bold headline is the bytes-held figure; the compiled one (a CPU
+    artefact for bf16) stays as a labelled column, and the section says why."""
+    from benchmarks import make_readme
+
+    s = {"family": "fam", "device": "24GiB"}
+    for v, held, compiled in (("dense_f32", 6e9, 6e9), ("dense_bf16", 12e9, 4e9), ("ltjax_int8", 22e9, 21e9),
+                              ("ltjax_int8+kv8", 24e9, 23.5e9)):
+        s[f"{v} [arguments only]"], s[f"{v} [compiled]"] = held, compiled
+    run = {"backend": "cpu", "device_name": "cpu", "machine": {"cpu_model": "x"}, "date": "2026-12-07",
+           "git": {"commit": "abc"}, "benchmarks": {"effective_memory": {"status": "ok", "result": {
+               "backend": "cpu", "method": "m", "context": 2048, "weights_through": "w", "summary": [s]}}}}
+    text = "\n".join(make_readme.memory_section(run))
+    row = next(ln for ln in text.splitlines() if ln.startswith("| fam |"))
+    assert "**48 GiB**" in row and "96 GiB" in row  # 24 x 24/12 vs bf16, 24 x 24/6 vs f32: bytes held
+    assert "141 GiB" in row  # 24 x 23.5/4: compiled, in its own column
+    header = next(ln for ln in text.splitlines() if ln.startswith("| family |"))
+    assert "**effective, bytes held: vs bf16**" in header and "compiled (cpu)" in header
+    assert "CPU artefact" in text
