@@ -27,12 +27,14 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import glob
+import inspect
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen
+from jax import lax
 from flax.linen import initializers
 from flax.linen.dtypes import promote_dtype as _promote_dtype
 from flax.linen.linear import default_embed_init, default_kernel_init
@@ -75,6 +77,7 @@ def _promote(m, *args, inexact=True):
 def _dense(m, inputs: Array, kernel: CompressedTensor, bias: Array | None) -> Array:
     where = _where(m)
     _layers.check_unbatched(kernel, where)
+    _no_custom_dot(m, where)
     want = (inputs.shape[-1], m.features)
     if tuple(kernel.shape) != want:
         raise ValueError(
@@ -86,26 +89,30 @@ def _dense(m, inputs: Array, kernel: CompressedTensor, bias: Array | None) -> Ar
         return _layers.linear(inputs, kernel, bias, dtype=stand_in.dtype, precision=m.precision)
 
 
+def _no_custom_dot(m, where: str) -> None:
+    if getattr(m, "dot_general", None) is not None or getattr(m, "dot_general_cls", None) is not None:
+        raise ValueError(f"{where}: a custom dot_general / dot_general_cls cannot run on a compressed kernel; "
+                         "skip this module's kernel in the Policy, or drop the custom dot_general")
+
+
 def _dense_general(m, inputs: Array, kernel: CompressedTensor, bias: Array | None) -> Array:
     where = _where(m)
     _layers.check_unbatched(kernel, where)
-    features, axis, batch_dims = _tuple(m.features), _tuple(m.axis), _tuple(m.batch_dims)
+    _no_custom_dot(m, where)
+    features, batch_dims = _tuple(m.features), tuple(a % inputs.ndim for a in _tuple(m.batch_dims))
+    axis = tuple(a % inputs.ndim for a in _tuple(m.axis))
     inputs, stand_in, bias = _promote(m, inputs, jnp.zeros((0,), kernel.dtype), bias)
+    kernel_shape = tuple(inputs.shape[a] for a in batch_dims + axis) + features
+    nb = len(batch_dims)
+    dims = ((axis, tuple(range(nb, nb + len(axis)))), (batch_dims, tuple(range(nb))))
     with jax.named_scope("ltjax.nn.dense_general"):
-        y = _layers.general_dot(
-            inputs,
-            kernel,
-            axis=axis,
-            batch_dims=batch_dims,
-            features=features,
-            dtype=stand_in.dtype,
-            precision=m.precision,
-            where=where,
+        y = _layers.general(
+            inputs, kernel, _layers.dense_general_contraction(inputs.ndim, len(kernel_shape), axis, batch_dims),
+            kernel_shape, lambda x, w: lax.dot_general(x, w, dims), dtype=stand_in.dtype, precision=m.precision,
+            where=where, why=f"batch_dims={batch_dims} make it a batched product, not one matmul",
         )
         if bias is not None:
-            axis_n = {a % inputs.ndim for a in axis}
-            batch_n = {a % inputs.ndim for a in batch_dims}
-            expanded = tuple(inputs.shape[a] if a in batch_n else 1 for a in range(inputs.ndim) if a not in axis_n)
+            expanded = tuple(inputs.shape[a] if a in batch_dims else 1 for a in range(inputs.ndim) if a not in axis)
             y = y + jnp.reshape(bias, expanded + features)
     return y
 
@@ -140,19 +147,23 @@ def _attend(m, query: Array, table: CompressedTensor) -> Array:
 
 
 def _einsum(m, inputs: Array, einsum_str: str | None, kernel: CompressedTensor, bias: Array | None) -> Array:
-    """nn.Einsum on a compressed kernel: decompressed first (logged once)."""
+    """nn.Einsum on a compressed kernel: one `ltjax.matmul` where the equation is a matmul."""
     where = _where(m)
     _layers.check_unbatched(kernel, where)
-    if tuple(kernel.shape) != tuple(m.shape) and not (kernel.ndim == 2 and kernel.size == np.prod(m.shape)):
-        raise ValueError(f"{where}: compressed kernel shape={kernel.shape} does not match the module's shape={tuple(m.shape)}")
     einsum_str = linen.module.merge_param("einsum_str", m.einsum_str, einsum_str).replace(" ", "")
-    _layers.note_once(f"einsum:{where}", f"ltjax: {where}: nn.Einsum decompresses its kernel before the einsum")
-    dense = _layers.decompress(kernel).reshape(tuple(m.shape))
-    inputs, dense, bias = _promote(m, inputs, dense, bias)
-    with jax.named_scope("ltjax.nn.einsum"), _layers.matmul_precision(m.precision):
-        y = jnp.einsum(einsum_str, inputs, dense, preferred_element_type=m.preferred_element_type)
+    shape = tuple(m.shape)
+    inputs, stand_in, bias = _promote(m, inputs, jnp.zeros((0,), kernel.dtype), bias)
+    pet = m.preferred_element_type
+    inputs, dtype = _layers.accumulation(inputs, stand_in.dtype, pet)
+    contraction, why = _layers.einsum_contraction(einsum_str, inputs.ndim, len(shape))
+    with jax.named_scope("ltjax.nn.einsum"):
+        y = _layers.general(
+            inputs, kernel, contraction, shape,
+            lambda x, w: jnp.einsum(einsum_str, x, w, preferred_element_type=pet),
+            dtype=dtype, precision=m.precision, where=where, why=f"{einsum_str!r} is not one matmul: {why}",
+        )
     if bias is not None:
-        _, broadcast = m._get_bias_shape(einsum_str, inputs, dense)
+        _, broadcast = m._get_bias_shape(einsum_str, inputs, jax.ShapeDtypeStruct(shape, dtype))
         y = y + jnp.reshape(bias, broadcast)
     return y
 
@@ -322,6 +333,30 @@ def _bias(m: linen.Module):
     return _layers.decompress(bias) if isinstance(bias, CompressedTensor) else bias
 
 
+# The upstream methods `intercept` runs on compressed params, and the arguments it handles:
+# every argument of the upstream signature (tests/test_flax.py compares them, so a flax
+# release that adds one fails there instead of being silently ignored here).
+HANDLED_ARGS = {
+    (linen.Dense, "__call__"): ("inputs",),
+    (linen.DenseGeneral, "__call__"): ("inputs",),
+    (linen.Einsum, "__call__"): ("inputs", "einsum_str"),
+    (linen.Embed, "__call__"): ("inputs",),
+    (linen.Embed, "attend"): ("query",),
+}
+
+
+def _bind(cls, method: str, m, args, kwargs) -> dict:
+    """The call's arguments by name, checked against the upstream signature (defaults filled in)."""
+    bound = inspect.signature(getattr(cls, method)).bind(m, *args, **kwargs)
+    bound.apply_defaults()
+    named = dict(bound.arguments)
+    named.pop(next(iter(named)))  # self
+    extra = [k for k in named if k not in HANDLED_ARGS[(cls, method)]]
+    if extra:
+        raise ValueError(f"{_where(m)}: ltjax.nn.intercept does not handle the arguments {extra} of {cls.__name__}.{method}")
+    return named
+
+
 def _interceptor(next_fun, args, kwargs, context):
     m, method = context.module, context.method_name
     if isinstance(m, (linen.Dense, linen.DenseGeneral, linen.Einsum)) and method == "__call__":
@@ -329,18 +364,20 @@ def _interceptor(next_fun, args, kwargs, context):
         if isinstance(kernel, CompressedTensor):
             bias = _bias(m)
             if isinstance(m, linen.Dense):
-                return _dense(m, *args, kernel, bias, **kwargs)
+                return _dense(m, _bind(linen.Dense, method, m, args, kwargs)["inputs"], kernel, bias)
             if isinstance(m, linen.DenseGeneral):
-                return _dense_general(m, *args, kernel, bias, **kwargs)
-            inputs, *rest = args
-            return _einsum(m, inputs, kwargs.get("einsum_str", rest[0] if rest else None), kernel, bias)
+                return _dense_general(m, _bind(linen.DenseGeneral, method, m, args, kwargs)["inputs"], kernel, bias)
+            a = _bind(linen.Einsum, method, m, args, kwargs)
+            return _einsum(m, a["inputs"], a["einsum_str"], kernel, bias)
     elif isinstance(m, linen.Embed) and method in ("setup", "__call__", "attend"):
         table = _param(m, "embedding")
         if isinstance(table, CompressedTensor):
             if method == "setup":  # flax's setup would compare the table's leaves with a dense init
                 m.embedding = table
                 return None
-            return (_embed if method == "__call__" else _attend)(m, *args, table, **kwargs)
+            if method == "__call__":
+                return _embed(m, _bind(linen.Embed, method, m, args, kwargs)["inputs"], table)
+            return _attend(m, _bind(linen.Embed, method, m, args, kwargs)["query"], table)
     return next_fun(*args, **kwargs)
 
 
@@ -374,41 +411,59 @@ def compress_params(
     params: Any,
     policy: Policy | None = None,
     *,
+    model: linen.Module | None = None,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
     stacked: str | Sequence[str] = (),
     flatten: Mapping[str, int] | None = None,
     return_report: bool = False,
 ):
-    """`ltjax.compress_tree` plus the flax ``nn.scan`` convention for stacked layers.
+    """`ltjax.compress_tree` for linen params: kernels stored as the matmuls their modules run.
 
-    Leaves whose path matches a ``stacked`` glob pattern carry a leading layer axis (params
-    of ``nn.scan`` / ``nn.vmap`` with ``variable_axes={"params": 0}``). Each layer is
-    compressed on its own and the layers' arrays are stacked along a new leading axis under
-    one shared header describing a single layer, so ``nn.scan`` slices the tensor into valid
-    per-layer `CompressedTensor` s. All layers share one codec: the policy's, or under
-    ``"auto"`` the smallest of ``int8`` / ``raw`` within the error budget on every layer
-    (bitmask codecs store a different nonzero count per layer and cannot be stacked; such
-    leaves stay dense, with the reason in the report). Other leaves go through
-    `ltjax.compress_tree` unchanged.
+    Every N-D ``DenseGeneral`` / ``Einsum`` kernel is stored as the 2-D ``[K, N]`` matmul
+    kernel of its contraction (its axes transposed to contracted-then-features, then
+    flattened), so `intercept` runs it as one `ltjax.matmul` with no dense copy. Which axes a
+    module contracts is read from the model itself when ``model`` is given: an abstract trace
+    of ``model.apply({"params": params}, *args, **kwargs)`` (``jax.eval_shape``: nothing is
+    computed) records every ``DenseGeneral`` and ``Einsum`` call. Without ``model``, a
+    ``kernel`` beside a ``bias`` is read by flax's DenseGeneral convention (the bias has the
+    features' shape) and other N-D kernels keep their shape (`intercept` decompresses those
+    whose contraction is not over their leading axes, and logs it once).
+
+    Leaves with a leading layer axis (params of ``nn.scan`` / ``nn.vmap`` with
+    ``variable_axes={"params": 0}``: found by the trace, or named by ``stacked``) are
+    compressed layer by layer and stacked under one header describing a single layer, so
+    ``nn.scan`` slices them into valid per-layer `CompressedTensor` s. All layers share one
+    codec: the policy's, or under ``"auto"`` the smallest of ``int8`` / ``raw`` within the
+    error budget on every layer (bitmask codecs store a different nonzero count per layer and
+    cannot be stacked; such leaves stay dense, with the reason in the report).
 
     Args:
       params: a flax param tree (the ``"params"`` collection).
       policy: the `ltjax.Policy` (default ``Policy()``).
-      stacked: glob patterns on ``a/b/kernel`` leaf paths, e.g. ``"ScanBlock_0/*"``; a
-        pattern that matches no leaf raises ``ValueError``.
-      flatten: ``{pattern: n_in}``: N-D ``DenseGeneral`` kernels ``[*in, *features]`` (after
-        any stacked axis) to store flattened as the 2-D matmul kernel
-        ``[prod(in), prod(features)]``, ``n_in`` being the number of contracted axes, e.g.
-        ``{"*/query/kernel": 1}`` for a ``[embed, heads, head_dim]`` projection. Such kernels
-        run as one `ltjax.matmul`; left N-D, only the ``[*in, features]`` layout does
-        (`CompressedDenseGeneral`). A pattern that matches no leaf raises ``ValueError``.
+      model: the linen module whose params these are (optional, recommended).
+      args: example positional arguments of ``model.apply`` after the variables (arrays or
+        ``jax.ShapeDtypeStruct`` s).
+      kwargs: keyword arguments of ``model.apply`` (e.g. ``{"deterministic": True}``);
+        collections the model creates (``batch_stats``, ``cache``) are made on the fly.
+      stacked: glob patterns on ``a/b/kernel`` leaf paths of stacked leaves, e.g.
+        ``"ScanBlock_0/*"``; a pattern that matches no leaf raises ``ValueError``.
+      flatten: ``{pattern: n_in}``: kernels ``[*in, *features]`` (after any stacked axis) to
+        store as ``[prod(in), prod(features)]``, ``n_in`` being the number of contracted
+        axes; overrides what the trace or the bias found. A pattern that matches no leaf
+        raises ``ValueError``.
       return_report: also return the `ltjax.CompressionReport`.
 
-    >>> import numpy as np, ltjax
-    >>> w = np.random.default_rng(0).standard_normal((4, 128, 64)).astype(np.float32)
-    >>> tree = ltjax.nn.compress_params({"scan": {"kernel": w}}, ltjax.Policy(codec="int8"), stacked="scan/*")
-    >>> ct = tree["scan"]["kernel"]
-    >>> ct.shape, ct.codes.shape
-    ((128, 64), (4, 64, 128))
+    >>> import jax, flax.linen as nn, ltjax
+    >>> attn = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=128, use_bias=False)
+    >>> x = jax.numpy.ones((1, 8, 128))
+    >>> params = attn.init(jax.random.key(0), x)["params"]
+    >>> cparams = ltjax.nn.compress_params(params, ltjax.Policy(codec="int8"), model=attn, args=(x,))
+    >>> cparams["query"]["kernel"].shape, cparams["out"]["kernel"].shape   # [K, N] matmul kernels
+    ((128, 128), (4, 32, 128))
+    >>> with ltjax.nn.intercept():
+    ...     attn.apply({"params": cparams}, x).shape
+    (1, 8, 128)
     """
     policy = Policy() if policy is None else policy
     patterns = (stacked,) if isinstance(stacked, str) else tuple(stacked)
@@ -419,7 +474,25 @@ def compress_params(
     unmatched += [p for p in flatten if not any(fnmatch.fnmatchcase(path, p) for path, _ in flat)]
     if unmatched:
         raise ValueError(f"patterns matched no leaf: {unmatched}; leaf paths are like {flat[0][0]!r}")
-    flat = [(path, _flattened(path, leaf, flatten, path in hits)) for path, leaf in flat]
+    layouts = _bias_layouts(flat, hits)
+    if model is not None:
+        by_path = dict(flat)
+        for path, (layout, kernel_shape) in contractions(model, params, *args, **dict(kwargs or {})).items():
+            leaf = by_path.get(path)
+            if leaf is None or isinstance(leaf, CompressedTensor):
+                continue
+            if tuple(np.shape(leaf)[1:]) == kernel_shape:
+                hits.add(path)  # a leading layer axis the module never sees: nn.scan / nn.vmap
+            if layout is not None:
+                layouts[path] = layout
+    for path, leaf in flat:
+        n_in = next((n for p, n in flatten.items() if fnmatch.fnmatchcase(path, p)), None)
+        if n_in is not None and not isinstance(leaf, CompressedTensor):
+            nd = np.ndim(leaf) - (path in hits)
+            if not 0 < n_in < nd:
+                raise ValueError(f"flatten: {path!r} of shape={np.shape(leaf)} cannot split {n_in=} contracted axes from its features")
+            layouts[path] = _layers.Layout(tuple(range(nd)), n_in)
+    flat = [(path, _in_layout(leaf, layouts.get(path), path in hits)) for path, leaf in flat]
     treedef = jax.tree_util.tree_structure(params, is_leaf=lambda x: isinstance(x, CompressedTensor))
     params = jax.tree_util.tree_unflatten(treedef, [leaf for _, leaf in flat])
     # Everything but the stacked leaves: the plain tree compression (which also reports skips).
@@ -437,16 +510,81 @@ def compress_params(
     return (tree, rep) if return_report else tree
 
 
-def _flattened(path: str, leaf: Any, flatten: Mapping[str, int], stacked: bool) -> Any:
-    n_in = next((n for p, n in flatten.items() if fnmatch.fnmatchcase(path, p)), None)
-    if n_in is None or isinstance(leaf, CompressedTensor):
+def contractions(model: linen.Module, params: Any, *args, **kwargs) -> dict[str, tuple[_layers.Layout | None, tuple[int, ...]]]:
+    """``{param path: (layout, per-layer shape)}`` of every ``Dense`` / ``DenseGeneral`` /
+    ``Einsum`` kernel and ``Embed`` table that ``model.apply({"params": params}, *args,
+    **kwargs)`` uses, read by an abstract trace (``jax.eval_shape``: nothing is computed).
+    ``layout`` is the kernel's `_layers.Layout` where its contraction is one matmul, else None."""
+    found: dict[str, tuple[_layers.Layout | None, tuple[int, ...]]] = {}
+    clash: set[str] = set()
+
+    def layout_and_shape(m, a, kw):
+        if isinstance(m, linen.Dense):
+            x = _bind(linen.Dense, "__call__", m, a, kw)["inputs"]
+            return _layers.Layout((0, 1), 1), (x.shape[-1], m.features)
+        if isinstance(m, linen.DenseGeneral):
+            x = _bind(linen.DenseGeneral, "__call__", m, a, kw)["inputs"]
+            axis = tuple(i % x.ndim for i in _tuple(m.axis))
+            batch = tuple(i % x.ndim for i in _tuple(m.batch_dims))
+            shape = tuple(x.shape[i] for i in batch + axis) + _tuple(m.features)
+            c = _layers.dense_general_contraction(x.ndim, len(shape), axis, batch)
+            return (None if c is None else c.layout), shape
+        b = _bind(linen.Einsum, "__call__", m, a, kw)
+        eq = linen.module.merge_param("einsum_str", m.einsum_str, b["einsum_str"])
+        c, _ = _layers.einsum_contraction(eq, b["inputs"].ndim, len(m.shape))
+        return (None if c is None else c.layout), tuple(m.shape)
+
+    def record(next_fun, a, kw, context):
+        m, method = context.module, context.method_name
+        if m.scope is not None and method == "__call__" and isinstance(m, (linen.Dense, linen.DenseGeneral, linen.Einsum)):
+            found_at("/".join(str(p) for p in m.scope.path + ("kernel",)), layout_and_shape(m, a, kw))
+        elif m.scope is not None and method == "setup" and isinstance(m, linen.Embed):
+            found_at("/".join(str(p) for p in m.scope.path + ("embedding",)), (None, (m.num_embeddings, m.features)))
+        return next_fun(*a, **kw)
+
+    def found_at(path, value):
+        if found.get(path, value) != value:
+            clash.add(path)
+        found[path] = value
+
+    kwargs = {"mutable": True, **kwargs}
+    with linen.intercept_methods(record):
+        jax.eval_shape(lambda p, *xs: model.apply({"params": p}, *xs, **kwargs), params, *args)
+    if clash:
+        _layers.note_once(f"contractions:{sorted(clash)}", f"ltjax: kernels {sorted(clash)} are contracted in more than "
+                          "one way by the model; they keep their shape (decompressed before the contraction)")
+    return {p: (None, v[1]) if p in clash else v for p, v in found.items()}
+
+
+def _bias_layouts(flat: list[tuple[str, Any]], stacked: set[str]) -> dict[str, _layers.Layout]:
+    """flax's DenseGeneral convention: ``kernel [*in, *features]`` beside ``bias [*features]``."""
+    leaves = dict(flat)
+    out = {}
+    for path, leaf in flat:
+        bias = leaves.get(path[: -len("kernel")] + "bias") if path.endswith("kernel") else None
+        if bias is None or isinstance(leaf, CompressedTensor) or isinstance(bias, CompressedTensor):
+            continue
+        lead = int(path in stacked)
+        k, b = np.shape(leaf)[lead:], np.shape(bias)[lead:]
+        if 0 < len(b) < len(k) and tuple(k[len(k) - len(b):]) == tuple(b):
+            out[path] = _layers.Layout(tuple(range(len(k))), len(k) - len(b))
+    return out
+
+
+def _in_layout(leaf: Any, layout: _layers.Layout | None, stacked: bool) -> Any:
+    """``leaf`` as its ``[K, N]`` matmul kernel where its N-D shape is not already that storage.
+
+    Kept as is: an identity layout with one feature axis (the N-D kernel under the default
+    channel axis is the same storage matrix, and keeps its shape) and a transposed layout
+    with the kernel's own shape (a square 2-D kernel, where the two could not be told apart).
+    """
+    if layout is None or isinstance(leaf, CompressedTensor):
         return leaf
-    a = np.asarray(leaf)
-    lead = a.shape[:1] if stacked else ()
-    shape = a.shape[len(lead) :]
-    if not 0 < n_in < len(shape):
-        raise ValueError(f"flatten: {path!r} of shape={a.shape} cannot split {n_in=} contracted axes from its features")
-    return a.reshape(lead + (int(np.prod(shape[:n_in])), int(np.prod(shape[n_in:]))))
+    shape = np.shape(leaf)[int(stacked):]
+    identity = layout.perm == tuple(range(len(shape)))
+    if (identity and layout.n_in == len(shape) - 1) or layout.matmul_shape(shape) == tuple(shape):
+        return leaf
+    return layout.to_matmul(np.asarray(leaf))
 
 
 def _fields(policy: Policy) -> dict:

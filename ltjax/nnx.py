@@ -23,7 +23,10 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from flax.core import FrozenDict
+from jax import lax
 from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.nnx.nn.linear import default_embed_init, default_kernel_init
 from flax.nnx.nn.linear import default_bias_init
@@ -31,12 +34,13 @@ from flax.nnx.nn.linear import default_bias_init
 from ltjax import _layers
 from ltjax._activation_modules import NnxCompressedReLU as CompressedReLU
 from ltjax._activation_modules import SparseLinear
-from ltjax._analyze import CompressionReport, Policy, compress_tree
+from ltjax._analyze import CompressionReport, LeafReport, Policy, compress_tree
 from ltjax._format import CompressedTensor
 
 __all__ = [
     "CompressedReLU",
     "SparseLinear",
+    "CompressedEinsum",
     "CompressedEmbed",
     "CompressedLinear",
     "CompressedLinearGeneral",
@@ -46,6 +50,8 @@ __all__ = [
 ]
 
 Array = jax.Array
+# The upstream defaults of the op attributes a compressed kernel replaces with `ltjax.matmul`.
+_DEFAULT_OPS = {"dot_general": (None, lax.dot_general), "dot_general_cls": (None,), "einsum_op": (jnp.einsum,)}
 
 
 class CompressedParam(nnx.Variable):
@@ -64,12 +70,23 @@ def _stand_in(ct: CompressedTensor) -> Array:
     return jnp.zeros((0,), ct.dtype)
 
 
+def _custom_op(m) -> str:
+    """Why ``m``'s kernel cannot run on `ltjax.matmul` ('' if it can): a dot_general / einsum_op of its own."""
+    custom = [a for a, defaults in _DEFAULT_OPS.items() if all(getattr(m, a, None) is not d for d in (None,) + defaults)]
+    return f"a custom {' / '.join(custom)} cannot run on a compressed kernel" if custom else ""
+
+
+def _no_custom_op(m, where: str) -> None:
+    if _custom_op(m):
+        raise ValueError(f"{where}: {_custom_op(m)}; skip this layer in the Policy, or use the default op")
+
+
 class CompressedLinear(nnx.Module):
     """``flax.nnx.Linear`` whose kernel may be a `CompressedTensor` (in a `CompressedParam`).
 
-    Constructed like ``nnx.Linear`` (a dense ``nnx.Param`` kernel); `compress_model` or
-    `from_module` turns the kernel into a `CompressedParam`. Computes ``ltjax.matmul(x, W) + b``
-    with flax's dtype promotion; ``precision`` applies to the matmul.
+    Constructed like ``nnx.Linear`` (a dense ``nnx.Param`` kernel); `compress_model` turns the
+    kernel into a `CompressedParam`. Computes ``ltjax.matmul(x, W) + b`` with flax's dtype
+    promotion; ``precision`` applies to the matmul. On a dense kernel it is ``nnx.Linear``.
 
     Args:
       in_features: the number of input features.
@@ -80,7 +97,10 @@ class CompressedLinear(nnx.Module):
       precision: numerical precision of the computation, see ``jax.lax.Precision``.
       kernel_init: initializer function for the weight matrix.
       bias_init: initializer function for the bias.
+      dot_general: dot product function (dense kernels only: a compressed kernel runs on
+        `ltjax.matmul`, and `compress_model` leaves layers with a custom one dense).
       promote_dtype: promotes ``(inputs, kernel, bias)`` to one dtype.
+      preferred_element_type: the accumulation and result dtype.
       rngs: rng key.
       kernel_metadata: metadata for the kernel variable.
       bias_metadata: metadata for the bias variable.
@@ -104,37 +124,44 @@ class CompressedLinear(nnx.Module):
         precision: Any = None,
         kernel_init=default_kernel_init,
         bias_init=default_bias_init,
+        dot_general=lax.dot_general,
         promote_dtype=nnx_dtypes.promote_dtype,
+        preferred_element_type: Any = None,
         rngs: nnx.Rngs,
         kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
     ):
-        self.kernel = _kernel_var(kernel_init(rngs.params(), (in_features, out_features), param_dtype), kernel_metadata)
-        self.bias = (
-            nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata)
-            if use_bias
-            else nnx.data(None)
-        )
-        self.in_features, self.out_features, self.use_bias = in_features, out_features, use_bias
-        self.dtype, self.param_dtype, self.precision, self.promote_dtype = dtype, param_dtype, precision, promote_dtype
+        self._adopt(nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                               precision=precision, kernel_init=kernel_init, bias_init=bias_init,
+                               dot_general=dot_general, promote_dtype=promote_dtype,
+                               preferred_element_type=preferred_element_type, rngs=rngs,
+                               kernel_metadata=kernel_metadata, bias_metadata=bias_metadata))
 
-    def __call__(self, inputs: Array) -> Array:
+    _ATTRS = ("in_features", "out_features", "use_bias", "dtype", "param_dtype", "precision", "dot_general",
+              "promote_dtype", "preferred_element_type")
+
+    def _adopt(self, m: nnx.Module, kernel: nnx.Variable | None = None) -> None:
+        for a in self._ATTRS:
+            setattr(self, a, getattr(m, a))
+        self.kernel, self.bias = (m.kernel if kernel is None else kernel), nnx.data(m.bias)
+
+    def __call__(self, inputs: Array, out_sharding=None) -> Array:
         kernel, bias = _value(self.kernel), _value(self.bias)
         if not isinstance(kernel, CompressedTensor):
-            inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-            with _layers.matmul_precision(self.precision):
-                y = jnp.matmul(inputs, kernel)
-            return y if bias is None else y + bias
+            return nnx.Linear.__call__(self, inputs, out_sharding)
         where = f"CompressedLinear({self.in_features}, {self.out_features})"
         _layers.check_unbatched(kernel, where)
+        _no_custom_op(self, where)
         if tuple(kernel.shape) != (inputs.shape[-1], self.out_features):
             raise ValueError(
                 f"{where}: compressed kernel shape={kernel.shape} does not match "
                 f"(in_features, out_features)={(inputs.shape[-1], self.out_features)}"
             )
         inputs, stand_in, bias = self.promote_dtype((inputs, _stand_in(kernel), bias), dtype=self.dtype)
+        inputs, dtype = _layers.accumulation(inputs, stand_in.dtype, self.preferred_element_type)
         with jax.named_scope("ltjax.nnx.linear"):
-            return _layers.linear(inputs, kernel, bias, dtype=stand_in.dtype, precision=self.precision)
+            y = _layers.linear(inputs, kernel, bias, dtype=dtype, precision=self.precision)
+        return _layers.out_sharded(y, out_sharding)
 
 
 class CompressedLinearGeneral(nnx.Module):
@@ -142,7 +169,8 @@ class CompressedLinearGeneral(nnx.Module):
 
     The contraction is one `ltjax.matmul` when the kernel is stored as a ``[K, N]`` matmul
     kernel (`compress_model` stores it flattened to ``[prod(in), prod(out)]``); kernels with
-    ``batch_axis`` are decompressed before the contraction (logged once).
+    ``batch_axis`` are decompressed before the contraction (logged once). On a dense kernel it
+    is ``nnx.LinearGeneral``.
 
     Args:
       in_features: int or tuple with number of input features.
@@ -156,6 +184,8 @@ class CompressedLinearGeneral(nnx.Module):
       bias_init: initializer function for the bias.
       precision: numerical precision of the computation, see ``jax.lax.Precision``.
       promote_dtype: promotes ``(inputs, kernel, bias)`` to one dtype.
+      dot_general / dot_general_cls: dense kernels only (as `CompressedLinear`'s ``dot_general``).
+      preferred_element_type: the accumulation and result dtype.
       rngs: rng key.
       kernel_metadata: metadata for the kernel variable.
       bias_metadata: metadata for the bias variable.
@@ -174,7 +204,7 @@ class CompressedLinearGeneral(nnx.Module):
         out_features: int | Sequence[int],
         *,
         axis: int | Sequence[int] = -1,
-        batch_axis: Mapping[int, int] = MappingProxyType({}),
+        batch_axis: Mapping[int, int] = FrozenDict({}),
         use_bias: bool = True,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -182,56 +212,143 @@ class CompressedLinearGeneral(nnx.Module):
         bias_init=default_bias_init,
         precision: Any = None,
         promote_dtype=nnx_dtypes.promote_dtype,
+        dot_general=None,
+        dot_general_cls: Any = None,
+        preferred_element_type: Any = None,
         rngs: nnx.Rngs,
         kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
     ):
-        dense = nnx.LinearGeneral(
-            in_features,
-            out_features,
-            axis=axis,
-            batch_axis=batch_axis,
-            use_bias=use_bias,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=kernel_init,
-            bias_init=bias_init,
-            precision=precision,
-            promote_dtype=promote_dtype,
-            rngs=rngs,
-            kernel_metadata=kernel_metadata,
+        self._adopt(nnx.LinearGeneral(
+            in_features, out_features, axis=axis, batch_axis=batch_axis, use_bias=use_bias, dtype=dtype,
+            param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init, precision=precision,
+            promote_dtype=promote_dtype, dot_general=dot_general, dot_general_cls=dot_general_cls,
+            preferred_element_type=preferred_element_type, rngs=rngs, kernel_metadata=kernel_metadata,
             bias_metadata=bias_metadata,
-        )
-        self._adopt(dense, dense.kernel)
+        ))
 
-    def _adopt(self, m: nnx.LinearGeneral, kernel: nnx.Variable) -> None:
-        self.in_features, self.out_features, self.axis = m.in_features, m.out_features, m.axis
-        self.batch_axis, self.use_bias, self.dtype = m.batch_axis, m.use_bias, m.dtype
-        self.param_dtype, self.precision, self.promote_dtype = m.param_dtype, m.precision, m.promote_dtype
-        self.kernel, self.bias = kernel, nnx.data(m.bias)
+    _ATTRS = ("in_features", "out_features", "axis", "batch_axis", "use_bias", "dtype", "param_dtype", "precision",
+              "promote_dtype", "dot_general", "dot_general_cls", "preferred_element_type")
+    _adopt = CompressedLinear._adopt
 
-    def __call__(self, inputs: Array) -> Array:
+    def __call__(self, inputs: Array, out_sharding=None) -> Array:
         kernel, bias = _value(self.kernel), _value(self.bias)
-        batch_dims = tuple(self.batch_axis.keys())
-        axis = tuple(a % inputs.ndim for a in self.axis)
         if not isinstance(kernel, CompressedTensor):
-            inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-            nb = len(batch_dims)
-            with _layers.matmul_precision(self.precision):
-                y = jax.lax.dot_general(inputs, kernel, ((axis, tuple(range(nb, nb + len(axis)))), (batch_dims, tuple(range(nb)))))
-        else:
-            where = f"CompressedLinearGeneral({self.in_features}, {self.out_features})"
-            _layers.check_unbatched(kernel, where)
-            inputs, stand_in, bias = self.promote_dtype((inputs, _stand_in(kernel), bias), dtype=self.dtype)
-            with jax.named_scope("ltjax.nnx.linear_general"):
-                y = _layers.general_dot(
-                    inputs, kernel, axis=axis, batch_dims=batch_dims, features=self.out_features,
-                    dtype=stand_in.dtype, precision=self.precision, where=where,
-                )
+            return nnx.LinearGeneral.__call__(self, inputs, out_sharding)
+        where = f"CompressedLinearGeneral({self.in_features}, {self.out_features})"
+        _layers.check_unbatched(kernel, where)
+        _no_custom_op(self, where)
+        axis = tuple(a % inputs.ndim for a in self.axis)
+        batch = tuple(a % inputs.ndim for a in self.batch_axis.keys())
+        kernel_shape = tuple(self.batch_axis.values()) + tuple(self.in_features) + tuple(self.out_features)
+        inputs, stand_in, bias = self.promote_dtype((inputs, _stand_in(kernel), bias), dtype=self.dtype)
+        inputs, dtype = _layers.accumulation(inputs, stand_in.dtype, self.preferred_element_type)
+        nb = len(batch)
+        dims = ((axis, tuple(range(nb, nb + len(axis)))), (batch, tuple(range(nb))))
+        with jax.named_scope("ltjax.nnx.linear_general"):
+            y = _layers.general(
+                inputs, kernel, _layers.dense_general_contraction(inputs.ndim, len(kernel_shape), axis, batch),
+                kernel_shape, lambda x, w: lax.dot_general(x, w, dims, preferred_element_type=self.preferred_element_type),
+                dtype=dtype, precision=self.precision, where=where,
+                why=f"batch_axis={dict(self.batch_axis)} makes it a batched product, not one matmul",
+            )
         if bias is not None:
-            expanded = tuple(inputs.shape[a] if a in batch_dims else 1 for a in range(inputs.ndim) if a not in axis)
+            expanded = tuple(inputs.shape[a] if a in batch else 1 for a in range(inputs.ndim) if a not in axis)
             y = y + jnp.reshape(bias, expanded + tuple(self.out_features))
-        return y
+        return _layers.out_sharded(y, out_sharding)
+
+
+class CompressedEinsum(nnx.Module):
+    """``flax.nnx.Einsum`` whose kernel may be a `CompressedTensor`.
+
+    Where the equation is a matmul (every kernel letter either contracted with the input or an
+    output feature), `compress_model` stores the kernel as its ``[K, N]`` matmul kernel (axes
+    transposed to contracted-then-features, flattened; ``kernel_layout`` records how) and the
+    call is one `ltjax.matmul`; other equations decompress the kernel first (logged once). On a
+    dense kernel it is ``nnx.Einsum``.
+
+    Args:
+      einsum_str: the equation ``"input,kernel->output"``.
+      kernel_shape: the shape of the kernel.
+      bias_shape: the shape of the bias (None: no bias).
+      dtype: the dtype of the computation (default: infer from input and params).
+      param_dtype: the dtype passed to parameter initializers (default: float32).
+      precision: numerical precision of the computation, see ``jax.lax.Precision``.
+      kernel_init: initializer function for the weight matrix.
+      bias_init: initializer function for the bias.
+      promote_dtype: promotes ``(inputs, kernel, bias)`` to one dtype.
+      einsum_op: dense kernels only (as `CompressedLinear`'s ``dot_general``).
+      preferred_element_type: the accumulation and result dtype.
+      rngs: rng key.
+      kernel_metadata: metadata for the kernel variable.
+      bias_metadata: metadata for the bias variable.
+
+    >>> import jax, ltjax
+    >>> from flax import nnx
+    >>> layer = ltjax.nnx.CompressedEinsum("btd,dhk->bthk", (128, 4, 32), (4, 32), rngs=nnx.Rngs(0))
+    >>> _ = ltjax.nnx.compress_model(layer, ltjax.Policy(codec="int8"))
+    >>> layer.kernel.get_value().shape, layer(jax.numpy.ones((2, 3, 128))).shape
+    ((128, 128), (2, 3, 4, 32))
+    """
+
+    def __init__(
+        self,
+        einsum_str: str,
+        kernel_shape: Sequence[int],
+        bias_shape: Sequence[int] | None = None,
+        *,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init=default_kernel_init,
+        bias_init=default_bias_init,
+        promote_dtype=nnx_dtypes.promote_dtype,
+        einsum_op=jnp.einsum,
+        preferred_element_type: Any = None,
+        rngs: nnx.Rngs,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    ):
+        self._adopt(nnx.Einsum(
+            einsum_str, kernel_shape, bias_shape, dtype=dtype, param_dtype=param_dtype, precision=precision,
+            kernel_init=kernel_init, bias_init=bias_init, promote_dtype=promote_dtype, einsum_op=einsum_op,
+            preferred_element_type=preferred_element_type, rngs=rngs, kernel_metadata=kernel_metadata,
+            bias_metadata=bias_metadata,
+        ))
+        self.kernel_layout = None
+
+    _ATTRS = ("einsum_str", "kernel_shape", "bias_shape", "dtype", "param_dtype", "precision", "promote_dtype",
+              "einsum_op", "preferred_element_type")
+    _adopt = CompressedLinear._adopt
+    _einsum_str_check = nnx.Einsum._einsum_str_check
+    _infer_broadcasted_bias_shape = nnx.Einsum._infer_broadcasted_bias_shape
+
+    def __call__(self, inputs: Array, einsum_str: str | None = None, out_sharding=None) -> Array:
+        kernel, bias = _value(self.kernel), _value(self.bias)
+        if not isinstance(kernel, CompressedTensor):
+            return nnx.Einsum.__call__(self, inputs, einsum_str, out_sharding)
+        einsum_str = (self.einsum_str if einsum_str is None else einsum_str).replace(" ", "")
+        self._einsum_str_check(einsum_str)
+        where = f"CompressedEinsum({einsum_str!r}, {tuple(self.kernel_shape)})"
+        _layers.check_unbatched(kernel, where)
+        _no_custom_op(self, where)
+        shape = tuple(self.kernel_shape)
+        inputs, stand_in, bias = self.promote_dtype((inputs, _stand_in(kernel), bias), dtype=self.dtype)
+        pet = self.preferred_element_type
+        inputs, dtype = _layers.accumulation(inputs, stand_in.dtype, pet)
+        c, why = _layers.einsum_contraction(einsum_str, inputs.ndim, len(shape))
+        stored = self.kernel_layout
+        if c is not None and stored is not None and c.layout != stored:
+            c, why = None, f"the kernel is stored for {self.einsum_str!r}, not this call's {einsum_str!r}"
+        with jax.named_scope("ltjax.nnx.einsum"):
+            y = _layers.general(
+                inputs, kernel, c, shape, lambda x, w: jnp.einsum(einsum_str, x, w, preferred_element_type=pet),
+                dtype=dtype, precision=self.precision, where=where, why=f"{einsum_str!r} is not one matmul: {why}",
+                layout=stored,
+            )
+        if bias is not None:
+            y = y + jnp.reshape(bias, self._infer_broadcasted_bias_shape(einsum_str, inputs, jax.ShapeDtypeStruct(shape, dtype)))
+        return _layers.out_sharded(y, out_sharding)
 
 
 class CompressedEmbed(nnx.Module):
@@ -289,84 +406,101 @@ class CompressedEmbed(nnx.Module):
                 )
         return table
 
-    def __call__(self, inputs: Array) -> Array:
+    def __call__(self, inputs: Array, out_sharding=None) -> Array:
         table = self._table()
         if not jnp.issubdtype(inputs.dtype, jnp.integer):
             raise ValueError("Input type must be an integer or unsigned integer.")
         if not isinstance(table, CompressedTensor):
-            (table,) = self.promote_dtype((table,), dtype=self.dtype, inexact=False)
-            if self.num_embeddings == 1:
-                return jnp.broadcast_to(table, inputs.shape + (self.features,))
-            return jnp.take(table, inputs, axis=0)
+            return nnx.Embed.__call__(self, inputs, out_sharding)
         (stand_in,) = self.promote_dtype((_stand_in(table),), dtype=self.dtype, inexact=False)
         with jax.named_scope("ltjax.nnx.embed"):
             if self.num_embeddings == 1:
                 row = _layers.take_rows(table, jnp.zeros((), jnp.int32), stand_in.dtype)
-                return jnp.broadcast_to(row, inputs.shape + (self.features,))
-            return _layers.take_rows(table, inputs, stand_in.dtype)
+                y = jnp.broadcast_to(row, inputs.shape + (self.features,))
+            else:
+                y = _layers.take_rows(table, inputs, stand_in.dtype)
+        return _layers.out_sharded(y, out_sharding)
 
-    def attend(self, query: Array) -> Array:
+    def attend(self, query: Array, out_sharding=None) -> Array:
         table = self._table()
         if not isinstance(table, CompressedTensor):
-            query, table = self.promote_dtype((query, table), dtype=self.dtype)
-            return jnp.dot(query, table.T)
+            return nnx.Embed.attend(self, query, out_sharding)
         query, stand_in = self.promote_dtype((query, _stand_in(table)), dtype=self.dtype)
         with jax.named_scope("ltjax.nnx.attend"):
-            return _layers.attend(query, table, dtype=stand_in.dtype)
+            return _layers.out_sharded(_layers.attend(query, table, dtype=stand_in.dtype), out_sharding)
 
 
 # ---------------------------------------------------------------------- graph surgery
-_SOURCES = (nnx.Linear, nnx.LinearGeneral, nnx.Embed, CompressedLinear, CompressedLinearGeneral, CompressedEmbed)
+_TWINS = {
+    nnx.Linear: CompressedLinear,
+    nnx.LinearGeneral: CompressedLinearGeneral,
+    nnx.Einsum: CompressedEinsum,
+    nnx.Embed: CompressedEmbed,
+}
+_SOURCES = tuple(_TWINS) + tuple(_TWINS.values())
+
+
+def _twin(m) -> type:
+    return next(t for s, t in _TWINS.items() if isinstance(m, (s, t)))
 
 
 def _path(keys: tuple) -> str:
     return "/".join(str(k) for k in keys)
 
 
-def _dense_kernel(m) -> tuple[str, Any]:
-    name = "embedding" if isinstance(m, (nnx.Embed, CompressedEmbed)) else "kernel"
-    return name, getattr(m, name)
+def _kernel_name(m) -> str:
+    return "embedding" if _twin(m) is CompressedEmbed else "kernel"
 
 
-def _flat_shape(m) -> tuple[int, int] | None:
-    """The 2-D matmul shape a LinearGeneral kernel is stored in (None: keep it N-D)."""
-    if isinstance(m, (nnx.LinearGeneral, CompressedLinearGeneral)) and not m.batch_axis:
-        k = int(jnp.prod(jnp.array(m.in_features)))
-        return k, int(jnp.prod(jnp.array(m.out_features)))
+def _layout(m) -> _layers.Layout | None:
+    """The ``[K, N]`` matmul layout a kernel is stored in (None: keep its shape)."""
+    twin = _twin(m)
+    if twin is CompressedLinearGeneral and not m.batch_axis:
+        n = len(m.kernel.shape)
+        return _layers.Layout(tuple(range(n)), n - len(m.out_features))
+    if twin is CompressedEinsum:
+        lhs = m.einsum_str.replace(" ", "").split(",")[0]
+        c, _ = _layers.einsum_contraction(m.einsum_str, len(lhs.replace("...", "")), len(m.kernel_shape))
+        if c is not None and c.layout.matmul_shape(m.kernel_shape) != tuple(m.kernel_shape):
+            return c.layout
     return None
 
 
-def _replacement(m, value) -> nnx.Module:
+def _replacement(m, value, layout) -> nnx.Module:
     """A compressed twin of ``m`` sharing its bias and attributes, holding ``value`` as its kernel.
 
     Built with ``nnx.eval_shape`` so no throw-away kernel is allocated.
     """
+    twin = _twin(m)
     var = CompressedParam(value)
-    if isinstance(m, (nnx.Linear, CompressedLinear)):
-        new = nnx.eval_shape(lambda: CompressedLinear(1, 1, rngs=nnx.Rngs(0)))
-        new.kernel, new.bias = var, nnx.data(m.bias)
-        new.in_features, new.out_features, new.use_bias = m.in_features, m.out_features, m.use_bias
-        new.dtype, new.param_dtype, new.precision, new.promote_dtype = m.dtype, m.param_dtype, m.precision, m.promote_dtype
-    elif isinstance(m, (nnx.LinearGeneral, CompressedLinearGeneral)):
-        new = nnx.eval_shape(lambda: CompressedLinearGeneral(1, 1, rngs=nnx.Rngs(0)))
-        new._adopt(m, var)
-    else:
+    if twin is CompressedEmbed:
         new = nnx.eval_shape(lambda: CompressedEmbed(1, 1, rngs=nnx.Rngs(0)))
         new.embedding = var
         new.num_embeddings, new.features, new.dtype = m.num_embeddings, m.features, m.dtype
         new.param_dtype, new.promote_dtype = m.param_dtype, m.promote_dtype
+        return new
+    if twin is CompressedEinsum:
+        new = nnx.eval_shape(lambda: CompressedEinsum("i,ij->j", (1, 1), rngs=nnx.Rngs(0)))
+        new._adopt(m, var)
+        new.kernel_layout = layout
+        return new
+    new = nnx.eval_shape(lambda: twin(1, 1, rngs=nnx.Rngs(0)))
+    new._adopt(m, var)
     return new
 
 
 def compress_model(model: nnx.Module, policy: Policy | None = None) -> CompressionReport:
-    """Compresses the kernels of ``model``'s ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Embed`` in place.
+    """Compresses the kernels of ``model``'s ``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Embed`` in place.
 
-    Each selected layer (found anywhere in the graph, including inside ``nnx.List`` and
-    ``nnx.Sequential``) is replaced by its `CompressedLinear` / `CompressedLinearGeneral` /
-    `CompressedEmbed` twin, which keeps the layer's bias (a trainable ``nnx.Param``) and
-    holds the compressed kernel in a `CompressedParam`. ``LinearGeneral`` kernels without
-    batch axes are stored flattened as ``[prod(in), prod(out)]`` matmul kernels. Layers the
-    policy skips, or whose kernel cannot be compressed, stay as they are.
+    Each selected layer (found anywhere in the graph, including inside ``nnx.List``,
+    ``nnx.Sequential`` and ``nnx.MultiHeadAttention``) is replaced by its `CompressedLinear` /
+    `CompressedLinearGeneral` / `CompressedEinsum` / `CompressedEmbed` twin, which keeps the
+    layer's bias (a trainable ``nnx.Param``) and holds the compressed kernel in a
+    `CompressedParam`. N-D kernels are stored as the ``[K, N]`` matmul kernel their layer
+    contracts (``LinearGeneral`` without batch axes: ``[prod(in), prod(out)]``; an ``Einsum``
+    that is a matmul: transposed to contracted-then-features and flattened), so every call is
+    one `ltjax.matmul`. Layers the policy skips, layers with a custom ``dot_general`` /
+    ``einsum_op``, and kernels that cannot be compressed stay as they are (the report says why).
 
     Args:
       model: the nnx model, modified in place.
@@ -380,37 +514,43 @@ def compress_model(model: nnx.Module, policy: Policy | None = None) -> Compressi
     found = [(keys, node) for keys, node in nnx.iter_graph(model) if isinstance(node, _SOURCES) and keys]
     if isinstance(model, _SOURCES):
         found.append(((), model))
-    kernels = {}
+    kernels, layouts, held = {}, {}, []
     for keys, m in found:
-        name, var = _dense_kernel(m)
-        value = var.get_value()
-        if isinstance(value, CompressedTensor):
-            kernels[_path(keys + (name,))] = value
+        path = _path(keys + (_kernel_name(m),))
+        value = getattr(m, _kernel_name(m)).get_value()
+        if not isinstance(value, CompressedTensor) and _custom_op(m):
+            nb = int(value.nbytes)
+            held.append(LeafReport(path, tuple(value.shape), str(value.dtype), "dense", nb, nb, None, _custom_op(m)))
             continue
-        flat = _flat_shape(m)
-        kernels[_path(keys + (name,))] = value.reshape(flat) if flat else value
+        layout = None if isinstance(value, CompressedTensor) else _layout(m)
+        layouts[path] = layout
+        kernels[path] = value if layout is None else layout.to_matmul(np.asarray(value))
     compressed, report = compress_tree(kernels, policy, return_report=True)
     for keys, m in found:
-        value = compressed[_path(keys + (_dense_kernel(m)[0],))]
+        path = _path(keys + (_kernel_name(m),))
+        value = compressed.get(path)
         if not isinstance(value, CompressedTensor):
             continue
         if not keys:  # the model itself is the layer: only our own classes can take the kernel in place
-            if not isinstance(model, (CompressedLinear, CompressedLinearGeneral, CompressedEmbed)):
+            if not isinstance(model, tuple(_TWINS.values())):
                 raise ValueError(
                     f"compress_model cannot replace the root module itself ({type(model).__name__}); "
-                    "use CompressedLinear / CompressedLinearGeneral / CompressedEmbed, or a container around it"
+                    "use CompressedLinear / CompressedLinearGeneral / CompressedEinsum / CompressedEmbed, or a "
+                    "container around it"
                 )
-            setattr(model, _dense_kernel(model)[0], CompressedParam(value))
+            setattr(model, _kernel_name(model), CompressedParam(value))
+            if isinstance(model, CompressedEinsum) and layouts[path] is not None:
+                model.kernel_layout = layouts[path]
             continue
         parent = model
         for k in keys[:-1]:
             parent = parent[k] if isinstance(k, int) else getattr(parent, k)
-        new = _replacement(m, value)
+        new = _replacement(m, value, layouts[path])
         if isinstance(keys[-1], int):
             parent[keys[-1]] = new
         else:
             setattr(parent, keys[-1], new)
-    return report
+    return CompressionReport(report.leaves + tuple(held), report.unmatched_skip) if held else report
 
 
 def index_rows(model: nnx.Module) -> nnx.Module:
