@@ -26,6 +26,7 @@ from ltjax._format import (
     _dtype_name,
     _nonzero_bits,
 )
+from ltjax._progress import Progress, leaf_nbytes
 
 log = logging.getLogger("ltjax")
 
@@ -63,13 +64,34 @@ class TensorStats:
         return next(c for c in self.codecs if c.codec == codec)
 
     def best(self, error_budget: float | None = None, codecs: Iterable[str] = CODECS) -> CodecEstimate:
-        """The smallest allowed codec within the budget; `raw` when nothing saves space."""
+        """The smallest allowed codec within the budget (``None``: 0, lossless); `raw` when none
+        saves space (`why_raw` says why)."""
         budget = 0.0 if error_budget is None else float(error_budget)
-        ok = [c for c in self.codecs if c.codec in tuple(codecs) and c.rel_error <= budget]
+        codecs = _codec_tuple(codecs, "codecs")
+        ok = [c for c in self.codecs if c.codec in codecs and c.rel_error <= budget]
         ok = [c for c in ok if c.nbytes < self.dense_nbytes]
         if not ok:
             return self.estimate("raw")
         return min(ok, key=lambda c: (c.nbytes, CODECS.index(c.codec)))
+
+    def why_raw(self, error_budget: float | None = None, codecs: Iterable[str] = CODECS) -> str:
+        """Why `best` (same arguments) keeps this tensor ``raw``; ``""`` when it does not."""
+        if self.best(error_budget, codecs).codec != "raw":
+            return ""
+        codecs = _codec_tuple(codecs, "codecs")
+        allowed = [c for c in self.codecs if c.codec in codecs and c.codec != "raw"]
+        if not allowed:
+            return f"codecs={codecs} allow no compressing codec"
+        saving = [c for c in allowed if c.nbytes < self.dense_nbytes]
+        if not saving:
+            return "no allowed codec saves space (" + ", ".join(f"{c.codec} {c.ratio:.2f}x" for c in allowed) + ")"
+        # some codec saves space, so the budget excluded every one that does: name the smallest
+        c = min(saving, key=lambda c: (c.nbytes, CODECS.index(c.codec)))
+        budget = "0 (lossless by default)" if error_budget is None else f"{float(error_budget):g}"
+        return (
+            f"{c.codec} would save {c.ratio:.2f}x at rel err {c.rel_error:.1e} > error_budget {budget}: "
+            f"set error_budget= or codec={c.codec!r}"
+        )
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -161,20 +183,26 @@ class AnalysisReport:
         )
 
 
-def analyze(tree: Any, *, error_budget: float | None = None, tile=None) -> AnalysisReport:
-    """Analyzes an array or every float leaf of a pytree (e.g. Flax params)."""
+def analyze(tree: Any, *, error_budget: float | None = None, tile=None, progress: bool | None = None) -> AnalysisReport:
+    """Analyzes an array or every float leaf of a pytree (e.g. Flax params).
+
+    ``progress``: a bar on stderr over the leaves (bytes, current path): ``None`` (default)
+    only on a terminal and for more than a few leaves or MiB, ``True`` always, ``False`` never.
+    """
     if _is_array(tree):
         return AnalysisReport((analyze_array(tree, tile=tile),), error_budget=error_budget)
     stats, skipped = [], []
-    for path, leaf in tree_leaves_with_paths(tree):
-        if isinstance(leaf, CompressedTensor):
-            skipped.append((path, f"already compressed ({leaf.codec})"))
-            continue
-        why = _unsupported(leaf)
-        if why:
-            skipped.append((path, why))
-            continue
-        stats.append(analyze_array(leaf, name=path, tile=tile))
+    flat = tree_leaves_with_paths(tree)
+    with Progress("ltjax.analyze", sum(leaf_nbytes(l) for _, l in flat), len(flat), progress) as bar:
+        for path, leaf in flat:
+            bar.at(path)
+            if isinstance(leaf, CompressedTensor):
+                skipped.append((path, f"already compressed ({leaf.codec})"))
+            elif why := _unsupported(leaf):
+                skipped.append((path, why))
+            else:
+                stats.append(analyze_array(leaf, name=path, tile=tile))
+            bar.step(leaf_nbytes(leaf))
     return AnalysisReport(tuple(stats), tuple(skipped), error_budget)
 
 
@@ -194,14 +222,16 @@ def compress(
     Args:
       x: a float32 / bfloat16 / float16 array (numpy or jax), any shape.
       codec: one of `ltjax.CODECS`, or ``"auto"``: the smallest of ``codecs`` whose relative
-        error ‖x − decoded‖/‖x‖ is within ``error_budget`` (``None`` → lossless only), and
-        ``raw`` when nothing saves space.
+        error ‖x − decoded‖/‖x‖ is within ``error_budget``, and ``raw`` when nothing saves space.
       error_budget: the relative error ``auto`` may spend; ignored for an explicit codec.
+        ``None``: lossless only (0), unless every codec in ``codecs`` other than ``raw`` is
+        lossy (e.g. ``codecs=("int8",)``): naming only lossy codecs means "use them", so
+        ``auto`` then chooses among them with no error limit.
       tile: tile geometry: elements per tile (default 65536) or ``(rows, cols)`` of the
         storage matrix.
       axis: the channel axis (one int8 scale per channel); default: the last axis of an N-D
         tensor (a flax Dense kernel's output axis), one channel for 0-D and 1-D tensors.
-      codecs: the codecs ``auto`` may choose from.
+      codecs: the codecs ``auto`` may choose from (one name or a sequence of names).
       name: used in error messages.
 
     >>> import numpy as np, ltjax
@@ -210,11 +240,8 @@ def compress(
     ('bitmask', (64, 64))
     """
     if codec == "auto":
-        bad = [c for c in codecs if c not in CODECS]
-        if bad:
-            raise ValueError(f"unknown codecs {bad}; choose from {CODECS}")
-        if error_budget is not None and not error_budget >= 0:
-            raise ValueError(f"{error_budget=} must be >= 0")
+        codecs = _codec_tuple(codecs, "codecs")
+        error_budget = _budget(error_budget, codecs, "error_budget")
         codec = analyze_array(x, name=name, tile=tile, axis=axis).best(error_budget, codecs).codec
     elif codec not in CODECS:
         raise ValueError(f"{codec=} is not a codec; choose 'auto' or one of {CODECS}")
@@ -228,8 +255,11 @@ class Policy:
 
     Attributes:
       codec: ``"auto"`` or one codec for every selected leaf.
-      codecs: the codecs ``auto`` may choose from.
-      error_budget: relative error ``auto`` may spend per tensor (``None``: lossless).
+      codecs: the codecs ``auto`` may choose from (one name or a sequence of names).
+      error_budget: relative error ``auto`` may spend per tensor. ``None``: lossless (0), unless
+        every codec in ``codecs`` other than ``raw`` is lossy (e.g. ``codecs=("int8",)``):
+        naming only lossy codecs means "use them", so the policy then holds
+        ``error_budget=math.inf`` and ``auto`` chooses among them with no error limit.
       min_size: leaves with fewer elements stay dense.
       min_ndim: leaves of lower rank stay dense (biases, norm scales).
       skip: glob patterns on the ``a/b/kernel`` path of leaves to keep dense.
@@ -250,9 +280,8 @@ class Policy:
     def __post_init__(self):
         if self.codec != "auto" and self.codec not in CODECS:
             raise ValueError(f"Policy codec={self.codec!r} is not 'auto' or one of {CODECS}")
-        bad = [c for c in self.codecs if c not in CODECS]
-        if bad:
-            raise ValueError(f"Policy codecs={self.codecs} has unknown codecs {bad}")
+        object.__setattr__(self, "codecs", _codec_tuple(self.codecs, "Policy codecs"))
+        object.__setattr__(self, "error_budget", _budget(self.error_budget, self.codecs, "Policy error_budget"))
         if isinstance(self.skip, str):
             object.__setattr__(self, "skip", (self.skip,))
 
@@ -327,54 +356,25 @@ class CompressionReport:
         )
 
 
-def compress_tree(tree: Any, policy: Policy | None = None, *, return_report: bool = False):
+def compress_tree(tree: Any, policy: Policy | None = None, *, return_report: bool = False, progress: bool | None = None):
     """Compresses every leaf of ``tree`` that ``policy`` selects; the rest stays as it is.
 
     Returns the tree with `CompressedTensor` leaves (same structure), or ``(tree, report)``
-    with ``return_report=True``. Skip patterns that match no leaf are reported (and logged),
-    never silently ignored.
+    with ``return_report=True``; each leaf left dense has its reason in the report. Skip
+    patterns that match no leaf are reported (and logged), never silently ignored.
+    ``progress``: a bar on stderr over the leaves (bytes, current path): ``None`` (default)
+    only on a terminal and for more than a few leaves or MiB, ``True`` always, ``False`` never.
     """
     policy = Policy() if policy is None else policy
     paths_leaves = tree_leaves_with_paths(tree)
-    used = set()
-    new_leaves, reports = [], []
-    for path, leaf in paths_leaves:
-        skip_hit = [p for p in policy.skip if fnmatch.fnmatchcase(path, p)]
-        used.update(skip_hit)
-        if isinstance(leaf, CompressedTensor):
-            new_leaves.append(leaf)
-            reports.append(LeafReport(path, leaf.shape, leaf.header.dtype, leaf.codec, leaf.dense_nbytes, leaf.nbytes, None, "already compressed"))
-            continue
-        why = _unsupported(leaf)
-        shape = tuple(getattr(leaf, "shape", ()))
-        dtype = str(getattr(leaf, "dtype", type(leaf).__name__))
-        nb = int(getattr(leaf, "nbytes", 0) or 0)
-        if not why and skip_hit:
-            why = f"skipped by pattern {skip_hit[0]!r}"
-        if not why and math.prod(shape) < policy.min_size:
-            why = f"size {math.prod(shape)} < min_size {policy.min_size}"
-        if not why and len(shape) < policy.min_ndim:
-            why = f"ndim {len(shape)} < min_ndim {policy.min_ndim}"
-        if why:
-            new_leaves.append(leaf)
-            reports.append(LeafReport(path, shape, dtype, "dense", nb, nb, None, why))
-            continue
-        axis = policy.axis_for(path)
-        if policy.codec == "auto":
-            stats = analyze_array(leaf, name=path, tile=policy.tile, axis=axis)
-            codec = stats.best(policy.error_budget, policy.codecs).codec
-            err = stats.estimate(codec).rel_error
-            if codec == "raw":  # nothing saves space: the plain array is smaller and faster
-                new_leaves.append(leaf)
-                reports.append(LeafReport(path, shape, dtype, "dense", nb, nb, None, "no allowed codec saves space"))
-                continue
-        else:
-            codec, err = policy.codec, None
-        ct = pack(leaf, codec, tile=policy.tile, axis=axis, name=path)
-        if err is None:
-            err = _measured_error(leaf, ct)
-        new_leaves.append(ct)
-        reports.append(LeafReport(path, shape, ct.header.dtype, codec, ct.dense_nbytes, ct.nbytes, err))
+    with Progress("ltjax.compress_tree", sum(leaf_nbytes(l) for _, l in paths_leaves), len(paths_leaves), progress) as bar:
+        new_leaves, reports, used = [], [], set()
+        for path, leaf in paths_leaves:
+            bar.at(path)
+            leaf_out, rep = _compress_leaf(path, leaf, policy, used)
+            new_leaves.append(leaf_out)
+            reports.append(rep)
+            bar.step(leaf_nbytes(leaf))
     unmatched = tuple(p for p in policy.skip if p not in used)
     if unmatched:
         log.warning("ltjax.compress_tree: skip patterns matched no leaf: %s", ", ".join(unmatched))
@@ -382,6 +382,39 @@ def compress_tree(tree: Any, policy: Policy | None = None, *, return_report: boo
     out = jax.tree_util.tree_unflatten(treedef, new_leaves)
     report = CompressionReport(tuple(reports), unmatched)
     return (out, report) if return_report else out
+
+
+def _compress_leaf(path: str, leaf: Any, policy: Policy, used: set) -> tuple[Any, LeafReport]:
+    """One leaf of `compress_tree`: (the leaf to keep, its report line); adds skip hits to ``used``."""
+    skip_hit = [p for p in policy.skip if fnmatch.fnmatchcase(path, p)]
+    used.update(skip_hit)
+    if isinstance(leaf, CompressedTensor):
+        return leaf, LeafReport(path, leaf.shape, leaf.header.dtype, leaf.codec, leaf.dense_nbytes, leaf.nbytes, None, "already compressed")
+    why = _unsupported(leaf)
+    shape = tuple(getattr(leaf, "shape", ()))
+    dtype = str(getattr(leaf, "dtype", type(leaf).__name__))
+    nb = int(getattr(leaf, "nbytes", 0) or 0)
+    if not why and skip_hit:
+        why = f"skipped by pattern {skip_hit[0]!r}"
+    if not why and math.prod(shape) < policy.min_size:
+        why = f"size {math.prod(shape)} < min_size {policy.min_size}"
+    if not why and len(shape) < policy.min_ndim:
+        why = f"ndim {len(shape)} < min_ndim {policy.min_ndim}"
+    if why:
+        return leaf, LeafReport(path, shape, dtype, "dense", nb, nb, None, why)
+    axis = policy.axis_for(path)
+    if policy.codec == "auto":
+        stats = analyze_array(leaf, name=path, tile=policy.tile, axis=axis)
+        codec = stats.best(policy.error_budget, policy.codecs).codec
+        err = stats.estimate(codec).rel_error
+        if codec == "raw":  # raw saves nothing: the plain array is as small and faster
+            return leaf, LeafReport(path, shape, dtype, "dense", nb, nb, None, stats.why_raw(policy.error_budget, policy.codecs))
+    else:
+        codec, err = policy.codec, None
+    ct = pack(leaf, codec, tile=policy.tile, axis=axis, name=path)
+    if err is None:
+        err = _measured_error(leaf, ct)
+    return ct, LeafReport(path, shape, ct.header.dtype, codec, ct.dense_nbytes, ct.nbytes, err)
 
 
 def tree_report(tree: Any) -> CompressionReport:
@@ -404,6 +437,31 @@ def _measured_error(x: Any, ct: CompressedTensor) -> float:
 
 
 # ---------------------------------------------------------------------- helpers
+def _codec_tuple(codecs: Any, what: str) -> tuple[str, ...]:
+    """``codecs`` as a tuple of known codec names (one name counts as one codec)."""
+    codecs = (codecs,) if isinstance(codecs, str) else tuple(codecs)
+    bad = [c for c in codecs if c not in CODECS]
+    if bad:
+        raise ValueError(f"{what}={codecs} has unknown codecs {bad}; choose from {CODECS}")
+    return codecs
+
+
+def _budget(error_budget: float | None, codecs: tuple[str, ...], what: str) -> float | None:
+    """The error budget `auto` works with: ``None`` (lossless) unless only lossy codecs are named."""
+    if error_budget is None:
+        named = [c for c in codecs if c != "raw"]
+        if named and not any(c in LOSSLESS_CODECS for c in named):
+            return math.inf  # the user named only lossy codecs: use them
+        return None
+    try:
+        ok = not isinstance(error_budget, (str, bytes)) and float(error_budget) >= 0  # NaN fails too
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{what}={error_budget!r} must be >= 0 (a relative error; None: lossless)")
+    return float(error_budget)
+
+
 def _is_ct(x: Any) -> bool:
     return isinstance(x, CompressedTensor)
 

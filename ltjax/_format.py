@@ -128,9 +128,11 @@ class CompressedTensor:
       * ``codec`` is one of ``raw``, ``int8``, ``bitmask``, ``bitmask_int8`` and exactly the
         arrays of that codec are set (module docstring), with the shapes and dtypes listed there.
       * ``int8``: ``decompress(ct) == (codes * scales[:, None]).astype(dtype)`` in storage
-        order, ``|codes| <= 127``; ``scales >= 0`` (a zero scale means an all-zero channel).
-      * bitmask codecs: ``offsets[t] == sum(popcount(mask words of tile u) for u < t)`` and
-        ``len(values or codes) == total popcount``; decoding is exact for ``bitmask``.
+        order, ``|codes| <= 127``; ``scales >= 0`` at pack time (a zero scale means an all-zero channel).
+      * bitmask codecs: ``offsets[t] == sum(popcount(mask words of tile u) for u < t)``,
+        ``len(values or codes) == total popcount`` and the mask's padding bits (beyond column
+        ``R`` of each row) are zero; decoding is exact for ``bitmask``.
+      * ``scales`` are finite.
       * ``checksums[t]`` is the CRC32C of tile ``t`` (`tile_checksums`); it is computed at
         pack time and checked by `ltjax.load` / `verify` before data reaches a device.
       * ``row_starts`` (bitmask codecs, optional, not part of the format): int32 ``[C * T_c]``,
@@ -238,8 +240,35 @@ class CompressedTensor:
             f"axis={self.header.axis}, tile={self.tile}, nbytes={self.nbytes}, ratio={self.ratio:.2f}x)"
         )
 
-    def validate(self) -> None:
-        """Checks shapes and dtypes of the arrays against the header (not the checksums)."""
+    def validate(self, *, checksums: bool = False, name: str = "tensor") -> None:
+        """Checks that the tensor holds what the format promises; raises `LTFormatError` naming what is wrong.
+
+        Always (also on traced arrays, since it reads only shapes): the header, and the shapes and
+        dtypes of the codec's arrays (and of ``row_starts`` where set). Then, on concrete arrays
+        (numpy or committed jax arrays; vectorised numpy on the host, every layer of a stacked
+        tensor at once):
+
+        * bitmask codecs: the mask's padding bits beyond each storage row are zero; ``offsets``
+          is the exclusive prefix sum of the tiles' mask popcounts; the packed ``values`` /
+          ``codes`` hold exactly the mask's total popcount; a ``row_starts`` index agrees with
+          the mask and offsets.
+        * int8 codecs: ``scales`` are finite and no code is ``-128`` (codes are symmetric).
+        * with ``checksums=True``, first: every tile's CRC32C (`tile_checksums`; a mismatch
+          raises `ChecksumError` naming the tensor and the tile).
+
+        Called on traced arrays (inside ``jit`` / ``vmap`` / ``grad``) it raises ``ValueError``
+        after the shape checks: the contents are not known there; validate before tracing.
+
+        Which entry points run it: `ltjax.load`, `ltjax.verify` and the CLI's readers run
+        ``validate(checksums=True)`` on every tensor before anything reaches a device;
+        `ltjax.save` runs ``validate()`` before writing (it recomputes the checksums);
+        `ltjax.shard` runs ``validate()`` on its input. `ltjax.compress` / `compress_tree`
+        results are valid by construction (packed and checksummed once, on the host).
+
+        Args:
+          checksums: also recompute and compare every tile's CRC32C.
+          name: the tensor's name in error messages (e.g. its tree path).
+        """
         validate_arrays(self.header, self.arrays())
         if self.row_starts is not None:
             h = self.header
@@ -249,6 +278,116 @@ class CompressedTensor:
                 raise LTFormatError(
                     f"row_starts must be int32 {list(want)} (storage rows x tile columns) of a bitmask codec; got "
                     f"{np.dtype(self.row_starts.dtype)} {list(got)} for codec {h.codec!r}")
+        if not is_concrete(self):
+            raise ValueError(
+                f"CompressedTensor.validate() on tensor {name!r}: its arrays are traced (inside jit/vmap/grad), so "
+                "only their shapes and dtypes could be checked; call validate() on the concrete tensor before tracing")
+        if checksums:
+            verify_checksums(self, name=name)
+        _check_contents(self, name)
+
+
+def is_concrete(ct: CompressedTensor) -> bool:
+    """Whether every array of ``ct`` holds values (numpy or jax arrays, no tracers)."""
+    return not any(isinstance(a, jax.core.Tracer) for a in ct.leaves().values())
+
+
+def _popcount32(a: np.ndarray) -> np.ndarray:
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return np.bitwise_count(a)
+    return _POPCOUNT8[a.view(np.uint8)].reshape(a.shape + (4,)).sum(axis=-1, dtype=np.uint8)
+
+
+_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
+def _mask_counts(header: Header, mask: np.ndarray) -> np.ndarray:
+    """Set bits of a mask ``[..., C, W]`` per storage row and tile column: int64 ``[..., C, T_c]``."""
+    gc, tc = header.tile_grid[1], header.tile[1]
+    cnt = _popcount32(mask).astype(np.int64)
+    if gc == 1:  # one tile column: every word of the row
+        return cnt.sum(axis=-1, keepdims=True)
+    wpt = tc // 32  # several tile columns: tc % 32 == 0, so no word straddles two tiles
+    pad = gc * wpt - cnt.shape[-1]
+    cnt = np.concatenate([cnt, np.zeros(cnt.shape[:-1] + (pad,), np.int64)], axis=-1) if pad else cnt
+    return cnt.reshape(cnt.shape[:-1] + (gc, wpt)).sum(axis=-1)
+
+
+def _check_contents(ct: CompressedTensor, name: str) -> None:
+    """The value checks of `CompressedTensor.validate` (concrete arrays; shapes already checked)."""
+    h = ct.header
+    stack = ct.stack_shape
+    where = lambda s: f"tensor {name!r}" + (f" (layer {', '.join(map(str, s))} of the stack {stack})" if stack else "")
+    first = lambda bad: np.unravel_index(int(np.flatnonzero(bad)[0]), bad.shape)
+    if ct.scales is not None:
+        sc = np.asarray(ct.scales)
+        bad = ~np.isfinite(sc)
+        if bad.any():
+            i = first(bad)
+            raise LTFormatError(
+                f"{where(i[:-1])}: scales[{i[-1]}] = {sc[i]} is not finite ({int(bad.sum())} non-finite scale(s))")
+    if h.codec in ("int8", "bitmask_int8"):
+        codes = np.asarray(ct.codes)
+        if codes.size and int(codes.min()) == -128:
+            i = first(codes == -128)
+            raise LTFormatError(
+                f"{where(i[: len(stack)])}: codes[{', '.join(map(str, i[len(stack):]))}] = -128; int8 codes are "
+                "symmetric (|code| <= 127), so this tensor was not written by ltjax.compress or is damaged")
+    if h.codec not in ("bitmask", "bitmask_int8"):
+        return
+    (c, r), (tr, tc) = h.storage_shape, h.tile
+    gr, gc = h.tile_grid
+    mask = np.asarray(ct.mask)
+    if r % 32 and mask.size:
+        extra = mask[..., -1] >> np.uint32(r % 32)  # bits beyond column r of the last word of each row
+        if extra.any():
+            i = first(extra != 0)
+            raise LTFormatError(
+                f"{where(i[:-1])}: mask row {i[-1]} has bits set beyond its {r} columns (padding bits of word "
+                f"{h.mask_words - 1} must be zero; {int((extra != 0).sum())} row(s) affected)")
+    rows = _mask_counts(h, mask)  # [..., C, T_c]
+    pad = gr * tr - c
+    if pad:
+        rows_p = np.concatenate([rows, np.zeros(rows.shape[:-2] + (pad, gc), np.int64)], axis=-2)
+    else:
+        rows_p = rows
+    rows_p = rows_p.reshape(stack + (gr, tr, gc))
+    counts = rows_p.sum(axis=-2).reshape(stack + (gr * gc,))  # per tile, row-major over the tile grid
+    want = np.cumsum(counts, axis=-1) - counts
+    offsets = np.asarray(ct.offsets).astype(np.int64)
+    bad = offsets != want
+    if bad.any():
+        i = first(bad)
+        t = int(i[-1])
+        prev = f"the {t} tile(s) before it hold {int(want[i])} set mask bits" if t else "it is the first tile"
+        raise LTFormatError(
+            f"{where(i[:-1])}: offsets[{t}] (tile {t} of {h.num_tiles}) = {int(offsets[i])}, expected {int(want[i])} "
+            f"({prev}): offsets must be the exclusive prefix sum of the tiles' mask popcounts "
+            f"({int(bad.sum())} tile offset(s) wrong)")
+    packed_name = "values" if h.codec == "bitmask" else "codes"
+    n_packed = int(getattr(ct, packed_name).shape[len(stack)])
+    total = counts.sum(axis=-1)
+    bad = total != n_packed
+    if bad.any():
+        i = first(bad) if stack else ()
+        tot = int(total[i]) if stack else int(total)
+        raise LTFormatError(
+            f"{where(i)}: the packed {packed_name} hold {n_packed} entries but the mask has {tot} set bits "
+            "(one packed entry per set bit)")
+    if ct.row_starts is not None:
+        rs = np.asarray(ct.row_starts).astype(np.int64)
+        starts = offsets.reshape(stack + (gr, 1, gc)) + np.cumsum(rows_p, axis=-2) - rows_p
+        starts = starts.reshape(stack + (gr * tr, gc))[..., :c, :].reshape(stack + (c * gc,))
+        if rs.shape != starts.shape:
+            raise LTFormatError(f"{where(())}: row_starts has shape {list(rs.shape)}, expected {list(starts.shape)}")
+        bad = rs != starts
+        if bad.any():
+            i = first(bad)
+            row, col = divmod(int(i[-1]), gc)
+            raise LTFormatError(
+                f"{where(i[:-1])}: row_starts[{int(i[-1])}] (row {row}, tile column {col}) = {int(rs[i])}, expected "
+                f"{int(starts[i])} from the mask and offsets: a stale index (drop it with "
+                "dataclasses.replace(ct, row_starts=None), then ltjax.index_rows again)")
 
 
 # ---------------------------------------------------------------------- geometry
@@ -517,7 +656,11 @@ def tile_checksums(header: Header, arrays: dict[str, Any]) -> np.ndarray:
 
 
 def verify_checksums(ct: CompressedTensor, name: str = "tensor") -> None:
-    """Raises `ChecksumError` naming the first damaged tile of ``ct`` (host arrays)."""
+    """Raises `ChecksumError` naming the first damaged tile of ``ct`` (host arrays).
+
+    Only the CRC32Cs; `CompressedTensor.validate` (``checksums=True``) runs this and the
+    checks of what the arrays hold (offsets, popcounts, scales).
+    """
     if ct.stack_shape:
         for idx, layer in zip(np.ndindex(*ct.stack_shape), ct.unstack()):
             verify_checksums(layer, name=f"{name}[{', '.join(map(str, idx))}]")
@@ -533,13 +676,6 @@ def verify_checksums(ct: CompressedTensor, name: str = "tensor") -> None:
             tensor=name,
             tile=t,
         )
-    if ct.codec in ("bitmask", "bitmask_int8"):
-        # Offsets must be the prefix sums the mask implies, or decoding reads the wrong values.
-        counts = _tile_order(np.unpackbits(arrays["mask"].view(np.uint8), axis=1, bitorder="little")[
-            :, : ct.header.storage_shape[1]].astype(bool), ct.header.tile).sum(axis=1)
-        want = np.cumsum(counts) - counts
-        if not np.array_equal(want, arrays["offsets"]) or counts.sum() != ct.nnz:
-            raise ChecksumError(f"tensor {name!r}: tile offsets disagree with the mask", tensor=name)
 
 
 # ---------------------------------------------------------------------- jnp reference decoder

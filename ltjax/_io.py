@@ -11,8 +11,9 @@ File layout (a valid safetensors file, readable by any safetensors reader):
   flipped byte anywhere in the header is caught too.
 
 `load` reads everything on the host, checks the length, the header CRC, the format version,
-every array's shape and dtype and every tile's checksum, and only then moves arrays to a
-device. `save` writes a temporary file beside the target, fsyncs it and renames it over the
+every array's shape and dtype, every tile's checksum and what the arrays hold
+(`CompressedTensor.validate`), and only then moves arrays to a device. `save` writes a
+temporary file beside the target, fsyncs it and renames it over the
 target: a failed save leaves the target as it was.
 """
 
@@ -31,7 +32,8 @@ import ml_dtypes
 import numpy as np
 
 from ltjax._errors import ChecksumError, LTFormatError
-from ltjax._format import FORMAT_VERSION, CompressedTensor, Header, tile_checksums, validate_arrays, verify_checksums
+from ltjax._format import FORMAT_VERSION, CompressedTensor, Header, tile_checksums, validate_arrays
+from ltjax._progress import Progress, leaf_nbytes
 
 HEADER_CRC_NAME = "__ltjax_header_crc__"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -103,10 +105,12 @@ def _st_dtype(a: np.ndarray) -> str:
         raise ValueError(f"dtype {a.dtype} cannot be stored in a safetensors container") from None
 
 
-def _encode(tree: Any) -> tuple[bytes, list[np.ndarray]]:
+def _encode(tree: Any, bar: Progress | None = None) -> tuple[bytes, list[np.ndarray]]:
     """The full header bytes and the arrays, in file order (validation happens here, before any I/O)."""
     leaves: list = []
     skeleton = _skeleton(tree, leaves, "")
+    if bar is None:
+        bar = Progress("", 0, 0, False)
     entries, arrays, names = [], [], set()
 
     def add(name: str, a: np.ndarray) -> str:
@@ -119,7 +123,8 @@ def _encode(tree: Any) -> tuple[bytes, list[np.ndarray]]:
     for path, leaf in leaves:
         if isinstance(leaf, CompressedTensor):
             host = {k: np.asarray(v) for k, v in leaf.arrays().items()}
-            validate_arrays(leaf.header, host)
+            # what load will check, minus the checksums (recomputed below); row_starts is not saved
+            CompressedTensor(header=leaf.header, **host).validate(name=path)
             stack = leaf.stack_shape
             # checksums of the bytes written, layer by layer for a stacked tensor
             host["checksums"] = np.stack(
@@ -134,12 +139,14 @@ def _encode(tree: Any) -> tuple[bytes, list[np.ndarray]]:
                     "arrays": {f: add(f"{path}::{f}", a) for f, a in host.items()},
                 }
             )
+            bar.step(leaf_nbytes(leaf), path)
         else:
             a = np.asarray(leaf)
             _st_dtype(a)
             entries.append(
                 {"path": path, "kind": "array", "name": add(path or "<root>", a), "crc": _crc32c.crc32c(np.ascontiguousarray(a).tobytes())}
             )
+            bar.step(a.nbytes, path)
     meta = {"version": FORMAT_VERSION, "tree": skeleton, "leaves": entries}
     return meta, arrays
 
@@ -156,14 +163,29 @@ def _header_bytes(meta: dict, arrays: list[tuple[str, np.ndarray]]) -> bytes:
     return raw + b" " * (-len(raw) % 8)
 
 
-def save(path: str | os.PathLike, tree: Any) -> None:
+def save(path: str | os.PathLike, tree: Any, *, progress: bool | None = None) -> None:
     """Writes a tree of arrays and `CompressedTensor`s to ``path``, atomically.
 
     The checksums written are those of the bytes written (recomputed here, so a tree whose
-    float leaves were fine-tuned saves consistently). On any error the target is untouched.
+    float leaves were fine-tuned saves consistently). Every compressed tensor must pass
+    `CompressedTensor.validate` first (what `load` checks), so no file is written that `load`
+    would refuse. On any error the target is untouched.
+
+    Args:
+      progress: a progress bar on stderr (checksums, then writing): ``None`` (default) only on a
+        terminal and for more than a few leaves or MiB, ``True`` always, ``False`` never.
     """
     path = os.fspath(path)
-    meta, arrays = _encode(tree)
+    leaves: list = []
+    _skeleton(tree, leaves, "")
+    total = sum(leaf_nbytes(l) for _, l in leaves)
+    with Progress("ltjax.save: checksums", 2 * total, len(leaves), progress) as bar:
+        meta, arrays = _encode(tree, bar)
+        bar.phase("ltjax.save: writing")
+        _write(path, meta, arrays, bar)
+
+
+def _write(path: str, meta: dict, arrays: list[tuple[str, np.ndarray]], bar: Progress) -> None:
     header = _header_bytes(meta, arrays)
     crc = np.array([_crc32c.crc32c(header)], dtype=np.uint32)
     directory = os.path.dirname(os.path.abspath(path))
@@ -173,8 +195,9 @@ def save(path: str | os.PathLike, tree: Any) -> None:
             f.write(struct.pack("<Q", len(header)))
             f.write(header)
             f.write(crc.tobytes())
-            for _, a in arrays:
+            for name, a in arrays:
                 f.write(memoryview(a.reshape(-1).view(np.uint8)))
+                bar.step(a.nbytes, name.split("::")[0])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -249,9 +272,11 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     return arrays, {str(k): str(v) for k, v in meta.items()}, header_bytes
 
 
-def _read(path: str | os.PathLike) -> tuple[Any, list[tuple[str, Any]]]:
+def _read(path: str | os.PathLike, bar: Progress | None = None) -> tuple[Any, list[tuple[str, Any]]]:
     """Reads and fully verifies an ltjax file; returns (skeleton, [(path, host leaf)])."""
     path = os.fspath(path)
+    if bar is None:
+        bar = Progress("", 0, 0, False)
     arrays, meta, header_bytes = read_safetensors(path)
     if meta.get("format") != "ltjax" or "ltjax" not in meta:
         raise LTFormatError(f"{path}: not an ltjax file (a safetensors file without ltjax metadata; `ltjax compress` makes one)")
@@ -285,8 +310,9 @@ def _read(path: str | os.PathLike) -> tuple[Any, list[tuple[str, Any]]]:
             ct = CompressedTensor(header=header, **host)
             if list(ct.stack_shape) != list(e.get("stack", [])):
                 raise LTFormatError(f"{path}: tensor {p!r} has stack {ct.stack_shape}, its entry says {e.get('stack')}")
-            verify_checksums(ct, name=p)
+            ct.validate(checksums=True, name=p)  # every tile's CRC, then offsets / popcounts / scales
             leaves.append((p, ct))
+            bar.step(ct.nbytes, p)
         elif e["kind"] == "array":
             a = arrays.get(e["name"])
             if a is None:
@@ -294,32 +320,58 @@ def _read(path: str | os.PathLike) -> tuple[Any, list[tuple[str, Any]]]:
             if _crc32c.crc32c(a.tobytes()) != int(e["crc"]):
                 raise ChecksumError(f"{path}: tensor {p!r}: checksum mismatch; the stored bytes are corrupt", tensor=p)
             leaves.append((p, a))
+            bar.step(a.nbytes, p)
         else:
             raise LTFormatError(f"{path}: unknown leaf kind {e['kind']!r} for {p!r}")
     return lt["tree"], leaves
 
 
-def load(path: str | os.PathLike, *, device: Any = None, as_numpy: bool = False) -> Any:
-    """Reads a file written by `save`, verifying the header and every checksum first.
+def _file_bar(desc: str, path: str | os.PathLike, progress: bool | None, phases: int = 1) -> Progress:
+    """A bar over a file's data bytes (checked, then placed on a device when ``phases == 2``)."""
+    if progress is False:
+        return Progress(desc, 0, 0, False)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = 0  # _read says what is wrong with the path
+    # the leaf count is not known before the header is read: let the bytes decide in auto mode
+    return Progress(desc, phases * size, 0, progress)
+
+
+def load(path: str | os.PathLike, *, device: Any = None, as_numpy: bool = False, progress: bool | None = None) -> Any:
+    """Reads a file written by `save`, verifying the header and every tensor first.
+
+    Every compressed tensor passes `CompressedTensor.validate` with ``checksums=True`` (each
+    tile's CRC32C, then offsets, popcounts and scales) before anything reaches a device.
 
     Args:
       device: a `jax.Device` or sharding for the arrays (default: JAX's default device).
       as_numpy: keep every array on the host as numpy.
+      progress: a progress bar on stderr (verifying, then placing): ``None`` (default) only on a
+        terminal and for a large file, ``True`` always, ``False`` never.
     """
-    skeleton, leaves = _read(path)
-    host = [leaf for _, leaf in leaves]
-    if not as_numpy:
-        put = (lambda a: jax.device_put(a, device)) if device is not None else jnp.asarray
-        host = [jax.tree_util.tree_map(put, leaf) for leaf in host]
+    with _file_bar("ltjax.load: verifying", path, progress, 1 if as_numpy else 2) as bar:
+        skeleton, leaves = _read(path, bar)
+        host = [leaf for _, leaf in leaves]
+        if not as_numpy:
+            bar.phase("ltjax.load: to device")
+            put = (lambda a: jax.device_put(a, device)) if device is not None else jnp.asarray
+            placed = []
+            for p, leaf in leaves:
+                placed.append(jax.tree_util.tree_map(put, leaf))
+                bar.step(leaf_nbytes(leaf), p)
+            host = placed
     return _unskeleton(skeleton, host)
 
 
-def verify(path: str | os.PathLike) -> dict[str, Any]:
+def verify(path: str | os.PathLike, *, progress: bool | None = None) -> dict[str, Any]:
     """Checks a file completely (structure, header checksum, every tile); raises on damage.
 
     Returns a summary: number of tensors, compressed tensors, tiles checked and bytes.
+    ``progress``: as for `load`.
     """
-    _, leaves = _read(path)
+    with _file_bar("ltjax.verify", path, progress) as bar:
+        _, leaves = _read(path, bar)
     cts = [l for _, l in leaves if isinstance(l, CompressedTensor)]
     return {
         "path": os.fspath(path),
@@ -331,6 +383,7 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def read_leaves(path: str | os.PathLike) -> list[tuple[str, Any]]:
+def read_leaves(path: str | os.PathLike, *, progress: bool | None = None) -> list[tuple[str, Any]]:
     """(path, host leaf) pairs of a verified ltjax file (for tools like the CLI)."""
-    return _read(path)[1]
+    with _file_bar("ltjax: reading", path, progress) as bar:
+        return _read(path, bar)[1]

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ltjax._format import CompressedTensor
+from ltjax._format import CompressedTensor, is_concrete
 
 
 def _ways(mesh, entry) -> int:
@@ -28,7 +28,8 @@ def shard(ct: CompressedTensor, sharding: NamedSharding) -> CompressedTensor:
     channels, and the per-tile offsets and checksums (tile-row-major) split along channel
     tiles. Each split must fall on tile boundaries, otherwise a ``ValueError`` says which.
     Bitmask codecs split along channels only, and only where every shard holds the same
-    number of packed nonzeros (the packed array is split evenly).
+    number of packed nonzeros (the packed array is split evenly). A concrete ``ct`` must pass
+    `CompressedTensor.validate` (offsets, popcounts, scales; not the checksums) first.
 
     >>> import numpy as np, jax, ltjax
     >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -43,6 +44,8 @@ def shard(ct: CompressedTensor, sharding: NamedSharding) -> CompressedTensor:
         raise ValueError(f"ltjax.shard needs a 2-D tensor with a channel axis, got shape={ct.shape} axis={ct.header.axis}")
     if ct.checksums.ndim != 1:
         raise ValueError("ltjax.shard does not place stacked (per-layer) tensors; got arrays with leading axes")
+    if is_concrete(ct):  # the split below trusts the offsets
+        ct.validate(name="ltjax.shard input")
     spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
     if len(spec) != 2:
         raise ValueError(f"sharding spec={sharding.spec} has more entries than the 2-D weight shape={ct.shape}")

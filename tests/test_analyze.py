@@ -127,3 +127,71 @@ def test_bf16_and_jax_inputs():
     ct = ltjax.compress(x, "bitmask")
     assert ct.dtype == np.dtype(ml_dtypes.bfloat16)
     np.testing.assert_array_equal(np.asarray(ltjax.decompress(ct)).view(np.uint16), np.asarray(x).view(np.uint16))
+
+
+# ---------------------------------------------------------------------- naming only lossy codecs means "use them"
+def _int8_reference(w):
+    """Symmetric per-output-channel int8 of a [K, N] kernel, in plain numpy: (decoded, rel err, bytes)."""
+    w64 = w.astype(np.float64)
+    s = np.abs(w64).max(axis=0) / 127.0
+    dec = np.clip(np.rint(w64 / np.where(s > 0, s, 1.0)), -127, 127) * s
+    k, n = w.shape
+    tiles = -(-n // max(1, 65536 // min(k, 256))) * -(-k // min(k, 256))
+    return dec, np.linalg.norm(dec - w64) / np.linalg.norm(w64), k * n + 4 * n + 4 * tiles
+
+
+def test_lossy_codecs_named_without_a_budget_are_used():
+    rng = np.random.default_rng(201)
+    w = rng.standard_normal((384, 256)).astype(np.float32)
+    dec, err, nbytes = _int8_reference(w)
+    for policy in (ltjax.Policy(codecs=("int8",)), ltjax.Policy(codecs=("raw", "int8")), ltjax.Policy(codecs="int8")):
+        assert policy.error_budget == float("inf") and policy.codecs[-1] == "int8"
+        out, rep = ltjax.compress_tree({"layer": {"kernel": w}}, policy, return_report=True)
+        ct = out["layer"]["kernel"]
+        assert ct.codec == "int8" and ct.nbytes == nbytes
+        np.testing.assert_allclose(np.asarray(ltjax.decompress(ct), np.float64), dec, rtol=1e-6, atol=1e-7)
+        assert rep.leaves[0].codec == "int8" and rep.leaves[0].rel_error == pytest.approx(err, rel=1e-5)
+    assert ltjax.compress(w, "auto", codecs=("int8",)).codec == "int8"
+    sparse = np.where(rng.random(w.shape) < 0.6, 0.0, w).astype(np.float32)
+    assert ltjax.compress(sparse, codecs=("raw", "int8", "bitmask_int8")).codec == "bitmask_int8"
+    assert ltjax.compress(sparse, codecs=("int8", "bitmask")).codec == "bitmask"  # a lossless codec named: lossless
+    assert ltjax.Policy(codecs=("int8", "bitmask")).error_budget is None
+    assert ltjax.compress(w, codecs=("int8",), error_budget=1e-6).codec == "raw"  # an explicit budget holds
+    # the stacked layers of compress_params follow the same rule
+    st = np.stack([w, rng.standard_normal((384, 256)).astype(np.float32)])
+    tree = ltjax.nn.compress_params({"blocks": {"kernel": st}, "head": {"kernel": w}}, ltjax.Policy(codecs=("int8",)),
+                                    stacked="blocks/*")
+    assert tree["blocks"]["kernel"].codec == "int8" and tree["head"]["kernel"].codec == "int8"
+
+
+def test_the_report_gives_the_true_reason_a_leaf_stays_dense():
+    rng = np.random.default_rng(202)
+    w = rng.standard_normal((384, 256)).astype(np.float32)
+    _, err, nbytes = _int8_reference(w)
+    ratio = w.nbytes / nbytes
+    _, rep = ltjax.compress_tree({"w": w}, return_report=True)  # lossless by default
+    assert rep.leaves[0].codec == "dense"
+    assert rep.leaves[0].reason == (f"int8 would save {ratio:.2f}x at rel err {err:.1e} > error_budget 0 (lossless by "
+                                    "default): set error_budget= or codec='int8'")
+    _, rep = ltjax.compress_tree({"w": w}, ltjax.Policy(codecs=("int8",), error_budget=1e-4), return_report=True)
+    assert rep.leaves[0].reason.startswith(f"int8 would save {ratio:.2f}x at rel err {err:.1e} > error_budget 0.0001:")
+    sparse = np.where(rng.random(w.shape) < 0.5, 0.0, w).astype(np.float32)
+    _, rep = ltjax.compress_tree({"s": sparse}, ltjax.Policy(codecs=("int8", "bitmask_int8"), error_budget=1e-4),
+                                 return_report=True)
+    assert rep.leaves[0].reason.startswith("bitmask_int8 would save")  # the smallest of those the budget excluded
+    _, rep = ltjax.compress_tree({"w": w}, ltjax.Policy(codecs=("raw", "bitmask")), return_report=True)
+    assert rep.leaves[0].reason.startswith("no allowed codec saves space (bitmask 0.")  # true: bitmask grows it
+    _, rep = ltjax.compress_tree({"w": w}, ltjax.Policy(codecs=("raw",)), return_report=True)
+    assert rep.leaves[0].reason == "codecs=('raw',) allow no compressing codec"
+
+
+def test_bad_budgets_and_codecs_are_named():
+    for bad in (-0.1, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match=r"Policy error_budget=.* must be >= 0"):
+            ltjax.Policy(error_budget=bad)
+        with pytest.raises(ValueError, match=r"error_budget=.* must be >= 0"):
+            ltjax.compress(_w((64, 64)), error_budget=bad)
+    with pytest.raises(ValueError, match=r"codecs=\('int4',\) has unknown codecs \['int4'\]"):
+        ltjax.compress(_w((64, 64)), codecs="int4")
+    with pytest.raises(ValueError, match=r"Policy codecs=\('int8', 'zip'\) has unknown codecs \['zip'\]"):
+        ltjax.Policy(codecs=["int8", "zip"])

@@ -1,6 +1,8 @@
 """The LT-Block format: codecs, geometry, sizes, checksums, the reference decoder."""
 
+import dataclasses
 import math
+import os
 
 import jax
 import ml_dtypes
@@ -177,3 +179,183 @@ def test_dtypes(dtype):
         ct = pack(x, codec)
         assert ct.header.dtype == dtype and ct.dtype == x.dtype
         assert np.asarray(ltjax.decompress(ct)).dtype == x.dtype
+
+
+# ---------------------------------------------------------------------- validate(): what the arrays hold
+def _damaged(ct, **arrays):
+    """``ct`` with some arrays replaced (host copies), as a user's own code might build it."""
+    return ltjax.CompressedTensor(header=ct.header, **{**{k: np.asarray(v) for k, v in ct.arrays().items()}, **arrays})
+
+
+def _tile_nonzeros(x2, tile):
+    """Nonzero count of each tile of a storage matrix, row-major over the tile grid (a plain loop)."""
+    (c, r), (tr, tc) = x2.shape, tile
+    return [int(np.count_nonzero(x2[i:i + tr, j:j + tc])) for i in range(0, c, tr) for j in range(0, r, tc)]
+
+
+@pytest.mark.parametrize("codec", ["bitmask", "bitmask_int8"])
+def test_validate_catches_a_quarter_of_the_packed_entries(codec):
+    w = _random(np.random.default_rng(101), (192, 160), np.float32, 0.5)
+    ct = pack(w, codec, tile=(64, 64))
+    ct.validate(checksums=True)
+    field = "values" if codec == "bitmask" else "codes"
+    nnz = int(np.count_nonzero(w))
+    bad = _damaged(ct, **{field: np.asarray(getattr(ct, field))[: nnz // 4]})
+    with pytest.raises(ltjax.LTFormatError, match=rf"tensor 'w'.*packed {field} hold {nnz // 4} entries but the mask has {nnz} set bits"):
+        bad.validate(name="w")
+
+
+def test_validate_catches_shifted_offsets():
+    w = _random(np.random.default_rng(102), (128, 320), np.float32, 0.6)
+    ct = pack(w, "bitmask_int8", tile=(32, 64))  # storage [320, 128]: 10 x 2 tiles
+    counts = _tile_nonzeros(w.T, (32, 64))
+    offsets = np.asarray(ct.offsets)
+    with pytest.raises(ltjax.LTFormatError, match=r"offsets\[0\] \(tile 0 of 20\) = 5, expected 0"):
+        _damaged(ct, offsets=offsets + 5).validate()
+    late = np.concatenate([[0], offsets[:-1]]).astype(np.int32)  # every offset one tile late
+    with pytest.raises(ltjax.LTFormatError, match=rf"offsets\[1\] \(tile 1 of 20\) = 0, expected {counts[0]}"):
+        _damaged(ct, offsets=late).validate()
+
+
+def test_validate_catches_an_all_ones_mask():
+    w = _random(np.random.default_rng(103), (256, 96), np.float32, 0.7)
+    ct = pack(w, "bitmask_int8", tile=(32, 128))  # storage [96, 256]: whole mask words
+    ones = np.full_like(np.asarray(ct.mask), 0xFFFFFFFF)
+    with pytest.raises(ltjax.LTFormatError, match=rf"offsets\[1\] \(tile 1 of 6\) = {_tile_nonzeros(w.T, (32, 128))[0]}, "
+                                                 rf"expected {32 * 128}"):
+        _damaged(ct, mask=ones).validate()
+    # rows of 100 columns: the padding bits of the last word are set first
+    ct = pack(_random(np.random.default_rng(104), (100, 64), np.float32, 0.5), "bitmask", tile=(16, 100))
+    with pytest.raises(ltjax.LTFormatError, match=r"mask row 0 has bits set beyond its 100 columns.*64 row\(s\)"):
+        _damaged(ct, mask=np.full_like(np.asarray(ct.mask), 0xFFFFFFFF)).validate()
+
+
+@pytest.mark.parametrize("codec", ltjax.CODECS)
+def test_validate_with_checksums_pins_a_flipped_payload_byte(codec):
+    rng = np.random.default_rng(105)
+    w = _random(rng, (96, 200), np.float32, 0.5)
+    ct = pack(w, codec, tile=(32, 64))  # storage [200, 96]: 7 x 2 tiles
+    field = {"raw": "values", "int8": "codes", "bitmask": "values", "bitmask_int8": "codes"}[codec]
+    arr = np.array(getattr(ct, field))
+    flat = arr.reshape(-1)
+    i = int(rng.integers(flat.size))
+    if arr.dtype == np.int8:
+        while flat[i] in (-127, -126, 0):  # keep the flipped code a valid int8 code (not -128)
+            i = int(rng.integers(flat.size))
+        flat[i] ^= 1
+    else:
+        flat.view(np.uint8)[4 * i] ^= 0x10
+    if codec in ("raw", "int8"):  # storage [200, 96], row-major: element i is in row i // 96
+        row, col = divmod(i, 96)
+        tile = (row // 32) * 2 + col // 64
+    else:  # packed tile by tile: the tile whose offset range holds i
+        tile = int(np.searchsorted(np.asarray(ct.offsets), i, side="right") - 1)
+    bad = _damaged(ct, **{field: arr})
+    bad.validate()  # what the arrays hold is consistent: only the checksum tells
+    with pytest.raises(ltjax.ChecksumError, match=rf"tensor 'layer/w': checksum mismatch in tile {tile} of 14") as e:
+        bad.validate(checksums=True, name="layer/w")
+    assert e.value.tensor == "layer/w" and e.value.tile == tile
+
+
+def test_validate_catches_bad_scales_and_codes():
+    w = _random(np.random.default_rng(106), (64, 48), np.float32, 0.3)
+    for codec in ("int8", "bitmask_int8"):
+        ct = pack(w, codec)
+        scales = np.array(ct.scales)
+        scales[5] = np.nan
+        with pytest.raises(ltjax.LTFormatError, match=r"scales\[5\] = nan is not finite"):
+            _damaged(ct, scales=scales).validate()
+        codes = np.array(ct.codes)
+        codes.reshape(-1)[7] = -128
+        with pytest.raises(ltjax.LTFormatError, match="= -128; int8 codes are symmetric"):
+            _damaged(ct, codes=codes).validate()
+
+
+def test_validate_catches_a_stale_row_index():
+    # storage [64, 128] in 16 x 64 tiles: two tile columns per row, so entry 9 is row 4, tile column 1
+    ct = ltjax.index_rows(pack(_random(np.random.default_rng(107), (128, 64), np.float32, 0.5), "bitmask_int8", tile=(16, 64)))
+    ct.validate()
+    rs = np.array(ct.row_starts)
+    rs[9] += 1
+    with pytest.raises(ltjax.LTFormatError, match=r"row_starts\[9\] \(row 4, tile column 1\).*stale index"):
+        dataclasses.replace(ct, row_starts=rs).validate()
+
+
+def _stack(cts):
+    return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *cts)
+
+
+def test_validate_stacked_names_the_layer():
+    rng = np.random.default_rng(108)
+    w = _random(rng, (128, 96), np.float32, 0.5)
+    layers = [w, w[rng.permutation(128)], w[:, rng.permutation(96)]]  # same nonzero count, other tiles
+    st = _stack([pack(l, "bitmask_int8", tile=(32, 64)) for l in layers])
+    assert st.stack_shape == (3,)
+    st.validate(checksums=True)
+    offsets = np.array(st.offsets)
+    offsets[2, 3] += 1
+    with pytest.raises(ltjax.LTFormatError, match=r"tensor 'blocks/w' \(layer 2 of the stack \(3,\)\): offsets\[3\]"):
+        _damaged(st, offsets=offsets).validate(name="blocks/w")
+    mask = np.array(st.mask)
+    mask[1] = 0xFFFFFFFF
+    with pytest.raises(ltjax.LTFormatError, match=rf"\(layer 1 of the stack \(3,\)\): offsets\[1\] \(tile 1 of 6\) = "
+                                                 rf"{_tile_nonzeros(layers[1].T, (32, 64))[0]}, expected {32 * 64}"):
+        _damaged(st, mask=mask).validate()
+    scales = np.array(st.scales)
+    scales[2, 17] = np.inf
+    with pytest.raises(ltjax.LTFormatError, match=r"layer 2 .*scales\[17\] = inf"):
+        _damaged(st, scales=scales).validate()
+    codes = np.array(st.codes)
+    codes[1, 11] ^= 2
+    with pytest.raises(ltjax.ChecksumError, match=r"tensor 'blocks/w\[1\]': checksum mismatch"):
+        _damaged(st, codes=codes).validate(checksums=True, name="blocks/w")
+
+
+def test_validate_on_traced_arrays_says_so():
+    ct = pack(_random(np.random.default_rng(109), (64, 64), np.float32, 0.5), "bitmask_int8")
+    jax.jit(lambda c: c.validate and ltjax.decompress(c))(ct)  # tracing a tensor is fine
+    with pytest.raises(ValueError, match="arrays are traced.*call validate\\(\\) on the concrete tensor before tracing"):
+        jax.jit(lambda c: c.validate())(ct)
+    bad = dataclasses.replace(ct, offsets=np.asarray(ct.offsets)[:-1])
+    with pytest.raises(ltjax.LTFormatError, match="array 'offsets'"):  # shapes are checked under tracing too
+        jax.jit(lambda c: c.validate())(bad)
+
+
+@pytest.mark.parametrize("codec", ltjax.CODECS)
+def test_intact_tensors_from_compress_load_and_shard_pass(codec, tmp_path):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    rng = np.random.default_rng(110)
+    cases = [((96, 200), np.float32, (32, 64)), ((100, 70), np.float16, None), ((6, 50, 33), ml_dtypes.bfloat16, (8, 32)),
+             ((257,), np.float32, 64), ((64, 64), np.float32, None)]
+    tree = {}
+    for i, (shape, dtype, tile) in enumerate(cases):
+        ct = ltjax.compress(_random(rng, shape, dtype, [0.0, 0.5, 0.9, 1.0, 0.3][i]), codec, tile=tile)
+        ct.validate(checksums=True, name=f"t{i}")
+        tree[f"t{i}"] = ct
+    tree["idx"] = ltjax.index_rows(tree["t0"]) if codec.startswith("bitmask") else tree["t0"]
+    tree["idx"].validate(checksums=True)
+    tree["stack"] = _stack([tree["t4"], ltjax.compress(_random(rng, (64, 64), np.float32, 0.0), codec)]) \
+        if codec in ("raw", "int8") else tree["t4"]
+    ltjax.save(tmp_path / "m.lt", tree)
+    for name, ct in ltjax.load(tmp_path / "m.lt").items():
+        ct.validate(checksums=True, name=name)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
+    ltjax.shard(tree["t4"], NamedSharding(mesh, P(None, "model"))).validate(checksums=True)
+
+
+def test_damaged_tensors_are_refused_by_save_and_shard(tmp_path):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    w = _random(np.random.default_rng(111), (128, 64), np.float32, 0.5)
+    ct = pack(w, "bitmask_int8", tile=(16, 128))
+    bad = _damaged(ct, offsets=np.asarray(ct.offsets) + 3)
+    p = tmp_path / "m.lt"
+    ltjax.save(p, {"w": ct})
+    before = p.read_bytes()
+    with pytest.raises(ltjax.LTFormatError, match=r"tensor 'w': offsets\[0\]"):
+        ltjax.save(p, {"w": bad})
+    assert p.read_bytes() == before and os.listdir(tmp_path) == ["m.lt"]  # the target and the tree are untouched
+    mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
+    with pytest.raises(ltjax.LTFormatError, match=r"'ltjax.shard input': offsets\[0\]"):
+        ltjax.shard(bad, NamedSharding(mesh, P(None, "model")))

@@ -119,8 +119,8 @@ def test_newer_format_version(tmp_path, monkeypatch):
     p = tmp_path / "m.lt"
     real = _io._encode
 
-    def future(tree):
-        meta, arrays = real(tree)
+    def future(tree, *args):
+        meta, arrays = real(tree, *args)
         meta["version"] = ltjax.FORMAT_VERSION + 1
         return meta, arrays
 
@@ -135,8 +135,8 @@ def test_header_from_newer_version_in_a_tensor(tmp_path, monkeypatch):
     p = tmp_path / "m.lt"
     real = _io._encode
 
-    def future(tree):
-        meta, arrays = real(tree)
+    def future(tree, *args):
+        meta, arrays = real(tree, *args)
         meta["leaves"][0]["header"]["version"] = 2
         return meta, arrays
 
@@ -216,3 +216,27 @@ def test_stacked_tensors_round_trip(tmp_path):
     p.write_bytes(bytes(buf))
     with pytest.raises(ltjax.ChecksumError, match=r"scan/kernel\[2\]"):
         ltjax.load(p)
+
+
+def test_load_validates_what_the_checksums_cannot(tmp_path, monkeypatch):
+    """A file whose CRCs match bytes the format forbids (written by another tool) is refused by name."""
+    rng = np.random.default_rng(31)
+    w = rng.standard_normal((100, 64)).astype(np.float32)  # storage [64, 100]: rows of 100 columns
+    w[rng.random(w.shape) < 0.5] = 0
+    ct = pack(w, "bitmask_int8", tile=(32, 100))
+    scales = np.array(ct.scales)
+    scales[17] = np.nan
+    mask = np.array(ct.mask)
+    mask[3, -1] |= np.uint32(1 << 31)  # column 127 of a 100-column row
+    for bad, what in (({"scales": scales}, r"scales\[17\] = nan is not finite"),
+                      ({"mask": mask}, r"mask row 3 has bits set beyond its 100 columns")):
+        damaged = ltjax.CompressedTensor(header=ct.header, **{**ct.arrays(), **bad})
+        with pytest.raises(ltjax.LTFormatError, match=what):
+            ltjax.save(tmp_path / "refused.lt", {"w": damaged})
+        assert not (tmp_path / "refused.lt").exists()
+        with monkeypatch.context() as m:  # write it anyway, as a foreign writer would (fresh CRCs)
+            m.setattr(ltjax.CompressedTensor, "validate", lambda self, **kw: None)
+            ltjax.save(tmp_path / "m.lt", {"layer": {"w": damaged}})
+        for read in (ltjax.load, ltjax.verify):
+            with pytest.raises(ltjax.LTFormatError, match=rf"tensor 'layer/w'.*{what}"):
+                read(tmp_path / "m.lt")
