@@ -128,11 +128,26 @@ def info_report() -> dict[str, Any]:
 
                 routes[f"{codec} M={m}"]["kernel"] = lp.kernel_backend(x, ct)
     ffi = {k: v for k, v in lffi.info().items() if k != "targets"}
+    package = {"path": os.path.dirname(os.path.abspath(ltjax.__file__)), "distribution": None}
+    try:
+        import importlib.metadata as md
+
+        dist = md.distribution("ltjax")
+        direct = json.loads(dist.read_text("direct_url.json") or "null") or {}
+        package["distribution"] = {"version": dist.version, "location": str(dist.locate_file("")),
+                                   "editable": bool(direct.get("dir_info", {}).get("editable")),
+                                   "url": direct.get("url")}
+    except Exception:  # no installed distribution (a bare source tree on PYTHONPATH): path only
+        pass
+    d = package["distribution"]
+    # A regular install elsewhere than the imported package: a source tree (a checkout run from) shadows it.
+    package["shadows_installed"] = bool(d and not d["editable"] and
+                                        os.path.commonpath([package["path"], d["location"]]) != d["location"])
     from ltjax.ffi import gemv
 
     path, why = gemv.library()
     cuda = {"library": str(path) if path else None, "reason": why, "auto": gemv.enabled()}
-    return {"ltjax": ltjax.__version__, "jax": jax.__version__, "backend": jax.default_backend(),
+    return {"ltjax": ltjax.__version__, "package": package, "jax": jax.__version__, "backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()], "cpu_ffi": ffi, "cuda_kernels": cuda,
             "matmul_routes": routes}
 
@@ -144,9 +159,14 @@ def _cmd_info(args) -> int:
         return 0
     print(f"ltjax {r['ltjax']}, jax {r['jax']}, backend {r['backend']} ({len(r['devices'])} device(s): "
           f"{', '.join(r['devices'])})")
+    d = r["package"]["distribution"]
+    print(f"ltjax imported from {r['package']['path']}" + (
+        f"; installed distribution {d['version']}" + (f", editable from {d['url']}" if d["editable"] else
+                                                     f" at {d['location']}") if d else "; no installed distribution")
+          + (" (not the one imported: this source tree shadows it)" if r["package"]["shadows_installed"] else ""))
     f = r["cpu_ffi"]
     if f["loaded"]:
-        print(f"CPU FFI extension: loaded, {f['isa']}, {f['threads']} threads; M = 1 bitmask_int8 GEMV: "
+        print(f"CPU FFI extension: loaded from {f['path']}, {f['isa']}, {f['threads']} threads; M = 1 bitmask_int8 GEMV: "
               f"{f['vnni'] or 'f32 walk'}; int8 GEMM (M >= 2): {'AMX tiles' if f['amx'] else 'f32 kernel'}")
     else:
         print(f"CPU FFI extension: not loaded ({f['reason']})")
@@ -191,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=_cmd_verify)
 
-    n = sub.add_parser("info", help="versions, devices, the CPU FFI extension and the path ltjax.matmul takes")
+    n = sub.add_parser("info", help="versions, which ltjax was imported (from where), devices, whether the CPU FFI "
+                                    "extension loaded (from where, or why not) and the path ltjax.matmul takes")
     n.add_argument("--json", action="store_true")
     n.set_defaults(fn=_cmd_info)
 

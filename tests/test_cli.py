@@ -109,3 +109,104 @@ def test_info_names_the_gpu_kernel_of_a_pallas_route(capsys, monkeypatch):
             assert route["kernel"] == want
     assert main(["info"]) == 0
     assert "pallas (triton)" in capsys.readouterr().out or jax.default_backend() == "gpu"
+
+
+def test_info_shows_which_ltjax_was_imported_and_whether_its_extension_loaded(capsys):
+    import os
+
+    from ltjax import ffi as lffi
+
+    assert main(["info", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    pkg = os.path.dirname(os.path.abspath(ltjax.__file__))
+    assert r["package"]["path"] == pkg and isinstance(r["package"]["shadows_installed"], bool)
+    f = r["cpu_ffi"]
+    assert f["loaded"] == lffi.available()
+    if f["loaded"]:
+        assert os.path.isfile(f["path"]) and f["reason"] is None
+    else:
+        assert f["path"] is None and f["reason"]
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"ltjax imported from {pkg}" in out
+    assert (f"CPU FFI extension: loaded from {f['path']}" if f["loaded"] else
+            f"CPU FFI extension: not loaded ({f['reason']})") in out
+
+
+def _source_tree_without_extension(tmp_path):
+    """A checkout's copy of the ltjax package (sources only, no built extension) and, beside it, an
+    installed ltjax that has one, as a non-editable `pip install .` leaves them."""
+    import importlib.machinery
+    import shutil
+    from pathlib import Path
+
+    src = tmp_path / "checkout"
+    shutil.copytree(Path(ltjax.__file__).parent, src / "ltjax",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "_build_info.txt", "_cuda_build_info.txt"))
+    (src / "pyproject.toml").write_text("[project]\nname = 'ltjax'\n")
+    site = tmp_path / "site-packages"
+    (site / "ltjax" / "ffi").mkdir(parents=True)
+    (site / "ltjax" / "__init__.py").write_text("")
+    built = site / "ltjax" / "ffi" / f"_ltjax_ffi{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    built.write_bytes(b"")  # only its presence is read
+    return src, site
+
+
+def test_a_source_tree_without_the_extension_says_why_and_how_to_fix(tmp_path):
+    """`python -m ...` from a checkout whose venv has a non-editable install imports the source tree,
+    which has no built extension: the one log line says so, names the shadowed install, and says how
+    to fix it; `ltjax info --json` shows the imported package and the same reason."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    src, site = _source_tree_without_extension(tmp_path)
+    code = textwrap.dedent(
+        """
+        import json, logging, sys
+        # This venv's ltjax is an editable install, whose import hook would find the real checkout:
+        # without it, the interpreter sees what a non-editable install gives (sys.path order only).
+        sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("_editable")]
+        logging.basicConfig(level=logging.WARNING, format="LOG %(message)s", stream=sys.stdout)
+        import numpy as np, jax.numpy as jnp
+        import ltjax, ltjax.ffi as F
+        from ltjax.cli import main
+        F.can_use_ffi(jnp.ones((1, 64)), ltjax.compress(np.ones((64, 32), np.float32), "int8"))
+        print("INFO", end=" ")
+        main(["info", "--json"])
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(site)])}
+    env.pop("LTJAX_DISABLE_FFI", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                       cwd=src)
+    assert r.returncode == 0, r.stderr[-3000:]
+    logs = [ln for ln in r.stdout.splitlines() if ln.startswith("LOG ltjax: CPU FFI kernels unavailable")]
+    assert len(logs) == 1, r.stdout
+    log = logs[0]
+    assert f"imported from {src / 'ltjax'}" in log and "source tree without the built" in log
+    assert f"shadows the installed ltjax at {site / 'ltjax'}" in log
+    assert "`pip install -e .`" in log and str(src) in log and "run from outside the checkout" in log
+    info = json.loads(r.stdout.split("INFO ", 1)[1])
+    assert info["package"]["path"] == str(src / "ltjax")
+    assert info["cpu_ffi"]["loaded"] is False and info["cpu_ffi"]["path"] is None
+    assert log.endswith(info["cpu_ffi"]["reason"])
+    assert all(route["impl"] != "ffi" for route in info["matmul_routes"].values())
+
+
+def test_missing_extension_reasons(tmp_path):
+    """Without another install: build it in the checkout; a built file that fails to load: rebuild."""
+    from ltjax.ffi._registry import diagnose_missing
+
+    src, site = _source_tree_without_extension(tmp_path)
+    err = ModuleNotFoundError("No module named 'ltjax.ffi._ltjax_ffi'")
+    why = diagnose_missing(err, package=src / "ltjax", search=[str(src)], build_info=tmp_path / "none.txt")
+    assert "not built for the ltjax imported from" in why and f"`pip install -e .` in {src}" in why
+    assert "C++ compiler and CMake" in why and "shadows" not in why
+    info = tmp_path / "_build_info.txt"
+    info.write_text("no C++ compiler found")
+    why = diagnose_missing(err, package=src / "ltjax", search=[str(src), str(site)], build_info=info)
+    assert "(no C++ compiler found)" in why and f"shadows the installed ltjax at {site / 'ltjax'}" in why
+    why = diagnose_missing(ImportError("undefined symbol: X"), package=site / "ltjax", search=[str(site)])
+    assert "failed to load (ImportError: undefined symbol: X)" in why and "rebuild" in why
