@@ -26,6 +26,7 @@ from ltjax._format import (
     _dtype_name,
     _nonzero_bits,
 )
+from ltjax._layout import Layout, bias_layouts, in_layout
 from ltjax._progress import Progress, leaf_nbytes
 
 log = logging.getLogger("ltjax")
@@ -362,16 +363,21 @@ def compress_tree(tree: Any, policy: Policy | None = None, *, return_report: boo
     Returns the tree with `CompressedTensor` leaves (same structure), or ``(tree, report)``
     with ``return_report=True``; each leaf left dense has its reason in the report. Skip
     patterns that match no leaf are reported (and logged), never silently ignored.
+    An N-D ``kernel`` beside a ``bias`` whose shape is the kernel's trailing axes (flax's
+    ``DenseGeneral`` convention: the bias has the features' shape) is stored as the 2-D
+    ``[prod(in), prod(features)]`` matmul kernel `ltjax.nn.intercept` runs as one
+    `ltjax.matmul` (`ltjax.nn.compress_params` with ``model=`` finds every layout, bias or not).
     ``progress``: a bar on stderr over the leaves (bytes, current path): ``None`` (default)
     only on a terminal and for more than a few leaves or MiB, ``True`` always, ``False`` never.
     """
     policy = Policy() if policy is None else policy
     paths_leaves = tree_leaves_with_paths(tree)
+    layouts = bias_layouts(paths_leaves)
     with Progress("ltjax.compress_tree", sum(leaf_nbytes(l) for _, l in paths_leaves), len(paths_leaves), progress) as bar:
         new_leaves, reports, used = [], [], set()
         for path, leaf in paths_leaves:
             bar.at(path)
-            leaf_out, rep = _compress_leaf(path, leaf, policy, used)
+            leaf_out, rep = _compress_leaf(path, leaf, policy, used, layouts.get(path))
             new_leaves.append(leaf_out)
             reports.append(rep)
             bar.step(leaf_nbytes(leaf))
@@ -384,8 +390,9 @@ def compress_tree(tree: Any, policy: Policy | None = None, *, return_report: boo
     return (out, report) if return_report else out
 
 
-def _compress_leaf(path: str, leaf: Any, policy: Policy, used: set) -> tuple[Any, LeafReport]:
-    """One leaf of `compress_tree`: (the leaf to keep, its report line); adds skip hits to ``used``."""
+def _compress_leaf(path: str, leaf: Any, policy: Policy, used: set, layout: Layout | None = None) -> tuple[Any, LeafReport]:
+    """One leaf of `compress_tree`: (the leaf to keep, its report line); adds skip hits to ``used``.
+    ``layout``: the matmul layout a compressed kernel is stored in (`ltjax._layout`)."""
     skip_hit = [p for p in policy.skip if fnmatch.fnmatchcase(path, p)]
     used.update(skip_hit)
     if isinstance(leaf, CompressedTensor):
@@ -403,17 +410,18 @@ def _compress_leaf(path: str, leaf: Any, policy: Policy, used: set) -> tuple[Any
     if why:
         return leaf, LeafReport(path, shape, dtype, "dense", nb, nb, None, why)
     axis = policy.axis_for(path)
+    stored = in_layout(leaf, layout)
     if policy.codec == "auto":
-        stats = analyze_array(leaf, name=path, tile=policy.tile, axis=axis)
+        stats = analyze_array(stored, name=path, tile=policy.tile, axis=axis)
         codec = stats.best(policy.error_budget, policy.codecs).codec
         err = stats.estimate(codec).rel_error
         if codec == "raw":  # raw saves nothing: the plain array is as small and faster
             return leaf, LeafReport(path, shape, dtype, "dense", nb, nb, None, stats.why_raw(policy.error_budget, policy.codecs))
     else:
         codec, err = policy.codec, None
-    ct = pack(leaf, codec, tile=policy.tile, axis=axis, name=path)
+    ct = pack(stored, codec, tile=policy.tile, axis=axis, name=path)
     if err is None:
-        err = _measured_error(leaf, ct)
+        err = _measured_error(stored, ct)
     return ct, LeafReport(path, shape, ct.header.dtype, codec, ct.dense_nbytes, ct.nbytes, err)
 
 

@@ -12,15 +12,14 @@ import contextlib
 import dataclasses
 import logging
 import math
-import string
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from ltjax._format import CompressedTensor
+from ltjax._layout import Contraction, Layout, dense_general_contraction, einsum_contraction  # noqa: F401
 from ltjax._ops import decompress, matmul
 
 log = logging.getLogger("ltjax")
@@ -93,105 +92,6 @@ def linear(x: jax.Array, ct: CompressedTensor, bias: jax.Array | None, *, dtype,
 
 
 # ---------------------------------------------------------------------- contractions as one matmul
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """How an N-D kernel is stored as the 2-D matmul kernel ``W2 [K, N]``.
-
-    ``W2 = kernel.transpose(perm).reshape(K, N)``: the first ``n_in`` axes of ``perm`` are
-    the contracted ones (K), the rest the output features (N). ``DenseGeneral`` kernels
-    ``[*in, *features]`` have ``perm`` the identity and ``n_in = len(in)``.
-    """
-
-    perm: tuple[int, ...]
-    n_in: int
-
-    def matmul_shape(self, kernel_shape: Sequence[int]) -> tuple[int, int]:
-        dims = [kernel_shape[p] for p in self.perm]
-        return math.prod(dims[: self.n_in]), math.prod(dims[self.n_in :])
-
-    def to_matmul(self, a: np.ndarray) -> np.ndarray:
-        """The host-side kernel ``a`` (``[*lead, *kernel]``, e.g. a stack of layers) as ``[*lead, K, N]``."""
-        lead = a.ndim - len(self.perm)
-        k, n = self.matmul_shape(a.shape[lead:])
-        return np.transpose(a, tuple(range(lead)) + tuple(lead + p for p in self.perm)).reshape(a.shape[:lead] + (k, n))
-
-    def from_matmul(self, w2: jax.Array, kernel_shape: Sequence[int]) -> jax.Array:
-        """Inverse of `to_matmul` for one kernel: ``[K, N]`` back to ``kernel_shape``."""
-        w = w2.reshape(tuple(kernel_shape[p] for p in self.perm))
-        return jnp.transpose(w, tuple(int(i) for i in np.argsort(self.perm)))
-
-
-@dataclasses.dataclass(frozen=True)
-class Contraction:
-    """A DenseGeneral or Einsum contraction of ``x`` with a kernel, run as ``x2 [M, K] @ W2 [K, N]``.
-
-    ``x`` loses its ``x_summed`` axes (summed first), is transposed to ``x_free + x_contract``
-    and flattened; ``x_contract[i]`` pairs with the kernel's contracted axis ``layout.perm[i]``.
-    The product ``[*x_free dims, *kernel feature dims]`` is transposed by ``out_perm``.
-    """
-
-    layout: Layout
-    x_contract: tuple[int, ...]
-    x_free: tuple[int, ...]
-    x_summed: tuple[int, ...] = ()
-    out_perm: tuple[int, ...] | None = None
-
-
-def dense_general_contraction(x_ndim: int, n_kernel: int, axis: Sequence[int], batch_dims: Sequence[int]) -> Contraction | None:
-    """``flax`` DenseGeneral / LinearGeneral: ``x``'s ``axis`` against the kernel's leading axes (None with batch dims)."""
-    if batch_dims:
-        return None
-    axis = tuple(a % x_ndim for a in axis)
-    return Contraction(Layout(tuple(range(n_kernel)), len(axis)), axis, tuple(a for a in range(x_ndim) if a not in axis))
-
-
-def einsum_contraction(einsum_str: str, x_ndim: int, kernel_ndim: int) -> tuple[Contraction | None, str]:
-    """``einsum(einsum_str, x, kernel)`` as a `Contraction`, or ``(None, why not)``.
-
-    A plain matmul needs every kernel letter to be either contracted with ``x`` (in ``x``,
-    not in the output) or a feature (in the output, not in ``x``): no batch letters shared by
-    all three terms, no repeated letters, no ellipsis on the kernel, at least one of each kind.
-    """
-    s = einsum_str.replace(" ", "")
-    if s.count("->") != 1 or s.split("->")[0].count(",") != 1:
-        return None, f"einsum_str={einsum_str!r} is not an explicit two-operand equation 'x,kernel->out'"
-    (lhs, rhs), out = s.split("->")[0].split(","), s.split("->")[1]
-    if "..." in rhs:
-        return None, "an ellipsis in the kernel's term"
-    if "..." in lhs:
-        n = x_ndim - (len(lhs) - 3)
-        fresh = "".join(c for c in string.ascii_letters if c not in s)[: max(n, 0)]
-        lhs, out = lhs.replace("...", fresh), out.replace("...", fresh)
-    if len(lhs) != x_ndim or len(rhs) != kernel_ndim:
-        return None, f"einsum_str={einsum_str!r} does not match x.ndim={x_ndim} and kernel.ndim={kernel_ndim}"
-    if any(len(set(t)) != len(t) for t in (lhs, rhs, out)):
-        return None, "a repeated letter in one term (a diagonal)"
-    batch = [c for c in rhs if c in lhs and c in out]
-    if batch:
-        return None, f"kernel letters {batch} are batch axes (in x, the kernel and the output)"
-    alone = [c for c in rhs if c not in lhs and c not in out]
-    if alone:
-        return None, f"kernel letters {alone} are summed over the kernel alone"
-    contracted = [c for c in rhs if c in lhs]
-    features = [c for c in rhs if c in out]
-    if not contracted or not features:
-        return None, "the kernel has no contracted axis or no feature axis"
-    free = [c for c in lhs if c in out]
-    inter = free + features
-    perm = tuple(rhs.index(c) for c in contracted + features)
-    out_perm = tuple(inter.index(c) for c in out)
-    return (
-        Contraction(
-            Layout(perm, len(contracted)),
-            x_contract=tuple(lhs.index(c) for c in contracted),
-            x_free=tuple(lhs.index(c) for c in free),
-            x_summed=tuple(i for i, c in enumerate(lhs) if c not in rhs and c not in out),
-            out_perm=None if out_perm == tuple(range(len(out))) else out_perm,
-        ),
-        "",
-    )
-
-
 def matmul_view(ct: CompressedTensor, layout: Layout, kernel_shape: Sequence[int]) -> CompressedTensor | None:
     """``ct`` as the 2-D ``[K, N]`` kernel of ``layout``, without touching its arrays (None: no such view).
 

@@ -39,7 +39,7 @@ from flax.linen import initializers
 from flax.linen.dtypes import promote_dtype as _promote_dtype
 from flax.linen.linear import default_embed_init, default_kernel_init
 
-from ltjax import _layers
+from ltjax import _layers, _layout
 from ltjax._activation_modules import CompressedReLU, SparseDense
 from ltjax._activations import relu
 from ltjax._analyze import CompressionReport, LeafReport, Policy, analyze_array, compress_tree, tree_leaves_with_paths
@@ -107,7 +107,7 @@ def _dense_general(m, inputs: Array, kernel: CompressedTensor, bias: Array | Non
     dims = ((axis, tuple(range(nb, nb + len(axis)))), (batch_dims, tuple(range(nb))))
     with jax.named_scope("ltjax.nn.dense_general"):
         y = _layers.general(
-            inputs, kernel, _layers.dense_general_contraction(inputs.ndim, len(kernel_shape), axis, batch_dims),
+            inputs, kernel, _layout.dense_general_contraction(inputs.ndim, len(kernel_shape), axis, batch_dims),
             kernel_shape, lambda x, w: lax.dot_general(x, w, dims), dtype=stand_in.dtype, precision=m.precision,
             where=where, why=f"batch_dims={batch_dims} make it a batched product, not one matmul",
         )
@@ -155,7 +155,7 @@ def _einsum(m, inputs: Array, einsum_str: str | None, kernel: CompressedTensor, 
     inputs, stand_in, bias = _promote(m, inputs, jnp.zeros((0,), kernel.dtype), bias)
     pet = m.preferred_element_type
     inputs, dtype = _layers.accumulation(inputs, stand_in.dtype, pet)
-    contraction, why = _layers.einsum_contraction(einsum_str, inputs.ndim, len(shape))
+    contraction, why = _layout.einsum_contraction(einsum_str, inputs.ndim, len(shape))
     with jax.named_scope("ltjax.nn.einsum"):
         y = _layers.general(
             inputs, kernel, contraction, shape,
@@ -474,7 +474,7 @@ def compress_params(
     unmatched += [p for p in flatten if not any(fnmatch.fnmatchcase(path, p) for path, _ in flat)]
     if unmatched:
         raise ValueError(f"patterns matched no leaf: {unmatched}; leaf paths are like {flat[0][0]!r}")
-    layouts = _bias_layouts(flat, hits)
+    layouts = _layout.bias_layouts(flat, hits)
     if model is not None:
         by_path = dict(flat)
         for path, (layout, kernel_shape) in contractions(model, params, *args, **dict(kwargs or {})).items():
@@ -491,8 +491,8 @@ def compress_params(
             nd = np.ndim(leaf) - (path in hits)
             if not 0 < n_in < nd:
                 raise ValueError(f"flatten: {path!r} of shape={np.shape(leaf)} cannot split {n_in=} contracted axes from its features")
-            layouts[path] = _layers.Layout(tuple(range(nd)), n_in)
-    flat = [(path, _in_layout(leaf, layouts.get(path), path in hits)) for path, leaf in flat]
+            layouts[path] = _layout.Layout(tuple(range(nd)), n_in)
+    flat = [(path, _layout.in_layout(leaf, layouts.get(path), path in hits)) for path, leaf in flat]
     treedef = jax.tree_util.tree_structure(params, is_leaf=lambda x: isinstance(x, CompressedTensor))
     params = jax.tree_util.tree_unflatten(treedef, [leaf for _, leaf in flat])
     # Everything but the stacked leaves: the plain tree compression (which also reports skips).
@@ -510,28 +510,28 @@ def compress_params(
     return (tree, rep) if return_report else tree
 
 
-def contractions(model: linen.Module, params: Any, *args, **kwargs) -> dict[str, tuple[_layers.Layout | None, tuple[int, ...]]]:
+def contractions(model: linen.Module, params: Any, *args, **kwargs) -> dict[str, tuple[_layout.Layout | None, tuple[int, ...]]]:
     """``{param path: (layout, per-layer shape)}`` of every ``Dense`` / ``DenseGeneral`` /
     ``Einsum`` kernel and ``Embed`` table that ``model.apply({"params": params}, *args,
     **kwargs)`` uses, read by an abstract trace (``jax.eval_shape``: nothing is computed).
-    ``layout`` is the kernel's `_layers.Layout` where its contraction is one matmul, else None."""
-    found: dict[str, tuple[_layers.Layout | None, tuple[int, ...]]] = {}
+    ``layout`` is the kernel's `_layout.Layout` where its contraction is one matmul, else None."""
+    found: dict[str, tuple[_layout.Layout | None, tuple[int, ...]]] = {}
     clash: set[str] = set()
 
     def layout_and_shape(m, a, kw):
         if isinstance(m, linen.Dense):
             x = _bind(linen.Dense, "__call__", m, a, kw)["inputs"]
-            return _layers.Layout((0, 1), 1), (x.shape[-1], m.features)
+            return _layout.Layout((0, 1), 1), (x.shape[-1], m.features)
         if isinstance(m, linen.DenseGeneral):
             x = _bind(linen.DenseGeneral, "__call__", m, a, kw)["inputs"]
             axis = tuple(i % x.ndim for i in _tuple(m.axis))
             batch = tuple(i % x.ndim for i in _tuple(m.batch_dims))
             shape = tuple(x.shape[i] for i in batch + axis) + _tuple(m.features)
-            c = _layers.dense_general_contraction(x.ndim, len(shape), axis, batch)
+            c = _layout.dense_general_contraction(x.ndim, len(shape), axis, batch)
             return (None if c is None else c.layout), shape
         b = _bind(linen.Einsum, "__call__", m, a, kw)
         eq = linen.module.merge_param("einsum_str", m.einsum_str, b["einsum_str"])
-        c, _ = _layers.einsum_contraction(eq, b["inputs"].ndim, len(m.shape))
+        c, _ = _layout.einsum_contraction(eq, b["inputs"].ndim, len(m.shape))
         return (None if c is None else c.layout), tuple(m.shape)
 
     def record(next_fun, a, kw, context):
@@ -554,37 +554,6 @@ def contractions(model: linen.Module, params: Any, *args, **kwargs) -> dict[str,
         _layers.note_once(f"contractions:{sorted(clash)}", f"ltjax: kernels {sorted(clash)} are contracted in more than "
                           "one way by the model; they keep their shape (decompressed before the contraction)")
     return {p: (None, v[1]) if p in clash else v for p, v in found.items()}
-
-
-def _bias_layouts(flat: list[tuple[str, Any]], stacked: set[str]) -> dict[str, _layers.Layout]:
-    """flax's DenseGeneral convention: ``kernel [*in, *features]`` beside ``bias [*features]``."""
-    leaves = dict(flat)
-    out = {}
-    for path, leaf in flat:
-        bias = leaves.get(path[: -len("kernel")] + "bias") if path.endswith("kernel") else None
-        if bias is None or isinstance(leaf, CompressedTensor) or isinstance(bias, CompressedTensor):
-            continue
-        lead = int(path in stacked)
-        k, b = np.shape(leaf)[lead:], np.shape(bias)[lead:]
-        if 0 < len(b) < len(k) and tuple(k[len(k) - len(b):]) == tuple(b):
-            out[path] = _layers.Layout(tuple(range(len(k))), len(k) - len(b))
-    return out
-
-
-def _in_layout(leaf: Any, layout: _layers.Layout | None, stacked: bool) -> Any:
-    """``leaf`` as its ``[K, N]`` matmul kernel where its N-D shape is not already that storage.
-
-    Kept as is: an identity layout with one feature axis (the N-D kernel under the default
-    channel axis is the same storage matrix, and keeps its shape) and a transposed layout
-    with the kernel's own shape (a square 2-D kernel, where the two could not be told apart).
-    """
-    if layout is None or isinstance(leaf, CompressedTensor):
-        return leaf
-    shape = np.shape(leaf)[int(stacked):]
-    identity = layout.perm == tuple(range(len(shape)))
-    if (identity and layout.n_in == len(shape) - 1) or layout.matmul_shape(shape) == tuple(shape):
-        return leaf
-    return layout.to_matmul(np.asarray(leaf))
 
 
 def _fields(policy: Policy) -> dict:

@@ -31,7 +31,7 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.nnx.nn.linear import default_embed_init, default_kernel_init
 from flax.nnx.nn.linear import default_bias_init
 
-from ltjax import _layers
+from ltjax import _layers, _layout
 from ltjax._activation_modules import NnxCompressedReLU as CompressedReLU
 from ltjax._activation_modules import SparseLinear
 from ltjax._analyze import CompressionReport, LeafReport, Policy, compress_tree
@@ -247,7 +247,7 @@ class CompressedLinearGeneral(nnx.Module):
         dims = ((axis, tuple(range(nb, nb + len(axis)))), (batch, tuple(range(nb))))
         with jax.named_scope("ltjax.nnx.linear_general"):
             y = _layers.general(
-                inputs, kernel, _layers.dense_general_contraction(inputs.ndim, len(kernel_shape), axis, batch),
+                inputs, kernel, _layout.dense_general_contraction(inputs.ndim, len(kernel_shape), axis, batch),
                 kernel_shape, lambda x, w: lax.dot_general(x, w, dims, preferred_element_type=self.preferred_element_type),
                 dtype=dtype, precision=self.precision, where=where,
                 why=f"batch_axis={dict(self.batch_axis)} makes it a batched product, not one matmul",
@@ -336,7 +336,7 @@ class CompressedEinsum(nnx.Module):
         inputs, stand_in, bias = self.promote_dtype((inputs, _stand_in(kernel), bias), dtype=self.dtype)
         pet = self.preferred_element_type
         inputs, dtype = _layers.accumulation(inputs, stand_in.dtype, pet)
-        c, why = _layers.einsum_contraction(einsum_str, inputs.ndim, len(shape))
+        c, why = _layout.einsum_contraction(einsum_str, inputs.ndim, len(shape))
         stored = self.kernel_layout
         if c is not None and stored is not None and c.layout != stored:
             c, why = None, f"the kernel is stored for {self.einsum_str!r}, not this call's {einsum_str!r}"
@@ -452,15 +452,15 @@ def _kernel_name(m) -> str:
     return "embedding" if _twin(m) is CompressedEmbed else "kernel"
 
 
-def _layout(m) -> _layers.Layout | None:
+def _stored_layout(m) -> _layout.Layout | None:
     """The ``[K, N]`` matmul layout a kernel is stored in (None: keep its shape)."""
     twin = _twin(m)
     if twin is CompressedLinearGeneral and not m.batch_axis:
         n = len(m.kernel.shape)
-        return _layers.Layout(tuple(range(n)), n - len(m.out_features))
+        return _layout.Layout(tuple(range(n)), n - len(m.out_features))
     if twin is CompressedEinsum:
         lhs = m.einsum_str.replace(" ", "").split(",")[0]
-        c, _ = _layers.einsum_contraction(m.einsum_str, len(lhs.replace("...", "")), len(m.kernel_shape))
+        c, _ = _layout.einsum_contraction(m.einsum_str, len(lhs.replace("...", "")), len(m.kernel_shape))
         if c is not None and c.layout.matmul_shape(m.kernel_shape) != tuple(m.kernel_shape):
             return c.layout
     return None
@@ -522,7 +522,7 @@ def compress_model(model: nnx.Module, policy: Policy | None = None) -> Compressi
             nb = int(value.nbytes)
             held.append(LeafReport(path, tuple(value.shape), str(value.dtype), "dense", nb, nb, None, _custom_op(m)))
             continue
-        layout = None if isinstance(value, CompressedTensor) else _layout(m)
+        layout = None if isinstance(value, CompressedTensor) else _stored_layout(m)
         layouts[path] = layout
         kernels[path] = value if layout is None else layout.to_matmul(np.asarray(value))
     compressed, report = compress_tree(kernels, policy, return_report=True)
