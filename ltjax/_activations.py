@@ -134,54 +134,48 @@ def _log_fallback_once(op: str, reason: str) -> None:
         logger.info("ltjax.%s: using the jnp path (%s)", op, reason)
 
 
-def _pallas_pack_reason(n: int) -> str | None:
+def _dispatch(op: str, n: int, dtype, kernel, reference, *args):
+    """``kernel(*args)`` (Pallas) in a program lowered for a GPU, ``reference(*args)`` elsewhere."""
+    from ltjax._ops import host_platform
+    from ltjax._platform import per_platform
     from ltjax.pallas import residual as pallas_residual
 
-    return pallas_residual.pallas_pack_unsupported_reason(n)
+    reason = pallas_residual.pallas_pack_unsupported_reason(n, dtype, platform="cuda")
+    if reason is None:
+        return per_platform({"cuda": kernel, "rocm": kernel}, reference, *args)
+    if host_platform() in ("cuda", "rocm"):
+        _log_fallback_once(op, reason)
+    return reference(*args)
+
+
+def _kernel(name: str, **static):
+    from ltjax.pallas import residual as pallas_residual
+
+    return functools.partial(getattr(pallas_residual, name), **static)
 
 
 def pack_mask(mask: jax.Array) -> jax.Array:
     """Packs a bool mask into uint32 words; Pallas on GPU, jnp elsewhere."""
-    reason = _pallas_pack_reason(mask.size)
-    if reason is None:
-        from ltjax.pallas import residual as pallas_residual
-
-        return pallas_residual.pack_mask(mask)
-    _log_fallback_once("pack_mask", reason)
-    return pack_mask_reference(mask)
+    return _dispatch("pack_mask", mask.size, jnp.float32, _kernel("pack_mask"), pack_mask_reference, mask)
 
 
 def unpack_mask(words: jax.Array, n: int) -> jax.Array:
     """Unpacks ``n`` mask bits; Pallas on GPU, jnp elsewhere."""
-    reason = _pallas_pack_reason(n)
-    if reason is None:
-        from ltjax.pallas import residual as pallas_residual
-
-        return pallas_residual.unpack_mask(words, n)
-    _log_fallback_once("unpack_mask", reason)
-    return unpack_mask_reference(words, n)
+    return _dispatch("unpack_mask", n, jnp.float32, _kernel("unpack_mask", n=n),
+                     functools.partial(unpack_mask_reference, n=n), words)
 
 
 def pack_sparse(x: jax.Array, capacity: int):
     """Bitmask + packed nonzeros of ``x``; Pallas on GPU, jnp elsewhere."""
-    reason = _pallas_pack_reason(x.size)
-    if reason is None:
-        from ltjax.pallas import residual as pallas_residual
-
-        return pallas_residual.pack_sparse(x, capacity)
-    _log_fallback_once("pack_sparse", reason)
-    return pack_sparse_reference(x, capacity)
+    return _dispatch("pack_sparse", x.size, x.dtype, _kernel("pack_sparse", capacity=capacity),
+                     functools.partial(pack_sparse_reference, capacity=capacity), x)
 
 
 def unpack_sparse(words, values, shape, dtype):
     """Dense ``x`` from bitmask + packed nonzeros; Pallas on GPU, jnp elsewhere."""
-    reason = _pallas_pack_reason(math.prod(shape))
-    if reason is None:
-        from ltjax.pallas import residual as pallas_residual
-
-        return pallas_residual.unpack_sparse(words, values, shape, dtype)
-    _log_fallback_once("unpack_sparse", reason)
-    return unpack_sparse_reference(words, values, shape, dtype)
+    static = dict(shape=tuple(shape), dtype=jnp.dtype(dtype))
+    return _dispatch("unpack_sparse", math.prod(shape), dtype, _kernel("unpack_sparse", **static),
+                     functools.partial(unpack_sparse_reference, **static), words, values)
 
 
 # --------------------------------------------------------------------------------------

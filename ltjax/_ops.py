@@ -1,8 +1,9 @@
 """The public op layer: `decompress` and `matmul` on `CompressedTensor`s, their VJPs and dispatch.
 
-Dispatch (one place: `_choose_impl`)
-------------------------------------
-``impl=None`` picks, in order: ``"cuda"`` on GPU when ``LTJAX_CUDA_GEMV=1`` and
+Dispatch (one place: `_choose_impl`, once per lowering platform: `_plan`)
+------------------------------------------------------------------------
+A program holds one choice per platform (CPU, CUDA, ROCm, other; `ltjax._platform`) and the
+compiler keeps the branch of the platform it compiles for. On each, ``impl=None`` picks, in order: ``"cuda"`` on GPU when ``LTJAX_CUDA_GEMV=1`` and
 `ltjax.ffi.gemv.why_not` says yes (the CUDA small-M kernels, docs/cuda.md: opt-in until a GPU
 has timed them); ``"pallas"`` on GPU when `ltjax.pallas.can_use_pallas` says yes;
 ``"ffi"`` on CPU when `ltjax.ffi.can_use_ffi` says yes (single device: a custom call is not SPMD-partitioned; M <= 64: above it the XLA path is faster, except for int8 on AMX CPUs); ``"xla"`` when `can_use_xla` says yes
@@ -78,6 +79,7 @@ import numpy as np
 from jax import lax
 
 from ltjax._format import CompressedTensor, Header, decompress_reference, from_storage
+from ltjax._platform import PLATFORMS, per_platform
 
 try:  # Pallas GPU kernels (may be absent or partial in this checkout).
     from ltjax import pallas as _pallas
@@ -111,10 +113,46 @@ def _log_fallback_once(reason: str) -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Config:
-    """The static (non-differentiable) configuration of one op call: hashable."""
+    """The static (non-differentiable) configuration of one op call on one platform: hashable."""
 
     impl: str
     interpret: bool = False
+
+
+# The lowering platforms each op chooses an implementation for. A jitted program holds one
+# choice per platform (`ltjax._platform.per_platform`): the compiler only ever sees the branch
+# of the platform it compiles for, so a program traced on a CPU host and exported (`jax.export`,
+# ``lower(lowering_platforms=("cuda",))`` or ``("cpu", "cuda")``) runs the GPU kernels on a GPU.
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Plan:
+    """One `_Config` per lowering platform (`PLATFORMS`, then ``default`` for any other)."""
+
+    cpu: _Config
+    cuda: _Config
+    rocm: _Config
+    default: _Config
+
+    @classmethod
+    def everywhere(cls, cfg: _Config) -> "_Plan":
+        return cls(cfg, cfg, cfg, cfg)
+
+    @property
+    def single(self) -> _Config | None:
+        """The config when every platform has the same one (no platform switch needed)."""
+        return self.cpu if self.cpu == self.cuda == self.rocm == self.default else None
+
+    def config(self, platform: str) -> _Config:
+        return getattr(self, platform) if platform in PLATFORMS else self.default
+
+
+def _per_platform(plan: _Plan, fn, *args):
+    """``fn(config, *args)`` with the config of the platform the program is lowered for."""
+    if plan.single is not None:
+        return fn(plan.single, *args)
+    calls = {cfg: functools.partial(fn, cfg) for cfg in (plan.cpu, plan.cuda, plan.rocm, plan.default)}
+    return per_platform({p: calls[plan.config(p)] for p in PLATFORMS}, calls[plan.default], *args)
 
 
 # ============================================================================ predicates
@@ -126,21 +164,47 @@ def _is_gpu() -> bool:
     return _backend() in ("gpu", "cuda", "rocm")
 
 
+def host_platform() -> str:
+    """This host's default platform as a lowering platform name: ``"cpu"``, ``"cuda"``, ``"rocm"``, ..."""
+    backend = _backend()
+    if backend != "gpu":
+        return backend
+    version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
+    return "rocm" if "rocm" in version else "cuda"
+
+
 def _module_has(mod: Any, *names: str) -> bool:
     return mod is not None and all(callable(getattr(mod, n, None)) for n in names)
 
 
-def _pallas_reason(x2: Any, ct: CompressedTensor, *, need_gpu: bool = True) -> str | None:
-    """Why the Pallas kernels cannot run this matmul (None: they can)."""
+def _explicit_sharding(*arrays: Any) -> str | None:
+    """The sharding of the first operand sharded along an explicit mesh axis (None: none is)."""
+    for a in jax.tree.leaves(arrays):
+        try:
+            spec = jax.typeof(a).sharding.spec
+        except (AttributeError, TypeError):
+            continue
+        if any(s is not None for s in spec):
+            return str(jax.typeof(a))
+    return None
+
+
+def _pallas_reason(x2: Any, ct: CompressedTensor, *, need_gpu: bool = True, platform: str | None = None) -> str | None:
+    """Why the Pallas kernels cannot run this matmul on ``platform`` (default: this host's; None: they can).
+    ``need_gpu=False``: in interpret mode, anywhere."""
     if not _module_has(_pallas, "can_use_pallas", "why_not_pallas", "matmul", "matmul_t"):
         return "ltjax.pallas kernels are not available in this installation"
-    if need_gpu and not _is_gpu():
-        return f"Pallas kernels need a GPU; the backend is {_backend()!r}"
+    sharded = _explicit_sharding(x2, ct)
+    if sharded is not None:
+        return f"the Pallas kernels take unsharded operands; {sharded} is sharded along an explicit mesh axis"
+    platform = platform or host_platform()
+    if need_gpu and platform not in ("cuda", "rocm"):
+        return f"Pallas kernels need a GPU; the platform is {platform!r}"
     interpret = not need_gpu
     dy2 = jax.ShapeDtypeStruct((x2.shape[0], ct.shape[1]), x2.dtype)
     for a, transpose in ((x2, False), (dy2, True)):  # the forward kernel and the backward's (dx)
-        if not _pallas.can_use_pallas(a, ct, transpose=transpose, interpret=interpret):
-            why = _pallas.why_not_pallas(a, ct, transpose=transpose, interpret=interpret)
+        why = _pallas.why_not_pallas(a, ct, transpose=transpose, interpret=interpret, platform=platform)
+        if why is not None:
             return f"ltjax.pallas cannot run x{tuple(x2.shape)} {x2.dtype} @ {ct!r}: {why}"
     return None
 
@@ -159,11 +223,18 @@ def _ffi_amx_gemm(ct: CompressedTensor) -> bool:
     return ct.codec == "int8" and _module_has(_ffi, "info") and bool(_ffi.info().get("amx"))
 
 
-def _ffi_reason(x2: Any, ct: CompressedTensor) -> str | None:
+def _ffi_reason(x2: Any, ct: CompressedTensor, platform: str | None = None) -> str | None:
+    """Why the CPU FFI handlers cannot run this matmul when lowered for ``platform`` (default: this host's)."""
     if not _module_has(_ffi, "can_use_ffi", "matmul", "matmul_t"):
         return "ltjax.ffi handlers are not available in this installation"
-    if _backend() != "cpu":
-        return f"FFI handlers run on CPU; the backend is {_backend()!r}"
+    platform = platform or host_platform()
+    if platform != "cpu":
+        return f"FFI handlers run on CPU; the platform is {platform!r}"
+    if _backend() != "cpu":  # the handlers' extension and ISA (AVX-512, AMX) are this host's
+        return f"the CPU handlers are chosen where the program is traced on a CPU host; this one is {_backend()!r}"
+    sharded = _explicit_sharding(x2, ct)
+    if sharded is not None:  # a custom call's result carries no sharding; the XLA path's does
+        return f"the CPU handlers take unsharded operands; {sharded} is sharded along an explicit mesh axis"
     if x2.shape[0] > _FFI_MAX_M and not _ffi_amx_gemm(ct):
         return f"M={x2.shape[0]} > {_FFI_MAX_M}: the XLA path's chunked dots are faster there"
     if jax.device_count() > 1:
@@ -175,16 +246,18 @@ def _ffi_reason(x2: Any, ct: CompressedTensor) -> str | None:
     return None
 
 
-def _cuda_reason(x2: Any, ct: CompressedTensor, *, need_gpu: bool = True) -> str | None:
+def _cuda_reason(x2: Any, ct: CompressedTensor, *, need_gpu: bool = True, platform: str | None = None) -> str | None:
     """Why the CUDA kernels cannot run this matmul (None: they can); its backward's dx runs on Pallas.
     ``need_gpu=False``: their CPU emulation (forced ``impl="cuda"`` off-GPU)."""
     if not _module_has(_gemv, "why_not", "gemv"):
         return "ltjax.ffi.gemv is not available in this installation"
+    if need_gpu and (platform or host_platform()) != host_platform():  # their targets register with this host's runtime
+        return f"the CUDA kernels are chosen on a CUDA host only; this host is {host_platform()!r}"
     why = _gemv.why_not(x2, ct, emulate=not need_gpu)
     if why is not None:
         return why
     if need_gpu:
-        return _pallas_reason(x2, ct)
+        return _pallas_reason(x2, ct, platform=platform)
     return None
 
 
@@ -213,53 +286,62 @@ def can_use_xla(x: Any, ct: CompressedTensor) -> bool:
     return _xla_reason(ct) is None
 
 
-def _choose_impl(x2: Any, ct: CompressedTensor, impl: str | None) -> _Config:
-    """The single dispatch point for `matmul`."""
-    if impl is not None and impl not in IMPLS:
+def _forced(x2: Any, ct: CompressedTensor, impl: str) -> _Config:
+    """A forced ``impl``: that implementation (on this host), or ``ValueError`` with the reason it cannot run."""
+    if impl not in IMPLS:
         raise ValueError(f"{impl=} is not an implementation; choose one of {IMPLS} or None")
     if impl == "pallas":
         reason = _pallas_reason(x2, ct, need_gpu=False)
-        if reason is not None:
-            raise ValueError(f"impl='pallas' cannot run: {reason}")
-        return _Config("pallas", interpret=not _is_gpu())
-    if impl == "cuda":
+        cfg = _Config("pallas", interpret=not _is_gpu())
+    elif impl == "cuda":
         reason = _cuda_reason(x2, ct, need_gpu=False)
-        if reason is not None:
-            raise ValueError(f"impl='cuda' cannot run: {reason}")
-        return _Config("cuda", interpret=not _is_gpu())
-    if impl == "ffi":
-        reason = _ffi_reason(x2, ct)
-        if reason is not None:
-            raise ValueError(f"impl='ffi' cannot run: {reason}")
-        return _Config("ffi")
-    if impl == "xla":
-        reason = _xla_reason(ct)
-        if reason is not None:
-            raise ValueError(f"impl='xla' cannot run: {reason}")
-        return _Config("xla")
-    if impl == "reference":
-        return _Config("reference")
-    # impl=None: the best that can run.
-    if _is_gpu() and _module_has(_gemv, "enabled") and _gemv.enabled():
-        reason = _cuda_reason(x2, ct)
+        cfg = _Config("cuda", interpret=not _is_gpu())
+    elif impl == "ffi":
+        reason, cfg = _ffi_reason(x2, ct), _Config("ffi")
+    elif impl == "xla":
+        reason, cfg = _xla_reason(ct), _Config("xla")
+    else:
+        reason, cfg = None, _Config("reference")
+    if reason is not None:
+        raise ValueError(f"impl={impl!r} cannot run: {reason}")
+    return cfg
+
+
+def _choose_impl(x2: Any, ct: CompressedTensor, impl: str | None, platform: str | None = None) -> _Config:
+    """The single dispatch point for `matmul`: the best implementation that can run on ``platform``
+    (default: this host's), or the forced ``impl``. Fallbacks on this host's platform are logged once."""
+    if impl is not None:
+        return _forced(x2, ct, impl)
+    platform = platform or host_platform()
+    log = _log_fallback_once if platform == host_platform() else (lambda reason: None)
+    if platform == "cuda" and _module_has(_gemv, "enabled") and _gemv.enabled():
+        reason = _cuda_reason(x2, ct, platform=platform)
         if reason is None:
             return _Config("cuda")
-        _log_fallback_once(f"matmul falls back from the CUDA kernels: {reason}")
-    if _is_gpu():
-        reason = _pallas_reason(x2, ct)
+        log(f"matmul falls back from the CUDA kernels: {reason}")
+    if platform in ("cuda", "rocm"):
+        reason = _pallas_reason(x2, ct, platform=platform)
         if reason is None:
             return _Config("pallas")
-        _log_fallback_once(f"matmul falls back from Pallas: {reason}")
-    elif _backend() == "cpu":
-        reason = _ffi_reason(x2, ct)
+        log(f"matmul falls back from Pallas: {reason}")
+    elif platform == "cpu":
+        reason = _ffi_reason(x2, ct, platform)
         if reason is None:
             return _Config("ffi")
-        _log_fallback_once(f"matmul falls back from FFI: {reason}")
+        log(f"matmul falls back from FFI: {reason}")
     reason = _xla_reason(ct)
     if reason is None:
         return _Config("xla")
-    _log_fallback_once(f"matmul falls back to the jnp reference: {reason}")
+    log(f"matmul falls back to the jnp reference: {reason}")
     return _Config("reference")
+
+
+def _plan(x2: Any, ct: CompressedTensor, impl: str | None) -> _Plan:
+    """`_choose_impl` for every lowering platform (a forced ``impl``: the same everywhere)."""
+    if impl is not None:
+        return _Plan.everywhere(_forced(x2, ct, impl))
+    cfgs = [_choose_impl(x2, ct, None, p) for p in PLATFORMS]
+    return _Plan(*cfgs, default=_Config("xla" if _xla_reason(ct) is None else "reference"))
 
 
 # ============================================================================ XLA decode pieces
@@ -443,20 +525,35 @@ def _matmul_t(cfg: _Config, dy2: jax.Array, ct: CompressedTensor) -> jax.Array:
     return _xla_matmul_t(dy2, ct)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _matmul2(cfg: _Config, x2: jax.Array, ct: CompressedTensor) -> jax.Array:
+def _forward_y(cfg: _Config, x2: jax.Array, ct: CompressedTensor) -> jax.Array:
     return _forward(cfg, x2, ct)[0]
 
 
-def _matmul2_fwd(cfg, x2, ct):
+def _forward_acc(cfg: _Config, x2: jax.Array, ct: CompressedTensor) -> tuple[jax.Array, jax.Array]:
+    """`_forward` with an accumulator on every platform: the XLA path's, or zeros the others never read."""
     y, acc = _forward(cfg, x2, ct)
+    return y, (jnp.zeros((x2.shape[0], ct.shape[1]), jnp.float32) if acc is None else acc)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _matmul2(plan: _Plan, x2: jax.Array, ct: CompressedTensor) -> jax.Array:
+    return _per_platform(plan, _forward_y, x2, ct)
+
+
+def _matmul2_fwd(plan, x2, ct):
+    if plan.single is not None:
+        y, acc = _forward(plan.single, x2, ct)
+    else:
+        y, acc = _per_platform(plan, _forward_acc, x2, ct)
     return y, (x2, ct, acc)
 
 
-def _matmul2_bwd(cfg, res, dy):
-    x2, ct, acc = res
+def _backward(cfg: _Config, x2, ct: CompressedTensor, acc, dy) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(dx, the cotangents of ``ct``'s float leaves) on one implementation."""
+    floats = {f: a for f, a in ct.leaves().items() if jnp.issubdtype(a.dtype, jnp.floating)}
     if cfg.impl == "reference":
-        return jax.vjp(matmul_reference, x2, ct)[1](dy)
+        dx, bar = jax.vjp(matmul_reference, x2, ct)[1](dy)
+        return dx, {f: getattr(bar, f) for f in floats}
     dx = _matmul_t(cfg, dy, ct).astype(x2.dtype)
     dyf, xf = dy.astype(jnp.float32), x2.astype(jnp.float32)
     cots: dict[str, Any] = {}
@@ -468,10 +565,19 @@ def _matmul2_bwd(cfg, res, dy):
             ct.values.dtype
         )
     if _has_scales(ct):
-        if acc is None:  # recompute x @ codes^T with unit scales on the same impl
+        if cfg.impl != "xla":  # recompute x @ codes^T with unit scales on the same impl
             unit = dataclasses.replace(ct, scales=jnp.ones_like(ct.scales))
             acc = _forward(cfg, xf, unit)[0]
         cots["scales"] = jnp.sum(dyf * acc, axis=0)
+    return dx, {f: cots.get(f, jnp.zeros(a.shape, a.dtype)) for f, a in floats.items()}
+
+
+def _matmul2_bwd(plan, res, dy):
+    x2, ct, acc = res
+    if plan.single is not None:
+        dx, cots = _backward(plan.single, x2, ct, acc, dy)
+    else:
+        dx, cots = _per_platform(plan, _backward, x2, ct, acc, dy)
     return dx, _ct_cotangent(ct, **cots)
 
 
@@ -497,20 +603,22 @@ def _check_matmul_args(x: Any, ct: Any) -> None:
         )
 
 
-def matmul_impl(x: Any, ct: CompressedTensor, *, impl: str | None = None) -> str:
-    """The implementation ``matmul(x, ct, impl=impl)`` runs here: ``"pallas"``, ``"cuda"``, ``"ffi"``,
-    ``"xla"`` or ``"reference"`` (``x`` may be a `jax.ShapeDtypeStruct`). Same dispatch as `matmul`."""
+def matmul_impl(x: Any, ct: CompressedTensor, *, impl: str | None = None, platform: str | None = None) -> str:
+    """The implementation ``matmul(x, ct, impl=impl)`` runs when lowered for ``platform`` (``"cpu"``,
+    ``"cuda"``, ``"rocm"``; default: this host's): ``"pallas"``, ``"cuda"``, ``"ffi"``, ``"xla"`` or
+    ``"reference"`` (``x`` may be a `jax.ShapeDtypeStruct`). Same dispatch as `matmul`."""
     _check_matmul_args(x, ct)
     x2 = jax.ShapeDtypeStruct((int(np.prod(np.shape(x)[:-1], dtype=np.int64)), ct.shape[0]), x.dtype)
-    return _choose_impl(x2, ct, impl).impl
+    return _plan(x2, ct, impl).config(platform or host_platform()).impl
 
 
 def matmul(x: jax.Array, ct: CompressedTensor, *, impl: str | None = None) -> jax.Array:
     """``x[..., K] @ W[K, N]`` where ``ct`` holds ``W`` (logical [K, N], the flax Dense kernel).
 
     Accumulates in f32 and returns ``x.dtype``. Jittable, vmappable, differentiable w.r.t.
-    ``x`` and the float leaves of ``ct``. ``impl``: ``None`` (the best that can run, see the
-    module docstring), ``"pallas"``, ``"cuda"`` (int8 and bitmask_int8 at M <= 16,
+    ``x`` and the float leaves of ``ct``. ``impl``: ``None`` (the best that can run on each
+    platform the program is lowered for, see the module docstring), or one implementation on
+    every platform: ``"pallas"``, ``"cuda"`` (int8 and bitmask_int8 at M <= 16,
     docs/cuda.md), ``"ffi"``, ``"xla"`` or ``"reference"``.
     """
     _check_matmul_args(x, ct)
@@ -518,8 +626,7 @@ def matmul(x: jax.Array, ct: CompressedTensor, *, impl: str | None = None) -> ja
     with jax.named_scope("ltjax.matmul"):
         k, n = ct.shape
         x2 = x.reshape(-1, k)
-        cfg = _choose_impl(x2, ct, impl)
-        return _matmul2(cfg, x2, ct).reshape(x.shape[:-1] + (n,))
+        return _matmul2(_plan(x2, ct, impl), x2, ct).reshape(x.shape[:-1] + (n,))
 
 
 def matmul_reference(x: jax.Array, ct: CompressedTensor) -> jax.Array:
@@ -541,15 +648,15 @@ def _decompress_impl(cfg: _Config, ct: CompressedTensor) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _decompress(cfg: _Config, ct: CompressedTensor) -> jax.Array:
-    return _decompress_impl(cfg, ct)
+def _decompress(plan: _Plan, ct: CompressedTensor) -> jax.Array:
+    return _per_platform(plan, _decompress_impl, ct)
 
 
-def _decompress_fwd(cfg, ct):
-    return _decompress_impl(cfg, ct), ct
+def _decompress_fwd(plan, ct):
+    return _decompress(plan, ct), ct
 
 
-def _decompress_bwd(cfg, ct, g):
+def _decompress_bwd(plan, ct, g):
     h = ct.header
     c, r = h.storage_shape
     g = jnp.asarray(g).astype(jnp.float32)
@@ -570,7 +677,8 @@ def _decompress_bwd(cfg, ct, g):
 _decompress.defvjp(_decompress_fwd, _decompress_bwd)
 
 
-def _choose_decompress_impl(ct: CompressedTensor, impl: str | None) -> _Config:
+def _choose_decompress_impl(ct: CompressedTensor, impl: str | None, platform: str | None = None) -> _Config:
+    """The implementation `decompress` runs on ``platform`` (default: this host's), or the forced ``impl``."""
     if impl is not None and impl not in DECOMPRESS_IMPLS:
         raise ValueError(f"{impl=} is not a decompress implementation; choose one of {DECOMPRESS_IMPLS} or None")
     has_pallas = _module_has(_pallas, "decompress")
@@ -586,11 +694,21 @@ def _choose_decompress_impl(ct: CompressedTensor, impl: str | None) -> _Config:
         return _Config("ffi")
     if impl in ("xla", "reference"):
         return _Config(impl)
-    if _is_gpu():
+    platform = platform or host_platform()
+    if _explicit_sharding(ct) is not None:  # the kernels take unsharded operands
+        return _Config("xla")
+    if platform in ("cuda", "rocm"):
         if has_pallas:
             return _Config("pallas")
-        _log_fallback_once("decompress falls back from Pallas: ltjax.pallas.decompress is not available")
-    return _Config("ffi" if ffi_ok else "xla")
+        if platform == host_platform():
+            _log_fallback_once("decompress falls back from Pallas: ltjax.pallas.decompress is not available")
+    return _Config("ffi" if ffi_ok and platform == "cpu" else "xla")
+
+
+def _decompress_plan(ct: CompressedTensor, impl: str | None) -> _Plan:
+    if impl is not None:
+        return _Plan.everywhere(_choose_decompress_impl(ct, impl))
+    return _Plan(*(_choose_decompress_impl(ct, None, p) for p in PLATFORMS), default=_Config("xla"))
 
 
 def decompress(ct: CompressedTensor, *, impl: str | None = None) -> jax.Array:
@@ -603,8 +721,7 @@ def decompress(ct: CompressedTensor, *, impl: str | None = None) -> jax.Array:
     if not isinstance(ct, CompressedTensor):
         raise ValueError(f"ltjax.decompress needs a CompressedTensor, got {type(ct).__name__}")
     with jax.named_scope("ltjax.decompress"):
-        cfg = _choose_decompress_impl(ct, impl)
-        decode = functools.partial(_decompress, cfg)
+        decode = functools.partial(_decompress, _decompress_plan(ct, impl))
         for _ in ct.stack_shape:  # a stack of tensors (nn.scan layers) decodes layer by layer
             decode = jax.vmap(decode)
         return decode(ct)

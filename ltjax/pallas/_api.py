@@ -20,14 +20,16 @@ MATMUL_CODECS = ("raw", "int8", "bitmask", "bitmask_int8")
 _MAX_PACKED = 2**31 - 2**16  # packed indices are int32 in the kernels
 
 
-def why_not_pallas(x, ct, *, transpose: bool = False, interpret: bool = False) -> str | None:
+def why_not_pallas(x, ct, *, transpose: bool = False, interpret: bool = False, platform: str | None = None) -> str | None:
     """Why `matmul(x, ct)` (``transpose``: `matmul_t(x, ct)`) cannot take the Pallas path, or None if it can.
 
-    ``interpret=True`` drops the GPU-backend requirement (the kernels then run in Pallas
-    interpret mode, for tests).
+    ``platform``: the platform the program is lowered for (``"cuda"``, ``"rocm"``, ``"cpu"``;
+    default: this host's backend). ``interpret=True`` drops the GPU requirement (the kernels
+    then run in Pallas interpret mode, for tests).
     """
-    if not interpret and jax.default_backend() != "gpu":
-        return f"the default backend is {jax.default_backend()!r}, not 'gpu'"
+    platform = platform or jax.default_backend()
+    if not interpret and platform not in ("gpu", "cuda", "rocm"):
+        return f"the platform is {platform!r}, not a GPU"
     if not isinstance(ct, CompressedTensor):
         return f"the weight is a {type(ct).__name__}, not a CompressedTensor"
     if ct.codec not in MATMUL_CODECS:
@@ -48,9 +50,9 @@ def why_not_pallas(x, ct, *, transpose: bool = False, interpret: bool = False) -
     return None
 
 
-def can_use_pallas(x, ct, *, transpose: bool = False, interpret: bool = False) -> bool:
+def can_use_pallas(x, ct, *, transpose: bool = False, interpret: bool = False, platform: str | None = None) -> bool:
     """True when `matmul(x, ct)` (or `matmul_t` with ``transpose``) can run the Pallas kernels."""
-    return why_not_pallas(x, ct, transpose=transpose, interpret=interpret) is None
+    return why_not_pallas(x, ct, transpose=transpose, interpret=interpret, platform=platform) is None
 
 
 def kernel_backend(x, ct: CompressedTensor, *, transpose: bool = False, interpret: bool | None = None) -> str:

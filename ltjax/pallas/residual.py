@@ -223,16 +223,16 @@ def unpack_sparse(words, values, shape, dtype, *, block_sizes: BlockSizes = DEFA
 # --------------------------------------------------------------------------------------
 
 
-def can_use_pallas_pack(n: int, dtype=jnp.float32) -> bool:
-    """Whether the Pallas kernels serve a tensor of ``n`` elements of ``dtype`` here."""
-    return pallas_pack_unsupported_reason(n, dtype) is None
+def can_use_pallas_pack(n: int, dtype=jnp.float32, platform: str | None = None) -> bool:
+    """Whether the Pallas kernels serve a tensor of ``n`` elements of ``dtype`` on ``platform`` (default: here)."""
+    return pallas_pack_unsupported_reason(n, dtype, platform) is None
 
 
-def pallas_pack_unsupported_reason(n: int, dtype=jnp.float32) -> str | None:
-    """None when the Pallas path applies, else why not (for the one-time log line)."""
-    backend = jax.default_backend()
-    if backend != "gpu":
-        return f"{backend=} is not gpu"
+def pallas_pack_unsupported_reason(n: int, dtype=jnp.float32, platform: str | None = None) -> str | None:
+    """None when the Pallas path applies on ``platform`` (default: this host's backend), else why not."""
+    platform = platform or jax.default_backend()
+    if platform not in ("gpu", "cuda", "rocm"):
+        return f"{platform=} is not a GPU"
     if jnp.dtype(dtype).itemsize not in (2, 4):
         return f"{dtype=} is not a 16- or 32-bit float"
     if n >= 2**31:
