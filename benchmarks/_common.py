@@ -24,12 +24,27 @@ NOISE_NOTE = ("timings taken on a machine shared with other jobs (see loadavg_st
               "treat them as indicative, not as peak figures")
 
 
-def parser(description: str, default_out: str) -> argparse.ArgumentParser:
-    """An argument parser with the two options every benchmark takes."""
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def run_dir(quick: bool = False, tag: str | None = None) -> str:
+    """``benchmarks/results/<date>-<tag>[-quick]/`` (tag: the jax backend by default; date: UTC
+    today): the dated folder a run writes into, so every result file names the run it came from."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return os.path.join(RESULTS, f"{date}-{tag or jax.default_backend()}{'-quick' if quick else ''}")
+
+
+def parser(description: str, name: str) -> argparse.ArgumentParser:
+    """An argument parser with the two options every benchmark takes; `out_path` resolves ``--out``."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="CI-sized run: small shapes, few repetitions")
-    p.add_argument("--out", default=default_out, help="JSON output path")
+    p.add_argument("--out", help=f"JSON output path (default benchmarks/results/<date>-<backend>[-quick]/{name}.json)")
     return p
+
+
+def out_path(args: argparse.Namespace, name: str) -> str:
+    """``--out``, or ``<name>.json`` in this run's dated folder (`run_dir`)."""
+    return args.out or os.path.join(run_dir(getattr(args, "quick", False)), f"{name}.json")
 
 
 def median_time(fn: Callable[[], Any], *, reps: int, warmup: int = 2, warmup_s: float | None = None) -> float:

@@ -19,7 +19,7 @@ Measured (nothing assumed):
     depth for jax.nn.relu and ltjax relu,
   * median step time of each variant.
 
-Usage: python -m benchmarks.activations [--steps 150] [--quick] [--out benchmarks/results/activations_cpu.json]
+Usage: python -m benchmarks.activations [--steps 150] [--quick] [--out PATH]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from sklearn.datasets import load_digits
 
+from benchmarks import _common as C
 from ltjax import _activations as A
 
 
@@ -108,9 +109,10 @@ def main(argv=None) -> int:
     ap.add_argument("--depth", type=int, default=3, help="hidden layers")
     ap.add_argument("--mem-batch", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--out", default="benchmarks/results/activations_cpu.json")
+    ap.add_argument("--out", help="JSON output path (default benchmarks/results/<date>-<backend>[-quick]/activations.json)")
     ap.add_argument("--quick", action="store_true", help="CI-sized run: 10 steps, batch 256, width 128")
     args = ap.parse_args(argv)
+    args.out = C.out_path(args, "activations")
     if args.quick:
         args.steps, args.batch, args.width, args.mem_batch = 10, 256, 128, 512
 

@@ -360,8 +360,9 @@ def verdict(row: dict) -> tuple[str, str]:
 
 
 def main(argv=None) -> int:
-    p = C.parser(__doc__.splitlines()[0], f"benchmarks/results/claims_{jax.default_backend()}.json")
+    p = C.parser(__doc__.splitlines()[0], "claims")
     args = p.parse_args(argv)
+    args.out = C.out_path(args, "claims")
     q = args.quick
     load0 = C.loadavg()
     t_start = time.perf_counter()

@@ -137,7 +137,7 @@ HEADER = (f"{'M':>3} {'K=N':>5} {'codec':>12} {'sp':>4} {'x':>8} {'kern':>5} {'t
 
 def main(argv=None) -> int:
     backend = jax.default_backend()
-    p = _common.parser(__doc__.splitlines()[0], "")
+    p = _common.parser(__doc__.splitlines()[0], "cuda_kernels")
     p.add_argument("--sizes", type=int, nargs="+", help="K = N values (default 8192; --quick 256)")
     p.add_argument("--ms", type=int, nargs="+", help="M values (default 1 4 16)")
     p.add_argument("--reps", type=int, help="timed runs per point (default 20; --quick 2)")
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     reps = a.reps or (2 if a.quick else 20)
     layers = a.layers or (8 if backend == "gpu" else 1)
     burst = a.burst or (8 if backend == "gpu" else 1)
-    out = a.out or f"benchmarks/results/cuda_kernels_{backend}{'_quick' if a.quick else ''}.json"
+    out = _common.out_path(a, "cuda_kernels")
     path, why = gemv.library()
     meta = dict(reps=reps, layers=layers, burst=burst, library=str(path) if path else None, library_reason=why,
                 note=None if backend == "gpu" else "no GPU: the kernels' CPU emulation ran; its times are not speeds")

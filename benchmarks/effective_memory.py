@@ -113,11 +113,12 @@ def largest_fit(a: float, b: float, per_layer_params: float, base_params: float,
 
 
 def main(argv=None) -> int:
-    p = C.parser(__doc__.splitlines()[0], f"benchmarks/results/effective_memory_{jax.default_backend()}.json")
+    p = C.parser(__doc__.splitlines()[0], "effective_memory")
     p.add_argument("--families", nargs="+", choices=tuple(FAMILIES), help="config families to sweep")
     p.add_argument("--context", type=int, help="KV cache length (default 2048; quick 64)")
     p.add_argument("--device-gib", type=float, nargs="+", default=[24.0, 80.0])
     args = p.parse_args(argv)
+    args.out = C.out_path(args, "effective_memory")
     families = args.families or (["tiny"] if args.quick else ["llama2-7b-width", "smollm2-135m-width"])
     context = args.context or (64 if args.quick else 2048)
     load0 = C.loadavg()

@@ -1,7 +1,7 @@
 """CPU FFI matmul benchmark: fused int8 / bitmask kernels vs XLA's dense dots, same run.
 
     python -m benchmarks.ffi_matmul [--quick] [--sizes 1024 4096] [--ms 1 4 16] [--seconds 0.6]
-                                    [--out benchmarks/results/ffi_cpu.json]
+                                    [--out PATH]
 
 ``--quick`` (what `ltjax bench --quick` passes) is a CI-sized run: 256², M = 1 and 4, a 0.02 s
 budget per candidate and 3 cold rounds; its times are a smoke test, not figures. Where the CPU
@@ -39,6 +39,7 @@ import numpy as np
 
 import ltjax
 import ltjax.ffi as lffi
+from benchmarks import _common as C
 from ltjax._format import decompress_reference, pack
 
 
@@ -240,12 +241,12 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", help="K = N values (default 1024 4096; --quick 256)")
     p.add_argument("--ms", type=int, nargs="+", help="M values (default 1 4 16; --quick 1 4)")
     p.add_argument("--seconds", type=float, help="timing budget per candidate per config (default 0.6; --quick 0.02)")
-    p.add_argument("--out", help="JSON output path (default benchmarks/results/ffi_cpu.json; --quick: ffi_cpu_quick.json)")
+    p.add_argument("--out", help="JSON output path (default benchmarks/results/<date>-<backend>[-quick]/ffi_matmul.json)")
     a = p.parse_args(argv)
     sizes = a.sizes or ([256] if a.quick else [1024, 4096])
     ms = a.ms or ([1, 4] if a.quick else [1, 4, 16])
     seconds = a.seconds if a.seconds is not None else (0.02 if a.quick else 0.6)
-    out = Path(a.out or f"benchmarks/results/ffi_cpu{'_quick' if a.quick else ''}.json")
+    out = Path(C.out_path(a, "ffi_matmul"))
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "benchmark": "ffi_matmul",

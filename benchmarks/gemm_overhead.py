@@ -103,10 +103,11 @@ def crossovers(rows: list[dict]) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = C.parser(__doc__.splitlines()[0], f"benchmarks/results/gemm_overhead_{jax.default_backend()}.json")
+    p = C.parser(__doc__.splitlines()[0], "gemm_overhead")
     p.add_argument("--sizes", type=int, nargs="+", help=f"K = N values (default {SIZES_FULL})")
     p.add_argument("--ms", type=int, nargs="+", help=f"M values (default {MS_FULL})")
     args = p.parse_args(argv)
+    args.out = C.out_path(args, "gemm_overhead")
     sizes = tuple(args.sizes or ((256,) if args.quick else SIZES_FULL))
     ms = tuple(args.ms or ((1, 16, 256) if args.quick else MS_FULL))
     budget_s, max_reps = (0.05, 5) if args.quick else (1.0, 30)

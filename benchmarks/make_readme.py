@@ -24,7 +24,18 @@ a subset: `ltjax bench --only claims gemm_overhead`; list: `ltjax bench --list`.
 `run.json` (machine, CPU model, backend, device, versions, git commit, load average), one JSON
 per benchmark, three PNG plots and a `monitor.jsonl` KPI record into
 `benchmarks/results/<date>-<backend>/`. A benchmark is any `benchmarks/<name>.py` with
-`main(argv)` accepting `--quick` and `--out PATH`.
+`main(argv)` accepting `--quick` and `--out PATH`; run alone (`python -m benchmarks.NAME`), it
+writes `<name>.json` into the same dated folder. The benchmarks run from a source checkout
+(they are not installed with the `ltjax` package).
+
+Every file under `benchmarks/results/` lives in a dated folder named after its run
+(`<date>-<machine>[-what]`); a folder the harness did not write has a README naming each
+file's run: date, tree and command.
+
+Tools that analyse the kernels without timing them (no GPU needed) are in `benchmarks/analysis/`:
+`python -m benchmarks.analysis.cuda_sass` (instruction counts of the CUDA kernels from their SASS),
+`python -m benchmarks.analysis.triton_ir` (the Pallas kernels' Triton IR, for the offline compile
+check) and `python -m benchmarks.analysis.occupancy CHECK.json` (programs per SM from that check).
 
 **Timing caveat**: the CPU runs below were taken on a 2-core machine shared with other jobs
 (load average recorded per run); timings are indicative. Byte counts, ratios and errors do
@@ -170,8 +181,9 @@ def other_section(run: dict) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--results", default="benchmarks/results")
-    p.add_argument("--out", default="benchmarks/README.md")
+    here = os.path.dirname(os.path.abspath(__file__))
+    p.add_argument("--results", default=os.path.join(here, "results"), help="default: benchmarks/results")
+    p.add_argument("--out", default=os.path.join(here, "README.md"), help="default: benchmarks/README.md")
     p.add_argument("--include-quick", action="store_true")
     args = p.parse_args(argv)
     runs = []

@@ -217,7 +217,7 @@ def format_unpack_row(r: dict) -> str:
 
 def main(argv=None) -> int:
     backend = jax.default_backend()
-    p = _common.parser(__doc__.splitlines()[0], "")
+    p = _common.parser(__doc__.splitlines()[0], "matmul")
     p.add_argument("--sizes", type=int, nargs="+", help="K = N values (default 1024 4096)")
     p.add_argument("--ms", type=int, nargs="+", help="M values (default 1 4 16 64)")
     p.add_argument("--reps", type=int, help="timed runs per point (median reported; default 30)")
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     layers = a.layers or (8 if backend == "gpu" else 1)
     burst = a.burst if a.burst is not None else (8 if backend == "gpu" else 0)
     x_dtypes = a.x_dtypes or (["bfloat16", "float32"] if backend == "gpu" else ["float32"])
-    out = a.out or f"benchmarks/results/matmul_{backend}{'_quick' if a.quick else ''}.json"
+    out = _common.out_path(a, "matmul")
     print(f"backend={backend} device={jax.devices()[0].device_kind} jax={jax.__version__} "
           f"reps={reps} layers={layers} (times are per layer)")
     rows, unpack_rows, floor = [], [], []

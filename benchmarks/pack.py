@@ -1,6 +1,6 @@
 """Pack time, ratio and reference-decode speed of each codec for a few sizes; prints a table, writes JSON.
 
-    python -m benchmarks.pack [--out benchmarks/results/pack_cpu.json] [--quick]
+    python -m benchmarks.pack [--out PATH] [--quick]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 import ltjax
+from benchmarks import _common as C
 from ltjax._format import pack
 
 
@@ -53,9 +54,10 @@ def run(sizes, sparsities, reps):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default=f"benchmarks/results/pack_{jax.default_backend()}.json")
+    ap.add_argument("--out", help="JSON output path (default benchmarks/results/<date>-<backend>[-quick]/pack.json)")
     ap.add_argument("--quick", action="store_true", help="small sizes, few repetitions (CI smoke run)")
     args = ap.parse_args(argv)
+    args.out = C.out_path(args, "pack")
     sizes, reps = ([256, 1024], 2) if args.quick else ([1024, 4096], 5)
     rows = run(sizes, [0.0, 0.5, 0.9], reps)
     result = dict(benchmark="pack", backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),

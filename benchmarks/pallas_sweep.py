@@ -156,7 +156,7 @@ def tuned_rows(rows: list[dict]) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = _common.parser(__doc__.splitlines()[0], "benchmarks/results/pallas_sweep.json")
+    p = _common.parser(__doc__.splitlines()[0], "pallas_sweep")
     p.add_argument("--size", type=int, default=8192, help="K = N (default 8192)")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--reps", type=int, default=20)
@@ -168,6 +168,7 @@ def main(argv=None) -> int:
                    help="write the fastest eligible candidate of each group as a tuned-table file "
                         "($LTJAX_PALLAS_TUNED reads it)")
     a = p.parse_args(argv)
+    a.out = _common.out_path(a, "pallas_sweep")
     size, layers, reps = (256, 2, 2) if a.quick else (a.size, a.layers, a.reps)
     if jax.default_backend() != "gpu" and not a.quick:
         print(f"pallas_sweep times native kernels: the backend is {jax.default_backend()!r}, not 'gpu' "

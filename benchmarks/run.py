@@ -19,7 +19,6 @@ JSON), the PNG plots and ``monitor.jsonl`` (one `ltjax.monitor` record for the r
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import inspect
 import json
@@ -207,8 +206,7 @@ def validate_run(obj: dict[str, Any]) -> list[str]:
 
 
 def default_out_dir(quick: bool) -> str:
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    return os.path.join("benchmarks", "results", f"{date}-{jax.default_backend()}{'-quick' if quick else ''}")
+    return C.run_dir(quick)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,8 +161,8 @@ def test_matmul_benchmark_paired_rows(tmp_path):
 
 
 def test_occupancy_arithmetic():
-    """`_pallas_triton_ir.occupancy` on Hopper's per-SM limits, against hand-worked figures."""
-    from benchmarks._pallas_triton_ir import occupancy
+    """`benchmarks.analysis.occupancy` on Hopper's per-SM limits, against hand-worked figures."""
+    from benchmarks.analysis.occupancy import occupancy
 
     # 64 registers on 1 warp: 2048 registers a program; 32 by registers, 64 by warps, 32 by blocks.
     o = occupancy(64, 1, 512, 4096)
@@ -204,10 +204,10 @@ def test_cuda_kernels_quick_rows_agree_with_the_reference(tmp_path):
 
 
 def test_cuda_sass_analysis_finds_the_loop_and_the_aligned_path():
-    """`benchmarks/_cuda_sass.py` on a made-up SASS listing: the main loop is the longest backward
+    """`benchmarks.analysis.cuda_sass` on a made-up SASS listing: the main loop is the longest backward
     branch's body, the aligned word path runs from the bounds check's target to its BSYNC, and a
     step on it is the loop without the byte-by-byte path between the two."""
-    from benchmarks import _cuda_sass as S
+    from benchmarks.analysis import cuda_sass as S
 
     listing = [
         (0x00, "MOV R1, R2"),

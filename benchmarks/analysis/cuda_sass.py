@@ -1,15 +1,16 @@
 """Instruction counts of the CUDA small-M kernels (docs/cuda.md), from their SASS: no GPU needed.
 
-Builds `ltjax/ffi/gemv_cuda.cu` with nvcc for one architecture (ptxas -v for registers and
-spills), disassembles it with cuobjdump, and per kernel reports the instructions of its main loop
-and, for the bitmask kernels, of the aligned path that decodes one mask word (the branch the
-per-word bounds check takes when every packed word it reads lies inside the array). Per-element
-figures divide a loop step (without the byte-by-byte path) by the 32 elements a lane handles in
-it, one mask word; int8: the loop by its 16 codes per chunk times the chunks unrolled. Where the
-word's path holds a loop of its own (the M >= 3 GEMVs decode mask bytes two at a time) there is
-no static count per step, and none is given.
+    python -m benchmarks.analysis.cuda_sass [--arch 90|80] [--cuobjdump PATH] [--out PATH]
 
-    python benchmarks/_cuda_sass.py [--arch 90] [--cuobjdump PATH] [--out benchmarks/results/cuda_sass_sm90.json]
+Builds the kernels' `.cu` source (under `ltjax/ffi/`) with nvcc for one architecture (ptxas -v for
+registers and spills), disassembles it with cuobjdump, and per kernel reports the instructions of
+its main loop and, for the bitmask kernels, of the aligned path that decodes one mask word (the
+branch the per-word bounds check takes when every packed word it reads lies inside the array).
+Per-element figures divide a loop step (without the byte-by-byte path) by the 32 elements a lane
+handles in it, one mask word; int8: the loop by its 16 codes per chunk times the chunks unrolled.
+Where the word's path holds a loop of its own (the M >= 3 GEMVs decode mask bytes two at a time)
+there is no static count per step, and none is given. Default output:
+``benchmarks/results/<date>-sass/cuda_sass_sm<arch>.json``.
 
 cuobjdump comes with the CUDA toolkit; where nvcc was installed without it, pass its path (the
 `triton` package carries one in triton/backends/nvidia/bin/).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import json
 import re
 import shutil
@@ -27,8 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
 INS = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
 OPCODE = lambda text: re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
@@ -51,12 +52,22 @@ def find_cuobjdump(given: str | None) -> str:
     sys.exit("cuobjdump not found: pass --cuobjdump PATH")
 
 
+def cuda_source() -> Path:
+    """The CUDA kernels' source: the one `.cu` file under `ltjax/ffi/`."""
+    found = sorted((ROOT / "ltjax" / "ffi").rglob("*.cu"))
+    if len(found) != 1:
+        sys.exit(f"expected one .cu file under {ROOT / 'ltjax/ffi'}, found {[str(p) for p in found]}")
+    return found[0]
+
+
 def build(arch: str, workdir: Path) -> tuple[Path, str]:
     import jax
 
+    src = cuda_source()
+    includes = [f"-I{d}" for d in dict.fromkeys([src.parent, src.parent.parent, ROOT / "ltjax" / "ffi"])]
     cubin = workdir / f"gemv_sm{arch}.cubin"
-    cmd = ["nvcc", "-O3", "-std=c++17", "-cubin", "-Xptxas", "-v", f"-I{jax.ffi.include_dir()}",
-           f"-I{ROOT / 'ltjax/ffi'}", f"-arch=sm_{arch}", "-o", str(cubin), str(ROOT / "ltjax/ffi/gemv_cuda.cu")]
+    cmd = ["nvcc", "-O3", "-std=c++17", "-cubin", "-Xptxas", "-v", f"-I{jax.ffi.include_dir()}", *includes,
+           f"-arch=sm_{arch}", "-o", str(cubin), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return cubin, proc.stderr
 
@@ -113,11 +124,16 @@ def analyse(ins: list[tuple[int, str]]) -> dict:
     return res
 
 
+def _commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return proc.stdout.strip() or "unknown"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="90")
-    p.add_argument("--cuobjdump")
-    p.add_argument("--out")
+    p.add_argument("--arch", default="90", help="the SASS architecture: 90 for sm_90, 80 for sm_80, ...")
+    p.add_argument("--cuobjdump", help="cuobjdump's path, where it is not on PATH")
+    p.add_argument("--out", help="JSON output path (default benchmarks/results/<date>-sass/cuda_sass_sm<arch>.json)")
     a = p.parse_args(argv)
     tool = find_cuobjdump(a.cuobjdump)
     with tempfile.TemporaryDirectory() as d:
@@ -140,10 +156,13 @@ def main(argv=None) -> int:
               + (f"  aligned word {k['aligned_word_path']['instructions']}" if "aligned_word_path" in k else "")
               + (f"  step {k['step_on_aligned_path']}" if "step_on_aligned_path" in k else "")
               + (f"  per element {k['per_element']}" if "per_element" in k else ""))
-    out = a.out or str(ROOT / f"benchmarks/results/cuda_sass_sm{a.arch}.json")
-    Path(out).write_text(json.dumps({"arch": f"sm_{a.arch}", "source": "ltjax/ffi/gemv_cuda.cu",
-                                     "note": "static SASS counts; per_element = (loop - byte-by-byte path) / 32",
-                                     "kernels": kernels}, indent=1))
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    out = Path(a.out or ROOT / f"benchmarks/results/{date}-sass/cuda_sass_sm{a.arch}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"arch": f"sm_{a.arch}", "source": str(cuda_source().relative_to(ROOT)), "date": date,
+                               "commit": _commit(),
+                               "note": "static SASS counts; per_element = (loop - byte-by-byte path) / 32",
+                               "kernels": kernels}, indent=1))
     print(f"wrote {out}")
     return 0
 
