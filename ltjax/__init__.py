@@ -29,7 +29,7 @@ from ltjax._activations import (
 from ltjax._errors import ChecksumError, LTFormatError
 from ltjax._format import CODECS, FORMAT_VERSION, CompressedTensor, Header, index_rows
 from ltjax._io import load, save, verify
-from ltjax._ops import decompress, matmul, matmul_impl, matmul_reference
+from ltjax.ops import decompress, decompress_reference, explain, matmul, matmul_impl, matmul_reference
 from ltjax._sharding import shard
 from ltjax import monitor, nn, nnx  # noqa: E402  (submodules, after the names they use)
 
@@ -57,6 +57,8 @@ __all__ = [
     "suggest_capacity",
     "value_and_grad_exact",
     "decompress",
+    "decompress_reference",
+    "explain",
     "index_rows",
     "load",
     "matmul",

@@ -38,12 +38,20 @@ import functools
 import logging
 import math
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from ltjax.ops.residual import (  # the pack/unpack op and its reference
+    pack_mask,
+    pack_sparse,
+    unpack_mask,
+    unpack_sparse,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,130 +61,6 @@ DEFAULT_CAPACITY = 0.5
 Post-ReLU hidden activations of the digits MLP in ``benchmarks/activations.py`` measured
 about 0.7-0.8 sparse; 0.5 leaves room for denser batches and early training. Use
 :func:`suggest_capacity` on a sample batch for a tighter, measured value."""
-
-_WORD_BITS = 32
-
-
-# --------------------------------------------------------------------------------------
-# Bit packing (pure jnp; the reference and the CPU path)
-# --------------------------------------------------------------------------------------
-
-
-def num_words(n: int) -> int:
-    """Number of uint32 words that hold ``n`` mask bits."""
-    return -(-n // _WORD_BITS)
-
-
-def pack_mask_reference(mask: jax.Array) -> jax.Array:
-    """Packs a boolean array (any shape, flattened C-order) into uint32 words.
-
-    Bit ``i % 32`` of word ``i // 32`` is ``mask.ravel()[i]``; the tail of the last word
-    is zero. Hand-packed with shifts and a sum of disjoint bits (``jnp.packbits`` costs
-    4 bits per element on XLA CPU, this costs 1).
-    """
-    flat = jnp.ravel(mask).astype(jnp.uint32)
-    n = flat.shape[0]
-    flat = jnp.pad(flat, (0, num_words(n) * _WORD_BITS - n))
-    shifts = jnp.arange(_WORD_BITS, dtype=jnp.uint32)
-    return jnp.sum(flat.reshape(-1, _WORD_BITS) << shifts, axis=-1, dtype=jnp.uint32)
-
-
-def unpack_mask_reference(words: jax.Array, n: int) -> jax.Array:
-    """Inverse of :func:`pack_mask_reference`: the first ``n`` bits as a flat bool array."""
-    shifts = jnp.arange(_WORD_BITS, dtype=jnp.uint32)
-    bits = (words[:, None] >> shifts) & jnp.uint32(1)
-    return bits.reshape(-1)[:n].astype(jnp.bool_)
-
-
-def _nonzero_bits(x: jax.Array) -> jax.Array:
-    """``x != 0`` on the bit pattern: -0.0 and NaN count as nonzero, so they round-trip."""
-    uint = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
-    return lax.bitcast_convert_type(x, uint) != 0
-
-
-def pack_sparse_reference(x: jax.Array, capacity: int):
-    """Packs ``x`` as (mask words, first ``capacity`` nonzeros in C order, nnz).
-
-    Returns ``(words uint32[num_words(x.size)], values x.dtype[capacity], nnz int32[])``.
-    When ``nnz > capacity`` the values past ``capacity`` are dropped (overflow).
-    """
-    flat = jnp.ravel(x)
-    mask = _nonzero_bits(flat)
-    pos = jnp.cumsum(mask, dtype=jnp.int32) - 1
-    # A separate reduction, not pos[-1]: XLA fuses that slice into its consumer in the
-    # backward pass and keeps the whole int32 prefix sum alive until then.
-    nnz = jnp.sum(mask, dtype=jnp.int32)
-    idx = jnp.where(mask, pos, capacity)  # zeros go out of bounds and are dropped
-    values = jnp.zeros((capacity,), x.dtype).at[idx].set(flat, mode="drop")
-    return pack_mask_reference(mask), values, nnz
-
-
-def unpack_sparse_reference(words: jax.Array, values: jax.Array, shape, dtype) -> jax.Array:
-    """Inverse of :func:`pack_sparse_reference` (exact when nnz <= capacity)."""
-    n = math.prod(shape)
-    mask = unpack_mask_reference(words, n)
-    pos = jnp.cumsum(mask, dtype=jnp.int32) - 1
-    keep = mask & (pos < values.shape[0])  # overflowed nonzeros read as 0
-    gathered = values[jnp.clip(pos, 0, values.shape[0] - 1)]
-    return jnp.where(keep, gathered, jnp.zeros((), dtype)).reshape(shape)
-
-
-# --------------------------------------------------------------------------------------
-# Dispatch: Pallas kernels on GPU, jnp elsewhere
-# --------------------------------------------------------------------------------------
-
-_fallback_logged: set[str] = set()
-
-
-def _log_fallback_once(op: str, reason: str) -> None:
-    if op not in _fallback_logged:
-        _fallback_logged.add(op)
-        logger.info("ltjax.%s: using the jnp path (%s)", op, reason)
-
-
-def _dispatch(op: str, n: int, dtype, kernel, reference, *args):
-    """``kernel(*args)`` (Pallas) in a program lowered for a GPU, ``reference(*args)`` elsewhere."""
-    from ltjax._ops import host_platform
-    from ltjax._platform import per_platform
-    from ltjax.pallas import residual as pallas_residual
-
-    reason = pallas_residual.pallas_pack_unsupported_reason(n, dtype, platform="cuda")
-    if reason is None:
-        return per_platform({"cuda": kernel, "rocm": kernel}, reference, *args)
-    if host_platform() in ("cuda", "rocm"):
-        _log_fallback_once(op, reason)
-    return reference(*args)
-
-
-def _kernel(name: str, **static):
-    from ltjax.pallas import residual as pallas_residual
-
-    return functools.partial(getattr(pallas_residual, name), **static)
-
-
-def pack_mask(mask: jax.Array) -> jax.Array:
-    """Packs a bool mask into uint32 words; Pallas on GPU, jnp elsewhere."""
-    return _dispatch("pack_mask", mask.size, jnp.float32, _kernel("pack_mask"), pack_mask_reference, mask)
-
-
-def unpack_mask(words: jax.Array, n: int) -> jax.Array:
-    """Unpacks ``n`` mask bits; Pallas on GPU, jnp elsewhere."""
-    return _dispatch("unpack_mask", n, jnp.float32, _kernel("unpack_mask", n=n),
-                     functools.partial(unpack_mask_reference, n=n), words)
-
-
-def pack_sparse(x: jax.Array, capacity: int):
-    """Bitmask + packed nonzeros of ``x``; Pallas on GPU, jnp elsewhere."""
-    return _dispatch("pack_sparse", x.size, x.dtype, _kernel("pack_sparse", capacity=capacity),
-                     functools.partial(pack_sparse_reference, capacity=capacity), x)
-
-
-def unpack_sparse(words, values, shape, dtype):
-    """Dense ``x`` from bitmask + packed nonzeros; Pallas on GPU, jnp elsewhere."""
-    static = dict(shape=tuple(shape), dtype=jnp.dtype(dtype))
-    return _dispatch("unpack_sparse", math.prod(shape), dtype, _kernel("unpack_sparse", **static),
-                     functools.partial(unpack_sparse_reference, **static), words, values)
-
 
 # --------------------------------------------------------------------------------------
 # Validation

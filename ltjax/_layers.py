@@ -18,19 +18,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ltjax._config import log_once
 from ltjax._format import CompressedTensor
-from ltjax._layout import Contraction, Layout, dense_general_contraction, einsum_contraction  # noqa: F401
-from ltjax._ops import decompress, matmul
-
-log = logging.getLogger("ltjax")
-_NOTED: set[str] = set()
-
+from ltjax._layout import Contraction, Layout
+from ltjax.ops import decompress, matmul
 
 def note_once(key: str, message: str) -> None:
-    """Logs a slower-path note once per process and key (style: fallbacks are never silent)."""
-    if key not in _NOTED:
-        _NOTED.add(key)
-        log.warning(message)
+    """A slower path, said once per process and key at WARNING (fallbacks are never silent)."""
+    log_once(key, "%s", message, level=logging.WARNING)
 
 
 def is_compressed(x: Any) -> bool:

@@ -18,6 +18,8 @@ import jax
 from jax.extend import core as jcore
 from jax.interpreters import batching, mlir
 
+from ltjax._config import host_platform
+
 PLATFORMS = ("cpu", "cuda", "rocm")
 
 platform_call_p = jcore.Primitive("ltjax_platform_call")
@@ -105,8 +107,6 @@ def _abstract_eval(*avals, jaxprs):
 
 @platform_call_p.def_impl
 def _impl(*args, jaxprs):
-    from ltjax._ops import host_platform  # eager: this host's branch
-
     return jcore.jaxpr_as_fun(_branch(jaxprs, host_platform()))(*args)
 
 

@@ -1,4 +1,5 @@
-"""The ``ltjax`` command line: analyze, compress, inspect and verify tensor files; say what runs here; run the benchmarks."""
+"""The ``ltjax`` command line: analyze, compress, inspect and verify tensor files; say what runs here;
+run the benchmarks (from a source checkout)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ltjax._analyze import Policy, _table, _fmt_bytes, analyze, compress_tree
+from ltjax._analyze import Policy, _fmt_bytes, _table, analyze, compress_tree
 from ltjax._errors import LTFormatError
 from ltjax._format import CODECS, CompressedTensor
 from ltjax._io import HEADER_CRC_NAME, read_leaves, read_safetensors, save, verify
@@ -41,7 +43,8 @@ def read_tensors(path: str) -> dict[str, Any]:
 def _decoded(tensors: dict[str, Any]) -> dict[str, Any]:
     from ltjax._format import decompress_reference
 
-    return {k: np.asarray(decompress_reference(v)) if isinstance(v, CompressedTensor) else v for k, v in tensors.items()}
+    return {k: np.asarray(decompress_reference(v)) if isinstance(v, CompressedTensor) else v
+            for k, v in tensors.items()}
 
 
 def _cmd_analyze(args) -> int:
@@ -61,7 +64,8 @@ def _cmd_compress(args) -> int:
     )
     tree, report = compress_tree(_decoded(tensors), policy, return_report=True)
     save(args.output, tree)
-    print(report.to_json() if args.json else f"{report}\nwrote {args.output} ({_fmt_bytes(os.path.getsize(args.output))})")
+    size = _fmt_bytes(os.path.getsize(args.output))
+    print(report.to_json() if args.json else f"{report}\nwrote {args.output} ({size})")
     return 0
 
 
@@ -76,7 +80,8 @@ def _cmd_inspect(args) -> int:
                              dense_nbytes=leaf.dense_nbytes, ratio=leaf.ratio))
         else:
             rows.append(dict(path=path, codec="dense", shape=list(leaf.shape), dtype=str(leaf.dtype), axis=None,
-                             tile=None, tiles=0, nnz=None, nbytes=int(leaf.nbytes), dense_nbytes=int(leaf.nbytes), ratio=1.0))
+                             tile=None, tiles=0, nnz=None, nbytes=int(leaf.nbytes), dense_nbytes=int(leaf.nbytes),
+                             ratio=1.0))
     if args.json:
         print(json.dumps({"path": args.file, "version": 1, "tensors": rows}))
         return 0
@@ -84,7 +89,8 @@ def _cmd_inspect(args) -> int:
               "-" if r["tile"] is None else "x".join(map(str, r["tile"])), str(r["tiles"]),
               _fmt_bytes(r["dense_nbytes"]), _fmt_bytes(r["nbytes"]), f"{r['ratio']:.2f}x"] for r in rows]
     dense, stored = sum(r["dense_nbytes"] for r in rows), sum(r["nbytes"] for r in rows)
-    table.append(["TOTAL", "", "", "", "", "", "", _fmt_bytes(dense), _fmt_bytes(stored), f"{dense / max(stored, 1):.2f}x"])
+    table.append(["TOTAL", "", "", "", "", "", "", _fmt_bytes(dense), _fmt_bytes(stored),
+                  f"{dense / max(stored, 1):.2f}x"])
     print(_table(["tensor", "codec", "shape", "dtype", "axis", "tile", "tiles", "dense", "stored", "ratio"], table))
     return 0
 
@@ -100,30 +106,31 @@ def _cmd_verify(args) -> int:
 def info_report() -> dict[str, Any]:
     """What this installation will run: versions, devices, the CPU FFI extension's state and, per
     codec and batch size, the implementation `ltjax.matmul` picks (with the reason where it
-    falls back), as `ltjax.matmul_impl` decides it."""
+    falls back), as `ltjax.explain` says."""
     import jax
     import jax.numpy as jnp
 
     import ltjax
-    from ltjax import _ops
     from ltjax import ffi as lffi
+    from ltjax._config import host_platform
+    from ltjax.ops.matmul import IMPLEMENTATIONS
+    from ltjax.ops.matmul.cpu import MAX_M
 
+    here = host_platform()
+    native = [i.name for i in IMPLEMENTATIONS if i.platforms is None or here in i.platforms]
     rng = np.random.default_rng(0)
     w = rng.standard_normal((256, 256)).astype(np.float32)
     w[rng.random(w.shape) < 0.5] = 0.0
     routes = {}
     for codec in ("int8", "bitmask_int8", "bitmask"):
         ct = ltjax.compress(w, codec)
-        for m in (1, 16, _ops._FFI_MAX_M + 1):
+        for m in (1, 16, MAX_M + 1):
             x = jax.ShapeDtypeStruct((m, w.shape[0]), jnp.float32)
-            impl = ltjax.matmul_impl(x, ct)
-            why = None
-            if jax.default_backend() == "cpu" and impl != "ffi":
-                why = _ops._ffi_reason(x, ct)
-            elif jax.default_backend() == "gpu" and impl != "pallas":
-                why = _ops._pallas_reason(x, ct)
-            routes[f"{codec} M={m}"] = {"impl": impl, "why_not_fast_path": why}
-            if impl == "pallas":  # which GPU kernel: Triton, or the int8 Mosaic GPU one (Hopper)
+            e = ltjax.explain(x, ct)
+            ahead = native[: native.index(e.impl)] if e.impl in native else native
+            routes[f"{codec} M={m}"] = {"impl": e.impl, "backward": e.backward, "platforms": e.platforms,
+                                        "why_not": {n: e.reasons[n] for n in ahead}}
+            if e.impl == "pallas":  # which GPU kernel: Triton, or the int8 Mosaic GPU one (Hopper)
                 from ltjax import pallas as lp
 
                 routes[f"{codec} M={m}"]["kernel"] = lp.kernel_backend(x, ct)
@@ -166,17 +173,20 @@ def _cmd_info(args) -> int:
           + (" (not the one imported: this source tree shadows it)" if r["package"]["shadows_installed"] else ""))
     f = r["cpu_ffi"]
     if f["loaded"]:
-        print(f"CPU FFI extension: loaded from {f['path']}, {f['isa']}, {f['threads']} threads; M = 1 bitmask_int8 GEMV: "
-              f"{f['vnni'] or 'f32 walk'}; int8 GEMM (M >= 2): {'AMX tiles' if f['amx'] else 'f32 kernel'}")
+        print(f"CPU FFI extension: loaded from {f['path']}, {f['isa']}, {f['threads']} threads; "
+              f"M = 1 bitmask_int8 GEMV: {f['vnni'] or 'f32 walk'}; "
+              f"int8 GEMM (M >= 2): {'AMX tiles' if f['amx'] else 'f32 kernel'}")
     else:
         print(f"CPU FFI extension: not loaded ({f['reason']})")
     c = r["cuda_kernels"]
     print(f"CUDA small-M kernels (docs/cuda.md): {'built, ' + c['library'] if c['library'] else c['reason']}; "
           f"picked by impl=None on a GPU: {'yes' if c['auto'] else 'no (LTJAX_CUDA_GEMV=1 turns it on)'}")
-    print("ltjax.matmul with f32 activations runs:")
+    print("ltjax.matmul with f32 activations runs (ltjax.explain; a program lowered for another platform "
+          "holds that platform's path):")
     for name, route in r["matmul_routes"].items():
         impl = route["impl"] + (f" ({route['kernel']})" if "kernel" in route else "")
-        print(f"  {name:18s} {impl}" + (f"  ({route['why_not_fast_path']})" if route["why_not_fast_path"] else ""))
+        why = "; ".join(f"not {n}: {w}" for n, w in route["why_not"].items())
+        print(f"  {name:18s} {impl}, {route['backward']}" + (f"  ({why})" if why else ""))
     return 0
 
 
@@ -216,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--json", action="store_true")
     n.set_defaults(fn=_cmd_info)
 
-    b = sub.add_parser("bench", help="run the benchmark harness (benchmarks.run); see `ltjax bench --help`",
+    b = sub.add_parser("bench", help="run the benchmark harness of the source checkout (benchmarks.run); see "
+                                     "`ltjax bench --help`",
                        add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to benchmarks.run")
     b.set_defaults(fn=_cmd_bench)
@@ -224,8 +235,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def source_checkout() -> Path | None:
+    """The source checkout the imported ltjax comes from (an editable install, or run from the
+    tree): the folder holding ``ltjax/`` and ``benchmarks/run.py``. None for an installed wheel,
+    which carries only the ``ltjax`` package."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "benchmarks" / "run.py").is_file() else None
+
+
+NO_CHECKOUT = """ltjax bench: the benchmarks run from a source checkout of ltjax; the imported ltjax ({path})
+is an installed package, which carries no benchmarks. Get the source (a clone of the ltjax
+repository, or its source distribution unpacked), then in it:
+    pip install -e ".[bench]"
+    ltjax bench            # or: python -m benchmarks.run"""
+
+
 def _cmd_bench(args) -> int:
-    from benchmarks.run import main as bench_main  # lazy: matplotlib and the benchmarks load only here
+    root = source_checkout()
+    if root is None:
+        print(NO_CHECKOUT.format(path=Path(__file__).resolve().parent), file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:  # the checkout's `benchmarks`, not another project's of that name
+        sys.path.insert(0, str(root))
+    import benchmarks  # lazy: matplotlib and the benchmarks load only here
+
+    if Path(benchmarks.__file__).resolve().parent != root / "benchmarks":
+        print(f"ltjax bench: `benchmarks` imports from {Path(benchmarks.__file__).parent}, not from the checkout "
+              f"{root}: another package of that name is installed or was imported first", file=sys.stderr)
+        return 2
+    from benchmarks.run import main as bench_main
 
     return bench_main(args.bench_args)
 

@@ -23,7 +23,8 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -97,6 +98,7 @@ class Monitor:
         self._latency: dict[str, list[float]] = {}
         self._throughput: dict[str, list[tuple[float, float]]] = {}
         self._ratios: dict[str, float] = {}
+        self._paths: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._fallbacks = _FallbackHandler()
         log.addHandler(self._fallbacks)
@@ -118,6 +120,16 @@ class Monitor:
         with self._lock:
             self._ratios[name] = rep.ratio
         return rep.ratio
+
+    def record_path(self, name: str, x: Any, ct: Any) -> Any:
+        """Records which implementation ``ltjax.matmul(x, ct)`` runs, and why not the others
+        (`ltjax.explain`); returned too. ``x`` may be a ``jax.ShapeDtypeStruct``."""
+        from ltjax.ops import explain
+
+        e = explain(x, ct)
+        with self._lock:
+            self._paths[name] = e.to_json()
+        return e
 
     def timed(self, name: str, fn: Callable, *args, nbytes: float | None = None, **kwargs):
         """Runs ``fn(*args, **kwargs)``, waits for its result, records latency (and throughput)."""
@@ -166,8 +178,8 @@ class Monitor:
     def flush(self) -> dict[str, Any]:
         """Summarises what was recorded since the last flush into one JSON line (returned too)."""
         with self._lock:
-            lat, thr, ratios = self._latency, self._throughput, dict(self._ratios)
-            self._latency, self._throughput = {}, {}
+            lat, thr, ratios, paths = self._latency, self._throughput, dict(self._ratios), self._paths
+            self._latency, self._throughput, self._paths = {}, {}, {}
             fallbacks = list(self._fallbacks.events)
             self._fallbacks.events.clear()
         gpu = self.sample_gpu()
@@ -191,6 +203,7 @@ class Monitor:
                 for k, v in lat.items()
             },
             "fallbacks": fallbacks,
+            "paths": paths,
             "gpu": gpu,
             "warnings": warnings,
             "prefer_dense": self.prefer_dense,
@@ -213,7 +226,7 @@ class Monitor:
             except Exception:
                 pass
 
-    def __enter__(self) -> "Monitor":
+    def __enter__(self) -> Monitor:
         return self
 
     def __exit__(self, *exc) -> None:

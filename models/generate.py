@@ -18,7 +18,7 @@ import argparse
 import functools
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -387,7 +387,7 @@ def load_model(checkpoint: str | None = None, random_init: bool = False, seed: i
 def op_path(tree_or_ct, m: int = 1) -> dict:
     """Which `ltjax.matmul` implementation serves ``x[m, K] @ W`` for the Dense kernels here.
 
-    Asks the op layer's own dispatch (`ltjax.matmul_impl`) about the first compressed 2-D
+    Asks the op layer's own dispatch (`ltjax.explain`) about the first compressed 2-D
     kernel stored output-channel-major (a Dense kernel; embeddings are row-major).
 
     Returns:
@@ -402,7 +402,11 @@ def op_path(tree_or_ct, m: int = 1) -> dict:
         return {"path": "none", "why": "no compressed Dense kernel"}
     ct = kernels[0]
     x = jax.ShapeDtypeStruct((m, ct.shape[0]), jnp.float32)
-    return {"path": ltjax.matmul_impl(x, ct), "why": f"ltjax.matmul_impl for x[{m}, {ct.shape[0]}] @ {ct!r}"}
+    e = ltjax.explain(x, ct)
+    names = list(e.reasons)
+    why = "; ".join(f"not {n}: {e.reasons[n]}" for n in names[: names.index(e.impl)]
+                    if not e.reasons[n].startswith("runs on"))  # implementations of other platforms: not news
+    return {"path": e.impl, "why": f"ltjax.explain: {e.what}" + (f" ({why})" if why else ""), "explain": e.to_json()}
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,7 @@ from flax import nnx
 import ltjax
 import ltjax.nn as lnn
 import ltjax.nnx as lnnx
-from ltjax import _layers
+from ltjax import _config, _layout
 
 KEY = jax.random.key(20261207)
 INT8 = ltjax.Policy(codec="int8")
@@ -93,7 +93,7 @@ def test_linen_attention_without_model_or_bias_falls_back_and_says_how(caplog):
     x = _x(5)
     params = attn.init(jax.random.fold_in(KEY, 6), x)["params"]
     cparams = ltjax.compress_tree(params, INT8)
-    _layers._NOTED.clear()
+    _config._LOGGED.clear()
     with caplog.at_level(logging.WARNING, logger="ltjax"):
         y, temp = _linen(attn, cparams, x)
     assert "model=model" in caplog.text and "query" in caplog.text
@@ -122,7 +122,7 @@ def test_linen_einsum_fused_against_jnp_einsum(eq, xs, ks, caplog):
         y, temp = _linen(layer, cparams, x)
     assert "decompress" not in caplog.text
     assert temp < np.prod(ks) * 4 / 2
-    contraction, _ = _layers.einsum_contraction(eq, x.ndim, len(ks))
+    contraction, _ = _layout.einsum_contraction(eq, x.ndim, len(ks))
     kernel = contraction.layout.from_matmul(ltjax.decompress(cparams["kernel"]), ks)
     ref = jnp.einsum(eq, x, kernel, precision="highest") + jnp.reshape(params["bias"], layer._get_bias_shape(eq, x, kernel)[1])
     np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5)
@@ -224,7 +224,8 @@ def test_nnx_custom_op_left_dense_with_reason():
 
 
 def test_nnx_out_sharding_applied_like_flax():
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = jax.make_mesh((1,), ("m",), axis_types=(AxisType.Explicit,))
     with jax.sharding.set_mesh(mesh):
@@ -289,7 +290,7 @@ def test_einsum_contraction_rejects_what_is_no_matmul():
         ("bd,...d->bd", 2, 2, "ellipsis in the kernel"),
         ("bd,de", 2, 2, "explicit two-operand"),
     ]:
-        c, reason = _layers.einsum_contraction(eq, x_ndim, k_ndim)
+        c, reason = _layout.einsum_contraction(eq, x_ndim, k_ndim)
         assert c is None and why in reason, (eq, reason)
 
 
@@ -298,7 +299,7 @@ def test_layout_round_trip_random(seed):
     rng = np.random.default_rng(seed)
     shape = tuple(int(s) for s in rng.integers(2, 6, size=rng.integers(2, 5)))
     perm = tuple(int(p) for p in rng.permutation(len(shape)))
-    layout = _layers.Layout(perm, int(rng.integers(1, len(shape))))
+    layout = _layout.Layout(perm, int(rng.integers(1, len(shape))))
     a = rng.standard_normal((3,) + shape).astype(np.float32)
     w2 = layout.to_matmul(a)
     assert w2.shape == (3,) + layout.matmul_shape(shape)

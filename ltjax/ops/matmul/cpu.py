@@ -1,0 +1,64 @@
+"""`ltjax.matmul` on the CPU handlers (`ltjax.ffi.cpu`, XLA FFI custom calls): int8 and bitmask codecs.
+
+Chosen up to `MAX_M` rows of x: above it the XLA path's chunked dots beat the handlers' GEMM
+(docs/ffi.md), except the int8 GEMM on AMX tiles, which wins at every M measured (to 1024);
+the backward's ``dx`` (an f32 kernel) stays on the handlers up to `MAX_M` only. Chosen only when
+the program is traced on a CPU host (the extension and its ISA are this host's) and on one
+device (a custom call is not partitioned: its operands would be all-gathered).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from ltjax._config import host_platform
+from ltjax._format import CompressedTensor
+from ltjax.ops._dispatch import Implementation, explicit_sharding
+
+try:
+    from ltjax.ffi import cpu as _cpu
+except ImportError:  # pragma: no cover - an installation without the CPU handlers' Python side
+    _cpu = None
+
+MAX_M = 64
+
+
+def _amx_int8(ct: CompressedTensor) -> bool:
+    return ct.codec == "int8" and bool(_cpu.info().get("amx"))
+
+
+def _reason(a: jax.Array, ct: CompressedTensor, *, transpose: bool) -> str | None:
+    if _cpu is None:
+        return "ltjax.ffi.cpu is not available in this installation"
+    if host_platform() != "cpu":
+        return f"the CPU handlers are chosen where the program is traced on a CPU host; this one is {host_platform()!r}"
+    sharded = explicit_sharding(a, ct)
+    if sharded is not None:  # a custom call's result carries no sharding; the XLA path's does
+        return f"the handlers take unsharded operands; {sharded} is sharded along an explicit mesh axis"
+    if jax.device_count() > 1:
+        return f"FFI custom calls are not partitioned across the {jax.device_count()} devices"
+    if a.shape[0] > MAX_M and (transpose or not _amx_int8(ct)):
+        return f"M={a.shape[0]} > {MAX_M}: the XLA path's chunked dots are faster there"
+    if transpose:  # the transposed handlers take what the forward ones take, for dy [M, N]
+        a = jax.ShapeDtypeStruct((a.shape[0], ct.shape[0]), a.dtype)
+    return _cpu.why_not(a, ct)
+
+
+def why_not(x2, ct, *, platform: str, interpret: bool) -> str | None:
+    return _reason(x2, ct, transpose=False)
+
+
+def why_not_t(dy2, ct, *, platform: str, interpret: bool) -> str | None:
+    return _reason(dy2, ct, transpose=True)
+
+
+def run(x2: jax.Array, ct: CompressedTensor, *, interpret: bool):
+    return _cpu.matmul(x2, ct).astype(x2.dtype), None
+
+
+def run_t(dy2: jax.Array, ct: CompressedTensor, *, interpret: bool) -> jax.Array:
+    return _cpu.matmul_t(dy2, ct)
+
+
+IMPL = Implementation("ffi", ("cpu",), False, why_not, run)
+IMPL_T = Implementation("ffi", ("cpu",), False, why_not_t, run_t)

@@ -1,0 +1,38 @@
+"""`x @ W` by decoding ``W`` first, in pure jnp: the numerical ground truth and the last fallback.
+
+Its backward is the autodiff of itself (`ltjax.ops.matmul.api` calls ``jax.vjp`` on it).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ltjax._format import CompressedTensor
+from ltjax.ops._dispatch import ANYWHERE, Implementation
+from ltjax.ops.decompress.reference import decompress_reference
+
+
+def matmul_reference(x: jax.Array, ct: CompressedTensor) -> jax.Array:
+    """``x[..., K] @ W[K, N]`` by decoding ``W`` first (f32, returns ``x.dtype``): the ground truth."""
+    w = decompress_reference(ct).astype(jnp.float32)
+    y = jnp.matmul(x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)
+    return y.astype(x.dtype)
+
+
+def why_not(a: jax.Array, ct: CompressedTensor, *, platform: str, interpret: bool) -> str | None:
+    return None
+
+
+def run(x2: jax.Array, ct: CompressedTensor, *, interpret: bool):
+    return matmul_reference(x2, ct), None
+
+
+def run_t(dy2: jax.Array, ct: CompressedTensor, *, interpret: bool) -> jax.Array:
+    w = decompress_reference(ct).astype(jnp.float32)
+    return jnp.matmul(dy2.astype(jnp.float32), w.T, precision=lax.Precision.HIGHEST)
+
+
+IMPL = Implementation("reference", ANYWHERE, False, why_not, run)
+IMPL_T = Implementation("reference", ANYWHERE, False, why_not, run_t)
