@@ -1,11 +1,12 @@
 # Two commands for a new user (see README):
 #   make demo   — set everything up, then run the main job
 #   make test   — set everything up, then run the test suite
+# and for developers: make lint (ruff, configured in pyproject.toml; CI runs it after make test), make bench
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(VENV)/.ltjax-installed
 
@@ -23,6 +24,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check .
 
 bench: setup
 	$(PY) -m benchmarks.run

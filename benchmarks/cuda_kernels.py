@@ -126,7 +126,8 @@ def format_row(r: dict) -> str:
     if "error" in r:
         return f"{head}  ERROR {r['error']}"
     ms = lambda k: f"{r[k]:9.4f}" if k in r else f"{'-':>9}"
-    return (f"{head} {r['kernel']:>5} {ms('t_cuda_ms')} {ms('t_cuda_indexed_ms')} {ms('t_pallas_ms')} {ms('t_bf16_ms')} "
+    return (f"{head} {r['kernel']:>5} {ms('t_cuda_ms')} {ms('t_cuda_indexed_ms')} {ms('t_pallas_ms')} "
+            f"{ms('t_bf16_ms')} "
             f"{r['speedup_vs_bf16']:6.2f} {r['speedup_vs_dense_paired']:6.2f} {r['rel_diff']:8.1e}"
             + (f"  {r['alt_kernel']}: {r['t_alt_indexed_ms']:.4f}" if "t_alt_indexed_ms" in r else ""))
 

@@ -35,8 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import _common as C
-from benchmarks import _llama as L
+from benchmarks import _common as C, _llama as L
 from models.llama import Llama, LlamaConfig, init_cache, param_shapes
 
 GiB = 1024**3
@@ -163,10 +162,11 @@ def main(argv=None) -> int:
                     row[f"{v} [{m}]"] = get(v, m)["fits"][k]["max_params"]
             for base_v in ("dense_f32", "dense_bf16"):
                 for m, label in (("arguments only", "bytes held"), ("compiled", "compiled")):
+                    ours, base = get("ltjax_int8+kv8", m)["fits"][k], get(base_v, m)["fits"][k]
                     row[f"effective_GiB ltjax_int8+kv8 [{label}] vs {base_v}"] = (
-                        gib * get("ltjax_int8+kv8", m)["fits"][k]["max_params"] / get(base_v, m)["fits"][k]["max_params"])
-            row["headline"] = (f"{gib:g} GiB holds {row['effective_GiB ltjax_int8+kv8 [bytes held] vs dense_bf16']:.0f} "
-                               f"GiB of bf16 ({row['effective_GiB ltjax_int8+kv8 [bytes held] vs dense_f32']:.0f} GiB "
+                        gib * ours["max_params"] / base["max_params"])
+            held = "effective_GiB ltjax_int8+kv8 [bytes held] vs dense_"
+            row["headline"] = (f"{gib:g} GiB holds {row[held + 'bf16']:.0f} GiB of bf16 ({row[held + 'f32']:.0f} GiB "
                                "of f32): int8 weights + int8 KV cache, bytes held")
             summary.append(row)
     head = ["family", "device", "variant", "max params (compiled)", "max layers", "max params (args only)"]
@@ -175,8 +175,8 @@ def main(argv=None) -> int:
         for gib in args.device_gib:
             k = f"{gib:g}GiB"
             for v in VARIANTS:
-                fc = next(f for f in fits if f["family"] == fam and f["variant"] == v and f["measure"] == "compiled")
-                fa = next(f for f in fits if f["family"] == fam and f["variant"] == v and f["measure"] == "arguments only")
+                fc, fa = (next(f for f in fits if f["family"] == fam and f["variant"] == v and f["measure"] == m)
+                          for m in ("compiled", "arguments only"))
                 trows.append([fam, k, v, f"{fc['fits'][k]['max_params'] / 1e9:.2f} B",
                               f"{fc['fits'][k]['max_layers']:.0f}", f"{fa['fits'][k]['max_params'] / 1e9:.2f} B"])
     print(C.table(head, trows))

@@ -187,7 +187,7 @@ def run(sizes, ms, seconds: float, *, min_rounds: int = 30, cold_rounds: int = 3
             args[f"ffi_{codec}"] = (x, ct)
             weight_bytes[f"ffi_{codec}"] = ct.nbytes - ct.checksums.size * 4
         # ltjax.matmul's own XLA path (row chunks decoded to f32, then XLA's dot): what the
-        # dispatch picks above 64 rows unless the FFI has the AMX GEMM (ltjax/_ops.py _FFI_MAX_M).
+        # dispatch picks above 64 rows unless the FFI has the AMX GEMM (ltjax.ops.matmul.cpu.MAX_M).
         fns["ltjax_xla_path_int8"] = jax.jit(lambda x, ct: ltjax.matmul(x, ct, impl="xla"))
         args["ltjax_xla_path_int8"] = (x, ct8)
         weight_bytes["ltjax_xla_path_int8"] = weight_bytes["ffi_int8"]
@@ -203,7 +203,8 @@ def run(sizes, ms, seconds: float, *, min_rounds: int = 30, cold_rounds: int = 3
         burst_base = statistics.median(bursts["xla_f32_dot"])
         cold = _timeit_cold({c: fns[c] for c in BURST_CANDIDATES}, args, rounds=cold_rounds)
         cold_base = statistics.median(cold["xla_f32_dot"])
-        timed = [("main", c, ts) for c, ts in groups["main"].items()] + [("heavy", c, groups["heavy"][c]) for c in HEAVY]
+        timed = ([("main", c, ts) for c, ts in groups["main"].items()]
+                 + [("heavy", c, groups["heavy"][c]) for c in HEAVY])
         for group, name, ts in timed:
             base = statistics.median(groups[group]["xla_f32_dot"])
             med = statistics.median(ts)
@@ -228,8 +229,10 @@ def run(sizes, ms, seconds: float, *, min_rounds: int = 30, cold_rounds: int = 3
                 f"K=N={k:5d} M={m:3d} {name:24s} {med * 1e6:10.1f} us  {row['weight_GBps']:6.1f} GB/s  "
                 f"x{row['speedup_vs_f32_dot']:5.2f} vs f32 dot"
                 + (f"  temp={row['temp_bytes']}" if "temp_bytes" in row else "")
-                + (f"  | burst {row['burst_median_us']:8.1f} us x{row['burst_speedup_vs_f32_dot']:5.2f}" if name in bursts else "")
-                + (f"  | cold {row['cold_median_us']:8.1f} us x{row['cold_speedup_vs_f32_dot']:5.2f}" if name in cold else ""),
+                + (f"  | burst {row['burst_median_us']:8.1f} us x{row['burst_speedup_vs_f32_dot']:5.2f}"
+                   if name in bursts else "")
+                + (f"  | cold {row['cold_median_us']:8.1f} us x{row['cold_speedup_vs_f32_dot']:5.2f}"
+                   if name in cold else ""),
                 flush=True,
             )
     return rows
@@ -241,7 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", help="K = N values (default 1024 4096; --quick 256)")
     p.add_argument("--ms", type=int, nargs="+", help="M values (default 1 4 16; --quick 1 4)")
     p.add_argument("--seconds", type=float, help="timing budget per candidate per config (default 0.6; --quick 0.02)")
-    p.add_argument("--out", help="JSON output path (default benchmarks/results/<date>-<backend>[-quick]/ffi_matmul.json)")
+    p.add_argument("--out", help="JSON output path (default benchmarks/results/<date>-<backend>[-quick]/"
+                                 "ffi_matmul.json)")
     a = p.parse_args(argv)
     sizes = a.sizes or ([256] if a.quick else [1024, 4096])
     ms = a.ms or ([1, 4] if a.quick else [1, 4, 16])

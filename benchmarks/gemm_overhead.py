@@ -39,13 +39,7 @@ def _timed(fn, *, budget_s: float, max_reps: int) -> float:
 
 
 def _impl_name(x, ct) -> str:
-    choose = getattr(getattr(ltjax, "_ops", None), "_choose_impl", None)
-    if choose is None:
-        return "reference"
-    try:
-        return str(choose(x, ct, None).impl)
-    except Exception:  # the op layer's private chooser changed: not worth failing a benchmark
-        return "unknown"
+    return ltjax.matmul_impl(x, ct)
 
 
 def run(sizes, ms, cases, *, budget_s: float, max_reps: int, log=print) -> list[dict]:

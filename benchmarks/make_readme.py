@@ -61,7 +61,8 @@ def claims_section(run: dict) -> list[str]:
     if not c:
         return []
     out = ["## Claims table, measured\n", f"Source: {_src(run)}. Model: {c.get('model')}.\n",
-           "| row | claimed | ours vs f32 | ours vs bf16 | f32 | bf16 | ltjax | codec | rel. error | effect on output | verdict |",
+           "| row | claimed | ours vs f32 | ours vs bf16 | f32 | bf16 | ltjax | codec | rel. error | "
+           "effect on output | verdict |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in c["table"]:
         cl = r["claimed"]
@@ -89,7 +90,8 @@ def claims_section(run: dict) -> list[str]:
         out.append("| tensor | compressed GB/s in | dense GB/s out |")
         out.append("|---|---|---|")
         for k, v in dt["measured"].items():
-            out.append(f"| {k}, {v['shape'][0]}×{v['shape'][1]} | {v['compressed_GBps']:.2f} | {v['dense_out_GBps']:.2f} |")
+            out.append(f"| {k}, {v['shape'][0]}×{v['shape'][1]} | {v['compressed_GBps']:.2f} | "
+                       f"{v['dense_out_GBps']:.2f} |")
     sweep = c.get("pruning_sweep")
     if sweep:
         out.append("\n**Pruned digits MLP** (magnitude pruning per matrix; test split accuracy):\n")
@@ -97,8 +99,8 @@ def claims_section(run: dict) -> list[str]:
         out.append("|---|---|---|---|---|---|")
         for s in sweep:
             b = s["codecs"]["bitmask_int8"]
-            out.append(f"| {s['sparsity']:.0%} | {s['variant']} | {s['acc_dense_unpruned']:.4f} | {s['acc_pruned']:.4f} | "
-                       f"{b['acc']:.4f} | {s['f32_bytes'] / b['nbytes']:.2f}× |")
+            out.append(f"| {s['sparsity']:.0%} | {s['variant']} | {s['acc_dense_unpruned']:.4f} | "
+                       f"{s['acc_pruned']:.4f} | {b['acc']:.4f} | {s['f32_bytes'] / b['nbytes']:.2f}× |")
     out.append("")
     return out
 
@@ -141,7 +143,8 @@ def memory_section(run: dict) -> list[str]:
         return []
     backend = e.get("backend") or run.get("backend")
     out = ["## Effective memory: the largest model whose decode step fits\n", f"Source: {_src(run)}.\n",
-           f"Method: {e['method']}; batch 1, KV cache of {e['context']} tokens; weights through {e['weights_through']}.",
+           f"Method: {e['method']}; batch 1, KV cache of {e['context']} tokens; "
+           f"weights through {e['weights_through']}.",
            "The headline is **bytes held**: the weights and KV cache the decode step takes as arguments, what a "
            "GPU holds (int8 is half of bf16, a quarter of f32); each variant's largest model is fitted on those "
            "bytes, and \"effective\" is the memory a dense model as large as the int8 + int8 KV fit would need, "

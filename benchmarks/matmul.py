@@ -39,7 +39,6 @@ import numpy as np
 import ltjax
 import ltjax.pallas as lp
 from benchmarks import _common
-from ltjax import _ops
 from ltjax._format import pack
 
 CASES = (("int8", 0.0), ("bitmask_int8", 0.5), ("bitmask_int8", 0.9))
@@ -150,7 +149,7 @@ def run_unpack(sizes, cases, reps: int, layers: int, seed: int = 1, on_row=None)
             t_op = timed(op, cts)
             t_kernel = timed(kernel, cts) if native else None
             row = dict(
-                K=kn, N=kn, codec=codec, sparsity=sparsity, impl=_ops._choose_decompress_impl(cts[0], None).impl,
+                K=kn, N=kn, codec=codec, sparsity=sparsity, impl=_common.decompress_impl(cts[0]),
                 layers=layers, weight_bytes=cts[0].nbytes, out_bytes=out_bytes, equal_to_reference=exact,
                 t_op_ms=t_op * 1e3, t_kernel_ms=None if t_kernel is None else t_kernel * 1e3, t_copy_ms=t_copy * 1e3,
                 op_GBps=moved / t_op / 1e9, kernel_GBps=None if t_kernel is None else moved / t_kernel / 1e9,
@@ -202,13 +201,15 @@ def format_row(r: dict) -> str:
         f"{r['weight_GBps']:>7.1f} {r['speedup_vs_f32']:>6.2f} {r['speedup_vs_bf16']:>6.2f} "
         f"{r['speedup_vs_naive']:>7.2f} {r['rel_diff_vs_naive']:>8.1e}"
         + (f"  paired x{r['paired_burst']}: {r['t_ltjax_paired_ms']:.4f} vs {r['paired_dense']} dot "
-           f"{r['t_dense_paired_ms']:.4f} -> {r['speedup_vs_dense_paired']:.2f}x" if "speedup_vs_dense_paired" in r else "")
+           f"{r['t_dense_paired_ms']:.4f} -> {r['speedup_vs_dense_paired']:.2f}x"
+           if "speedup_vs_dense_paired" in r else "")
     )
 
 
 def format_unpack_row(r: dict) -> str:
     return (
-        f"{'' if r['equal_to_reference'] else 'MISMATCH '}{r['K']:>5} {r['codec']:>12} {r['sparsity']:>4.1f} {r['impl']:>9} {r['t_op_ms']:>8.4f} "
+        f"{'' if r['equal_to_reference'] else 'MISMATCH '}{r['K']:>5} {r['codec']:>12} {r['sparsity']:>4.1f} "
+        f"{r['impl']:>9} {r['t_op_ms']:>8.4f} "
         f"{_f(r['t_kernel_ms'], '8.4f'):>8} {r['t_copy_ms']:>8.4f} {r['op_GBps']:>8.1f} "
         f"{_f(r['kernel_GBps'], '9.1f'):>9} {r['copy_GBps']:>9.1f} {r['op_frac_of_copy']:>7.2f} "
         f"{_f(r['kernel_frac_of_copy'], '9.2f'):>9}"

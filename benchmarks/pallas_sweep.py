@@ -3,8 +3,8 @@
 For each kernel (fused int8 and bitmask_int8 matmul, the unpack kernels), M, activation
 dtype and candidate `BlockSizes` it times a jitted chain of ``--layers`` forward matmuls over
 distinct weight copies (as `benchmarks.matmul` does), or ``--layers`` unpacks, and checks
-each candidate's output against the tuned configuration's. Rows are written to the JSON as they are measured; ``--budget``
-seconds bounds the whole sweep (candidates left when it runs out are listed as skipped).
+each candidate's output against the tuned configuration's. Rows are written to the JSON as they are
+measured; ``--budget`` seconds bounds the whole sweep (candidates left when it runs out are listed as skipped).
 
     PYTHONPATH=. python -m benchmarks.pallas_sweep --out OUT.json        # GPU only
 """
@@ -12,6 +12,7 @@ seconds bounds the whole sweep (candidates left when it runs out are listed as s
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import jax
@@ -258,7 +259,9 @@ def main(argv=None) -> int:
     print(f"wrote {save(True)}")
     if a.write_tuned:
         env = _common.environment()
-        print(f"wrote {_common.write_json(a.write_tuned, dict(device=env['device_name'], date=env['date'], rows=tuned_rows(rows)))}")
+        table = dict(device=env["device_name"], date=env["date"], commit=env["git"]["commit"],
+                     sweep=os.path.basename(a.out), rows=tuned_rows(rows))
+        print(f"wrote {_common.write_json(a.write_tuned, table)}")
     return 0
 
 

@@ -121,7 +121,8 @@ def memory(benches, path: str) -> str:
     else:
         for fam in sorted({r["family"] for _, r in em}):
             for i, v in enumerate(sorted({r["variant"] for _, r in em})):
-                grp = sorted((r for _, r in em if r["family"] == fam and r["variant"] == v), key=lambda r: r["n_params"])
+                grp = sorted((r for _, r in em if r["family"] == fam and r["variant"] == v),
+                             key=lambda r: r["n_params"])
                 x = np.array([r["n_params"] for r in grp], float)
                 a1.plot(x, [r["program_bytes"] / GiB for r in grp], "o-", color=f"C{i}", label=f"{fam} {v} (compiled)")
                 a1.plot(x, [r["arguments_only_bytes"] / GiB for r in grp], ":", color=f"C{i}", alpha=0.6)
@@ -133,7 +134,8 @@ def memory(benches, path: str) -> str:
     else:
         labels = [r["row"] for _, r in claims]
         x = np.arange(len(labels))
-        for j, (k, lab) in enumerate((("f32_bytes", "dense f32"), ("bf16_bytes", "dense bf16"), ("ltjax_bytes", "ltjax"))):
+        bars = (("f32_bytes", "dense f32"), ("bf16_bytes", "dense bf16"), ("ltjax_bytes", "ltjax"))
+        for j, (k, lab) in enumerate(bars):
             a2.bar(x + (j - 1) * 0.27, [r[k] / 2**20 for _, r in claims], 0.27, label=lab)
         a2.set_xticks(x, labels, rotation=20, ha="right", fontsize=7)
         a2.set(ylabel="MiB", yscale="log", title="claims table: bytes dense vs compressed")

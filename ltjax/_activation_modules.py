@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
-from flax import linen as nn
-from flax import nnx
+from flax import linen as nn, nnx
 
 from ltjax import _activations as _act
 
@@ -14,6 +13,7 @@ Dtype = Any
 Initializer = Any
 
 default_kernel_init = nn.initializers.lecun_normal()
+default_bias_init = nn.initializers.zeros_init()
 
 
 # --------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ class SparseDense(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     kernel_init: Initializer = default_kernel_init
-    bias_init: Initializer = nn.initializers.zeros_init()
+    bias_init: Initializer = default_bias_init
 
     @nn.compact
     def __call__(self, x):
@@ -120,7 +120,7 @@ class SparseLinear(nnx.Module):
                  capacity: float | None = None, dtype: Dtype | None = None,
                  param_dtype: Dtype = jnp.float32,
                  kernel_init: Initializer = default_kernel_init,
-                 bias_init: Initializer = nn.initializers.zeros_init(), rngs: nnx.Rngs):
+                 bias_init: Initializer = default_bias_init, rngs: nnx.Rngs):
         if capacity is not None:
             _act._check_capacity(capacity)
         self.in_features = in_features

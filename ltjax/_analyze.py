@@ -7,7 +7,8 @@ import fnmatch
 import json
 import logging
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import numpy as np
@@ -18,13 +19,13 @@ from ltjax._format import (
     LOSSLESS_CODECS,
     CompressedTensor,
     Header,
+    _dtype_name,
+    _nonzero_bits,
     expected_arrays,
     int8_quantize,
     pack,
     prepare,
     to_storage,
-    _dtype_name,
-    _nonzero_bits,
 )
 from ltjax._layout import Layout, bias_layouts, in_layout
 from ltjax._progress import Progress, leaf_nbytes
@@ -339,7 +340,8 @@ class CompressionReport:
             ]
             for l in self.leaves
         ]
-        rows.append(["TOTAL", "", "", "", _fmt_bytes(self.dense_nbytes), _fmt_bytes(self.nbytes), f"{self.ratio:.2f}x", "", ""])
+        rows.append(["TOTAL", "", "", "", _fmt_bytes(self.dense_nbytes), _fmt_bytes(self.nbytes), f"{self.ratio:.2f}x",
+                     "", ""])
         out = _table(["leaf", "shape", "dtype", "codec", "dense", "stored", "ratio", "rel err", "note"], rows)
         if self.unmatched_skip:
             out += f"\nskip patterns that matched no leaf: {', '.join(self.unmatched_skip)}"
@@ -357,7 +359,8 @@ class CompressionReport:
         )
 
 
-def compress_tree(tree: Any, policy: Policy | None = None, *, return_report: bool = False, progress: bool | None = None):
+def compress_tree(tree: Any, policy: Policy | None = None, *, return_report: bool = False,
+                  progress: bool | None = None):
     """Compresses every leaf of ``tree`` that ``policy`` selects; the rest stays as it is.
 
     Returns the tree with `CompressedTensor` leaves (same structure), or ``(tree, report)``
@@ -373,7 +376,8 @@ def compress_tree(tree: Any, policy: Policy | None = None, *, return_report: boo
     policy = Policy() if policy is None else policy
     paths_leaves = tree_leaves_with_paths(tree)
     layouts = bias_layouts(paths_leaves)
-    with Progress("ltjax.compress_tree", sum(leaf_nbytes(l) for _, l in paths_leaves), len(paths_leaves), progress) as bar:
+    total = sum(leaf_nbytes(l) for _, l in paths_leaves)
+    with Progress("ltjax.compress_tree", total, len(paths_leaves), progress) as bar:
         new_leaves, reports, used = [], [], set()
         for path, leaf in paths_leaves:
             bar.at(path)
@@ -390,13 +394,15 @@ def compress_tree(tree: Any, policy: Policy | None = None, *, return_report: boo
     return (out, report) if return_report else out
 
 
-def _compress_leaf(path: str, leaf: Any, policy: Policy, used: set, layout: Layout | None = None) -> tuple[Any, LeafReport]:
+def _compress_leaf(path: str, leaf: Any, policy: Policy, used: set,
+                   layout: Layout | None = None) -> tuple[Any, LeafReport]:
     """One leaf of `compress_tree`: (the leaf to keep, its report line); adds skip hits to ``used``.
     ``layout``: the matmul layout a compressed kernel is stored in (`ltjax._layout`)."""
     skip_hit = [p for p in policy.skip if fnmatch.fnmatchcase(path, p)]
     used.update(skip_hit)
     if isinstance(leaf, CompressedTensor):
-        return leaf, LeafReport(path, leaf.shape, leaf.header.dtype, leaf.codec, leaf.dense_nbytes, leaf.nbytes, None, "already compressed")
+        return leaf, LeafReport(path, leaf.shape, leaf.header.dtype, leaf.codec, leaf.dense_nbytes, leaf.nbytes, None,
+                                "already compressed")
     why = _unsupported(leaf)
     shape = tuple(getattr(leaf, "shape", ()))
     dtype = str(getattr(leaf, "dtype", type(leaf).__name__))
@@ -416,7 +422,8 @@ def _compress_leaf(path: str, leaf: Any, policy: Policy, used: set, layout: Layo
         codec = stats.best(policy.error_budget, policy.codecs).codec
         err = stats.estimate(codec).rel_error
         if codec == "raw":  # raw saves nothing: the plain array is as small and faster
-            return leaf, LeafReport(path, shape, dtype, "dense", nb, nb, None, stats.why_raw(policy.error_budget, policy.codecs))
+            reason = stats.why_raw(policy.error_budget, policy.codecs)
+            return leaf, LeafReport(path, shape, dtype, "dense", nb, nb, None, reason)
     else:
         codec, err = policy.codec, None
     ct = pack(stored, codec, tile=policy.tile, axis=axis, name=path)
@@ -432,7 +439,8 @@ def tree_report(tree: Any) -> CompressionReport:
         if isinstance(leaf, CompressedTensor):
             leaves.append(LeafReport(path, leaf.shape, leaf.header.dtype, leaf.codec, leaf.dense_nbytes, leaf.nbytes))
         elif hasattr(leaf, "nbytes"):
-            leaves.append(LeafReport(path, tuple(leaf.shape), str(leaf.dtype), "dense", int(leaf.nbytes), int(leaf.nbytes)))
+            nb = int(leaf.nbytes)
+            leaves.append(LeafReport(path, tuple(leaf.shape), str(leaf.dtype), "dense", nb, nb))
     return CompressionReport(tuple(leaves))
 
 

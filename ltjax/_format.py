@@ -40,9 +40,9 @@ from typing import Any
 import crc32c as _crc32c
 import jax
 import jax.numpy as jnp
-from jax import lax
 import ml_dtypes
 import numpy as np
+from jax import lax
 
 from ltjax._errors import ChecksumError, LTFormatError
 
@@ -105,7 +105,7 @@ class Header:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Header":
+    def from_json(cls, d: dict[str, Any]) -> Header:
         return cls(
             codec=str(d["codec"]),
             shape=tuple(int(s) for s in d["shape"]),
@@ -197,7 +197,7 @@ class CompressedTensor:
         (e.g. the layers of ``nn.scan``, which slices them one at a time). ``()`` normally."""
         return tuple(self.checksums.shape[:-1]) if self.checksums is not None else ()
 
-    def unstack(self) -> list["CompressedTensor"]:
+    def unstack(self) -> list[CompressedTensor]:
         """The tensors of a stack, in row-major order of `stack_shape` (``[self]`` if unstacked)."""
         if not self.stack_shape:
             return [self]
@@ -224,7 +224,7 @@ class CompressedTensor:
         return self.size
 
     @property
-    def T(self) -> "CompressedTensor":
+    def T(self) -> CompressedTensor:
         """The transpose of a 2-D tensor; free, since the storage matrix is unchanged."""
         if self.ndim != 2:
             raise ValueError(f"CompressedTensor.T needs a 2-D tensor, got shape={self.shape}")
@@ -274,7 +274,8 @@ class CompressedTensor:
             h = self.header
             want = (h.storage_shape[0] * h.tile_grid[1],)
             got = tuple(self.row_starts.shape)
-            if h.codec not in ("bitmask", "bitmask_int8") or np.dtype(self.row_starts.dtype) != np.int32 or got[-1:] != want:
+            bitmask = h.codec in ("bitmask", "bitmask_int8")
+            if not bitmask or np.dtype(self.row_starts.dtype) != np.int32 or got[-1:] != want:
                 raise LTFormatError(
                     f"row_starts must be int32 {list(want)} (storage rows x tile columns) of a bitmask codec; got "
                     f"{np.dtype(self.row_starts.dtype)} {list(got)} for codec {h.codec!r}")
@@ -335,7 +336,7 @@ def _check_contents(ct: CompressedTensor, name: str) -> None:
                 "symmetric (|code| <= 127), so this tensor was not written by ltjax.compress or is damaged")
     if h.codec not in ("bitmask", "bitmask_int8"):
         return
-    (c, r), (tr, tc) = h.storage_shape, h.tile
+    (c, r), (tr, _) = h.storage_shape, h.tile
     gr, gc = h.tile_grid
     mask = np.asarray(ct.mask)
     if r % 32 and mask.size:
@@ -562,7 +563,8 @@ def int8_quantize(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scales
 
 
-def prepare(x: Any, *, name: str, axis: int | None | str, tile) -> tuple[np.ndarray, int | None, np.ndarray, tuple[int, int]]:
+def prepare(x: Any, *, name: str, axis: int | None | str,
+            tile) -> tuple[np.ndarray, int | None, np.ndarray, tuple[int, int]]:
     """Checks a host tensor (dtype, empty, non-finite) and lays it out: (array, axis, storage, tile)."""
     a = _as_numpy(x, name)
     if a.size == 0:
@@ -631,7 +633,7 @@ def tile_checksums(header: Header, arrays: dict[str, Any]) -> np.ndarray:
     a = {k: np.asarray(v) for k, v in arrays.items() if k != "checksums" and v is not None}
     out = np.zeros((header.num_tiles,), np.uint32)
     n_packed = None
-    packed = a.get("values") if header.codec == "bitmask" else a.get("codes") if header.codec == "bitmask_int8" else None
+    packed = {"bitmask": a.get("values"), "bitmask_int8": a.get("codes")}.get(header.codec)
     if packed is not None:
         n_packed = packed.shape[0]
     offsets = a.get("offsets")
@@ -709,12 +711,13 @@ def row_starts(ct: CompressedTensor) -> jax.Array:
         raise ValueError(f"row_starts needs a bitmask codec, got {h.codec!r}")
     if ct.row_starts is not None:
         return ct.row_starts
-    (c, r), (tr, tc) = h.storage_shape, h.tile
+    (c, _), (tr, tc) = h.storage_shape, h.tile
     gr, gc = h.tile_grid
     offsets = jnp.asarray(ct.offsets)
     if tr == 1:
         return offsets
-    cnt = lax.population_count(jnp.asarray(ct.mask)).astype(jnp.int32)  # [C, W]; a tile's words never straddle two tiles
+    # [C, W]; a tile's words never straddle two tiles
+    cnt = lax.population_count(jnp.asarray(ct.mask)).astype(jnp.int32)
     if gc == 1:
         cnt = cnt.sum(axis=1, keepdims=True)
     else:  # tc % 32 == 0 when more than one tile spans a row

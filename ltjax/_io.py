@@ -23,7 +23,8 @@ import json
 import os
 import struct
 import tempfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import crc32c as _crc32c
 import jax
@@ -144,7 +145,8 @@ def _encode(tree: Any, bar: Progress | None = None) -> tuple[bytes, list[np.ndar
             a = np.asarray(leaf)
             _st_dtype(a)
             entries.append(
-                {"path": path, "kind": "array", "name": add(path or "<root>", a), "crc": _crc32c.crc32c(np.ascontiguousarray(a).tobytes())}
+                {"path": path, "kind": "array", "name": add(path or "<root>", a),
+                 "crc": _crc32c.crc32c(np.ascontiguousarray(a).tobytes())}
             )
             bar.step(a.nbytes, path)
     meta = {"version": FORMAT_VERSION, "tree": skeleton, "leaves": entries}
@@ -254,19 +256,22 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
             lo, hi = (int(v) for v in e["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise LTFormatError(f"{path}: malformed entry for tensor {name!r}: {e!r}") from None
-        if any(s < 0 for s in shape) or lo < 0 or hi < lo or hi - lo != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if any(s < 0 for s in shape) or lo < 0 or hi < lo or hi - lo != nbytes:
             raise LTFormatError(f"{path}: tensor {name!r} has inconsistent shape {shape} and byte range [{lo}, {hi})")
         end_max = max(end_max, hi)
         spans.append((lo, hi, name, dt, shape))
     if end_max > len(data):
-        raise LTFormatError(f"{path}: file is truncated: the header describes {end_max} data bytes, the file holds {len(data)}")
+        raise LTFormatError(f"{path}: file is truncated: the header describes {end_max} data bytes, "
+                            f"the file holds {len(data)}")
     if end_max < len(data):
         raise LTFormatError(f"{path}: {len(data) - end_max} unexpected bytes after the last tensor")
     spans.sort()
     pos = 0
     for lo, hi, name, dt, shape in spans:
         if lo != pos:
-            raise LTFormatError(f"{path}: tensor {name!r} overlaps or leaves a gap in the data (offset {lo}, expected {pos})")
+            raise LTFormatError(f"{path}: tensor {name!r} overlaps or leaves a gap in the data "
+                                f"(offset {lo}, expected {pos})")
         pos = hi
         arrays[name] = np.frombuffer(data[lo:hi], dtype=dt).reshape(shape).copy()
     return arrays, {str(k): str(v) for k, v in meta.items()}, header_bytes
@@ -279,7 +284,8 @@ def _read(path: str | os.PathLike, bar: Progress | None = None) -> tuple[Any, li
         bar = Progress("", 0, 0, False)
     arrays, meta, header_bytes = read_safetensors(path)
     if meta.get("format") != "ltjax" or "ltjax" not in meta:
-        raise LTFormatError(f"{path}: not an ltjax file (a safetensors file without ltjax metadata; `ltjax compress` makes one)")
+        raise LTFormatError(f"{path}: not an ltjax file (a safetensors file without ltjax metadata; "
+                            "`ltjax compress` makes one)")
     crc = arrays.pop(HEADER_CRC_NAME, None)
     if crc is None or crc.shape != (1,) or crc.dtype != np.uint32:
         raise LTFormatError(f"{path}: not an ltjax file (no header checksum)")

@@ -41,7 +41,8 @@ def shard(ct: CompressedTensor, sharding: NamedSharding) -> CompressedTensor:
     if not isinstance(sharding, NamedSharding):
         raise ValueError(f"ltjax.shard needs a jax.sharding.NamedSharding, got {type(sharding).__name__}")
     if ct.ndim != 2 or ct.header.axis is None:
-        raise ValueError(f"ltjax.shard needs a 2-D tensor with a channel axis, got shape={ct.shape} axis={ct.header.axis}")
+        raise ValueError(f"ltjax.shard needs a 2-D tensor with a channel axis, got shape={ct.shape} "
+                         f"axis={ct.header.axis}")
     if ct.checksums.ndim != 1:
         raise ValueError("ltjax.shard does not place stacked (per-layer) tensors; got arrays with leading axes")
     if is_concrete(ct):  # the split below trusts the offsets

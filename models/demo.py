@@ -42,8 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ltjax
-from models import generate as gen
-from models import llama, perplexity as ppl
+from models import generate as gen, llama, perplexity as ppl
 
 PROMPT = "The capital of France is"
 # llama.cpp decoding the same SmolLM2 GGUF, quoted (not measured by the demo): decode tok/s by the
@@ -67,7 +66,8 @@ TARGETS = {  # name: (threshold, "min" | "max")
     "KV cache bytes, bf16 / int8": (1.9, "min"),
     "decode tok/s, compressed / dense f32": (2.0, "min"),
 }
-GROUP_ORDER = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down", "embedding", "lm_head", "norms")
+GROUP_ORDER = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down", "embedding", "lm_head",
+               "norms")
 
 
 def group_of(path: str) -> str:
@@ -188,7 +188,10 @@ def run_generation(params, config, apply_fn, ids, new_tokens: int, kv_cache: str
 
 def check(name: str, value: float | None) -> dict:
     threshold, kind = TARGETS[name]
-    met = None if value is None or not np.isfinite(value) else (value >= threshold if kind == "min" else value <= threshold)
+    if value is None or not np.isfinite(value):
+        met = None
+    else:
+        met = value >= threshold if kind == "min" else value <= threshold
     return {"target": name, "value": value, "threshold": threshold, "kind": kind, "met": met}
 
 
@@ -369,7 +372,8 @@ def main(argv=None) -> int:
     kv_len = config.max_seq_len
     kv = {
         "f32_bytes": llama.cache_nbytes(jax.eval_shape(lambda: llama.init_cache(config, 1, kv_len))),
-        "bf16_bytes": llama.cache_nbytes(jax.eval_shape(lambda: llama.init_cache(config, 1, kv_len, dtype=jnp.bfloat16))),
+        "bf16_bytes": llama.cache_nbytes(
+            jax.eval_shape(lambda: llama.init_cache(config, 1, kv_len, dtype=jnp.bfloat16))),
         "int8_bytes": llama.cache_nbytes(jax.eval_shape(lambda: llama.init_cache(config, 1, kv_len, kind="int8"))),
         "tokens": kv_len,
     }

@@ -6,12 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
-from flax import nnx
+from flax import linen as nn, nnx
 
 from ltjax import _activations as A
-from ltjax._activation_modules import (CompressedReLU, NnxCompressedReLU, SparseDense,
-                                       SparseLinear)
+from ltjax._activation_modules import CompressedReLU, NnxCompressedReLU, SparseDense, SparseLinear
 
 
 def _bits_equal(a, b):

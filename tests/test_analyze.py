@@ -72,7 +72,8 @@ def test_compress_tree_policy_and_report():
     assert emb.header.axis == 0 and emb.scales.shape == (300,)  # embeddings: one scale per row
     assert rep.unmatched_skip == ("no/such/*",)
     assert "no/such/*" in str(rep)
-    dense_total = sum(np.asarray(l).nbytes for l in [tree["enc"]["kernel"], tree["enc"]["bias"], tree["dec"]["kernel"], tree["dec"]["embedding"], tree["small"], tree["ints"]])
+    dense_total = sum(np.asarray(l).nbytes for l in [tree["enc"]["kernel"], tree["enc"]["bias"], tree["dec"]["kernel"],
+                                                     tree["dec"]["embedding"], tree["small"], tree["ints"]])
     assert rep.dense_nbytes == dense_total
     assert rep.nbytes == sum(l.nbytes for l in rep.leaves) < dense_total
     notes = {l.path: l.reason for l in rep.leaves}

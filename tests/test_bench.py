@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -91,6 +92,46 @@ def test_cli_bench_forwards_to_the_harness(capsys):
 
     assert main(["bench", "--list"]) == 0
     assert "gemm_overhead" in capsys.readouterr().out
+
+
+def test_cli_bench_finds_the_checkout_of_the_imported_ltjax():
+    """`ltjax bench` runs the benchmarks of the checkout the imported ltjax comes from (editable install)."""
+    import benchmarks
+    from ltjax import cli
+
+    root = Path(__file__).resolve().parents[1]
+    assert cli.source_checkout() == root
+    assert Path(benchmarks.__file__).resolve().parent == root / "benchmarks"
+
+
+def test_cli_bench_from_an_installed_wheel_says_how_to_get_a_checkout(tmp_path, capsys):
+    """A wheel carries only `ltjax`: the CLI module as a wheel lays it out (site-packages/ltjax/cli.py, no
+    benchmarks/ beside it) finds no checkout, and `ltjax bench` says where the benchmarks are and exits 2."""
+    import importlib.util
+    import shutil
+
+    from ltjax import cli
+
+    site = tmp_path / "site-packages" / "ltjax"
+    site.mkdir(parents=True)
+    shutil.copy(cli.__file__, site / "cli.py")
+    spec = importlib.util.spec_from_file_location("ltjax_cli_as_installed", site / "cli.py")
+    installed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(installed)
+    assert installed.source_checkout() is None
+    assert installed.main(["bench", "--list"]) == 2
+    err = capsys.readouterr().err
+    assert "source checkout" in err and str(site) in err and 'pip install -e ".[bench]"' in err
+
+
+def test_only_ltjax_is_installed():
+    """`models` and `benchmarks` are not top-level site-packages (their names would collide): they run from a
+    checkout, where pytest (`pythonpath`) and `python -m` from the root find them."""
+    import tomllib
+
+    conf = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert conf["tool"]["scikit-build"]["wheel"]["packages"] == ["ltjax"]
+    assert "." in conf["tool"]["pytest"]["ini_options"]["pythonpath"]
 
 
 def test_make_readme_from_a_run(quick_run, tmp_path):

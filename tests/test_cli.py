@@ -17,7 +17,8 @@ def model_file(tmp_path):
     s = w.copy()
     s[rng.random(s.shape) < 0.8] = 0
     p = tmp_path / "m.safetensors"
-    safetensors.save_file({"l1.weight": w, "l2.weight": s, "l1.bias": rng.standard_normal(128).astype(np.float32)}, str(p))
+    bias = rng.standard_normal(128).astype(np.float32)
+    safetensors.save_file({"l1.weight": w, "l2.weight": s, "l1.bias": bias}, str(p))
     return p
 
 

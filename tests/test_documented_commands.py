@@ -29,7 +29,6 @@ import functools
 import glob
 import importlib.util
 import io
-import itertools
 import json
 import os
 import re
@@ -164,7 +163,7 @@ def _shell_script_commands(path: Path) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def documented() -> tuple[tuple[str, str], ...]:
     """(source, command line) of every command the project documents."""
     found: list[tuple[str, str]] = []
@@ -188,7 +187,7 @@ def documented() -> tuple[tuple[str, str], ...]:
     return tuple(dict.fromkeys(found))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _makefile() -> dict[str, list[str]]:
     """Target -> recipe lines of the Makefile."""
     rules: dict[str, list[str]] = {}
@@ -302,7 +301,8 @@ def run_as_main(target: str, argv: list[str], *, script: bool = False) -> tuple[
             return "parsed", e.args[0], buf.getvalue()
         except SystemExit as e:
             return "exit", e.code, buf.getvalue()
-    raise AssertionError(f"{target} {argv}: ran without calling ArgumentParser.parse_args (output: {buf.getvalue()[-500:]})")
+    raise AssertionError(f"{target} {argv}: ran without calling ArgumentParser.parse_args "
+                         f"(output: {buf.getvalue()[-500:]})")
 
 
 def _own(module: str) -> bool:
@@ -348,7 +348,7 @@ def check_python(argv: list[str], tmp: str, where: str) -> None:
     assert kind == "parsed", f"{where}: `python {shlex.join(argv)}` is refused by its parser (exit {result}):\n{out}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _benchmark_names() -> tuple[str, ...]:
     from benchmarks.run import discover
 
@@ -357,8 +357,9 @@ def _benchmark_names() -> tuple[str, ...]:
 
 def _ltjax_files(tmp: str) -> dict[str, str]:
     """A small .safetensors, .npz and ltjax file, by the names the docs use."""
-    import ltjax
     from safetensors.numpy import save_file
+
+    import ltjax
 
     rng = np.random.default_rng(0)
     tensors = {"w": rng.standard_normal((64, 128)).astype(np.float32),
@@ -511,7 +512,8 @@ def test_every_benchmark_takes_quick_and_out(name, tmp_path):
             except _Parsed as e:
                 ns = e.args[0]
             except SystemExit as e:
-                raise AssertionError(f"benchmarks.{name}.main({argv}) refuses it (exit {e.code}): {buf.getvalue()}")
+                raise AssertionError(f"benchmarks.{name}.main({argv}) refuses it (exit {e.code}): "
+                                     f"{buf.getvalue()}") from None
             else:
                 raise AssertionError(f"benchmarks.{name}.main ran without parsing its argv")
         assert ns.out == str(tmp_path / "x.json") and getattr(ns, "quick", None) == ("--quick" in argv), vars(ns)

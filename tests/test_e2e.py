@@ -137,7 +137,8 @@ def test_smollm2_config_constant_matches_the_file():
     path = loaders.find_smollm2_gguf()
     got = loaders.gguf_config(loaders._open_gguf(path), path)
     want = loaders.SMOLLM2_CONFIG
-    assert got.__class__(**{**{f: getattr(got, f) for f in got.__dataclass_fields__}, "norm_eps": want.norm_eps}) == want
+    fields = {f: getattr(got, f) for f in got.__dataclass_fields__}
+    assert got.__class__(**{**fields, "norm_eps": want.norm_eps}) == want
     assert abs(got.norm_eps - want.norm_eps) < 1e-9
 
 

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _models import MLP, TinyLM
 
 import ltjax
 import ltjax.nn as lnn
-from _models import MLP, TinyLM
 
 KEY = jax.random.key(20261127)
 INT8 = ltjax.Policy(codec="int8")
@@ -76,7 +76,8 @@ def test_mlp_int8_within_error_and_exact_vs_decoded(mlp):
 def test_mlp_lossless_equal(mlp):
     model, params, x = mlp
     # Prune half the weights so `auto` picks bitmask (exact) for the kernels.
-    pruned = jax.tree.map(lambda p: jnp.where(jnp.abs(p) < jnp.median(jnp.abs(p)), 0.0, p) if p.ndim == 2 else p, params)
+    pruned = jax.tree.map(lambda p: jnp.where(jnp.abs(p) < jnp.median(jnp.abs(p)), 0.0, p) if p.ndim == 2 else p,
+                          params)
     cparams, report = ltjax.compress_tree(pruned, LOSSLESS, return_report=True)
     assert {l.codec for l in report.leaves if l.path.endswith("kernel")} == {"bitmask"}
     np.testing.assert_allclose(run(model, cparams, x), model.apply({"params": pruned}, x), rtol=1e-6, atol=1e-6)
@@ -136,7 +137,8 @@ def test_compressed_modules_match_flax():
     for axis in (0, 1):
         cparams = ltjax.compress_tree(params, ltjax.Policy(codec="int8", axes=(("*", axis),)))
         dec = {"embedding": ltjax.decompress(cparams["embedding"])}
-        np.testing.assert_array_equal(lnn.CompressedEmbed(300, 64).apply({"params": cparams}, ids), emb.apply({"params": dec}, ids))
+        np.testing.assert_array_equal(lnn.CompressedEmbed(300, 64).apply({"params": cparams}, ids),
+                                      emb.apply({"params": dec}, ids))
         q = jax.random.normal(KEY, (2, 64))
         out = lnn.CompressedEmbed(300, 64).apply({"params": cparams}, q, method="attend")
         np.testing.assert_allclose(out, emb.apply({"params": dec}, q, method="attend"), rtol=1e-5, atol=1e-5)
@@ -205,7 +207,8 @@ def test_optax_finetune_frozen_compressed(mlp):
 # ---------------------------------------------------------------------- bad input
 def test_shape_mismatch_names_module_path(mlp):
     model, params, x = mlp
-    wrong = dict(params, Dense_1=dict(params["Dense_1"], kernel=ltjax.compress(np.ones((256, 128), np.float32), "int8")))
+    kernel = ltjax.compress(np.ones((256, 128), np.float32), "int8")
+    wrong = dict(params, Dense_1=dict(params["Dense_1"], kernel=kernel))
     with pytest.raises(ValueError, match="Dense_1"):
         run(model, wrong, x)
 
@@ -219,14 +222,14 @@ def test_unknown_paths_reported(mlp):
     with pytest.raises(ValueError, match="nope/"):
         lnn.compress_params(params, INT8, stacked="nope/*")
     with pytest.raises(ValueError, match="stacked"):
-        run(MLP(), lnn.compress_params(jax.tree.map(lambda p: jnp.stack([p, p]), params), INT8, stacked="*"), jnp.ones((1, 128)))
+        stacked = lnn.compress_params(jax.tree.map(lambda p: jnp.stack([p, p]), params), INT8, stacked="*")
+        run(MLP(), stacked, jnp.ones((1, 128)))
 
 
 # ---------------------------------------------------------------------- nnx
 def _nnx_model():
-    from flax import nnx
-
     from _models import NnxModel
+    from flax import nnx
 
     return NnxModel(nnx.Rngs(3))
 
@@ -324,5 +327,6 @@ def test_compiled_memory_below_dense():
 
     dense_args, dense_temp = _mem(lambda p, x: model.apply({"params": p}, x), params, x)
     c_args, c_temp = _mem(capply, cparams, x)
-    print(f"dense args={dense_args} temp={dense_temp}; compressed args={c_args} temp={c_temp}; ratio={report.ratio:.2f}")
+    print(f"dense args={dense_args} temp={dense_temp}; compressed args={c_args} temp={c_temp}; "
+          f"ratio={report.ratio:.2f}")
     assert (c_args + c_temp) * report.ratio * 0.9 <= dense_args

@@ -124,7 +124,8 @@ def test_linen_einsum_fused_against_jnp_einsum(eq, xs, ks, caplog):
     assert temp < np.prod(ks) * 4 / 2
     contraction, _ = _layout.einsum_contraction(eq, x.ndim, len(ks))
     kernel = contraction.layout.from_matmul(ltjax.decompress(cparams["kernel"]), ks)
-    ref = jnp.einsum(eq, x, kernel, precision="highest") + jnp.reshape(params["bias"], layer._get_bias_shape(eq, x, kernel)[1])
+    bias = jnp.reshape(params["bias"], layer._get_bias_shape(eq, x, kernel)[1])
+    ref = jnp.einsum(eq, x, kernel, precision="highest") + bias
     np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5)
     assert _rel(y, layer.apply({"params": params}, x)) < 2e-2
 
@@ -144,7 +145,8 @@ def test_linen_dense_general_axes_and_non_matmul_einsum():
     ce = lnn.compress_params(pe, ltjax.Policy(codec="int8", min_size=0), model=ein, args=(xe,))
     assert ce["kernel"].shape == (4, 32, 16)
     y, _ = _linen(ein, ce, xe)
-    np.testing.assert_allclose(y, ein.apply({"params": {"kernel": ltjax.decompress(ce["kernel"])}}, xe), rtol=1e-5, atol=1e-5)
+    want = ein.apply({"params": {"kernel": ltjax.decompress(ce["kernel"])}}, xe)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
 def test_linen_scanned_layers_found_by_the_trace():
@@ -224,8 +226,7 @@ def test_nnx_custom_op_left_dense_with_reason():
 
 
 def test_nnx_out_sharding_applied_like_flax():
-    from jax.sharding import AxisType, NamedSharding
-    from jax.sharding import PartitionSpec as P
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
     mesh = jax.make_mesh((1,), ("m",), axis_types=(AxisType.Explicit,))
     with jax.sharding.set_mesh(mesh):

@@ -8,8 +8,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import ltjax
 from ltjax._format import DTYPES, decompress_reference, pack, tile_checksums, verify_checksums
@@ -201,7 +200,8 @@ def test_validate_catches_a_quarter_of_the_packed_entries(codec):
     field = "values" if codec == "bitmask" else "codes"
     nnz = int(np.count_nonzero(w))
     bad = _damaged(ct, **{field: np.asarray(getattr(ct, field))[: nnz // 4]})
-    with pytest.raises(ltjax.LTFormatError, match=rf"tensor 'w'.*packed {field} hold {nnz // 4} entries but the mask has {nnz} set bits"):
+    want = rf"tensor 'w'.*packed {field} hold {nnz // 4} entries but the mask has {nnz} set bits"
+    with pytest.raises(ltjax.LTFormatError, match=want):
         bad.validate(name="w")
 
 
@@ -221,8 +221,8 @@ def test_validate_catches_an_all_ones_mask():
     w = _random(np.random.default_rng(103), (256, 96), np.float32, 0.7)
     ct = pack(w, "bitmask_int8", tile=(32, 128))  # storage [96, 256]: whole mask words
     ones = np.full_like(np.asarray(ct.mask), 0xFFFFFFFF)
-    with pytest.raises(ltjax.LTFormatError, match=rf"offsets\[1\] \(tile 1 of 6\) = {_tile_nonzeros(w.T, (32, 128))[0]}, "
-                                                 rf"expected {32 * 128}"):
+    first = _tile_nonzeros(w.T, (32, 128))[0]
+    with pytest.raises(ltjax.LTFormatError, match=rf"offsets\[1\] \(tile 1 of 6\) = {first}, expected {32 * 128}"):
         _damaged(ct, mask=ones).validate()
     # rows of 100 columns: the padding bits of the last word are set first
     ct = pack(_random(np.random.default_rng(104), (100, 64), np.float32, 0.5), "bitmask", tile=(16, 100))
@@ -273,7 +273,8 @@ def test_validate_catches_bad_scales_and_codes():
 
 def test_validate_catches_a_stale_row_index():
     # storage [64, 128] in 16 x 64 tiles: two tile columns per row, so entry 9 is row 4, tile column 1
-    ct = ltjax.index_rows(pack(_random(np.random.default_rng(107), (128, 64), np.float32, 0.5), "bitmask_int8", tile=(16, 64)))
+    w = _random(np.random.default_rng(107), (128, 64), np.float32, 0.5)
+    ct = ltjax.index_rows(pack(w, "bitmask_int8", tile=(16, 64)))
     ct.validate()
     rs = np.array(ct.row_starts)
     rs[9] += 1
@@ -314,7 +315,8 @@ def test_validate_stacked_names_the_layer():
 def test_validate_on_traced_arrays_says_so():
     ct = pack(_random(np.random.default_rng(109), (64, 64), np.float32, 0.5), "bitmask_int8")
     jax.jit(lambda c: c.validate and ltjax.decompress(c))(ct)  # tracing a tensor is fine
-    with pytest.raises(ValueError, match="arrays are traced.*call validate\\(\\) on the concrete tensor before tracing"):
+    with pytest.raises(ValueError,
+                       match="arrays are traced.*call validate\\(\\) on the concrete tensor before tracing"):
         jax.jit(lambda c: c.validate())(ct)
     bad = dataclasses.replace(ct, offsets=np.asarray(ct.offsets)[:-1])
     with pytest.raises(ltjax.LTFormatError, match="array 'offsets'"):  # shapes are checked under tracing too
@@ -326,8 +328,8 @@ def test_intact_tensors_from_compress_load_and_shard_pass(codec, tmp_path):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     rng = np.random.default_rng(110)
-    cases = [((96, 200), np.float32, (32, 64)), ((100, 70), np.float16, None), ((6, 50, 33), ml_dtypes.bfloat16, (8, 32)),
-             ((257,), np.float32, 64), ((64, 64), np.float32, None)]
+    cases = [((96, 200), np.float32, (32, 64)), ((100, 70), np.float16, None),
+             ((6, 50, 33), ml_dtypes.bfloat16, (8, 32)), ((257,), np.float32, 64), ((64, 64), np.float32, None)]
     tree = {}
     for i, (shape, dtype, tile) in enumerate(cases):
         ct = ltjax.compress(_random(rng, shape, dtype, [0.0, 0.5, 0.9, 1.0, 0.3][i]), codec, tile=tile)

@@ -46,7 +46,8 @@ def test_round_trip(tmp_path):
     assert back["dense"]["kernel"].header == tree["dense"]["kernel"].header
     assert isinstance(back["dense"]["bias"], jax.Array)
     assert back["step"] == 3 and isinstance(back["pair"], tuple)
-    np.testing.assert_array_equal(np.asarray(ltjax.decompress(back["sparse"][0])), np.asarray(ltjax.decompress(tree["sparse"][0])))
+    np.testing.assert_array_equal(np.asarray(ltjax.decompress(back["sparse"][0])),
+                                  np.asarray(ltjax.decompress(tree["sparse"][0])))
     host = ltjax.load(p, as_numpy=True)
     assert isinstance(host["dense"]["bias"], np.ndarray)
     s = ltjax.verify(p)
@@ -63,8 +64,8 @@ def test_file_is_plain_safetensors(tmp_path):
 
 
 def test_every_flipped_byte_is_caught(tmp_path):
-    tree = {"w": pack(np.random.default_rng(1).standard_normal((40, 64)).astype(np.float32), "bitmask_int8", tile=(16, 32)),
-            "b": np.arange(5, dtype=np.float32)}
+    w = np.random.default_rng(1).standard_normal((40, 64)).astype(np.float32)
+    tree = {"w": pack(w, "bitmask_int8", tile=(16, 32)), "b": np.arange(5, dtype=np.float32)}
     p = tmp_path / "m.lt"
     ltjax.save(p, tree)
     buf = p.read_bytes()
@@ -78,7 +79,8 @@ def test_every_flipped_byte_is_caught(tmp_path):
 
 
 def test_checksum_error_names_tensor_and_tile(tmp_path):
-    tree = {"layer": {"kernel": pack(np.random.default_rng(2).standard_normal((64, 64)).astype(np.float32), "int8", tile=(32, 32))}}
+    w = np.random.default_rng(2).standard_normal((64, 64)).astype(np.float32)
+    tree = {"layer": {"kernel": pack(w, "int8", tile=(32, 32))}}
     p = tmp_path / "m.lt"
     ltjax.save(p, tree)
     arrays, _, header = _io.read_safetensors(p)
@@ -202,7 +204,8 @@ def test_stacked_tensors_round_trip(tmp_path):
     assert stacked.stack_shape == (3,)
     assert stacked.dense_nbytes == 3 * cts[0].dense_nbytes
     assert stacked.ratio == pytest.approx(cts[0].ratio)
-    np.testing.assert_array_equal(np.asarray(ltjax.decompress(stacked)), np.stack([np.asarray(ltjax.decompress(c)) for c in cts]))
+    np.testing.assert_array_equal(np.asarray(ltjax.decompress(stacked)),
+                                  np.stack([np.asarray(ltjax.decompress(c)) for c in cts]))
     p = tmp_path / "s.lt"
     ltjax.save(p, {"scan": {"kernel": stacked}})
     back = ltjax.load(p)["scan"]["kernel"]

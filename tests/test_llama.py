@@ -8,13 +8,12 @@ import json
 import os
 
 import jax
-import ml_dtypes
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
-from models import generate as gen
-from models import llama, loaders
+from models import generate as gen, llama, loaders
 
 gguf = pytest.importorskip("gguf")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ltjax._format import decompress_reference, decode_storage, pack
 import ltjax
 from ltjax import pallas as lp
+from ltjax._format import decode_storage, decompress_reference, pack
 from ltjax.pallas import BlockSizes
 from ltjax.pallas._config import fit_block_m
 
@@ -255,7 +255,8 @@ def test_decompress(codec, dtype):
 def test_decompress_nd_and_multi_chunk_unpack():
     w = _weight(61, 6, 50 * 7).reshape(6, 50, 7)
     ct = pack(w, "bitmask", axis=1, tile=(8, 96))
-    np.testing.assert_array_equal(np.asarray(lp.decompress(ct, interpret=INTERPRET)), np.asarray(decompress_reference(ct)))
+    np.testing.assert_array_equal(np.asarray(lp.decompress(ct, interpret=INTERPRET)),
+                                  np.asarray(decompress_reference(ct)))
     ct8 = pack(_weight(62, 300, 20), "bitmask_int8", tile=(12, 256))
     got = lp.bitmask_unpack(ct8, interpret=INTERPRET, block_sizes=BlockSizes(block_n=8, block_k=64))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(decode_storage(ct8)))

@@ -18,8 +18,7 @@ import pytest
 
 from ltjax import pallas as lp
 from ltjax._format import pack
-from ltjax.pallas import BlockSizes, MosaicTiles
-from ltjax.pallas import int8_matmul_mosaic as mm
+from ltjax.pallas import BlockSizes, MosaicTiles, int8_matmul_mosaic as mm
 from tests.test_pallas import INTERPRET, _close, _ref_matmul, _weight, _x
 
 MOSAIC = MosaicTiles(tile_m=64, tile_k=128, stages=4)
@@ -111,7 +110,8 @@ def test_mosaic_rows_run_or_fall_back(k, n, m, xdtype):
 def test_kernel_backend_follows_the_table_and_the_device(tmp_path, monkeypatch):
     f = tmp_path / "tuned.json"
     f.write_text('{"rows": [{"kernel": "int8_matmul", "dtype": "float32", "max_m": 16, "block_sizes": '
-                 '{"block_m": 16, "block_n": 32, "block_k": 128, "mosaic": {"tile_m": 64, "tile_k": 128, "stages": 4}}}]}')
+                 '{"block_m": 16, "block_n": 32, "block_k": 128, '
+                 '"mosaic": {"tile_m": 64, "tile_k": 128, "stages": 4}}}]}')
     monkeypatch.setenv(lp.TUNED_ENV, str(f))
     ct = pack(_weight(11, 256, 128, sparsity=0.0), "int8")
     x = _x(12, (4, 256), jnp.float32)
@@ -141,7 +141,8 @@ def test_tuned_file_rows_carry_mosaic_tiles(tmp_path, monkeypatch):
 def test_lowers_for_cuda(m, xdtype, monkeypatch):
     """The kernel, at ltjax's shapes and tiles, lowers to a Mosaic GPU custom call on any host."""
     if jax.default_backend() != "gpu":  # the persistent grid is sized by the SM count, which a CPU lacks
-        monkeypatch.setattr(mm.jax_kernel()[0].backend, "get_default_device", lambda: types.SimpleNamespace(core_count=132))
+        monkeypatch.setattr(mm.jax_kernel()[0].backend, "get_default_device",
+                            lambda: types.SimpleNamespace(core_count=132))
     x = jax.ShapeDtypeStruct((m, 1024), xdtype)
     codes = jax.ShapeDtypeStruct((512, 1024), jnp.int8)
     scales = jax.ShapeDtypeStruct((512,), jnp.float32)
@@ -158,7 +159,8 @@ def test_lowers_for_cuda(m, xdtype, monkeypatch):
 def test_smem_estimate_is_the_lowerings(tiles, m, k, monkeypatch):
     """`why_not_mosaic` refuses a block that would not fit shared memory with the lowering's own byte count."""
     if jax.default_backend() != "gpu":
-        monkeypatch.setattr(mm.jax_kernel()[0].backend, "get_default_device", lambda: types.SimpleNamespace(core_count=132))
+        monkeypatch.setattr(mm.jax_kernel()[0].backend, "get_default_device",
+                            lambda: types.SimpleNamespace(core_count=132))
     x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
     need = mm.smem_bytes(tiles, mm.padded_cols(m, jnp.bfloat16), k)
     assert need > mm.SMEM_LIMIT  # each case is over the limit: the lowering must name the same count

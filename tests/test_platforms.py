@@ -70,7 +70,8 @@ def test_matmul_impl_per_platform():
 def _export(f, *args):
     lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cpu", "cuda"))
     # ltjax's custom calls carry no cross-version compatibility promise, so export must be told.
-    checks = [export.DisabledSafetyCheck.custom_call(t) for t in re.findall(r"stablehlo.custom_call @([\w$.]+)", lowered.as_text())]
+    targets = re.findall(r"stablehlo.custom_call @([\w$.]+)", lowered.as_text())
+    checks = [export.DisabledSafetyCheck.custom_call(t) for t in targets]
     return export.export(jax.jit(f), platforms=("cpu", "cuda"), disabled_checks=checks)(*args)
 
 
@@ -94,8 +95,8 @@ def test_per_platform_under_vmap_and_grad_of_scales():
     y = jax.jit(jax.vmap(ltjax.matmul))(x, stack)
     ref = jax.vmap(ltjax.matmul_reference)(x, stack)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(jax.jit(ltjax.decompress)(stack), jax.vmap(lambda c: ltjax.decompress(c, impl="reference"))(stack),
-                               rtol=1e-6, atol=1e-6)
+    want = jax.vmap(lambda c: ltjax.decompress(c, impl="reference"))(stack)
+    np.testing.assert_allclose(jax.jit(ltjax.decompress)(stack), want, rtol=1e-6, atol=1e-6)
     ct = _weight("int8")
     xs = x[0]
     gs = jax.grad(lambda s: ltjax.matmul(xs, ct.__class__(header=ct.header, codes=ct.codes, scales=s,

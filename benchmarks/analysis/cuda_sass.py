@@ -105,7 +105,8 @@ def analyse(ins: list[tuple[int, str]]) -> dict:
         return res
     lo, hi = max(backs, key=lambda p: p[1] - p[0])
     loop = [(a, t) for a, t in ins if lo <= a <= hi]
-    res["loop"] = {"instructions": len(loop), "histogram": dict(collections.Counter(OPCODE(t) for _, t in loop).most_common())}
+    res["loop"] = {"instructions": len(loop),
+                   "histogram": dict(collections.Counter(OPCODE(t) for _, t in loop).most_common())}
     # The per-word bounds check: "@!P0 BRA P1, <aligned path>"; the path ends at the next BSYNC.
     fast = [(a, int(m.group(1), 16)) for a, t in loop if (m := re.search(r"BRA P\d+, 0x([0-9a-f]+)", t))]
     if fast:
@@ -148,15 +149,16 @@ def main(argv=None) -> int:
         k = kernels[key]
         if "step_on_aligned_path" in k:  # one mask word (32 elements) per lane per step
             k["per_element"] = round(k["step_on_aligned_path"] / 32, 2)
-        elif short and short.group(1) == "Int8Gemv" and "loop" in k:  # 16 codes a chunk, 4 chunks unrolled at M = 1, else 2
+        elif short and short.group(1) == "Int8Gemv" and "loop" in k:  # 16 codes a chunk, 4 unrolled at M = 1, else 2
             k["per_element"] = round(k["loop"]["instructions"] / (16 * (4 if short.group(2) == "1" else 2)), 2)
         elif short and short.group(1) == "Int8Mma" and "loop" in k:  # a step: 16 codes of each of two rows a lane
             k["per_element"] = round(k["loop"]["instructions"] / 32, 2)
-        print(f"{key:22s} regs {k.get('registers')}  spill {k.get('spill_bytes')}  loop {k.get('loop', {}).get('instructions')}"
+        print(f"{key:22s} regs {k.get('registers')}  spill {k.get('spill_bytes')}  "
+              f"loop {k.get('loop', {}).get('instructions')}"
               + (f"  aligned word {k['aligned_word_path']['instructions']}" if "aligned_word_path" in k else "")
               + (f"  step {k['step_on_aligned_path']}" if "step_on_aligned_path" in k else "")
               + (f"  per element {k['per_element']}" if "per_element" in k else ""))
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     out = Path(a.out or ROOT / f"benchmarks/results/{date}-sass/cuda_sass_sm{a.arch}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"arch": f"sm_{a.arch}", "source": str(cuda_source().relative_to(ROOT)), "date": date,

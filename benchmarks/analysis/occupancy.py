@@ -48,7 +48,8 @@ def occupancy_table(check_json: str, out_json: str | None = None) -> list[dict]:
                         **occupancy(r["regs"], r["num_warps"], r["shared"], programs)))
     for o in out:
         print(f"{o['kernel'][:100]:<100} regs {o['regs']:>3} w{o['num_warps']} {o['programs_per_sm']:>2}/SM "
-              f"({o['limited_by']:>6}) grid {o['programs']:>6} -> {o['warps_per_sm']:>2} warps/SM, {o['waves']:.2f} waves")
+              f"({o['limited_by']:>6}) grid {o['programs']:>6} -> {o['warps_per_sm']:>2} warps/SM, "
+              f"{o['waves']:.2f} waves")
     if out_json:
         with open(out_json, "w") as f:
             json.dump(dict(source=os.path.basename(check_json), limits=SM90, rows=out), f, indent=1)

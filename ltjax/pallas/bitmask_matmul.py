@@ -13,8 +13,18 @@ from jax.experimental.pallas import triton as plgpu
 from ltjax._format import CompressedTensor, decode_storage
 from ltjax.pallas import _config
 from ltjax.pallas._config import BlockSizes
-from ltjax.pallas._decode import (contract, gather_packed, iota, load_words, pipelined_row_walk, popc, row_bands,
-                                  row_popcounts, tile_row_starts, to_f32)
+from ltjax.pallas._decode import (
+    contract,
+    gather_packed,
+    iota,
+    load_words,
+    pipelined_row_walk,
+    popc,
+    row_bands,
+    row_popcounts,
+    tile_row_starts,
+    to_f32,
+)
 
 
 def _bitmask_matmul_kernel(
