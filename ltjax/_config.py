@@ -21,20 +21,30 @@ import jax
 logger = logging.getLogger("ltjax")
 
 
-def _flag(value: str | None) -> bool | None:
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _flag(name: str, value: str | None) -> bool | None:
     """"1"/"true"/"yes"/"on" → True, "0"/"false"/"no"/"off" → False, unset or empty → None."""
     if value is None or not value.strip():
         return None
-    return value.strip().lower() not in ("0", "false", "no", "off")
+    v = value.strip().lower()
+    if v not in _TRUE + _FALSE:
+        raise ValueError(f"${name}={value!r}: use 1 or 0 (or true/false, yes/no, on/off), or leave it unset")
+    return v in _TRUE
 
 
 def _int(name: str, value: str | None) -> int | None:
+    """A non-negative integer; unset or empty → None."""
     if value is None or not value.strip():
         return None
     try:
-        return int(value)
+        n = int(value)
     except ValueError:
         raise ValueError(f"${name}={value!r} is not an integer") from None
+    if n < 0:
+        raise ValueError(f"${name}={value!r} must be >= 0")
+    return n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +64,8 @@ class Settings:
 
 VARIABLES = {  # name: (Settings field, what it does): the README table
     "LTJAX_PALLAS_INTERPRET": ("pallas_interpret", "1: Pallas kernels in interpret mode (default: on a GPU 0, else 1)"),
-    "LTJAX_PALLAS_TUNED": ("pallas_tuned", "a tuned block-size file (`benchmarks.pallas_sweep --write-tuned`) over the built-in table"),
+    "LTJAX_PALLAS_TUNED": ("pallas_tuned", "a tuned block-size file (`benchmarks.pallas_sweep --write-tuned`) over "
+                                           "the built-in table"),
     "LTJAX_CUDA_GEMV": ("cuda_gemv", "1: `impl=None` may pick the CUDA small-M kernels on a GPU (off until timed)"),
     "LTJAX_DISABLE_FFI": ("disable_ffi", "1: do not load the CPU extension (the XLA path everywhere on CPU)"),
     "LTJAX_FFI_ISA": ("ffi_isa", "avx2: the CPU handlers' AVX2 code even where AVX-512 is present"),
@@ -80,13 +91,13 @@ def settings() -> Settings:
     if isa not in (None, "avx2", "avx512"):
         raise ValueError(f"$LTJAX_FFI_ISA={env('LTJAX_FFI_ISA')!r}: choose 'avx2' or 'avx512' (or leave it unset)")
     return Settings(
-        pallas_interpret=_flag(env("LTJAX_PALLAS_INTERPRET")),
+        pallas_interpret=_flag("LTJAX_PALLAS_INTERPRET", env("LTJAX_PALLAS_INTERPRET")),
         pallas_tuned=(env("LTJAX_PALLAS_TUNED") or "").strip() or None,
-        cuda_gemv=bool(_flag(env("LTJAX_CUDA_GEMV"))),
-        disable_ffi=bool(_flag(env("LTJAX_DISABLE_FFI"))),
+        cuda_gemv=bool(_flag("LTJAX_CUDA_GEMV", env("LTJAX_CUDA_GEMV"))),
+        disable_ffi=bool(_flag("LTJAX_DISABLE_FFI", env("LTJAX_DISABLE_FFI"))),
         ffi_isa=isa,
-        ffi_vnni=_flag(env("LTJAX_FFI_VNNI")),
-        ffi_amx=_flag(env("LTJAX_FFI_AMX")),
+        ffi_vnni=_flag("LTJAX_FFI_VNNI", env("LTJAX_FFI_VNNI")),
+        ffi_amx=_flag("LTJAX_FFI_AMX", env("LTJAX_FFI_AMX")),
         ffi_threads=_int("LTJAX_FFI_THREADS", env("LTJAX_FFI_THREADS")),
         ffi_spin_us=_int("LTJAX_FFI_SPIN_US", env("LTJAX_FFI_SPIN_US")),
     )

@@ -162,6 +162,7 @@ def test_sweep_writes_a_tuned_table_that_loads(tmp_path, monkeypatch):
     """pallas_sweep --quick (interpret mode, 256²) -> --write-tuned -> $LTJAX_PALLAS_TUNED round trip."""
     from benchmarks import pallas_sweep
     from ltjax import pallas as lp
+    from ltjax._config import settings
 
     out, tuned = tmp_path / "sweep.json", tmp_path / "tuned.json"
     assert pallas_sweep.main(["--quick", "--out", str(out), "--write-tuned", str(tuned)]) == 0
@@ -171,6 +172,7 @@ def test_sweep_writes_a_tuned_table_that_loads(tmp_path, monkeypatch):
     keys = {k for k, _ in table}
     assert ("int8_matmul", "bfloat16", 16) in keys and ("bitmask_unpack_t", "*", 1 << 30) in keys
     monkeypatch.setenv(lp.TUNED_ENV, str(tuned))
+    settings.cache_clear()
     assert lp.get_block_sizes("int8_matmul", 16, "bfloat16") == dict(table)[("int8_matmul", "bfloat16", 16)]
 
 

@@ -18,6 +18,7 @@ import pytest
 
 import ltjax
 from ltjax import pallas as lp
+from ltjax._config import settings
 from ltjax._format import decode_storage, decompress_reference, pack
 from ltjax.pallas import BlockSizes
 from ltjax.pallas._config import fit_block_m
@@ -330,6 +331,7 @@ def test_can_use_pallas():
 
 def test_block_sizes_config(monkeypatch):
     monkeypatch.delenv(lp.TUNED_ENV, raising=False)  # the built-in table
+    settings.cache_clear()
     bs = lp.get_block_sizes("int8_matmul", 1)
     assert hash(bs) == hash(BlockSizes(**{f: getattr(bs, f) for f in BlockSizes.__slots__}))
     assert lp.get_block_sizes("int8_matmul", 5).block_m == 16  # tl.dot path pads M to 16
@@ -362,8 +364,10 @@ def test_tuned_table_file(tmp_path, monkeypatch):
                              "num_stages": 4, "swap_ab": True}}]
     f.write_text(json.dumps({"rows": rows}))
     monkeypatch.delenv(lp.TUNED_ENV, raising=False)  # the built-in table, whatever the caller set
+    settings.cache_clear()
     before, before_t = lp.get_block_sizes("int8_matmul", 8), lp.get_block_sizes("int8_matmul_t", 8)
     monkeypatch.setenv(lp.TUNED_ENV, str(f))
+    settings.cache_clear()
     assert lp.get_block_sizes("int8_matmul", 1) == BlockSizes(1, 8, 512, 2, 4, 3)
     assert lp.get_block_sizes("int8_matmul", 8) == BlockSizes(16, 128, 256, 2, 8, 4, swap_ab=True)
     assert lp.get_block_sizes("int8_matmul_t", 8) == before_t  # a kernel the file does not name
@@ -377,4 +381,5 @@ def test_tuned_table_file(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="LTJAX_PALLAS_TUNED.*bogus"):
         lp.get_block_sizes("int8_matmul", 1)
     monkeypatch.delenv(lp.TUNED_ENV)
+    settings.cache_clear()
     assert lp.get_block_sizes("int8_matmul", 8) == before

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from ltjax import pallas as lp
+from ltjax._config import settings
 from ltjax._format import pack
 from ltjax.pallas import BlockSizes, MosaicTiles, int8_matmul_mosaic as mm
 from tests.test_pallas import INTERPRET, _close, _ref_matmul, _weight, _x
@@ -113,6 +114,7 @@ def test_kernel_backend_follows_the_table_and_the_device(tmp_path, monkeypatch):
                  '{"block_m": 16, "block_n": 32, "block_k": 128, '
                  '"mosaic": {"tile_m": 64, "tile_k": 128, "stages": 4}}}]}')
     monkeypatch.setenv(lp.TUNED_ENV, str(f))
+    settings.cache_clear()
     ct = pack(_weight(11, 256, 128, sparsity=0.0), "int8")
     x = _x(12, (4, 256), jnp.float32)
     assert lp.kernel_backend(x, ct, interpret=INTERPRET) == ("mosaic" if ON_HOPPER else "triton")
@@ -129,6 +131,7 @@ def test_tuned_file_rows_carry_mosaic_tiles(tmp_path, monkeypatch):
                  '{"kernel": "int8_matmul", "dtype": "float32", "max_m": 16, "block_sizes": '
                  '{"block_m": 16, "block_n": 128, "block_k": 256, "split": 2, "mosaic": null}}]}')
     monkeypatch.setenv(lp.TUNED_ENV, str(f))
+    settings.cache_clear()
     bs = lp.get_block_sizes("int8_matmul", 4, jnp.bfloat16)
     assert bs.mosaic == MosaicTiles(tile_m=128, tile_k=256, stages=6) and (bs.block_n, bs.num_stages) == (128, 3)
     assert lp.get_block_sizes("int8_matmul", 4, jnp.float32).mosaic is None  # a file row turns Mosaic off

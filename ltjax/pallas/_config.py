@@ -1,4 +1,10 @@
-"""Tiling configuration, Triton compiler parameters and interpret-mode policy for the Pallas kernels."""
+"""Tiling configuration, Triton compiler parameters and interpret-mode policy for the Pallas kernels.
+
+Block sizes are a frozen `BlockSizes` (a static jit argument), looked up per (kernel, activation
+dtype, M) in one sorted table: the built-in rows are data (``tuned/h200.json``, each naming the run
+it came from), and a file named by ``$LTJAX_PALLAS_TUNED`` overrides them on another GPU. The
+environment is read through `ltjax._config.settings`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ import os
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as plgpu
+
+from ltjax._config import settings
 
 INTERPRET_ENV = "LTJAX_PALLAS_INTERPRET"
 
@@ -102,74 +110,9 @@ class BlockSizes:
 
 # Tuned table: (kernel, activation dtype or "*", max M) -> BlockSizes, sorted; looked up by
 # `get_block_sizes`, `DEFAULT_BLOCK_SIZES` where no row covers the call; rows of a file named by
-# $LTJAX_PALLAS_TUNED (`load_tuned`) take precedence.
-# Every matmul row takes the `tl.dot` path (block_m >= DOT_MIN_M), batch 1 included. The int8
-# forward, bitmask forward and unpack rows are the fastest of `benchmarks.pallas_sweep` on an
-# H200 at K = N = 8192 (benchmarks/results/2026-11-27-h200/, times per 8192² layer):
-#   int8, bf16, M <= 16: (16,128,256, split 2, 8 warps, 3 stages) 41-44 us, where the previous
-#     (16,64,256, split 1) took 45-53 us and the broadcast-reduce path 58-79 us at M = 1;
-#   int8, f32, M <= 16: the same block with swap_ab 126 us (three bf16 dots), others 168-189 us;
-#   int8, bf16/f16, M <= 64: (64,64,128, split 2, 4 warps, 4 stages) 64 us vs (64,64,128, split 1)
-#     80-86 us; the fastest, (64,128,256, split 2) at 62 us, needs 224 KiB of shared memory with
-#     bf16 activations (an A100 has 164) and 260 KiB with f32 ones (over the H200's 227);
-#   int8, f32, M = 1: the batch-1 FMA path (1,8,512) 53 us with bf16 activations (it computes
-#     in f32 whatever their dtype), where the split dot took 150-180 us;
-#   bitmask_int8 50%, M <= 16: (16,16,256, one program per tile) 131-146 us, best of 8; with f32
-#     activations the broadcast path at M = 1 (0.15 ms) and M <= 4 (0.30 ms) beat the dot
-#     (0.42 / 0.76-0.81 ms), which from M = 5 takes the IEEE f32 dot (0.72 ms at M = 16); since the
-#     second GPU session int8 codes and bf16 values with f32 activations at 2 <= M <= 64 bypass
-#     these f32 rows: the bf16 rows run over x split in three (`_api._f32_as_bf16_rows`);
-#   bitmask, 16 < M <= 64: one 64-row block, decoding the weight once: 255 us (4 warps) vs 276 (8
-#     warps), 328 (32-row blocks) and 446 (16-row blocks; second GPU session, gpu_check run 5);
-#   int8, f32, 1 < M <= 16: the Mosaic GPU kernel (`int8_matmul_mosaic`, tiles 64 x 128, 6 slots)
-#     66 us vs 124-126 us for the Triton swap_ab row, which stays as the fallback off Hopper
-#     (run 5; with bf16 activations the same kernel took 62-106 us against Triton's 41-49, so
-#     the bf16 rows stay Triton-only);
-#   unpack (transposed write): (32,128) 184 us vs (32,256) 220 us.
-# Third GPU session (benchmarks/results/2026-11-27-h200-s3/, run 10: same-run A/B of the bitmask
-# kernels' software-pipelined walk, num_stages 2, against the plain one, num_stages 1):
-#   bitmask_int8 50%, M = 64: (64,16,256, 4 warps) pipelined 170 us vs plain 229-233; 192 rows (f32
-#     activations at 22 <= M <= 64 run as 3 M bf16 rows): the same block pipelined 397 us, plain 583,
-#     the previous M > 64 row (64,32,128, split 1: 96 programs) 1160;
-#   bitmask_int8 50%, M <= 16: (16,16,256, 2 warps) pipelined 146 us vs plain 153 (4 warps: 154 vs
-#     155); M = 1: the batch-1 broadcast path (1,8,256, 1 warp) pipelined 108 us vs the dot row 134;
-#   unpack: (8,256, 2 warps) pipelined 140 us vs (16,128) plain 143-148, (16,256) plain 177;
-#     transposed write (32,128, 2 warps) 177 us vs 4 warps 182-200;
-#   int8, f32, 16 < M <= 64: (64,64,64, split 2, 4 warps, 4 stages) 134 us vs (64,32,128, split 1,
-#     8 warps) 274 us, the previous row from the offline compile.
-# The transposed (backward) rows and the int8 f32 M <= 64 transposed row come from the offline Triton
-# compile (smallest blocks of the measured shapes with no spills on sm_80/sm_90; the three-dot
-# f32 split at (64,64,128) spilled 332 B on sm_80).
-TUNED_BLOCK_SIZES: tuple[tuple[tuple[str, str, int], BlockSizes], ...] = tuple(sorted([
-    (("bitmask_matmul", "*", 1), BlockSizes(block_m=1, block_n=8, block_k=256, split=0, num_warps=1, num_stages=2)),
-    (("bitmask_matmul", "*", 16), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=2, num_stages=2)),
-    (("bitmask_matmul", "*", 64), BlockSizes(block_m=64, block_n=16, block_k=256, split=0, num_warps=4, num_stages=2)),
-    (("bitmask_matmul", "float32", 1), BlockSizes(block_m=1, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_matmul", "float32", 4), BlockSizes(block_m=4, block_n=8, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_matmul", "*", 1 << 30), BlockSizes(block_m=64, block_n=16, block_k=256, split=0, num_warps=4, num_stages=2)),
-    (("bitmask_matmul", "float32", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=1)),
-    (("bitmask_matmul_t", "*", 16), BlockSizes(block_m=16, block_n=16, block_k=256, split=0, num_warps=4, num_stages=1)),
-    (("bitmask_matmul_t", "*", 64), BlockSizes(block_m=64, block_n=16, block_k=256, split=0, num_warps=8, num_stages=1)),
-    (("bitmask_matmul_t", "*", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
-    (("bitmask_matmul_t", "float32", 1 << 30), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=1)),
-    (("bitmask_unpack", "*", 1 << 30), BlockSizes(block_m=1, block_n=8, block_k=256, split=0, num_warps=2, num_stages=2)),
-    (("bitmask_unpack_t", "*", 1 << 30), BlockSizes(block_m=1, block_n=32, block_k=128, split=0, num_warps=2, num_stages=1)),
-    (("int8_dequant", "*", 1 << 30), BlockSizes(block_m=1, block_n=32, block_k=128, split=1, num_warps=4, num_stages=1)),
-    (("int8_dequant_t", "*", 1 << 30), BlockSizes(block_m=1, block_n=64, block_k=128, split=1, num_warps=4, num_stages=1)),
-    (("int8_matmul", "*", 16), BlockSizes(block_m=16, block_n=128, block_k=256, split=2, num_warps=8, num_stages=3)),
-    (("int8_matmul", "float32", 1), BlockSizes(block_m=1, block_n=8, block_k=512, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul", "float32", 16), BlockSizes(block_m=16, block_n=128, block_k=256, split=2, num_warps=8, num_stages=3, swap_ab=True,
-                                                mosaic=MosaicTiles(tile_m=64, tile_k=128, stages=6))),
-    (("int8_matmul", "*", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=1, num_warps=8, num_stages=3)),
-    (("int8_matmul", "float32", 64), BlockSizes(block_m=64, block_n=64, block_k=64, split=2, num_warps=4, num_stages=4)),
-    (("int8_matmul", "bfloat16", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=2, num_warps=4, num_stages=4)),
-    (("int8_matmul", "float16", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=2, num_warps=4, num_stages=4)),
-    (("int8_matmul", "*", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=64, split=1, num_warps=4, num_stages=3)),
-    (("int8_matmul_t", "*", 16), BlockSizes(block_m=16, block_n=64, block_k=256, split=1, num_warps=8, num_stages=3)),
-    (("int8_matmul_t", "*", 64), BlockSizes(block_m=64, block_n=64, block_k=128, split=1, num_warps=8, num_stages=3)),
-    (("int8_matmul_t", "float32", 64), BlockSizes(block_m=64, block_n=32, block_k=128, split=1, num_warps=8, num_stages=3)),
-    (("int8_matmul_t", "*", 1 << 30), BlockSizes(block_m=64, block_n=64, block_k=64, split=1, num_warps=4, num_stages=3)),
-]))
+# $LTJAX_PALLAS_TUNED (`load_tuned`) take precedence. The built-in rows are data: tuned/h200.json,
+# each row naming the sweep (or the offline compile check) it came from; docs/pallas.md has the figures.
+BUILTIN_TUNED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned", "h200.json")
 DEFAULT_BLOCK_SIZES = BlockSizes()
 
 
@@ -183,7 +126,8 @@ _tuned_cache: dict[tuple[str, float], tuple] = {}
 
 
 def load_tuned(path: str) -> tuple[tuple[tuple[str, str, int], BlockSizes], ...]:
-    """Rows of a tuned-table file: ``{"rows": [{"kernel", "dtype", "max_m", "block_sizes": {...}}]}``.
+    """Rows of a tuned-table file: ``{"rows": [{"kernel", "dtype", "max_m", "block_sizes": {...}}]}``
+    (other keys, e.g. a row's ``source``, are the file's record and are not read).
 
     `benchmarks.pallas_sweep --write-tuned` writes such a file from the block sizes it measured
     fastest on the GPU at hand; ``$LTJAX_PALLAS_TUNED`` pointing at one makes its rows take
@@ -204,9 +148,12 @@ def load_tuned(path: str) -> tuple[tuple[tuple[str, str, int], BlockSizes], ...]
     return tuple(rows)
 
 
+TUNED_BLOCK_SIZES: tuple[tuple[tuple[str, str, int], BlockSizes], ...] = tuple(sorted(load_tuned(BUILTIN_TUNED)))
+
+
 def tuned_table() -> tuple[tuple[tuple[str, str, int], BlockSizes], ...]:
     """`TUNED_BLOCK_SIZES`, with the rows of the file named by ``$LTJAX_PALLAS_TUNED`` (if set) on top."""
-    path = os.environ.get(TUNED_ENV, "").strip()
+    path = settings().pallas_tuned
     if not path:
         return TUNED_BLOCK_SIZES
     key = (path, os.path.getmtime(path) if os.path.exists(path) else -1.0)
@@ -259,9 +206,9 @@ def resolve_interpret(interpret: bool | None) -> bool:
     """``interpret`` if given, else ``$LTJAX_PALLAS_INTERPRET`` ("1"/"0"), else True off-GPU."""
     if interpret is not None:
         return bool(interpret)
-    env = os.environ.get(INTERPRET_ENV)
-    if env is not None and env.strip() != "":
-        return env.strip().lower() not in ("0", "false", "no", "off")
+    env = settings().pallas_interpret
+    if env is not None:
+        return env
     return jax.default_backend() != "gpu"
 
 
