@@ -99,12 +99,10 @@ def _f32_as_bf16_rows(x, ct: CompressedTensor) -> bool:
 
     Each product is exact (8-bit by 8-bit significands) and the kernel accumulates in f32, so the
     result is f32-accurate, at the bf16 kernel's speed for 3 M rows instead of the kernel's IEEE
-    f32 dot on the FMA units. Measured whole on an H200 (8192² layers, bitmask_int8 50%, third GPU
-    session, `docs/pallas.md`): M = 4 135-140 us and M = 16 148-150 us, where the f32 kernel took
-    291 and 723 us; M = 64 (192 rows, three 64-row blocks) 408 us against 1568, but slower than
-    decompress-then-dot (258 us), which would put a dense copy of the weight in device memory. M = 1
-    keeps the f32 broadcast path (141-155 us); above M = 64 nothing was measured either way, so the
-    kernel's own f32 path stays.
+    f32 dot on the FMA units: several times faster on an H200 at 4 <= M <= 64, though at M = 64
+    still slower than decompress-then-dot, which would put a dense weight in device memory
+    (figures: `docs/pallas.md`, "Paths inside the matmul kernels"). M = 1 keeps the f32 broadcast
+    path; above M = 64 nothing was measured either way, so the kernel's own f32 path stays.
     """
     if jnp.dtype(x.dtype) != jnp.float32 or not 2 <= x.shape[0] <= 64:
         return False

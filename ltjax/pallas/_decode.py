@@ -164,9 +164,9 @@ def contract(a: jax.Array, b: jax.Array, *, use_dot: bool, transposed: bool, spl
     (every dimension >= 16). Codes are exact in bf16 and f16, so with f32 activations and
     ``split_f32`` the dot runs as three bf16 dots over the activations' hi/mid/lo split:
     f32-accurate (each product exact, f32 accumulation) on the tensor cores. Otherwise f32
-    activations take the IEEE f32 dot (HIGHEST, not TF32) on the FMA units. Measured on an
-    H200 at 8192², M = 16: the split made the int8 kernel 4x faster (0.65 -> 0.16 ms) but the
-    bitmask one, bound by its decode, 15% slower and spilling registers, so it passes False.
+    activations take the IEEE f32 dot (HIGHEST, not TF32) on the FMA units. On an H200 the split
+    made the int8 kernel several times faster but the bitmask one, bound by its decode, slower
+    and spilling registers (`docs/pallas.md`), so it passes False.
     Else a broadcast multiply-reduce in f32 registers.
     """
     if use_dot:

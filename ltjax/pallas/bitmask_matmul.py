@@ -1,4 +1,5 @@
-"""Fused bitmask / bitmask_int8 decode-matmul: ``x @ S.T`` and ``dy @ S`` over the packed storage ``S``, decoded in registers."""
+"""Fused bitmask / bitmask_int8 decode-matmul: ``x @ S.T`` and ``dy @ S`` over the packed storage ``S``,
+decoded in registers."""
 
 from __future__ import annotations
 

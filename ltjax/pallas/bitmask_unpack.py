@@ -1,4 +1,5 @@
-"""Bitmask / bitmask_int8 unpack to a dense storage matrix: one program per tile, popcount + prefix offsets, no global scan."""
+"""Bitmask / bitmask_int8 unpack to a dense storage matrix: one program per tile, popcount + prefix
+offsets, no global scan."""
 
 from __future__ import annotations
 

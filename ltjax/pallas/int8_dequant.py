@@ -1,4 +1,5 @@
-"""int8 dequantisation to a dense storage matrix: ``codes * scales[:, None]``, one (block_n, block_k) block per program."""
+"""int8 dequantisation to a dense storage matrix: ``codes * scales[:, None]``, one (block_n, block_k)
+block per program."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Fused int8 dequant-matmul: ``x @ S.T`` and ``dy @ S`` over int8 codes ``S`` with per-row scales, dequantised in registers."""
+"""Fused int8 dequant-matmul: ``x @ S.T`` and ``dy @ S`` over int8 codes ``S`` with per-row scales,
+dequantised in registers."""
 
 from __future__ import annotations
 
