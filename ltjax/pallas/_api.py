@@ -20,7 +20,8 @@ MATMUL_CODECS = ("raw", "int8", "bitmask", "bitmask_int8")
 _MAX_PACKED = 2**31 - 2**16  # packed indices are int32 in the kernels
 
 
-def why_not_pallas(x, ct, *, transpose: bool = False, interpret: bool = False, platform: str | None = None) -> str | None:
+def why_not_pallas(x, ct, *, transpose: bool = False, interpret: bool = False,
+                   platform: str | None = None) -> str | None:
     """Why `matmul(x, ct)` (``transpose``: `matmul_t(x, ct)`) cannot take the Pallas path, or None if it can.
 
     ``platform``: the platform the program is lowered for (``"cuda"``, ``"rocm"``, ``"cpu"``;

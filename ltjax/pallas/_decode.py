@@ -67,7 +67,7 @@ def row_bands(ct, band_rows: int):
     band-row-major order.
     """
     h = ct.header
-    (n, k), (tr, tc) = h.storage_shape, h.tile
+    (n, _), (tr, tc) = h.storage_shape, h.tile
     if band_rows <= 0 or band_rows >= tr or tr % band_rows:
         return h.tile, ct.offsets
     gc = h.tile_grid[1]

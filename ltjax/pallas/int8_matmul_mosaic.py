@@ -101,7 +101,8 @@ def why_not_mosaic(x, ct: CompressedTensor, tiles: MosaicTiles, *, interpret: bo
         return f"{c} activation columns (M = {x.shape[0]}{', x3 for f32' if c != x.shape[0] else ''}) exceed {MAX_COLS}"
     need = smem_bytes(tiles, padded_cols(x.shape[0], x.dtype), k)
     if need > SMEM_LIMIT:
-        return f"{tiles} needs {need} B of shared memory for {padded_cols(x.shape[0], x.dtype)} columns (limit {SMEM_LIMIT})"
+        cols = padded_cols(x.shape[0], x.dtype)
+        return f"{tiles} needs {need} B of shared memory for {cols} columns (limit {SMEM_LIMIT})"
     return None
 
 
@@ -139,7 +140,8 @@ def tuning_config(tiles: MosaicTiles, cols: int):
 def mosaic_matmul(x, codes, scales, *, tiles: MosaicTiles):
     """The kernel call, unchecked: for callers that ran `why_not_mosaic` (`int8_matmul_mosaic` does)."""
     cols = activation_columns(x)
-    out = jax_kernel()[0].mixed_matmul_kernel(codes, cols, out_dtype=jnp.float32, config=tuning_config(tiles, cols.shape[1]))
+    config = tuning_config(tiles, cols.shape[1])
+    out = jax_kernel()[0].mixed_matmul_kernel(codes, cols, out_dtype=jnp.float32, config=config)
     return finish(out, x.shape[0], scales, x.dtype)
 
 
