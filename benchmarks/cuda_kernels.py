@@ -1,4 +1,4 @@
-"""Times the CUDA small-M kernels (`ltjax.ffi.gemv`, docs/cuda.md) against the Pallas kernels and
+"""Times the CUDA small-M kernels (`ltjax.ffi.cuda`, docs/cuda.md) against the Pallas kernels and
 the dense dots, on a CUDA GPU, all in the same run.
 
 For each K = N, activation dtype (bf16 first), codec (int8, bitmask_int8 at 50% and 90%
@@ -12,7 +12,7 @@ sparsity) and M (1, 4, 16), per layer of a jitted chain of ``--layers`` distinct
 - ``t_alt_indexed_ms`` (M <= 4, where both kernels apply): ``t_cuda_indexed_ms`` with the other of
   the GEMV and the tensor-core kernel (``alt_kernel``), for where the one should hand over to the other;
 - ``t_mma_warps_ms`` (tensor-core rows): ``{warps: ms}``, ``t_cuda_indexed_ms`` with the K
-  splits sized for other grids than ``gemv.MMA_WARPS`` (4096 warps), which is not yet timed;
+  splits sized for other grids than ``ltjax.ffi.cuda.MMA_WARPS`` (4096 warps), which is not yet timed;
 - ``t_pallas_ms``: ``impl="pallas"``, the Triton kernels;
 - ``t_bf16_ms``, ``t_f32_ms``: XLA's dense dots; ``t_cuda_paired_ms`` / ``t_dense_paired_ms``: the
   CUDA op over the indexed weights and the dense dot of x's dtype timed in alternation, bursts of
@@ -35,20 +35,20 @@ import ltjax
 from benchmarks import _common
 from benchmarks.matmul import chain, make_weight, rel_diff, replicate
 from ltjax._format import pack
-from ltjax.ffi import gemv
+from ltjax.ffi import cuda as lcuda
 
 REQUIRES_BACKEND = "gpu"
 CASES = (("int8", 0.0), ("bitmask_int8", 0.5), ("bitmask_int8", 0.9))
 
 
-MMA_WARPS = (1024, 2048, 8192)  # grid sizes the MMA kernels' K splits are also timed at (default: gemv.MMA_WARPS)
+MMA_WARPS = (1024, 2048, 8192)  # grid sizes the MMA kernels' K splits are also timed at (default: lcuda.MMA_WARPS)
 
 
-def _kernel_chain(x, cts, kernel, mma_warps=gemv.MMA_WARPS):
-    """The CUDA custom calls over ``cts`` with ``kernel`` (`gemv.gemv`'s) instead of `gemv.kernel_for`'s
+def _kernel_chain(x, cts, kernel, mma_warps=lcuda.MMA_WARPS):
+    """The CUDA custom calls over ``cts`` with ``kernel`` (`ltjax.ffi.cuda.matmul`'s) instead of `kernel_for`'s
     pick, and the MMA kernels' K splits sized for ``mma_warps``."""
     for ct in cts:
-        x = gemv.gemv(x, ct, kernel=kernel, mma_warps=mma_warps)
+        x = lcuda.matmul(x, ct, kernel=kernel, mma_warps=mma_warps)
     return x
 
 
@@ -75,12 +75,12 @@ def run(sizes, ms, x_dtypes, reps: int, layers: int, burst: int, on_row, seed: i
                     x = jnp.asarray(rng.standard_normal((m, kn), dtype=np.float32)).astype(xdt)
                     row = dict(K=kn, N=kn, codec=codec, sparsity=sparsity, x_dtype=jnp.dtype(xdt).name, M=m,
                                layers=layers, weight_bytes=cts[0].nbytes)
-                    why = gemv.why_not(x, cts[0], emulate=not on_gpu)
+                    why = lcuda.why_not(x, cts[0], emulate=not on_gpu)
                     if why is not None:
                         row["skipped"] = why
                         on_row(row)
                         continue
-                    row["kernel"] = gemv.kernel_for(x, cts[0])
+                    row["kernel"] = lcuda.kernel_for(x, cts[0])
                     try:
                         y = cuda(x, cts)
                         want = pallas(x, cts) if on_gpu else reference(x, cts)
@@ -88,7 +88,7 @@ def run(sizes, ms, x_dtypes, reps: int, layers: int, burst: int, on_row, seed: i
                         row["t_cuda_ms"] = per_layer(cuda, x, cts) * 1e3
                         row["indexed_rel_diff"] = rel_diff(cuda(x, indexed), want)
                         row["t_cuda_indexed_ms"] = per_layer(cuda, x, indexed) * 1e3
-                        if m <= gemv.GEMV_MAX_M:  # both kernels apply: the other one too, for the crossover
+                        if m <= lcuda.GEMV_MAX_M:  # both kernels apply: the other one too, for the crossover
                             row["alt_kernel"] = "mma" if row["kernel"] == "gemv" else "gemv"
                             row["alt_rel_diff"] = rel_diff(forced(x, indexed, row["alt_kernel"]), want)
                             row["t_alt_indexed_ms"] = per_layer(forced, x, indexed, row["alt_kernel"]) * 1e3
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     layers = a.layers or (8 if backend == "gpu" else 1)
     burst = a.burst or (8 if backend == "gpu" else 1)
     out = _common.out_path(a, "cuda_kernels")
-    path, why = gemv.library()
+    path, why = lcuda.library()
     meta = dict(reps=reps, layers=layers, burst=burst, library=str(path) if path else None, library_reason=why,
                 note=None if backend == "gpu" else "no GPU: the kernels' CPU emulation ran; its times are not speeds")
     print(f"backend={backend} device={jax.devices()[0].device_kind} library={path or why}")

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ltjax
-import ltjax.ffi as lffi
+import ltjax.ffi.cpu as lffi
 from benchmarks import _common as C
 from ltjax._format import decompress_reference, pack
 
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     if not lffi.available():
-        why = f"ltjax.ffi is unavailable: {lffi.unavailable_reason()}"
+        why = f"ltjax.ffi.cpu is unavailable: {lffi.unavailable_reason()}"
         print(f"ffi_matmul: skipped: {why}")
         out.write_text(json.dumps({"benchmark": "ffi_matmul", "skipped": why, "meta": meta, "rows": []}, indent=1))
         print(f"wrote {out}")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check, in this order (what #3 still needs measured first, so a check cut short
 # by its deadline loses the least):
-#   1. the CUDA kernels' library (ltjax/ffi/_ltjax_cuda.so, git-ignored): kept if carried, else
-#      built here with nvcc (`python -m ltjax.ffi.gemv --build`, ~15 s; OUTDIR/cuda_build.log);
+#   1. the CUDA kernels' library (ltjax/ffi/cuda/_ltjax_cuda.so, git-ignored): kept if carried, else
+#      built here with nvcc (`python -m ltjax.ffi.cuda --build`, ~15 s; OUTDIR/cuda_build.log);
 #   2. the Pallas and CUDA kernel tests and the op tests, natively (interpret=False), with the
 #      built-in block sizes (or a carried $LTJAX_PALLAS_TUNED);
 #   3. the CUDA kernels against the Pallas kernels and the dense dots (benchmarks.cuda_kernels:
@@ -60,13 +60,13 @@ echo "$DEVICE"
 echo "== CUDA kernels' library"
 if [ "${GPU_CHECK_BUILD_S:-90}" -le 0 ]; then
   echo "build skipped (GPU_CHECK_BUILD_S=0)" | tee "$OUT/cuda_build.log"
-elif [ -f ltjax/ffi/_ltjax_cuda.so ]; then
+elif [ -f ltjax/ffi/cuda/_ltjax_cuda.so ]; then
   echo "present (carried)" | tee "$OUT/cuda_build.log"
 elif command -v nvcc > /dev/null; then
-  timeout "$(cap "${GPU_CHECK_BUILD_S:-90}")" "$PY" -m ltjax.ffi.gemv --build ltjax/ffi/_ltjax_cuda.so > "$OUT/cuda_build.log" 2>&1
+  timeout "$(cap "${GPU_CHECK_BUILD_S:-90}")" "$PY" -m ltjax.ffi.cuda --build ltjax/ffi/cuda/_ltjax_cuda.so > "$OUT/cuda_build.log" 2>&1
   echo "nvcc build rc=$?" | tee -a "$OUT/cuda_build.log"
 else
-  echo "no nvcc and no carried ltjax/ffi/_ltjax_cuda.so" | tee "$OUT/cuda_build.log"
+  echo "no nvcc and no carried ltjax/ffi/cuda/_ltjax_cuda.so" | tee "$OUT/cuda_build.log"
 fi
 BUILD_END=$(date +%s)
 

@@ -111,8 +111,8 @@ def info_report() -> dict[str, Any]:
     import jax.numpy as jnp
 
     import ltjax
-    from ltjax import ffi as lffi
     from ltjax._config import host_platform
+    from ltjax.ffi import cpu as lffi, cuda as lcuda
     from ltjax.ops.matmul import IMPLEMENTATIONS
     from ltjax.ops.matmul.cpu import MAX_M
 
@@ -150,10 +150,8 @@ def info_report() -> dict[str, Any]:
     # A regular install elsewhere than the imported package: a source tree (a checkout run from) shadows it.
     package["shadows_installed"] = bool(d and not d["editable"] and
                                         os.path.commonpath([package["path"], d["location"]]) != d["location"])
-    from ltjax.ffi import gemv
-
-    path, why = gemv.library()
-    cuda = {"library": str(path) if path else None, "reason": why, "auto": gemv.enabled()}
+    path, why = lcuda.library()
+    cuda = {"library": str(path) if path else None, "reason": why, "auto": lcuda.enabled()}
     return {"ltjax": ltjax.__version__, "package": package, "jax": jax.__version__, "backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()], "cpu_ffi": ffi, "cuda_kernels": cuda,
             "matmul_routes": routes}

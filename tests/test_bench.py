@@ -223,11 +223,12 @@ def test_occupancy_arithmetic():
 def test_cuda_kernels_quick_rows_agree_with_the_reference(tmp_path):
     """`benchmarks.cuda_kernels --quick` (the kernels' CPU emulation off-GPU): every row is timed or
     says why it was skipped, and the CUDA op's output matches the reference. No speed is asserted."""
-    import ltjax.ffi as lffi
     from benchmarks import cuda_kernels as CK
+    from ltjax.ffi import cuda
 
-    if not lffi.available():
-        pytest.skip(f"the emulation needs the CPU extension: {lffi.unavailable_reason()}")
+    path, why = cuda.emulation_library()
+    if path is None:
+        pytest.skip(f"the CUDA kernels' CPU emulation: {why}")
     out = tmp_path / "ck.json"
     assert CK.main(["--quick", "--ms", "1", "5", "--x-dtypes", "float32", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
@@ -301,7 +302,7 @@ def test_gpu_check_script_writes_its_json_on_the_cpu(tmp_path):
 def test_benchmark_that_cannot_measure_here_is_skipped_with_its_reason(tmp_path, monkeypatch):
     """ffi_matmul without the CPU extension: a JSON saying why, and the run lists it as skipped
     (not failed), so `ltjax bench --quick` still exits 0 on a machine without a C++ compiler."""
-    import ltjax.ffi as lffi
+    import ltjax.ffi.cpu as lffi
 
     monkeypatch.setattr(lffi, "available", lambda: False)
     monkeypatch.setattr(lffi, "unavailable_reason", lambda: "the C++ extension is not built (test)")

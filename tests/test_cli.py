@@ -67,7 +67,7 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 def test_info_says_what_runs_here(capsys):
     import jax
 
-    from ltjax import ffi as lffi
+    from ltjax.ffi import cpu as lffi
 
     assert main(["info", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
@@ -80,10 +80,10 @@ def test_info_says_what_runs_here(capsys):
         assert routes["bitmask_int8 M=65"]["impl"] == "xla"
         assert "M=65 > 64" in routes["bitmask_int8 M=65"]["why_not_fast_path"]
         assert routes["int8 M=65"]["impl"] == ("ffi" if lffi.info()["amx"] else "xla")  # the AMX GEMM wins at any M
-    from ltjax.ffi import gemv
+    from ltjax.ffi import cuda
 
-    path, why = gemv.library()
-    assert r["cuda_kernels"] == {"library": str(path) if path else None, "reason": why, "auto": gemv.enabled()}
+    path, why = cuda.library()
+    assert r["cuda_kernels"] == {"library": str(path) if path else None, "reason": why, "auto": cuda.enabled()}
     assert (path is None) == (why is not None)
     assert main(["info"]) == 0
     out = capsys.readouterr().out
@@ -115,7 +115,7 @@ def test_info_names_the_gpu_kernel_of_a_pallas_route(capsys, monkeypatch):
 def test_info_shows_which_ltjax_was_imported_and_whether_its_extension_loaded(capsys):
     import os
 
-    from ltjax import ffi as lffi
+    from ltjax.ffi import cpu as lffi
 
     assert main(["info", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
@@ -146,9 +146,9 @@ def _source_tree_without_extension(tmp_path):
                     ignore=shutil.ignore_patterns("__pycache__", "*.so", "_build_info.txt", "_cuda_build_info.txt"))
     (src / "pyproject.toml").write_text("[project]\nname = 'ltjax'\n")
     site = tmp_path / "site-packages"
-    (site / "ltjax" / "ffi").mkdir(parents=True)
+    (site / "ltjax" / "ffi" / "cpu").mkdir(parents=True)
     (site / "ltjax" / "__init__.py").write_text("")
-    built = site / "ltjax" / "ffi" / f"_ltjax_ffi{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    built = site / "ltjax" / "ffi" / "cpu" / f"_ltjax_ffi{importlib.machinery.EXTENSION_SUFFIXES[0]}"
     built.write_bytes(b"")  # only its presence is read
     return src, site
 
@@ -169,11 +169,12 @@ def test_a_source_tree_without_the_extension_says_why_and_how_to_fix(tmp_path):
         # This venv's ltjax is an editable install, whose import hook would find the real checkout:
         # without it, the interpreter sees what a non-editable install gives (sys.path order only).
         sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("_editable")]
-        logging.basicConfig(level=logging.WARNING, format="LOG %(message)s", stream=sys.stdout)
+        logging.basicConfig(level=logging.INFO, format="LOG %(message)s", stream=sys.stdout)
         import numpy as np, jax.numpy as jnp
-        import ltjax, ltjax.ffi as F
+        import ltjax, ltjax.ffi.cpu as F
         from ltjax.cli import main
-        F.can_use_ffi(jnp.ones((1, 64)), ltjax.compress(np.ones((64, 32), np.float32), "int8"))
+        ltjax.matmul(jnp.ones((1, 64)), ltjax.compress(np.ones((64, 32), np.float32), "int8"))
+        print("REASON", F.unavailable_reason())
         print("INFO", end=" ")
         main(["info", "--json"])
         """
@@ -183,25 +184,27 @@ def test_a_source_tree_without_the_extension_says_why_and_how_to_fix(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                        cwd=src)
     assert r.returncode == 0, r.stderr[-3000:]
-    logs = [ln for ln in r.stdout.splitlines() if ln.startswith("LOG ltjax: CPU FFI kernels unavailable")]
-    assert len(logs) == 1, r.stdout
+    reason = r.stdout.split("REASON ", 1)[1].splitlines()[0]
+    logs = [ln for ln in r.stdout.split("REASON ", 1)[0].splitlines() if ln.startswith("LOG ") and reason in ln]
+    assert len(logs) == 1, r.stdout  # the matmul's fallback, logged once with the reason
     log = logs[0]
     assert f"imported from {src / 'ltjax'}" in log and "source tree without the built" in log
     assert f"shadows the installed ltjax at {site / 'ltjax'}" in log
     assert "`pip install -e .`" in log and str(src) in log and "run from outside the checkout" in log
-    info = json.loads(r.stdout.split("INFO ", 1)[1])
+    lines = r.stdout.split("INFO ", 1)[1].splitlines()  # the report, after any log lines `info` gave
+    info = json.loads("\n".join(lines[next(i for i, ln in enumerate(lines) if ln.startswith("{")):]))
     assert info["package"]["path"] == str(src / "ltjax")
     assert info["cpu_ffi"]["loaded"] is False and info["cpu_ffi"]["path"] is None
-    assert log.endswith(info["cpu_ffi"]["reason"])
+    assert info["cpu_ffi"]["reason"] == reason
     assert all(route["impl"] != "ffi" for route in info["matmul_routes"].values())
 
 
 def test_missing_extension_reasons(tmp_path):
     """Without another install: build it in the checkout; a built file that fails to load: rebuild."""
-    from ltjax.ffi._registry import diagnose_missing
+    from ltjax.ffi.cpu._registry import diagnose_missing
 
     src, site = _source_tree_without_extension(tmp_path)
-    err = ModuleNotFoundError("No module named 'ltjax.ffi._ltjax_ffi'")
+    err = ModuleNotFoundError("No module named 'ltjax.ffi.cpu._ltjax_ffi'")
     why = diagnose_missing(err, package=src / "ltjax", search=[str(src)], build_info=tmp_path / "none.txt")
     assert "not built for the ltjax imported from" in why and f"`pip install -e .` in {src}" in why
     assert "C++ compiler and CMake" in why and "shadows" not in why

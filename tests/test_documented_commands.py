@@ -312,6 +312,9 @@ def _own(module: str) -> bool:
 def _check_module_source(module: str) -> None:
     spec = importlib.util.find_spec(module)
     assert spec is not None and spec.origin, f"no module {module!r}"
+    if spec.submodule_search_locations is not None:  # a package: `python -m` runs its __main__
+        spec = importlib.util.find_spec(f"{module}.__main__")
+        assert spec is not None and spec.origin, f"package {module!r} has no __main__: `python -m {module}` fails"
     if _own(module):
         src = Path(spec.origin).read_text()
         assert '__name__ == "__main__"' in src, f"{module} has no __main__ block: `python -m {module}` does nothing"

@@ -1,4 +1,4 @@
-"""CPU XLA FFI handlers (ltjax.ffi) against the jnp reference decoder."""
+"""CPU XLA FFI handlers (ltjax.ffi.cpu) against the jnp reference decoder."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import ltjax.ffi as lffi
+import ltjax.ffi.cpu as lffi
 from ltjax._format import decode_storage, decompress_reference, pack
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_ffi = pytest.mark.skipif(not lffi.available(), reason=f"ltjax.ffi unavailable: {lffi.unavailable_reason()}")
+needs_ffi = pytest.mark.skipif(not lffi.available(), reason=f"ltjax.ffi.cpu unavailable: {lffi.unavailable_reason()}")
 
 CODECS = ("int8", "bitmask_int8", "bitmask")
 # (K, N, M, tile): ragged sizes (not multiples of 32 / 16 / 4), tiles that cut rows mid-way;
@@ -68,7 +68,7 @@ def test_bitmask_values_dtypes(vdtype):
     x = jax.random.normal(jax.random.key(0), (4, 96))
     _close(lffi.matmul(x, ct), x @ decompress_reference(ct).astype(jnp.float32), jnp.float32)
     # unpack is bit-exact in the values' own dtype (-0.0 included)
-    got = np.asarray(jax.jit(lffi.unpack_bitmask)(ct))
+    got = np.asarray(jax.jit(lffi.unpack)(ct))
     want = np.asarray(decode_storage(ct))
     assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
 
@@ -79,10 +79,10 @@ def test_unpack_keeps_negative_zero_and_nd_shapes():
     x[0, 0, :3] = [-0.0, 1.5, -2.0]
     x[2, 4, 69] = 7.0
     ct = pack(x, "bitmask", tile=(2, 32))
-    got = np.asarray(lffi.unpack_bitmask(ct))
+    got = np.asarray(lffi.unpack(ct))
     assert got.tobytes() == np.asarray(decode_storage(ct)).tobytes()
     ct8 = pack(np.random.default_rng(0).standard_normal((4, 6, 50)).astype(np.float32), "bitmask_int8")
-    np.testing.assert_allclose(lffi.unpack_bitmask(ct8), decode_storage(ct8), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(lffi.unpack(ct8), decode_storage(ct8), rtol=1e-6, atol=1e-7)
 
 
 @needs_ffi
@@ -115,27 +115,6 @@ def test_vmap_over_stacked_bitmask_weights():
     w = decompress_reference(ct)
     _close(ys[0], x[0] @ w, jnp.float32)
     _close(ys[1], 2 * (x[1] @ w), jnp.float32)
-
-
-@needs_ffi
-@pytest.mark.parametrize("codec", CODECS)
-def test_gradients_through_vjp(codec):
-    ct = _pack(9, 70, 45, codec, (16, 32))
-    x = jax.random.normal(jax.random.key(4), (3, 70))
-    c = jax.random.normal(jax.random.key(5), (3, 45))
-
-    def loss_ffi(x, ct):
-        return jnp.sum(lffi.matmul_vjp(x, ct) * c)
-
-    def loss_ref(x, ct):
-        return jnp.sum((x @ decompress_reference(ct)) * c)
-
-    gx, gct = jax.jit(jax.grad(loss_ffi, argnums=(0, 1), allow_int=True))(x, ct)
-    rx, rct = jax.grad(loss_ref, argnums=(0, 1), allow_int=True)(x, ct)
-    _close(gx, rx, jnp.float32)
-    for name in ("scales", "values"):
-        if getattr(ct, name) is not None:
-            _close(getattr(gct, name), getattr(rct, name), jnp.float32)
 
 
 @needs_ffi
@@ -182,6 +161,28 @@ def test_isa_override_is_honoured():
         assert info["vnni"] is False, info
     if os.environ.get("LTJAX_FFI_AMX") == "0" or info["isa"] != "avx512":
         assert info["amx"] is False, info
+
+
+@needs_ffi
+def test_settings_reach_the_extension_which_reads_no_environment():
+    """The handlers do not read the environment: `ltjax.ffi.cpu` hands them `ltjax._config.settings()`
+    when it loads (LTJAX_FFI_THREADS here), and a later `configure()` is refused."""
+    code = textwrap.dedent(
+        """
+        import ltjax.ffi.cpu as F
+        from ltjax.ffi.cpu import _ltjax_ffi
+        assert F.info()["threads"] == 1, F.info()
+        try:
+            _ltjax_ffi.configure("", True, True, 4, 0)
+        except RuntimeError as e:
+            print("refused:", e)
+        """
+    )
+    env = {**os.environ, "LTJAX_FFI_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "refused: ltjax: configure() after" in r.stdout, r.stdout + r.stderr[-2000:]
+    sources = [p for ext in ("*.cc", "*.h") for p in (ROOT / "ltjax/ffi/cpu").glob(ext)]
+    assert sources and not [p.name for p in sources if "getenv" in p.read_text()]
 
 
 # ---------------------------------------------------------------------- M = 1 bitmask_int8 GEMV
@@ -247,7 +248,7 @@ def test_m1_bitmask_int8_same_answer_on_both_vector_widths(tmp_path):
     code = textwrap.dedent(
         """
         import sys, jax, jax.numpy as jnp, numpy as np
-        import ltjax.ffi as F
+        import ltjax.ffi.cpu as F
         from ltjax._format import pack
         rng = np.random.default_rng(7)
         w = rng.standard_normal((1000, 300)).astype(np.float32)
@@ -290,7 +291,7 @@ def test_m1_bitmask_int8_f32_walk_when_vnni_off():
     code = textwrap.dedent(
         """
         import jax, jax.numpy as jnp, numpy as np
-        import ltjax.ffi as F
+        import ltjax.ffi.cpu as F
         from ltjax._format import pack, decompress_reference
         assert F.info()["vnni"] is False, F.info()
         rng = np.random.default_rng(0)
@@ -405,22 +406,24 @@ def test_damaged_bitmask_is_an_error_not_a_crash(damage):
 # ---------------------------------------------------------------------- fallback without the extension
 @pytest.mark.parametrize("how", ["missing", "disabled"])
 def test_fallback_when_extension_absent(how):
-    """Simulated absence: the import of `_ltjax_ffi` fails (or is disabled); the package still works."""
+    """Simulated absence: the import of `_ltjax_ffi` fails (or is disabled); the package still works,
+    `why_not` gives the reason, and `ltjax.matmul` logs it once."""
     code = textwrap.dedent(
         """
         import logging, sys
-        logging.basicConfig(level=logging.WARNING, format="LOG %(message)s", stream=sys.stdout)
+        logging.basicConfig(level=logging.INFO, format="LOG %(message)s", stream=sys.stdout)
         if sys.argv[1] == "missing":
-            sys.modules["ltjax.ffi._ltjax_ffi"] = None  # import of the extension now raises ImportError
+            sys.modules["ltjax.ffi.cpu._ltjax_ffi"] = None  # import of the extension now raises ImportError
         import jax.numpy as jnp, numpy as np
-        import ltjax, ltjax.ffi as F
+        import ltjax, ltjax.ffi.cpu as F
         from ltjax._format import pack
         assert not F.available()
         print("REASON", F.unavailable_reason())
         ct = pack(np.ones((64, 32), np.float32), "int8")
         x = jnp.ones((2, 64))
-        assert not F.can_use_ffi(x, ct) and not F.can_use_ffi(x, ct)
-        y = ltjax.matmul(x, ct)  # the XLA path
+        assert F.why_not(x, ct) == F.unavailable_reason() and F.why_not_unpack(ct) == F.unavailable_reason()
+        for _ in range(2):
+            y = ltjax.matmul(x, ct)  # the XLA path
         np.testing.assert_allclose(y, 64 * np.ones((2, 32)), rtol=1e-5)
         print("ok")
         """
@@ -431,6 +434,8 @@ def test_fallback_when_extension_absent(how):
         env["LTJAX_DISABLE_FFI"] = "1"
     r = subprocess.run([sys.executable, "-c", code, how], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
-    assert r.stdout.count("LOG ltjax: CPU FFI kernels unavailable") == 1, r.stdout
+    reason = r.stdout.split("REASON ", 1)[1].splitlines()[0]
     want = "not built" if how == "missing" else "LTJAX_DISABLE_FFI"
-    assert want in r.stdout
+    assert want in reason
+    logged = [ln for ln in r.stdout.splitlines() if ln.startswith("LOG ") and reason in ln]
+    assert len(logged) == 1, r.stdout

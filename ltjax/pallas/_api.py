@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from ltjax._format import CompressedTensor, from_storage
+from ltjax._numerics import split_bf16
 from ltjax.pallas import _config
 from ltjax.pallas._config import BlockSizes
-from ltjax.pallas._decode import split_bf16
 from ltjax.pallas.bitmask_matmul import bitmask_matmul, bitmask_matmul_t
 from ltjax.pallas.bitmask_unpack import bitmask_unpack
 from ltjax.pallas.int8_dequant import int8_dequant

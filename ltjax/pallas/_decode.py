@@ -10,6 +10,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ltjax._format import row_starts
+from ltjax._numerics import split_bf16
 
 
 def iota(n: int) -> jax.Array:
@@ -134,26 +135,6 @@ def i8_to_f32(codes: jax.Array) -> jax.Array:
 def to_f32(v: jax.Array) -> jax.Array:
     """Decoded weights (int8 codes or float values) as f32: codes by `i8_to_f32`, not `I2F` (nor a bf16 round trip)."""
     return i8_to_f32(v) if v.dtype == jnp.int8 else v.astype(jnp.float32)
-
-
-def _bf16_head(a: jax.Array) -> jax.Array:
-    """``a`` (f32) with its low 16 bits cleared: its leading 8 significant bits, exactly a bf16 value."""
-    bits = lax.bitcast_convert_type(a, jnp.int32) & jnp.int32(-65536)
-    return lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def split_bf16(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """f32 ``a`` as ``hi + mid + lo``, three bf16 terms carrying its 24 significant bits exactly.
-
-    Split by clearing bits, not by rounding through bf16: XLA on GPU may drop an
-    f32 -> bf16 -> f32 round trip as excess precision (``a - f32(bf16(a))`` folded to 0), which
-    left only ``hi`` and bf16 accuracy (seen on an H200, the Mosaic GPU path's first run).
-    Each head is an exact bf16 value and each remainder an exact f32 difference.
-    """
-    hi = _bf16_head(a)
-    r = a - hi
-    mid = _bf16_head(r)
-    return hi.astype(jnp.bfloat16), mid.astype(jnp.bfloat16), (r - mid).astype(jnp.bfloat16)
 
 
 def contract(a: jax.Array, b: jax.Array, *, use_dot: bool, transposed: bool, split_f32: bool = True) -> jax.Array:

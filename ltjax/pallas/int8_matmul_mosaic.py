@@ -11,7 +11,7 @@ weight's own storage layout ``[N, K]`` is A, and the few activation rows are the
 N side (padded to 32, 64 or 128 columns: 16, 32 or 64 per consumer warpgroup).
 
 - bf16 / f16 activations run as they are; f32 ones as three bf16 columns blocks (hi, mid and lo
-  of each value: `_decode.split_bf16`) in the same call, so the weight is read once and the
+  of each value: `ltjax._numerics.split_bf16`) in the same call, so the weight is read once and the
   products are exact: f32 accuracy at bf16 speed, as in the Triton kernel.
 - Per-row scales are applied to the small ``[N, M]`` result in XLA, with the transpose.
 - Shapes it does not take (ragged N or K, too many activation columns, no Hopper GPU,
@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from ltjax._format import CompressedTensor
+from ltjax._numerics import split_bf16
 from ltjax.pallas._config import MosaicTiles
-from ltjax.pallas._decode import split_bf16
 
 
 @functools.cache

@@ -44,18 +44,35 @@ namespace ffi = xla::ffi;
 #endif
 #define LTJAX_INLINE inline __attribute__((always_inline))
 
+// ---------------------------------------------------------------- configuration
+// What Python hands the extension before the first handler runs (`configure` in module.cc, from
+// ltjax._config.settings(): the handlers never read the environment). Each choice below is fixed
+// the first time it is asked for, which also marks the configuration as used.
+struct Config {
+  bool avx2_only = false;  // LTJAX_FFI_ISA=avx2: the AVX2 kernels even where AVX-512 is present
+  bool vnni = true;        // LTJAX_FFI_VNNI=0: the VNNI paths off
+  bool amx = true;         // LTJAX_FFI_AMX=0: the AMX int8 GEMM off
+  int threads = -1;        // LTJAX_FFI_THREADS (-1: the cores)
+  int spin_us = 200;       // LTJAX_FFI_SPIN_US
+  bool used = false;       // a choice was made from it: configuring again has no effect
+};
+
+inline Config& Configured() {
+  static Config config;
+  return config;
+}
+
 // ---------------------------------------------------------------- CPU level (runtime dispatch)
 enum class Isa : int { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
 
 inline Isa DetectIsa() {
+  Configured().used = true;
   __builtin_cpu_init();
   bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                 __builtin_cpu_supports("avx512vbmi2");
-  if (const char* e = std::getenv("LTJAX_FFI_ISA")) {  // testing/benchmarking override: "avx2"
-    if (std::string(e) == "avx2" && avx2) return Isa::kAvx2;
-  }
+  if (Configured().avx2_only && avx2) return Isa::kAvx2;  // testing/benchmarking override
   return avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kNone;
 }
 
@@ -67,13 +84,13 @@ inline Isa CurrentIsa() {
 // Integer dot products (vpdpbusd) for the M = 1 bitmask_int8 GEMV, which then runs in exact
 // integer arithmetic (bitmask_rows.h, XDigits): AVX-512 VNNI (zmm) on the AVX-512 level, else
 // AVX-VNNI (ymm, VEX encoded: Intel client CPUs since Alder Lake, AMD Zen 5) on the AVX2 level.
-// LTJAX_FFI_VNNI=0 turns both off (the f32 walk runs).
+// LTJAX_FFI_VNNI=0 (Config::vnni) turns both off (the f32 walk runs).
 enum class Vnni : int { kNone = 0, kAvx = 1, kAvx512 = 2 };
 
 inline Vnni CurrentVnni() {
   static const Vnni vnni = [] {
-    const char* e = std::getenv("LTJAX_FFI_VNNI");
-    if (e && std::string(e) == "0") return Vnni::kNone;
+    Configured().used = true;
+    if (!Configured().vnni) return Vnni::kNone;
     if (CurrentIsa() == Isa::kAvx512 && __builtin_cpu_supports("avx512vnni")) return Vnni::kAvx512;
 #if LTJAX_HAS_AVXVNNI
     if (CurrentIsa() != Isa::kNone && __builtin_cpu_supports("avxvnni")) return Vnni::kAvx;
@@ -92,7 +109,7 @@ inline Vnni CurrentVnni() {
 //
 // Wake-up cost: a worker asleep on a condition variable takes tens of µs to wake (futex + an
 // idle vCPU's wake-up), longer than a whole 576x576 GEMV. So after each job a worker spins
-// (`_mm_pause`) for `LTJAX_FFI_SPIN_US` µs (default 200) watching for the next job, and only
+// (`_mm_pause`) for `Config::spin_us` µs (LTJAX_FFI_SPIN_US, default 200) watching for the next job, and only
 // then sleeps; the caller signals the condition variable only when a worker is asleep.
 // Memory safety: a worker announces itself in `active_` before it reads the job pointer, and
 // the caller, after all tasks are done, clears the pointer and waits for `active_ == 0`, so a
@@ -134,11 +151,11 @@ class Pool {
 
  private:
   Pool() {
-    int n = static_cast<int>(std::thread::hardware_concurrency());
-    if (const char* e = std::getenv("LTJAX_FFI_THREADS")) n = std::atoi(e);
+    const Config& config = Configured();
+    Configured().used = true;
+    int n = config.threads >= 0 ? config.threads : static_cast<int>(std::thread::hardware_concurrency());
     n = std::max(1, std::min(n, 64));
-    spin_us_ = 200;
-    if (const char* e = std::getenv("LTJAX_FFI_SPIN_US")) spin_us_ = std::max(0, std::atoi(e));
+    spin_us_ = std::max(0, config.spin_us);
     for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { Loop(i); });
     for (auto& t : workers_) t.detach();
   }

@@ -9,18 +9,22 @@ tensor cores instead: the same decode into bf16 in shared memory, 16 rows a warp
 ``ldmatrix`` and ``mma.m16n8k16``; from M = 3 int8 does too, its A fragments made in registers
 straight from 16-byte loads.
 
-Built by the package install into ``_ltjax_cuda.so`` where ``nvcc`` is found, and registered for
-platform "CUDA" at first use. The same target names are registered for "cpu" by the CPU extension, where they run the
-same per-lane code lane by lane (and the MMA's fragments by the PTX ISA's layouts): the tests'
-emulation, not a fast path.
+Built by the package install into ``ltjax/ffi/cuda/_ltjax_cuda.so`` where ``nvcc`` is found
+(``python -m ltjax.ffi.cuda --build`` builds it without an install), and registered for platform
+"CUDA" at first use. The tests' emulation, ``_ltjax_cuda_emulate.so`` (``gemv_emulate.cc``: the same
+per-lane code run lane by lane, the MMA's fragments placed by the PTX ISA's layouts; not a fast
+path), is built only by a test install (CMake option ``LTJAX_CUDA_EMULATION``, on in ``make setup``)
+and registers the same target names for platform "cpu" at first use.
 
-Not yet timed on a GPU: ``impl=None`` takes them only with ``LTJAX_CUDA_GEMV=1``;
-``ltjax.matmul(..., impl="cuda")`` forces them (on CPU: the emulation).
+`why_not` answers for the arguments and the library (or the emulation); the op layer owns the
+platform. Not yet timed on a GPU: `enabled` (``LTJAX_CUDA_GEMV=1``) says whether ``impl=None`` may
+pick them.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib.util
 import math
 import os
@@ -31,8 +35,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ltjax._format import CompressedTensor
-from ltjax._format import row_starts as _row_starts  # the one implementation of the count
+from ltjax._config import settings
+from ltjax._format import (
+    CompressedTensor,
+    row_starts as _row_starts,  # the one implementation of the count
+)
+from ltjax._numerics import split_bf16  # the one implementation of the exact split
+
+__all__ = [
+    "CODECS",
+    "EMULATION_BUILD",
+    "GEMV_MAX_M",
+    "INT8_MMA_TARGET",
+    "INT8_TARGET",
+    "MAX_M",
+    "MMA_MIN_M",
+    "MMA_TARGET",
+    "MMA_WARPS",
+    "TARGET",
+    "X_DTYPES",
+    "emulation_library",
+    "enabled",
+    "gemv",
+    "int8_mma_chunk_cols",
+    "kernel_for",
+    "library",
+    "matmul",
+    "mma_chunk_words",
+    "nvcc_command",
+    "row_starts",
+    "seg_words",
+    "why_not",
+]
 
 TARGET = "ltjax_bitmask_int8_gemv"
 INT8_TARGET = "ltjax_int8_gemv"
@@ -48,15 +82,34 @@ GEMV_MAX_M = 4  # the GEMVs' M FMAs per code: up to 4 rows
 MMA_MIN_M = {"int8": 3, "bitmask_int8": 2}
 MMA_WARPS = 4096  # K splits until the grid has about this many warps (8192^2: 512 row warps x 8); untimed
 X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
-_state: dict = {"done": False, "reason": None}
+EMULATION_BUILD = 'pip install -e . -C cmake.define.LTJAX_CUDA_EMULATION=ON (as `make setup` does)'
 
 
-def _install_dirs() -> list[Path]:
-    """Where the install may have put ``_ltjax_cuda.so``: beside this file, and beside the CPU
-    extension (an editable install keeps built files in site-packages, not in the source tree)."""
+@dataclasses.dataclass(frozen=True)
+class _Library:
+    """One of the two builds of the four handlers: the CUDA kernels, or their CPU emulation."""
+
+    file: str  # its name, beside this module in the install
+    build_info: str  # what the install wrote beside it when it did not build it
+    platform: str  # the platform its handlers register for
+    suffix: str  # of its exported handler symbols: Ltjax<Kernel><suffix>
+    missing: str  # why it is missing when the install says nothing
+
+
+_CUDA = _Library("_ltjax_cuda.so", "_cuda_build_info.txt", "CUDA", "Cuda", "not found")
+_EMULATION = _Library("_ltjax_cuda_emulate.so", "_cuda_emulate_build_info.txt", "cpu", "Emulated",
+                      f"a test build; build it with {EMULATION_BUILD}")
+_SYMBOLS = {TARGET: "LtjaxBitmaskInt8Gemv", INT8_TARGET: "LtjaxInt8Gemv", MMA_TARGET: "LtjaxBitmaskInt8Mma",
+            INT8_MMA_TARGET: "LtjaxInt8Mma"}
+_registered: dict[str, str | None] = {}  # library file: None once registered, else why not
+
+
+def _install_dirs(name: str) -> list[Path]:
+    """Where the install may have put ``name``: beside this file, and where the import system finds
+    it (an editable install keeps built files in site-packages, not in the source tree)."""
     dirs = [Path(__file__).parent]
     try:
-        spec = importlib.util.find_spec("ltjax.ffi._ltjax_ffi")
+        spec = importlib.util.find_spec(f"{__name__}.{name.removesuffix('.so')}")
     except (ImportError, ValueError):
         spec = None
     if spec is not None and spec.origin and Path(spec.origin).parent not in dirs:
@@ -64,41 +117,45 @@ def _install_dirs() -> list[Path]:
     return dirs
 
 
+def _find(lib: _Library) -> tuple[Path | None, str | None]:
+    dirs = _install_dirs(lib.file)
+    found = [d / lib.file for d in dirs if (d / lib.file).exists()]
+    if found:
+        return found[0], None
+    infos = [d / lib.build_info for d in dirs if (d / lib.build_info).exists()]
+    why = infos[0].read_text().strip() if infos else f"{lib.missing} in " + ", ".join(map(str, dirs))
+    return None, f"{lib.file} is not built ({why})"
+
+
 def library() -> tuple[Path | None, str | None]:
     """The built ``_ltjax_cuda.so`` (not loaded), or None and why it is missing."""
-    dirs = _install_dirs()
-    libs = [d / "_ltjax_cuda.so" for d in dirs if (d / "_ltjax_cuda.so").exists()]
-    if libs:
-        return libs[0], None
-    infos = [d / "_cuda_build_info.txt" for d in dirs if (d / "_cuda_build_info.txt").exists()]
-    why = infos[0].read_text().strip() if infos else "not found in " + ", ".join(map(str, dirs))
-    return None, f"_ltjax_cuda.so is not built ({why})"
+    return _find(_CUDA)
 
 
-def _register_cuda() -> str | None:
-    """Loads ``_ltjax_cuda.so`` and registers its handlers for "CUDA" (once); why not, or None."""
-    if _state["done"]:
-        return _state["reason"]
-    _state["done"] = True
-    path, why = library()
-    if path is None:
-        _state["reason"] = why
-        return why
-    libs = [path]
-    try:
-        lib = ctypes.CDLL(str(libs[0]))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LtjaxBitmaskInt8GemvCuda), platform="CUDA")
-        jax.ffi.register_ffi_target(INT8_TARGET, jax.ffi.pycapsule(lib.LtjaxInt8GemvCuda), platform="CUDA")
-        jax.ffi.register_ffi_target(MMA_TARGET, jax.ffi.pycapsule(lib.LtjaxBitmaskInt8MmaCuda), platform="CUDA")
-        jax.ffi.register_ffi_target(INT8_MMA_TARGET, jax.ffi.pycapsule(lib.LtjaxInt8MmaCuda), platform="CUDA")
-    except Exception as e:  # noqa: BLE001 - any load/registration failure means "not available"
-        _state["reason"] = f"{libs[0]} could not be loaded: {type(e).__name__}: {e}"
-    return _state["reason"]
+def emulation_library() -> tuple[Path | None, str | None]:
+    """The built CPU emulation ``_ltjax_cuda_emulate.so`` (not loaded), or None and why it is missing."""
+    return _find(_EMULATION)
+
+
+def _register(lib: _Library) -> str | None:
+    """Loads ``lib`` and registers its four handlers for its platform (once); why not, or None."""
+    if lib.file not in _registered:
+        path, why = _find(lib)
+        if path is not None:
+            try:
+                dll = ctypes.CDLL(str(path))
+                for target, symbol in _SYMBOLS.items():
+                    capsule = jax.ffi.pycapsule(getattr(dll, symbol + lib.suffix))
+                    jax.ffi.register_ffi_target(target, capsule, platform=lib.platform)
+            except Exception as e:  # noqa: BLE001 - any load/registration failure means "not available"
+                why = f"{path} could not be loaded: {type(e).__name__}: {e}"
+        _registered[lib.file] = why
+    return _registered[lib.file]
 
 
 def nvcc_command(out: str | os.PathLike, *extra: str) -> list[str]:
     """The nvcc line that builds ``_ltjax_cuda.so`` at ``out`` (sm_80 and sm_90, static CUDA
-    runtime), as CMakeLists.txt does at install time; ``python -m ltjax.ffi.gemv --build OUT``
+    runtime), as CMakeLists.txt does at install time; ``python -m ltjax.ffi.cuda --build OUT``
     runs it (benchmarks/gpu_check.sh, on a GPU machine with nvcc but no install)."""
     here = Path(__file__).parent
     return ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static",
@@ -107,8 +164,8 @@ def nvcc_command(out: str | os.PathLike, *extra: str) -> list[str]:
 
 
 def enabled() -> bool:
-    """Whether ``impl=None`` may pick the CUDA GEMV on a GPU (``LTJAX_CUDA_GEMV=1``; off until timed)."""
-    return os.environ.get("LTJAX_CUDA_GEMV", "") == "1"
+    """Whether ``impl=None`` may pick the CUDA kernels on a GPU (``LTJAX_CUDA_GEMV=1``; off until timed)."""
+    return settings().cuda_gemv
 
 
 def seg_words(ct: CompressedTensor) -> int | None:
@@ -120,16 +177,8 @@ def seg_words(ct: CompressedTensor) -> int | None:
 
 
 def why_not(x2: Any, ct: CompressedTensor, *, emulate: bool = False) -> str | None:
-    """Why `gemv(x2, ct)` cannot run (None: it can). ``emulate``: the CPU emulation, no GPU needed."""
-    if not emulate:
-        if jax.default_backend() not in ("gpu", "cuda"):
-            return f"the CUDA GEMV needs a CUDA GPU; the backend is {jax.default_backend()!r}"
-        version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
-        if "rocm" in version:  # ROCm reports the backend "gpu" too
-            return f"the CUDA GEMV needs a CUDA GPU; this GPU's platform is {version!r}"
-        reason = _register_cuda()
-        if reason is not None:
-            return reason
+    """Why `matmul(x2, ct)` cannot run (None: it can): the codec, shapes and dtype, then the library
+    (``emulate``: the CPU emulation, which tests build) loaded and registered. Not the platform."""
     if ct.codec not in CODECS:
         return f"the CUDA GEMV decodes {' and '.join(CODECS)}, not {ct.codec!r}"
     if ct.ndim != 2 or ct.header.axis != 1:
@@ -142,9 +191,7 @@ def why_not(x2: Any, ct: CompressedTensor, *, emulate: bool = False) -> str | No
         return f"the int8 CUDA GEMV needs K % 16 == 0 (16-byte rows); got K={ct.shape[0]}"
     if ct.codec == "bitmask_int8" and seg_words(ct) is None:
         return f"the CUDA GEMV needs tile columns of 32 * 2^i (<= 1024) or one tile column; got tile {ct.header.tile}"
-    if jax.device_count() > 1 and not emulate:
-        return f"FFI custom calls are not partitioned across the {jax.device_count()} devices"
-    return None
+    return _register(_EMULATION if emulate else _CUDA)
 
 
 def row_starts(ct: CompressedTensor) -> jax.Array:
@@ -154,7 +201,7 @@ def row_starts(ct: CompressedTensor) -> jax.Array:
 
 
 def kernel_for(x2: Any, ct: CompressedTensor) -> str:
-    """Which CUDA kernel `gemv` runs: ``"gemv"`` (FMA, one warp a row) or ``"mma"`` (from
+    """Which CUDA kernel `matmul` runs: ``"gemv"`` (FMA, one warp a row) or ``"mma"`` (from
     ``MMA_MIN_M[codec]`` rows of x: tensor cores over 16 decoded rows a warp)."""
     return "mma" if x2.shape[0] >= MMA_MIN_M[ct.codec] else "gemv"
 
@@ -183,8 +230,6 @@ def _mma(x2: jax.Array, ct: CompressedTensor, starts: jax.Array | None, warps: i
     """The tensor-core kernels: x as bf16 rows (f32 and f16 x as an exact hi/mid/lo split, three
     bf16 rows each, whose three partial products are added in f32), padded to 8-row tiles and to
     the kernel's columns; the K splits' partial products added here."""
-    from ltjax.pallas._decode import split_bf16  # the one implementation of the exact split
-
     n, k = ct.header.storage_shape
     m = x2.shape[0]
     parts = (x2.astype(jnp.bfloat16),) if x2.dtype == jnp.bfloat16 else split_bf16(x2.astype(jnp.float32))
@@ -208,13 +253,16 @@ def _mma(x2: jax.Array, ct: CompressedTensor, starts: jax.Array | None, warps: i
     return y.astype(x2.dtype)
 
 
-def gemv(x2: jax.Array, ct: CompressedTensor, *, kernel: str | None = None, mma_warps: int = MMA_WARPS) -> jax.Array:
+def matmul(x2: jax.Array, ct: CompressedTensor, *, kernel: str | None = None, mma_warps: int = MMA_WARPS) -> jax.Array:
     """``x2 [M, K] @ W.T -> [M, N]`` in x2's dtype, W the [N, K] storage of an int8 or bitmask_int8
     ``ct`` (f32 accumulation of exact code * x products, times the row's scale). ``kernel``:
     ``"gemv"`` (M <= 4) or ``"mma"`` (default `kernel_for`). ``mma_warps``: the MMA kernels cut K
     into splits until their grid has about this many warps (`benchmarks.cuda_kernels` times a few).
     bitmask_int8 reads the row starts ``ct`` carries (`ltjax.index_rows`), else counts them here,
-    in XLA (`row_starts`)."""
+    in XLA (`row_starts`). The handlers register at first use: the CUDA library for "CUDA", the
+    emulation (where built) for "cpu"."""
+    _register(_CUDA)
+    _register(_EMULATION)
     kernel = kernel or kernel_for(x2, ct)
     if kernel not in ("gemv", "mma"):
         raise ValueError(f"kernel={kernel!r}: choose 'gemv', 'mma' or None")
@@ -239,18 +287,4 @@ def gemv(x2: jax.Array, ct: CompressedTensor, *, kernel: str | None = None, mma_
     return y.astype(x2.dtype)
 
 
-def main(argv=None) -> int:
-    """``python -m ltjax.ffi.gemv --build [OUT.so]``: builds the CUDA kernels' library with nvcc
-    (default: ``_ltjax_cuda.so`` beside this file, where `library` looks first)."""
-    import argparse
-    import subprocess
-
-    p = argparse.ArgumentParser(prog="python -m ltjax.ffi.gemv", description=main.__doc__)
-    p.add_argument("--build", metavar="OUT.so", nargs="?", const=str(Path(__file__).with_name("_ltjax_cuda.so")),
-                   required=True, help="build the library, here (default: beside this module)")
-    args = p.parse_args(argv)
-    return subprocess.run(nvcc_command(args.build)).returncode
-
-
-if __name__ == "__main__":  # python -m ltjax.ffi.gemv --build OUT.so
-    raise SystemExit(main())
+gemv = matmul  # the name benchmarks and tests used before ltjax.ffi.cuda

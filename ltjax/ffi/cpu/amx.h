@@ -30,12 +30,12 @@ namespace ltjax {
 
 // AMX needs the CPU feature, the AVX-512 level (the digit code below), and the kernel's
 // permission for the tile state (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), granted to
-// the whole process). LTJAX_FFI_AMX=0 turns it off.
+// the whole process). LTJAX_FFI_AMX=0 (Config::amx) turns it off.
 inline bool HasAmx() {
   static const bool amx = [] {
+    Configured().used = true;
 #if LTJAX_HAS_AMX && defined(SYS_arch_prctl)
-    const char* e = std::getenv("LTJAX_FFI_AMX");
-    if (e && std::string(e) == "0") return false;
+    if (!Configured().amx) return false;
     if (CurrentIsa() != Isa::kAvx512 || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8"))
       return false;
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;

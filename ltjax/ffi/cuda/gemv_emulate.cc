@@ -1,8 +1,9 @@
-// The CUDA GEMVs (gemv_cuda.cu) run on the CPU, lane by lane: the same per-lane steps
+// The CUDA kernels (gemv_cuda.cu) run on the CPU, lane by lane: the same per-lane steps
 // (gemv_warp.h), the warp's shuffles replaced by loops over the 32 lanes, in the same order.
-// Registered under the CUDA targets' names for platform "cpu", so the CPU
-// tests run the decode the GPU runs through the very call ltjax makes (ltjax/ffi/gemv.py). A test vehicle, not a fast path:
-// one thread, no SIMD.
+// Built only for the tests (CMake option LTJAX_CUDA_EMULATION) into _ltjax_cuda_emulate.so, whose
+// handlers ltjax/ffi/cuda registers under the CUDA targets' names for platform "cpu", so the CPU
+// tests run the decode the GPU runs through the very call ltjax makes. A test vehicle, not a fast
+// path: one thread, no SIMD.
 #include <algorithm>
 #include <cstring>
 #include <vector>

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from ltjax.ffi._batching import fold_batch
+from ltjax.ffi.cpu._batching import fold_batch
 
 
 def _fwd_call(x2, codes, scales):

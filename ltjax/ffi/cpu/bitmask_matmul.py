@@ -6,7 +6,7 @@ import functools
 
 import jax
 
-from ltjax.ffi._batching import fold_batch
+from ltjax.ffi.cpu._batching import fold_batch
 
 
 @functools.cache

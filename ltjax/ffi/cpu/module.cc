@@ -1,6 +1,7 @@
-// The Python extension `ltjax.ffi._ltjax_ffi`: hands the handlers to Python as PyCapsules
-// (for jax.ffi.register_ffi_target) and reports the instruction set chosen at run time.
-// Plain CPython API: the module has two functions, so it needs no binding library.
+// The Python extension `ltjax.ffi.cpu._ltjax_ffi`: takes its configuration from Python
+// (`configure`, before the first handler runs), hands the handlers to Python as PyCapsules (for
+// jax.ffi.register_ffi_target) and reports the instruction set chosen at run time.
+// Plain CPython API: the module has a few small functions, so it needs no binding library.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -15,10 +16,6 @@ XLA_FFI_Error* LtjaxBitmaskMatmul(XLA_FFI_CallFrame*);
 XLA_FFI_Error* LtjaxBitmaskMatmulT(XLA_FFI_CallFrame*);
 XLA_FFI_Error* LtjaxBitmaskUnpack(XLA_FFI_CallFrame*);
 XLA_FFI_Error* LtjaxBitmaskInt8Unpack(XLA_FFI_CallFrame*);
-XLA_FFI_Error* LtjaxBitmaskInt8GemvEmulated(XLA_FFI_CallFrame*);
-XLA_FFI_Error* LtjaxInt8GemvEmulated(XLA_FFI_CallFrame*);
-XLA_FFI_Error* LtjaxInt8MmaEmulated(XLA_FFI_CallFrame*);
-XLA_FFI_Error* LtjaxBitmaskInt8MmaEmulated(XLA_FFI_CallFrame*);
 }
 
 namespace {
@@ -37,12 +34,31 @@ const Target kTargets[] = {
     {"ltjax_bitmask_matmul_t", LtjaxBitmaskMatmulT},
     {"ltjax_bitmask_unpack", LtjaxBitmaskUnpack},
     {"ltjax_bitmask_int8_unpack", LtjaxBitmaskInt8Unpack},
-    // The CUDA GEMVs' decode, emulated lane by lane (tests; ltjax/ffi/gemv.py).
-    {"ltjax_bitmask_int8_gemv", LtjaxBitmaskInt8GemvEmulated},
-    {"ltjax_int8_gemv", LtjaxInt8GemvEmulated},
-    {"ltjax_int8_mma", LtjaxInt8MmaEmulated},
-    {"ltjax_bitmask_int8_mma", LtjaxBitmaskInt8MmaEmulated},
 };
+
+// configure(isa, vnni, amx, threads, spin_us): ltjax.ffi.cpu._registry calls it right after import
+// with ltjax._config.settings(); refused once a handler or a query has fixed the choices.
+PyObject* Configure(PyObject*, PyObject* args) {
+  const char* isa;
+  int vnni, amx, threads, spin_us;
+  if (!PyArg_ParseTuple(args, "sppii", &isa, &vnni, &amx, &threads, &spin_us)) return nullptr;
+  const std::string isa_name(isa);
+  if (isa_name != "" && isa_name != "avx2" && isa_name != "avx512") {
+    PyErr_SetString(PyExc_ValueError, ("ltjax: isa must be '', 'avx2' or 'avx512', got '" + isa_name + "'").c_str());
+    return nullptr;
+  }
+  ltjax::Config& config = ltjax::Configured();
+  if (config.used) {
+    PyErr_SetString(PyExc_RuntimeError, "ltjax: configure() after the CPU handlers' choices were fixed");
+    return nullptr;
+  }
+  config.avx2_only = isa_name == "avx2";
+  config.vnni = vnni;
+  config.amx = amx;
+  config.threads = threads;
+  if (spin_us >= 0) config.spin_us = spin_us;
+  Py_RETURN_NONE;
+}
 
 PyObject* Targets(PyObject*, PyObject*) {
   PyObject* d = PyDict_New();
@@ -80,6 +96,9 @@ PyObject* Amx(PyObject*, PyObject*) { return PyBool_FromLong(ltjax::HasAmx()); }
 PyObject* NumThreads(PyObject*, PyObject*) { return PyLong_FromLong(ltjax::Pool::Get().size()); }
 
 PyMethodDef kMethods[] = {
+    {"configure", Configure, METH_VARARGS,
+     "configure(isa, vnni, amx, threads, spin_us): the handlers' settings, before their first use "
+     "(isa: '' for the best present, 'avx2' or 'avx512'; threads, spin_us: -1 for the default)"},
     {"targets", Targets, METH_NOARGS, "dict: FFI target name -> PyCapsule of its XLA FFI handler"},
     {"isa", IsaName, METH_NOARGS, "instruction set chosen at run time: 'avx512', 'avx2' or 'none'"},
     {"vnni", Vnni, METH_NOARGS, "the M = 1 bitmask_int8 GEMV's integer path (x as digits): 'avx512_vnni', 'avx_vnni' or False"},
