@@ -170,8 +170,9 @@ class Monitor:
             warnings.append(f"GPU temperature {gpu['temperature_c']:.0f} C >= {th.temperature_c:.0f} C")
         if th.power_w is not None and gpu["power_w"] >= th.power_w:
             warnings.append(f"GPU power {gpu['power_w']:.0f} W >= {th.power_w:.0f} W")
-        if th.memory_fraction is not None and gpu["memory_total"] and gpu["memory_used"] / gpu["memory_total"] >= th.memory_fraction:
-            warnings.append(f"GPU memory {gpu['memory_used'] / gpu['memory_total']:.0%} used >= {th.memory_fraction:.0%}")
+        used = gpu["memory_used"] / gpu["memory_total"] if gpu["memory_total"] else None
+        if th.memory_fraction is not None and used is not None and used >= th.memory_fraction:
+            warnings.append(f"GPU memory {used:.0%} used >= {th.memory_fraction:.0%}")
         return warnings
 
     # -------------------------------------------------------------- output
@@ -192,7 +193,8 @@ class Monitor:
             "time": time.time(),
             "run": self.run,
             "compression_ratio": ratios,
-            "throughput_GBps": {k: sum(b for b, _ in v) / sum(s for _, s in v) / 1e9 for k, v in thr.items() if sum(s for _, s in v) > 0},
+            "throughput_GBps": {k: sum(b for b, _ in v) / sum(s for _, s in v) / 1e9
+                                for k, v in thr.items() if sum(s for _, s in v) > 0},
             "latency": {
                 k: {
                     "n": len(v),
