@@ -7,6 +7,16 @@
 ('int8', (256, 128), 3.9)
 """
 
+from ltjax import monitor, nn, nnx  # noqa: E402  (submodules, after the names they use)
+from ltjax._activations import (
+    compressed_residual,
+    dense_residuals,
+    overflow_events,
+    reset_overflow_events,
+    sparse_dense,
+    suggest_capacity,
+    value_and_grad_exact,
+)
 from ltjax._analyze import (
     AnalysisReport,
     CompressionReport,
@@ -17,21 +27,11 @@ from ltjax._analyze import (
     compress_tree,
     tree_report,
 )
-from ltjax._activations import (
-    compressed_residual,
-    dense_residuals,
-    overflow_events,
-    reset_overflow_events,
-    sparse_dense,
-    suggest_capacity,
-    value_and_grad_exact,
-)
 from ltjax._errors import ChecksumError, LTFormatError
 from ltjax._format import CODECS, FORMAT_VERSION, CompressedTensor, Header, index_rows
 from ltjax._io import load, save, verify
-from ltjax.ops import decompress, decompress_reference, explain, matmul, matmul_impl, matmul_reference
 from ltjax._sharding import shard
-from ltjax import monitor, nn, nnx  # noqa: E402  (submodules, after the names they use)
+from ltjax.ops import decompress, decompress_reference, explain, matmul, matmul_impl, matmul_reference
 
 __version__ = "0.1.0"
 

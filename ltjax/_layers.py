@@ -12,7 +12,8 @@ import contextlib
 import dataclasses
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from ltjax._config import log_once
 from ltjax._format import CompressedTensor
 from ltjax._layout import Contraction, Layout
 from ltjax.ops import decompress, matmul
+
 
 def note_once(key: str, message: str) -> None:
     """A slower path, said once per process and key at WARNING (fallbacks are never silent)."""
@@ -110,7 +112,9 @@ def dense_kernel(ct: CompressedTensor, layout: Layout | None, kernel_shape: Sequ
     return layout.from_matmul(w, kernel_shape)
 
 
-def contract(x: jax.Array, ct2: CompressedTensor, c: Contraction, kernel_shape: Sequence[int], *, dtype, precision) -> jax.Array:
+def contract(
+    x: jax.Array, ct2: CompressedTensor, c: Contraction, kernel_shape: Sequence[int], *, dtype, precision
+) -> jax.Array:
     """``x`` contracted with the kernel held in ``ct2`` (its `matmul_view`): one `ltjax.matmul`."""
     if c.x_summed:
         x = jnp.sum(x, axis=c.x_summed, keepdims=True)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,12 +69,15 @@ class Contraction:
     out_perm: tuple[int, ...] | None = None
 
 
-def dense_general_contraction(x_ndim: int, n_kernel: int, axis: Sequence[int], batch_dims: Sequence[int]) -> Contraction | None:
-    """``flax`` DenseGeneral / LinearGeneral: ``x``'s ``axis`` against the kernel's leading axes (None with batch dims)."""
+def dense_general_contraction(
+    x_ndim: int, n_kernel: int, axis: Sequence[int], batch_dims: Sequence[int]
+) -> Contraction | None:
+    """flax DenseGeneral / LinearGeneral: ``x``'s ``axis`` against the kernel's leading axes (None with batch dims)."""
     if batch_dims:
         return None
     axis = tuple(a % x_ndim for a in axis)
-    return Contraction(Layout(tuple(range(n_kernel)), len(axis)), axis, tuple(a for a in range(x_ndim) if a not in axis))
+    free = tuple(a for a in range(x_ndim) if a not in axis)
+    return Contraction(Layout(tuple(range(n_kernel)), len(axis)), axis, free)
 
 
 def einsum_contraction(einsum_str: str, x_ndim: int, kernel_ndim: int) -> tuple[Contraction | None, str]:

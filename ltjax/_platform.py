@@ -12,7 +12,8 @@ lowering keeps just the one branch; the compiler never sees the others.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 from jax.extend import core as jcore

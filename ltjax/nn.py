@@ -28,16 +28,17 @@ import contextlib
 import fnmatch
 import glob
 import inspect
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen
-from jax import lax
 from flax.linen import initializers
 from flax.linen.dtypes import promote_dtype as _promote_dtype
 from flax.linen.linear import default_embed_init, default_kernel_init
+from jax import lax
 
 from ltjax import _layers, _layout
 from ltjax._activation_modules import CompressedReLU, SparseDense
@@ -353,7 +354,9 @@ def _bind(cls, method: str, m, args, kwargs) -> dict:
     named.pop(next(iter(named)))  # self
     extra = [k for k in named if k not in HANDLED_ARGS[(cls, method)]]
     if extra:
-        raise ValueError(f"{_where(m)}: ltjax.nn.intercept does not handle the arguments {extra} of {cls.__name__}.{method}")
+        raise ValueError(
+            f"{_where(m)}: ltjax.nn.intercept does not handle the arguments {extra} of {cls.__name__}.{method}"
+        )
     return named
 
 
@@ -490,7 +493,10 @@ def compress_params(
         if n_in is not None and not isinstance(leaf, CompressedTensor):
             nd = np.ndim(leaf) - (path in hits)
             if not 0 < n_in < nd:
-                raise ValueError(f"flatten: {path!r} of shape={np.shape(leaf)} cannot split {n_in=} contracted axes from its features")
+                raise ValueError(
+                    f"flatten: {path!r} of shape={np.shape(leaf)} cannot split {n_in=} contracted axes "
+                    "from its features"
+                )
             layouts[path] = _layout.Layout(tuple(range(nd)), n_in)
     flat = [(path, _layout.in_layout(leaf, layouts.get(path), path in hits)) for path, leaf in flat]
     treedef = jax.tree_util.tree_structure(params, is_leaf=lambda x: isinstance(x, CompressedTensor))
@@ -510,7 +516,9 @@ def compress_params(
     return (tree, rep) if return_report else tree
 
 
-def contractions(model: linen.Module, params: Any, *args, **kwargs) -> dict[str, tuple[_layout.Layout | None, tuple[int, ...]]]:
+def contractions(
+    model: linen.Module, params: Any, *args, **kwargs
+) -> dict[str, tuple[_layout.Layout | None, tuple[int, ...]]]:
     """``{param path: (layout, per-layer shape)}`` of every ``Dense`` / ``DenseGeneral`` /
     ``Einsum`` kernel and ``Embed`` table that ``model.apply({"params": params}, *args,
     **kwargs)`` uses, read by an abstract trace (``jax.eval_shape``: nothing is computed).
@@ -536,7 +544,8 @@ def contractions(model: linen.Module, params: Any, *args, **kwargs) -> dict[str,
 
     def record(next_fun, a, kw, context):
         m, method = context.module, context.method_name
-        if m.scope is not None and method == "__call__" and isinstance(m, (linen.Dense, linen.DenseGeneral, linen.Einsum)):
+        kernels = (linen.Dense, linen.DenseGeneral, linen.Einsum)
+        if m.scope is not None and method == "__call__" and isinstance(m, kernels):
             found_at("/".join(str(p) for p in m.scope.path + ("kernel",)), layout_and_shape(m, a, kw))
         elif m.scope is not None and method == "setup" and isinstance(m, linen.Embed):
             found_at("/".join(str(p) for p in m.scope.path + ("embedding",)), (None, (m.num_embeddings, m.features)))
@@ -551,7 +560,8 @@ def contractions(model: linen.Module, params: Any, *args, **kwargs) -> dict[str,
     with linen.intercept_methods(record):
         jax.eval_shape(lambda p, *xs: model.apply({"params": p}, *xs, **kwargs), params, *args)
     if clash:
-        _layers.note_once(f"contractions:{sorted(clash)}", f"ltjax: kernels {sorted(clash)} are contracted in more than "
+        _layers.note_once(f"contractions:{sorted(clash)}", f"ltjax: kernels {sorted(clash)} are contracted in more "
+                          "than "
                           "one way by the model; they keep their shape (decompressed before the contraction)")
     return {p: (None, v[1]) if p in clash else v for p, v in found.items()}
 
@@ -589,7 +599,8 @@ def _compress_stacked(path: str, leaf: Any, policy: Policy) -> tuple[Any, LeafRe
     cts = [pack(l, codec, tile=policy.tile, axis=axis, name=f"{path}[{i}]") for i, l in enumerate(layers)]
     ct = jax.tree.map(lambda *xs: np.stack(xs), *cts)
     err = max(_rel_err(l, c) for l, c in zip(layers, cts))
-    return ct, LeafReport(path, tuple(a.shape), ct.header.dtype, codec, nb, ct.nbytes, err, f"{len(layers)} stacked layers")
+    note = f"{len(layers)} stacked layers"
+    return ct, LeafReport(path, tuple(a.shape), ct.header.dtype, codec, nb, ct.nbytes, err, note)
 
 
 def _layer_tree_check(path: str, layer: np.ndarray, policy: Policy) -> str:

@@ -18,22 +18,21 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import FrozenDict
-from jax import lax
 from flax.nnx.nn import dtypes as nnx_dtypes
-from flax.nnx.nn.linear import default_embed_init, default_kernel_init
-from flax.nnx.nn.linear import default_bias_init
+from flax.nnx.nn.linear import default_bias_init, default_embed_init, default_kernel_init
+from jax import lax
 
 from ltjax import _layers, _layout
-from ltjax._activation_modules import NnxCompressedReLU as CompressedReLU
-from ltjax._activation_modules import SparseLinear
+from ltjax._activation_modules import NnxCompressedReLU as CompressedReLU, SparseLinear
 from ltjax._analyze import CompressionReport, LeafReport, Policy, compress_tree
 from ltjax._format import CompressedTensor
 
@@ -72,7 +71,8 @@ def _stand_in(ct: CompressedTensor) -> Array:
 
 def _custom_op(m) -> str:
     """Why ``m``'s kernel cannot run on `ltjax.matmul` ('' if it can): a dot_general / einsum_op of its own."""
-    custom = [a for a, defaults in _DEFAULT_OPS.items() if all(getattr(m, a, None) is not d for d in (None,) + defaults)]
+    custom = [a for a, defaults in _DEFAULT_OPS.items()
+              if all(getattr(m, a, None) is not d for d in (None,) + defaults)]
     return f"a custom {' / '.join(custom)} cannot run on a compressed kernel" if custom else ""
 
 
@@ -248,7 +248,8 @@ class CompressedLinearGeneral(nnx.Module):
         with jax.named_scope("ltjax.nnx.linear_general"):
             y = _layers.general(
                 inputs, kernel, _layout.dense_general_contraction(inputs.ndim, len(kernel_shape), axis, batch),
-                kernel_shape, lambda x, w: lax.dot_general(x, w, dims, preferred_element_type=self.preferred_element_type),
+                kernel_shape,
+                lambda x, w: lax.dot_general(x, w, dims, preferred_element_type=self.preferred_element_type),
                 dtype=dtype, precision=self.precision, where=where,
                 why=f"batch_axis={dict(self.batch_axis)} makes it a batched product, not one matmul",
             )
@@ -347,7 +348,8 @@ class CompressedEinsum(nnx.Module):
                 layout=stored,
             )
         if bias is not None:
-            y = y + jnp.reshape(bias, self._infer_broadcasted_bias_shape(einsum_str, inputs, jax.ShapeDtypeStruct(shape, dtype)))
+            kernel = jax.ShapeDtypeStruct(shape, dtype)
+            y = y + jnp.reshape(bias, self._infer_broadcasted_bias_shape(einsum_str, inputs, kernel))
         return _layers.out_sharded(y, out_sharding)
 
 

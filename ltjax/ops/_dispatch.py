@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 
@@ -156,11 +157,11 @@ class Plan:
     default: Any
 
     @classmethod
-    def everywhere(cls, choice) -> "Plan":
+    def everywhere(cls, choice) -> Plan:
         return cls(choice, choice, choice, choice)
 
     @classmethod
-    def build(cls, pick: Callable[[str], Any], default) -> "Plan":
+    def build(cls, pick: Callable[[str], Any], default) -> Plan:
         return cls(*(pick(p) for p in PLATFORMS), default=default)
 
     def of(self, platform: str):

@@ -99,7 +99,8 @@ def _backward(c: Choice, x2, ct: CompressedTensor, acc, dy) -> tuple[jax.Array, 
         cots["values"] = lax.dot_general(dyf, xf, (((0,), (0,)), ((), ())), precision=F32).astype(ct.values.dtype)
     elif ct.codec == "bitmask":
         rows, cols = packed_positions(ct)
-        cots["values"] = jnp.sum(jnp.take(dyf, rows, axis=1) * jnp.take(xf, cols, axis=1), axis=0).astype(ct.values.dtype)
+        dv = jnp.sum(jnp.take(dyf, rows, axis=1) * jnp.take(xf, cols, axis=1), axis=0)
+        cots["values"] = dv.astype(ct.values.dtype)
     if has_scales(ct):
         if c.fwd.impl != "xla":  # recompute x @ codes^T with unit scales on the same implementation
             acc = _forward(c, xf, dataclasses.replace(ct, scales=jnp.ones_like(ct.scales)))[0]

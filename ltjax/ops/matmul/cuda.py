@@ -29,7 +29,8 @@ def why_not(x2: jax.Array, ct: CompressedTensor, *, platform: str, interpret: bo
         return "ltjax.ffi.cuda is not available in this installation"
     if not interpret:
         if host_platform() != "cuda":
-            return f"the CUDA kernels are chosen where the program is traced on a CUDA host; this one is {host_platform()!r}"
+            return (f"the CUDA kernels are chosen where the program is traced on a CUDA host; "
+                    f"this one is {host_platform()!r}")
         sharded = explicit_sharding(x2, ct)
         if sharded is not None:
             return f"the kernels take unsharded operands; {sharded} is sharded along an explicit mesh axis"

@@ -49,4 +49,5 @@ def pack_sparse(x: jax.Array, capacity: int):
 
 def unpack_sparse(words: jax.Array, values: jax.Array, shape, dtype) -> jax.Array:
     """Dense ``x`` from its mask words and packed nonzeros (exact when nnz <= capacity)."""
-    return _call("unpack_sparse", math.prod(shape), dtype, {"shape": tuple(shape), "dtype": jnp.dtype(dtype)}, words, values)
+    static = {"shape": tuple(shape), "dtype": jnp.dtype(dtype)}
+    return _call("unpack_sparse", math.prod(shape), dtype, static, words, values)
