@@ -82,7 +82,7 @@ GEMV_MAX_M = 4  # the GEMVs' M FMAs per code: up to 4 rows
 MMA_MIN_M = {"int8": 3, "bitmask_int8": 2}
 MMA_WARPS = 4096  # K splits until the grid has about this many warps (8192^2: 512 row warps x 8); untimed
 X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
-EMULATION_BUILD = 'pip install -e . -C cmake.define.LTJAX_CUDA_EMULATION=ON (as `make setup` does)'
+EMULATION_BUILD = "pip install -e . -C cmake.define.LTJAX_CUDA_EMULATION=ON"  # in the checkout, as make setup does
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +93,12 @@ class _Library:
     build_info: str  # what the install wrote beside it when it did not build it
     platform: str  # the platform its handlers register for
     suffix: str  # of its exported handler symbols: Ltjax<Kernel><suffix>
-    missing: str  # why it is missing when the install says nothing
+    hint: str = ""  # how to build it, where that is not the ordinary install
 
 
-_CUDA = _Library("_ltjax_cuda.so", "_cuda_build_info.txt", "CUDA", "Cuda", "not found")
+_CUDA = _Library("_ltjax_cuda.so", "_cuda_build_info.txt", "CUDA", "Cuda")
 _EMULATION = _Library("_ltjax_cuda_emulate.so", "_cuda_emulate_build_info.txt", "cpu", "Emulated",
-                      f"a test build; build it with {EMULATION_BUILD}")
+                      f"; it is built only for the tests: `{EMULATION_BUILD}` in the checkout, as `make setup` does")
 _SYMBOLS = {TARGET: "LtjaxBitmaskInt8Gemv", INT8_TARGET: "LtjaxInt8Gemv", MMA_TARGET: "LtjaxBitmaskInt8Mma",
             INT8_MMA_TARGET: "LtjaxInt8Mma"}
 _registered: dict[str, str | None] = {}  # library file: None once registered, else why not
@@ -123,8 +123,8 @@ def _find(lib: _Library) -> tuple[Path | None, str | None]:
     if found:
         return found[0], None
     infos = [d / lib.build_info for d in dirs if (d / lib.build_info).exists()]
-    why = infos[0].read_text().strip() if infos else f"{lib.missing} in " + ", ".join(map(str, dirs))
-    return None, f"{lib.file} is not built ({why})"
+    why = infos[0].read_text().strip() if infos else "not found in " + ", ".join(map(str, dirs))
+    return None, f"{lib.file} is not built ({why}){lib.hint}"
 
 
 def library() -> tuple[Path | None, str | None]:
