@@ -65,12 +65,14 @@ CASES = [
     Case(*DEFAULT, (1,), "bfloat16"),
     Case(*ROW, (16,), "bfloat16"),  # the CUDA MMA kernels' largest M
     Case(*WIDE, (20,), few=True),  # M > 16: the XLA path's chunked dots (a full chunk and a tail)
+    Case(*WIDE, (40,), "bfloat16"),
     Case(*ODD, (2,)),
     Case(*RAGGED, (80,)),  # M > 64: the CPU handlers hand it to XLA (but the AMX int8 GEMM)
     Case(*RAGGED, (3,), "float16", few=True),  # the CPU handlers refuse f16 x
     Case(*RAGGED, (3,), wdtype="bfloat16"),  # bf16 weights (raw / bitmask values, int8 of a bf16 tensor)
 ]
 GRAD_CASES = [
+    Case(*ROW, (1,)),
     Case(*RAGGED, (3,), few=True),
     Case(*RAGGED, (2, 3), "bfloat16", few=True),
     Case(*DEFAULT, (20,)),  # M > 16; the XLA backward's 128-row chunk and its tail
@@ -331,6 +333,23 @@ def test_fallback_is_logged_once(caplog, monkeypatch):
     assert len(msgs) == 1 and "axis=0" in msgs[0], msgs
     with pytest.raises(ValueError, match="impl='xla' cannot run matmul here: .*axis=0"):
         ltjax.matmul(x, ct, impl="xla")
+
+
+@pytest.mark.parametrize("impl,module,attr,what", [("pallas", "pallas", "_pallas", "ltjax.pallas"),
+                                                   ("ffi", "cpu", "_cpu", "ltjax.ffi.cpu"),
+                                                   ("cuda", "cuda", "_cuda", "ltjax.ffi.cuda")])
+def test_forced_missing_backend_raises(monkeypatch, impl, module, attr, what):
+    """An installation without a backend's Python side: forcing it names what is missing, and the
+    default dispatch goes on without it."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module(f"ltjax.ops.matmul.{module}"), attr, None)
+    ct, x = make_ct("int8", 64, 32), rand((1, 64))
+    with pytest.raises(ValueError, match=f"impl='{impl}' cannot run matmul here: {what} is not available"):
+        ltjax.matmul(x, ct, impl=impl)
+    if impl == "ffi" and ltjax._config.host_platform() == "cpu":  # the others answer their platform (opt-in) first
+        assert ltjax.explain(x, ct).reasons[impl] == f"{what} is not available in this installation"
+    assert_close(ltjax.matmul(x, ct), ltjax.matmul_reference(x, ct))
 
 
 def test_unknown_impl_raises():
