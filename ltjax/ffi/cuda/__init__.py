@@ -56,7 +56,6 @@ __all__ = [
     "X_DTYPES",
     "emulation_library",
     "enabled",
-    "gemv",
     "int8_mma_chunk_cols",
     "kernel_for",
     "library",
@@ -286,5 +285,3 @@ def matmul(x2: jax.Array, ct: CompressedTensor, *, kernel: str | None = None, mm
     y = call(xf, mask, starts, jnp.asarray(ct.codes), jnp.asarray(ct.scales), seg_words=np.int64(seg_words(ct)))
     return y.astype(x2.dtype)
 
-
-gemv = matmul  # the name benchmarks and tests used before ltjax.ffi.cuda
