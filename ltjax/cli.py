@@ -130,10 +130,10 @@ def info_report() -> dict[str, Any]:
             ahead = native[: native.index(e.impl)] if e.impl in native else native
             routes[f"{codec} M={m}"] = {"impl": e.impl, "backward": e.backward, "platforms": e.platforms,
                                         "why_not": {n: e.reasons[n] for n in ahead}}
-            if e.impl == "pallas":  # which GPU kernel: Triton, or the int8 Mosaic GPU one (Hopper)
-                from ltjax import pallas as lp
+            if e.platforms["cuda"] == "pallas":  # which GPU kernel a CUDA program holds: Triton, or the
+                from ltjax import pallas as lp  # int8 Mosaic GPU one (chosen when tracing on a Hopper GPU)
 
-                routes[f"{codec} M={m}"]["kernel"] = lp.kernel_backend(x, ct)
+                routes[f"{codec} M={m}"]["cuda_kernel"] = lp.kernel_backend(x, ct)
     ffi = {k: v for k, v in lffi.info().items() if k != "targets"}
     package = {"path": os.path.dirname(os.path.abspath(ltjax.__file__)), "distribution": None}
     try:
@@ -182,9 +182,10 @@ def _cmd_info(args) -> int:
     print("ltjax.matmul with f32 activations runs (ltjax.explain; a program lowered for another platform "
           "holds that platform's path):")
     for name, route in r["matmul_routes"].items():
-        impl = route["impl"] + (f" ({route['kernel']})" if "kernel" in route else "")
+        impl = route["impl"]
         why = "; ".join(f"not {n}: {w}" for n, w in route["why_not"].items())
-        print(f"  {name:18s} {impl}, {route['backward']}" + (f"  ({why})" if why else ""))
+        gpu = route["platforms"]["cuda"] + (f" ({route['cuda_kernel']})" if "cuda_kernel" in route else "")
+        print(f"  {name:18s} {impl}, {route['backward']}; lowered for CUDA: {gpu}" + (f"  ({why})" if why else ""))
     return 0
 
 
