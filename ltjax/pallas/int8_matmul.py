@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -13,14 +12,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ltjax._config import log_once
 from ltjax._format import CompressedTensor, decode_storage
 from ltjax.pallas import _config
 from ltjax.pallas._config import BlockSizes
 from ltjax.pallas._decode import contract, i8_to_f32, iota
 from ltjax.pallas.int8_matmul_mosaic import mosaic_matmul, why_not_mosaic
-
-logger = logging.getLogger("ltjax")
-_logged: set[str] = set()
 
 
 def _int8_matmul_kernel(
@@ -159,9 +156,7 @@ def int8_matmul(x, ct: CompressedTensor, *, interpret: bool | None = None, block
         why = mosaic_reason(x, ct, bs, interpret=interpret)
         if why is None:
             return mosaic_matmul(x, ct.codes, ct.scales, tiles=bs.mosaic)
-        if why not in _logged:  # once per reason, like the op layer's fallbacks
-            _logged.add(why)
-            logger.info("ltjax: int8 matmul on Triton, not Mosaic GPU: %s", why)
+        log_once(f"mosaic:{why}", "ltjax: int8 matmul on Triton, not Mosaic GPU: %s", why)
         bs = dataclasses.replace(bs, mosaic=None)
     return _int8_matmul(x, ct, transposed=False, interpret=interpret,
                         block_sizes=_config.fit_block_m(bs, x.shape[0]))

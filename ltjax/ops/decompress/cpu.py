@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 
-from ltjax._config import host_platform
+from ltjax._config import host_platform, log_once
 from ltjax._format import CompressedTensor, from_storage
 from ltjax.ops._dispatch import Implementation, explicit_sharding
 
@@ -17,6 +19,10 @@ except ImportError:  # pragma: no cover - an installation without the CPU handle
 def why_not(ct: CompressedTensor, *, platform: str, interpret: bool) -> str | None:
     if _cpu is None:
         return "ltjax.ffi.cpu is not available in this installation"
+    if not _cpu.available():  # a broken install, not a routine fallback: said once, as a warning
+        log_once("ffi:unavailable", "ltjax: CPU FFI kernels unavailable, using the XLA path: %s",
+                 _cpu.unavailable_reason(), level=logging.WARNING)
+        return _cpu.unavailable_reason()
     if host_platform() != "cpu":  # the extension and its ISA are this host's
         return f"the CPU handlers are chosen where the program is traced on a CPU host; this one is {host_platform()!r}"
     if explicit_sharding(ct) is not None:

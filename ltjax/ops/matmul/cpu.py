@@ -9,9 +9,11 @@ device (a custom call is not partitioned: its operands would be all-gathered).
 
 from __future__ import annotations
 
+import logging
+
 import jax
 
-from ltjax._config import host_platform
+from ltjax._config import host_platform, log_once
 from ltjax._format import CompressedTensor
 from ltjax.ops._dispatch import Implementation, explicit_sharding
 
@@ -30,6 +32,10 @@ def _amx_int8(ct: CompressedTensor) -> bool:
 def _reason(a: jax.Array, ct: CompressedTensor, *, transpose: bool) -> str | None:
     if _cpu is None:
         return "ltjax.ffi.cpu is not available in this installation"
+    if not _cpu.available():  # a broken install, not a routine fallback: said once, as a warning
+        log_once("ffi:unavailable", "ltjax: CPU FFI kernels unavailable, using the XLA path: %s",
+                 _cpu.unavailable_reason(), level=logging.WARNING)
+        return _cpu.unavailable_reason()
     if host_platform() != "cpu":
         return f"the CPU handlers are chosen where the program is traced on a CPU host; this one is {host_platform()!r}"
     sharded = explicit_sharding(a, ct)
