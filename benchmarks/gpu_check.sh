@@ -72,7 +72,7 @@ BUILD_END=$(date +%s)
 
 echo "== Pallas and CUDA kernel and op tests, native (LTJAX_PALLAS_INTERPRET=0)"
 shopt -s nullglob
-TESTS=(tests/test_pallas*.py tests/test_gemv.py)
+TESTS=(tests/test_pallas*.py tests/test_gemv.py tests/ops/test_*.py)  # tests/ops: each op's battery, Pallas native
 PAR=()
 # Several pytest workers share the one GPU: no preallocation, and compiles (CPU-bound) overlap.
 if "$PY" -c "import xdist" 2>/dev/null; then PAR=(-n 8); fi
@@ -80,7 +80,7 @@ if [ ${#TESTS[@]} -gt 0 ]; then
   KSEL=()
   if [ -n "${GPU_CHECK_TESTS_K:-}" ]; then KSEL=(-k "$GPU_CHECK_TESTS_K"); fi
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$(cap 180)" "$PY" -m pytest -q -p no:cacheprovider "${PAR[@]}" "${KSEL[@]}" \
-    "${TESTS[@]}" tests/test_ops.py --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+    "${TESTS[@]}" --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
   TEST_RC=$?
 else
   echo "no tests/test_pallas*.py in this tree" > "$OUT/tests.log"

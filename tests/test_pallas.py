@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close, make_ct, rand, random_weight
 
 import ltjax
 from ltjax import pallas as lp
@@ -24,58 +24,16 @@ from ltjax.pallas import BlockSizes
 from ltjax.pallas._config import fit_block_m
 
 INTERPRET = lp.resolve_interpret(None)
-TOL = {jnp.float32: dict(rtol=2e-5, atol=2e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2),
-       jnp.float16: dict(rtol=5e-3, atol=5e-3)}
 
 
-def _weight(key, k, n, sparsity=0.5, dtype=np.float32):
-    rng = np.random.default_rng(key)
-    w = rng.standard_normal((k, n)).astype(np.float32)
-    w[rng.random((k, n)) < sparsity] = 0.0
-    return w.astype(dtype)
-
-
-def _x(key, shape, dtype):
-    return jnp.asarray(np.random.default_rng(key).standard_normal(shape).astype(np.float32)).astype(dtype)
-
-
-def _ref_matmul(x, ct, transpose=False):
-    w = decompress_reference(ct).astype(jnp.float32)
-    # HIGHEST: on GPU a plain f32 `@` runs in TF32 (~1e-3 relative), far outside the kernels' f32 tolerance.
-    y = jnp.matmul(x.astype(jnp.float32), w.T if transpose else w, precision=jax.lax.Precision.HIGHEST)
-    return y.astype(x.dtype)
-
-
-def _close(got, want, dtype):
-    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
-    tol = TOL[dtype]
-    scale = float(jnp.abs(want.astype(jnp.float32)).max()) or 1.0
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                               rtol=tol["rtol"], atol=tol["atol"] * scale)
+def _ref(x, ct, transpose=False):
+    """``x @ W`` (``transpose``: ``x @ W.T``, what `matmul_t` computes) by the reference."""
+    return ltjax.matmul_reference(x, ct.T if transpose else ct)
 
 
 # ------------------------------------------------------------------ fused matmul, both directions
-# (codec, K, N, tile): ragged K and N, tiles that cut the matrix into several ragged tiles.
-CASES = [
-    ("int8", 300, 70, None),
-    ("bitmask_int8", 150, 40, (16, 64)),
-    ("bitmask_int8", 150, 40, (24, 150)),  # one tile spans the row: tile_cols not a multiple of 32
-    ("bitmask", 150, 40, (16, 64)),
-    ("raw", 150, 40, None),
-]
-
-
-@pytest.mark.parametrize("codec,k,n,tile", CASES)
-@pytest.mark.parametrize("m", [1, 5, 40])  # 40: the tuned rows for 16 < M <= 64 (one 64-row block)
-@pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
-def test_matmul_and_matmul_t(codec, k, n, tile, m, xdtype):
-    seed = zlib.crc32(repr((codec, k, n, tile, m, jnp.dtype(xdtype).name)).encode())  # fixed per case
-    ct = pack(_weight(seed, k, n), codec, tile=tile)
-    x = _x(seed + 1, (m, k), xdtype)
-    _close(lp.matmul(x, ct, interpret=INTERPRET), _ref_matmul(x, ct), xdtype)
-    dy = _x(seed + 2, (m, n), xdtype)
-    _close(lp.matmul_t(dy, ct, interpret=INTERPRET), _ref_matmul(dy, ct, transpose=True), xdtype)
-
+# Values and gradients through ltjax.matmul(impl="pallas") on every codec: tests/ops/test_matmul.py.
+# Here: what only the kernels have (block geometries, row chunks and bands, the f32-as-bf16 rows).
 
 # Block geometries that exercise the other code paths: several column chunks per tile
 # (block_k < tile_cols), a split of the reduced axis (partials summed in XLA), M blocks.
@@ -94,10 +52,10 @@ BLOCKS = [
                          + ("swap" if b.swap_ab else ""))
 def test_block_geometries(codec, bs, xdtype):
     k, n, m = 200, 45, 3
-    ct = pack(_weight(7, k, n, sparsity=0.7), codec, tile=(20, 128))
-    x, dy = _x(8, (m, k), xdtype), _x(9, (m, n), xdtype)
-    _close(lp.matmul(x, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(x, ct), xdtype)
-    _close(lp.matmul_t(dy, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(dy, ct, True), xdtype)
+    ct = make_ct(codec, k, n, tile=(20, 128), sparsity=0.7, seed=7)
+    x, dy = rand((m, k), xdtype, seed=8), rand((m, n), xdtype, seed=9)
+    assert_close(lp.matmul(x, ct, interpret=INTERPRET, block_sizes=bs), _ref(x, ct))
+    assert_close(lp.matmul_t(dy, ct, interpret=INTERPRET, block_sizes=bs), _ref(dy, ct, True))
 
 
 @pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
@@ -108,14 +66,14 @@ def test_bitmask_matmul_row_chunks_in_one_tile(codec, block_m, stages, xdtype):
     """A tile row in one chunk, many row chunks per tile, ragged tiles at the row and column ends;
     forward (one tile per program) and transposed."""
     k, n, m = 90, 131, 3
-    ct = pack(_weight(75, k, n), codec, tile=(37, 64))  # storage [131, 90]: tiles 37 x 64, the last 20 x 26
-    x = _x(76, (m, k), xdtype)
+    ct = make_ct(codec, k, n, tile=(37, 64), seed=75)  # storage [131, 90]: tiles 37 x 64, the last 20 x 26
+    x = rand((m, k), xdtype, seed=76)
     bs = BlockSizes(block_m=block_m, block_n=8, block_k=64, split=0, num_stages=stages)
-    _close(lp.bitmask_matmul(x, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(x, ct), xdtype)
-    dy = _x(77, (m, n), xdtype)  # transposed: one tile column per program, its tile rows in turn (split 0 and 2)
+    assert_close(lp.bitmask_matmul(x, ct, interpret=INTERPRET, block_sizes=bs), _ref(x, ct))
+    dy = rand((m, n), xdtype, seed=77)  # transposed: one tile column per program, its tile rows in turn (split 0 and 2)
     for split in (0, 2):
         bs_t = dataclasses.replace(bs, split=split)
-        _close(lp.bitmask_matmul_t(dy, ct, interpret=INTERPRET, block_sizes=bs_t), _ref_matmul(dy, ct, True), xdtype)
+        assert_close(lp.bitmask_matmul_t(dy, ct, interpret=INTERPRET, block_sizes=bs_t), _ref(dy, ct, True))
 
 
 def _band_starts_numpy(ct, band_rows):
@@ -140,7 +98,7 @@ def test_row_bands(tile, band_rows):
     band sizes that do not divide the tile's rows (or are not smaller) keep the stored grid."""
     from ltjax.pallas._decode import row_bands
 
-    ct = pack(_weight(91, 150, 131, sparsity=0.6), "bitmask_int8", tile=tile)  # storage [131, 150]
+    ct = make_ct("bitmask_int8", 150, 131, tile=tile, seed=91)  # storage [131, 150]
     got_tile, got = row_bands(ct, band_rows)
     banded = 0 < band_rows < tile[0] and tile[0] % band_rows == 0
     assert got_tile == ((band_rows, tile[1]) if banded else tile)
@@ -163,12 +121,12 @@ def test_row_bands_in_the_kernels(codec, bs, xdtype):
     """Row bands (a program per band of a stored tile) in the forward, transposed and unpack kernels:
     ragged tiles at the row and column ends, a band smaller than a row chunk's walk."""
     k, n, m = 90, 131, 3
-    ct = pack(_weight(92, k, n), codec, tile=(48, 64))  # storage [131, 90]: 3 tile rows, the last 35 rows
-    x, dy = _x(93, (m, k), xdtype), _x(94, (m, n), xdtype)
-    _close(lp.bitmask_matmul(x, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(x, ct), xdtype)
+    ct = make_ct(codec, k, n, tile=(48, 64), seed=92)  # storage [131, 90]: 3 tile rows, the last 35 rows
+    x, dy = rand((m, k), xdtype, seed=93), rand((m, n), xdtype, seed=94)
+    assert_close(lp.bitmask_matmul(x, ct, interpret=INTERPRET, block_sizes=bs), _ref(x, ct))
     indexed = ltjax.index_rows(ct)  # band starts read off the weight's row index, not counted in XLA
-    _close(lp.bitmask_matmul(x, indexed, interpret=INTERPRET, block_sizes=bs), _ref_matmul(x, ct), xdtype)
-    _close(lp.bitmask_matmul_t(dy, ct, interpret=INTERPRET, block_sizes=bs), _ref_matmul(dy, ct, True), xdtype)
+    assert_close(lp.bitmask_matmul(x, indexed, interpret=INTERPRET, block_sizes=bs), _ref(x, ct))
+    assert_close(lp.bitmask_matmul_t(dy, ct, interpret=INTERPRET, block_sizes=bs), _ref(dy, ct, True))
     want = np.asarray(decode_storage(ct))
     for transposed in (False, True):
         got = lp.bitmask_unpack(ct, interpret=INTERPRET, transposed=transposed, block_sizes=bs)
@@ -181,16 +139,16 @@ def test_f32_activations_run_as_three_bf16_row_blocks(codec, wdtype, axis):
     """f32 x over a bitmask weight exact in bf16 (int8 codes, bf16 values) runs the bf16 kernel on
     [hi; mid; lo] (3 M rows) and stays f32-accurate, both directions, either channel axis."""
     k, n, m = 150, 72, 6
-    ct = pack(_weight(71, k, n, sparsity=0.6, dtype=wdtype), codec, axis=axis, tile=(24, 64))
-    x, dy = _x(72, (m, k), jnp.float32), _x(73, (m, n), jnp.float32)
-    _close(lp.matmul(x, ct, interpret=INTERPRET), _ref_matmul(x, ct), jnp.float32)
-    _close(lp.matmul_t(dy, ct, interpret=INTERPRET), _ref_matmul(dy, ct, True), jnp.float32)
+    ct = make_ct(codec, k, n, tile=(24, 64), dtype=wdtype, axis=axis, seed=71)
+    x, dy = rand((m, k), jnp.float32, seed=72), rand((m, n), jnp.float32, seed=73)
+    assert_close(lp.matmul(x, ct, interpret=INTERPRET), _ref(x, ct))
+    assert_close(lp.matmul_t(dy, ct, interpret=INTERPRET), _ref(dy, ct, True))
     jaxpr = str(jax.make_jaxpr(functools.partial(lp.matmul, interpret=INTERPRET))(x, ct))
     assert f"bf16[{3 * m},{k}]" in jaxpr and "ltjax_bitmask_matmul" in jaxpr  # the kernel sees the bf16 rows
     # f32 weights are not exact in bf16: they keep the kernel's own f32 contraction
-    ct32 = pack(_weight(74, k, n, sparsity=0.6), "bitmask", axis=axis, tile=(24, 64))
+    ct32 = make_ct("bitmask", k, n, tile=(24, 64), axis=axis, seed=74)
     assert f"bf16[{3 * m},{k}]" not in str(jax.make_jaxpr(functools.partial(lp.matmul, interpret=INTERPRET))(x, ct32))
-    _close(lp.matmul(x, ct32, interpret=INTERPRET), _ref_matmul(x, ct32), jnp.float32)
+    assert_close(lp.matmul(x, ct32, interpret=INTERPRET), _ref(x, ct32))
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.95])
@@ -198,10 +156,10 @@ def test_f32_activations_run_as_three_bf16_row_blocks(codec, wdtype, axis):
 def test_bitmask_sparsity_extremes(sparsity, seed):
     """Dense and nearly empty masks; 8-row tiles of 3 mask words, so words past a tile's end are masked."""
     k, n = 96 * 2 + 17, 29
-    ct = pack(_weight(100 + seed, k, n, sparsity=sparsity), "bitmask_int8", tile=(8, 96))
-    x, dy = _x(200 + seed, (1, k), jnp.float32), _x(300 + seed, (1, n), jnp.float32)
-    _close(lp.matmul(x, ct, interpret=INTERPRET), _ref_matmul(x, ct), jnp.float32)
-    _close(lp.matmul_t(dy, ct, interpret=INTERPRET), _ref_matmul(dy, ct, True), jnp.float32)
+    ct = make_ct("bitmask_int8", k, n, tile=(8, 96), sparsity=sparsity, seed=100 + seed)
+    x, dy = rand((1, k), jnp.float32, seed=200 + seed), rand((1, n), jnp.float32, seed=300 + seed)
+    assert_close(lp.matmul(x, ct, interpret=INTERPRET), _ref(x, ct))
+    assert_close(lp.matmul_t(dy, ct, interpret=INTERPRET), _ref(dy, ct, True))
     np.testing.assert_array_equal(np.asarray(lp.decompress(ct, interpret=INTERPRET)),
                                   np.asarray(decompress_reference(ct)))
 
@@ -210,55 +168,35 @@ def test_bitmask_sparsity_extremes(sparsity, seed):
 def test_channel_axis_0_and_transpose_view(codec):
     """A weight stored [K, N] (channel axis 0) and `ct.T` route to the other kernel direction."""
     k, n = 96, 50
-    ct = pack(_weight(11, k, n), codec, axis=0, tile=(32, 32))
-    x = _x(12, (2, k), jnp.float32)
-    _close(lp.matmul(x, ct, interpret=INTERPRET), _ref_matmul(x, ct), jnp.float32)
-    dy = _x(13, (2, n), jnp.float32)
-    _close(lp.matmul(dy, ct.T, interpret=INTERPRET), _ref_matmul(dy, ct.T), jnp.float32)
+    ct = make_ct(codec, k, n, tile=(32, 32), axis=0, seed=11)
+    x = rand((2, k), jnp.float32, seed=12)
+    assert_close(lp.matmul(x, ct, interpret=INTERPRET), _ref(x, ct))
+    dy = rand((2, n), jnp.float32, seed=13)
+    assert_close(lp.matmul(dy, ct.T, interpret=INTERPRET), _ref(dy, ct.T))
 
 
 def test_f16_bf16_weights_and_all_zero_rows():
-    w = _weight(21, 64, 33, sparsity=0.8, dtype=np.float16)
+    w = random_weight((64, 33), sparsity=0.8, dtype=np.float16, seed=21)
     w[:, 5] = 0  # an all-zero output channel
     ct = pack(w, "bitmask", tile=(8, 32))
-    x = _x(22, (1, 64), jnp.float16)
-    _close(lp.matmul(x, ct, interpret=INTERPRET), _ref_matmul(x, ct), jnp.float16)
-    ct8 = pack(_weight(23, 64, 33).astype(jnp.bfloat16), "bitmask_int8", tile=(8, 64))
-    xb = _x(24, (5, 64), jnp.bfloat16)
-    _close(lp.matmul(xb, ct8, interpret=INTERPRET), _ref_matmul(xb, ct8), jnp.bfloat16)
-
-
-def test_matmul_under_jit_with_traced_weight():
-    ct = pack(_weight(31, 100, 36), "bitmask_int8", tile=(16, 64))
-    x = _x(32, (1, 100), jnp.float32)
-    f = jax.jit(functools.partial(lp.matmul, interpret=INTERPRET))
-    _close(f(x, ct), _ref_matmul(x, ct), jnp.float32)
+    x = rand((1, 64), jnp.float16, seed=22)
+    assert_close(lp.matmul(x, ct, interpret=INTERPRET), _ref(x, ct))
+    ct8 = make_ct("bitmask_int8", 64, 33, tile=(8, 64), dtype=jnp.bfloat16, seed=23)
+    xb = rand((5, 64), jnp.bfloat16, seed=24)
+    assert_close(lp.matmul(xb, ct8, interpret=INTERPRET), _ref(xb, ct8))
 
 
 def test_empty_weight():
     ct = pack(np.zeros((64, 16), np.float32), "bitmask_int8", tile=(16, 32))
-    x = _x(41, (1, 64), jnp.float32)
+    x = rand((1, 64), jnp.float32, seed=41)
     np.testing.assert_array_equal(np.asarray(lp.matmul(x, ct, interpret=INTERPRET)), np.zeros((1, 16)))
 
 
 # ------------------------------------------------------------------ decode to dense
-@pytest.mark.parametrize("codec", ["raw", "int8", "bitmask", "bitmask_int8"])
-@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
-def test_decompress(codec, dtype):
-    w = _weight(51, 130, 45, dtype=dtype)
-    ct = pack(w, codec, tile=(16, 64))
-    got = lp.decompress(ct, interpret=INTERPRET)
-    want = decompress_reference(ct)
-    assert got.shape == want.shape and got.dtype == want.dtype
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-
-
-def test_decompress_nd_and_multi_chunk_unpack():
-    w = _weight(61, 6, 50 * 7).reshape(6, 50, 7)
-    ct = pack(w, "bitmask", axis=1, tile=(8, 96))
-    np.testing.assert_array_equal(np.asarray(lp.decompress(ct, interpret=INTERPRET)),
-                                  np.asarray(decompress_reference(ct)))
-    ct8 = pack(_weight(62, 300, 20), "bitmask_int8", tile=(12, 256))
+# ltjax.decompress(impl="pallas"), bit-exact on every codec, N-D and stacked: tests/ops/test_decompress.py.
+def test_multi_chunk_unpack():
+    """Tiles wider than the block: several column chunks per tile."""
+    ct8 = make_ct("bitmask_int8", 300, 20, tile=(12, 256), seed=62)
     got = lp.bitmask_unpack(ct8, interpret=INTERPRET, block_sizes=BlockSizes(block_n=8, block_k=64))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(decode_storage(ct8)))
 
@@ -268,7 +206,7 @@ def test_decompress_nd_and_multi_chunk_unpack():
 @pytest.mark.parametrize("stages", [1, 2])  # 2: the software-pipelined walk
 def test_unpack_row_chunks_in_one_tile(codec, transposed, stages):
     """A tile row in one chunk, many row chunks per tile, ragged at both ends."""
-    ct = pack(_weight(64, 90, 131), codec, tile=(37, 64))  # storage [131, 90]: tiles of 37 rows, the last 20
+    ct = make_ct(codec, 90, 131, tile=(37, 64), seed=64)  # storage [131, 90]: tiles of 37 rows, the last 20
     want = np.asarray(decode_storage(ct))
     bs = BlockSizes(block_n=8, block_k=64, num_stages=stages)
     got = lp.bitmask_unpack(ct, interpret=INTERPRET, transposed=transposed, block_sizes=bs)
@@ -278,7 +216,7 @@ def test_unpack_row_chunks_in_one_tile(codec, transposed, stages):
 @pytest.mark.parametrize("codec", ["int8", "bitmask_int8", "bitmask"])
 def test_unpack_transposed_output(codec):
     """The kernels' [K, N] output (what `decompress` uses for a 2-D axis=1 weight) with ragged blocks."""
-    ct = pack(_weight(63, 200, 75), codec, tile=(24, 64))
+    ct = make_ct(codec, 200, 75, tile=(24, 64), seed=63)
     want = np.asarray(decode_storage(ct)).T
     unpack = lp.int8_dequant if codec == "int8" else lp.bitmask_unpack
     for bs in (None, BlockSizes(block_n=16, block_k=32)):
@@ -305,7 +243,7 @@ def test_kernels_lower_for_cuda(codec, m):
     if _NEEDS_GPU_TO_LOWER and jax.default_backend() != "gpu":
         pytest.skip(f"jax {jax.__version__} lowers Pallas-Triton kernels only with a GPU present")
     k, n = 512, 384
-    ct = pack(_weight(71, k, n), codec, tile=(64, 256))
+    ct = make_ct(codec, k, n, tile=(64, 256), seed=71)
     x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
     dy = jax.ShapeDtypeStruct((m, n), jnp.float32)
     _lower_cuda(functools.partial(lp.matmul, interpret=False), x, ct)
@@ -316,7 +254,7 @@ def test_kernels_lower_for_cuda(codec, m):
 
 # ------------------------------------------------------------------ predicates and config
 def test_can_use_pallas():
-    ct = pack(_weight(81, 64, 32), "int8")
+    ct = make_ct("int8", 64, 32, seed=81)
     x = jnp.zeros((2, 64), jnp.float32)
     on_gpu = jax.default_backend() == "gpu"
     assert lp.can_use_pallas(x, ct) == on_gpu
@@ -347,7 +285,7 @@ def test_block_sizes_config(monkeypatch):
     with pytest.raises(ValueError, match="must be >= 0"):
         BlockSizes(split=-1)
     with pytest.raises(ValueError, match="multiple of 32"):
-        ct = pack(_weight(91, 64, 32), "bitmask_int8")
+        ct = make_ct("bitmask_int8", 64, 32, seed=91)
         lp.matmul(jnp.zeros((1, 64)), ct, interpret=True, block_sizes=BlockSizes(block_k=16))
 
 
@@ -372,9 +310,9 @@ def test_tuned_table_file(tmp_path, monkeypatch):
     assert lp.get_block_sizes("int8_matmul", 8) == BlockSizes(16, 128, 256, 2, 8, 4, swap_ab=True)
     assert lp.get_block_sizes("int8_matmul_t", 8) == before_t  # a kernel the file does not name
     # a kernel run with the file's block sizes still computes the right product
-    ct = pack(_weight(5, 300, 70), "int8")
-    x = _x(6, (1, 300), jnp.float32)
-    _close(lp.matmul(x, ct, interpret=INTERPRET), _ref_matmul(x, ct), jnp.float32)
+    ct = make_ct("int8", 300, 70, seed=5)
+    x = rand((1, 300), jnp.float32, seed=6)
+    assert_close(lp.matmul(x, ct, interpret=INTERPRET), _ref(x, ct))
     f.write_text(json.dumps({"rows": [{"kernel": "int8_matmul", "dtype": "*", "max_m": 1,
                                        "block_sizes": {"block_m": 1, "bogus": 3}}]}))
     os.utime(f, (1, 1))  # a new mtime: the cached table is re-read
