@@ -15,13 +15,18 @@ import numpy as np
 
 from ltjax._format import (
     CODECS,
+    DEFAULT_INT4_GROUP,
     DTYPES,
     LOSSLESS_CODECS,
     CompressedTensor,
     Header,
     _dtype_name,
     _nonzero_bits,
+    decode_storage,
     expected_arrays,
+    group_reason,
+    int4_dequantize,
+    int4_quantize,
     int8_quantize,
     pack,
     prepare,
@@ -114,10 +119,33 @@ def _nbytes(header: Header, nnz: int) -> int:
     return int(sum(math.prod(s) * dt.itemsize for s, dt in expected_arrays(header, nnz).values()))
 
 
+def _int4_estimate(a: np.ndarray, ax, x2: np.ndarray, tile_rc, group: int | None, asymmetric: bool) -> CodecEstimate:
+    group = DEFAULT_INT4_GROUP if group is None else group
+    if group_reason(x2.shape, tile_rc, group) is not None:
+        return CodecEstimate("int4", int(a.nbytes), 1.0, math.inf)
+    h = Header(codec="int4", shape=tuple(a.shape), dtype=_dtype_name(a.dtype), axis=ax, tile=tile_rc,
+               group=group, asymmetric=asymmetric)
+    nb = _nbytes(h, 0)
+    try:
+        codes, scales, mins = int4_quantize(x2, group, asymmetric)
+    except ValueError:  # a scale float16 cannot hold
+        return CodecEstimate("int4", nb, a.nbytes / nb, math.inf)
+    dec = np.asarray(int4_dequantize(h, codes, scales, mins)).astype(a.dtype)
+    return CodecEstimate("int4", nb, a.nbytes / nb, _rel_error(x2, dec))
+
+
 def analyze_array(
-    x: Any, *, name: str = "tensor", tile: int | tuple[int, int] | None = None, axis: int | None | str = "default"
+    x: Any,
+    *,
+    name: str = "tensor",
+    tile: int | tuple[int, int] | None = None,
+    axis: int | None | str = "default",
+    group: int | None = None,
+    asymmetric: bool = False,
 ) -> TensorStats:
-    """Measures one tensor: zeros, range, outliers, and every codec's exact size and error."""
+    """Measures one tensor: zeros, range, outliers, and every codec's exact size and error
+    (int4 with scale groups of ``group`` columns, default `ltjax._format.DEFAULT_INT4_GROUP`;
+    a tensor whose rows the groups do not divide gets int4's error as infinite)."""
     a, ax, x2, tile_rc = prepare(x, name=name, axis=axis, tile=tile)
     xf = x2.astype(np.float32)
     nz = _nonzero_bits(x2)
@@ -128,6 +156,9 @@ def analyze_array(
     err_int8 = _rel_error(x2, dec_int8)
     estimates = []
     for codec in CODECS:
+        if codec == "int4":
+            estimates.append(_int4_estimate(a, ax, x2, tile_rc, group, asymmetric))
+            continue
         h = Header(codec=codec, shape=tuple(a.shape), dtype=_dtype_name(a.dtype), axis=ax, tile=tile_rc)
         nb = _nbytes(h, nnz)
         err = 0.0 if codec in LOSSLESS_CODECS else err_int8
@@ -218,6 +249,8 @@ def compress(
     axis: int | None | str = "default",
     codecs: Iterable[str] = CODECS,
     name: str = "tensor",
+    group: int | None = None,
+    asymmetric: bool = False,
 ) -> CompressedTensor:
     """Packs ``x`` (host side) into the LT-Block format.
 
@@ -235,6 +268,9 @@ def compress(
         tensor (a flax Dense kernel's output axis), one channel for 0-D and 1-D tensors.
       codecs: the codecs ``auto`` may choose from (one name or a sequence of names).
       name: used in error messages.
+      group, asymmetric: int4's scale groups: columns of the storage row (the reduction axis
+        of a Dense kernel) per scale, 32, 64 (default) or 128; ``asymmetric`` adds a min per
+        group (docs/int4.md).
 
     >>> import numpy as np, ltjax
     >>> ct = ltjax.compress(np.eye(64, dtype=np.float32))   # 98% zeros: lossless bitmask
@@ -244,10 +280,13 @@ def compress(
     if codec == "auto":
         codecs = _codec_tuple(codecs, "codecs")
         error_budget = _budget(error_budget, codecs, "error_budget")
-        codec = analyze_array(x, name=name, tile=tile, axis=axis).best(error_budget, codecs).codec
+        stats = analyze_array(x, name=name, tile=tile, axis=axis, group=group, asymmetric=asymmetric)
+        codec = stats.best(error_budget, codecs).codec
     elif codec not in CODECS:
         raise ValueError(f"{codec=} is not a codec; choose 'auto' or one of {CODECS}")
-    return pack(x, codec, tile=tile, axis=axis, name=name)
+    if codec != "int4":
+        return pack(x, codec, tile=tile, axis=axis, name=name)
+    return pack(x, codec, tile=tile, axis=axis, name=name, group=group, asymmetric=asymmetric)
 
 
 # ---------------------------------------------------------------------- trees
@@ -268,6 +307,8 @@ class Policy:
       axes: ``(pattern, axis)`` pairs overriding the channel axis (first match wins), e.g.
         ``(("*embedding", 0),)`` so an embedding's rows are its channels.
       tile: tile geometry for every tensor.
+      group, asymmetric: int4's scale groups (`ltjax.compress`); a leaf whose reduction axis
+        the group does not divide stays dense under ``codec="int4"``, with the reason.
     """
 
     codec: str = "auto"
@@ -278,6 +319,8 @@ class Policy:
     skip: tuple[str, ...] = ()
     axes: tuple[tuple[str, int | None], ...] = (("*embedding", 0),)
     tile: int | tuple[int, int] | None = None
+    group: int | None = None
+    asymmetric: bool = False
 
     def __post_init__(self):
         if self.codec != "auto" and self.codec not in CODECS:
@@ -418,7 +461,8 @@ def _compress_leaf(path: str, leaf: Any, policy: Policy, used: set,
     axis = policy.axis_for(path)
     stored = in_layout(leaf, layout)
     if policy.codec == "auto":
-        stats = analyze_array(stored, name=path, tile=policy.tile, axis=axis)
+        stats = analyze_array(stored, name=path, tile=policy.tile, axis=axis, group=policy.group,
+                              asymmetric=policy.asymmetric)
         codec = stats.best(policy.error_budget, policy.codecs).codec
         err = stats.estimate(codec).rel_error
         if codec == "raw":  # raw saves nothing: the plain array is as small and faster
@@ -426,7 +470,13 @@ def _compress_leaf(path: str, leaf: Any, policy: Policy, used: set,
             return leaf, LeafReport(path, shape, dtype, "dense", nb, nb, None, reason)
     else:
         codec, err = policy.codec, None
-    ct = pack(stored, codec, tile=policy.tile, axis=axis, name=path)
+    int4 = dict(group=policy.group, asymmetric=policy.asymmetric) if codec == "int4" else {}
+    try:
+        ct = pack(stored, codec, tile=policy.tile, axis=axis, name=path, **int4)
+    except ValueError as e:
+        if codec != "int4":
+            raise
+        return leaf, LeafReport(path, shape, dtype, "dense", nb, nb, None, str(e))  # e.g. groups do not divide K
     if err is None:
         err = _measured_error(stored, ct)
     return ct, LeafReport(path, shape, ct.header.dtype, codec, ct.dense_nbytes, ct.nbytes, err)
@@ -445,11 +495,11 @@ def tree_report(tree: Any) -> CompressionReport:
 
 
 def _measured_error(x: Any, ct: CompressedTensor) -> float:
+    """‖x − decoded‖/‖x‖ of what ``ct`` stores (0 for the lossless codecs)."""
     if ct.codec in LOSSLESS_CODECS:
         return 0.0
     a = np.asarray(x)
-    codes, scales = int8_quantize(to_storage(a, ct.header.axis))
-    return _rel_error(to_storage(a, ct.header.axis), (codes.astype(np.float32) * scales[:, None]).astype(a.dtype))
+    return _rel_error(to_storage(a, ct.header.axis), np.asarray(decode_storage(ct)))
 
 
 # ---------------------------------------------------------------------- helpers

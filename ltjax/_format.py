@@ -24,6 +24,10 @@ Codecs and their arrays (every array is a pytree leaf):
                a tile), ``offsets [T_r * T_c] int32`` (exclusive prefix sum of the
                per-tile nonzero counts)
 ``bitmask_int8`` ``mask``, ``offsets`` as ``bitmask``, ``codes [nnz] int8``, ``scales [C] float32``
+``int4``       ``codes [C, R/2] uint8`` (two 4-bit codes a byte, column ``2j`` in the low
+               nibble), ``scales [C, R/G] float16`` per group of ``G = header.group``
+               columns, and ``mins [C, R/G] float16`` when ``header.asymmetric``:
+               ``X = (q - 8) * s`` or ``q * s + m`` (docs/int4.md)
 =============  ==========================================================================
 
 Every codec also stores ``checksums [T_r * T_c] uint32``: the CRC32C of each tile's bytes,
@@ -47,7 +51,7 @@ from jax import lax
 from ltjax._errors import ChecksumError, LTFormatError
 
 FORMAT_VERSION = 1
-CODECS = ("raw", "int8", "bitmask", "bitmask_int8")
+CODECS = ("raw", "int8", "bitmask", "bitmask_int8", "int4")
 LOSSLESS_CODECS = ("raw", "bitmask")
 DTYPES = {
     "float32": np.dtype(np.float32),
@@ -56,6 +60,8 @@ DTYPES = {
 }
 DEFAULT_TILE_ELEMENTS = 65536  # 64 KiB of int8 payload
 DEFAULT_TILE_COLS = 256
+INT4_GROUPS = (32, 64, 128)
+DEFAULT_INT4_GROUP = 64
 _UINT_OF_WIDTH = {2: np.uint16, 4: np.uint32}
 
 
@@ -69,6 +75,8 @@ class Header:
     axis: int | None
     tile: tuple[int, int]
     version: int = FORMAT_VERSION
+    group: int = 0  # int4: columns of the storage row per scale (0: the codec has no groups)
+    asymmetric: bool = False  # int4: a min per group beside its scale (else codes are centred on 8)
 
     @property
     def channels(self) -> int:
@@ -94,8 +102,13 @@ class Header:
     def mask_words(self) -> int:
         return -(-self.storage_shape[1] // 32)
 
+    @property
+    def groups(self) -> int:
+        """Scale groups per storage row (int4), 0 without groups."""
+        return self.storage_shape[1] // self.group if self.group else 0
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "codec": self.codec,
             "shape": list(self.shape),
             "dtype": self.dtype,
@@ -103,6 +116,9 @@ class Header:
             "tile": list(self.tile),
             "version": self.version,
         }
+        if self.group:  # only grouped codecs carry these keys: other headers read as they always did
+            d.update(group=self.group, asymmetric=self.asymmetric)
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Header:
@@ -113,10 +129,12 @@ class Header:
             axis=None if d["axis"] is None else int(d["axis"]),
             tile=(int(d["tile"][0]), int(d["tile"][1])),
             version=int(d["version"]),
+            group=int(d.get("group", 0)),
+            asymmetric=bool(d.get("asymmetric", False)),
         )
 
 
-_ARRAY_FIELDS = ("values", "codes", "scales", "mask", "offsets", "checksums")
+_ARRAY_FIELDS = ("values", "codes", "scales", "mask", "offsets", "checksums", "mins")
 
 
 @jax.tree_util.register_dataclass
@@ -132,7 +150,9 @@ class CompressedTensor:
       * bitmask codecs: ``offsets[t] == sum(popcount(mask words of tile u) for u < t)``,
         ``len(values or codes) == total popcount`` and the mask's padding bits (beyond column
         ``R`` of each row) are zero; decoding is exact for ``bitmask``.
-      * ``scales`` are finite.
+      * ``int4``: ``decompress(ct)`` in storage order is ``(q - 8) * s`` (symmetric) or ``q * s + m``
+        (``asymmetric``) per element, ``q`` its 4-bit code, ``s`` / ``m`` its group's scale / min.
+      * ``scales`` (and ``mins``) are finite.
       * ``checksums[t]`` is the CRC32C of tile ``t`` (`tile_checksums`); it is computed at
         pack time and checked by `ltjax.load` / `verify` before data reaches a device.
       * ``row_starts`` (bitmask codecs, optional, not part of the format): int32 ``[C * T_c]``,
@@ -151,6 +171,7 @@ class CompressedTensor:
     mask: Any = None
     offsets: Any = None
     checksums: Any = None
+    mins: Any = None  # int4 asymmetric: the per-group offsets
     row_starts: Any = None  # a derived index (above), not one of the format's arrays
 
     # ---------------------------------------------------------------- properties
@@ -327,6 +348,13 @@ def _check_contents(ct: CompressedTensor, name: str) -> None:
             i = first(bad)
             raise LTFormatError(
                 f"{where(i[:-1])}: scales[{i[-1]}] = {sc[i]} is not finite ({int(bad.sum())} non-finite scale(s))")
+    if ct.mins is not None:
+        mn = np.asarray(ct.mins)
+        bad = ~np.isfinite(mn)
+        if bad.any():
+            i = first(bad)
+            raise LTFormatError(f"{where(i[:-2])}: mins[{i[-2]}, {i[-1]}] = {mn[i]} is not finite "
+                                f"({int(bad.sum())} non-finite min(s))")
     if h.codec in ("int8", "bitmask_int8"):
         codes = np.asarray(ct.codes)
         if codes.size and int(codes.min()) == -128:
@@ -425,6 +453,20 @@ def choose_tile(storage_shape: tuple[int, int], tile: int | tuple[int, int] | No
     return tr, tc
 
 
+def group_reason(storage_shape: tuple[int, int], tile: tuple[int, int], group: int) -> str | None:
+    """Why an int4 tensor of this storage and tile geometry cannot have scale groups of ``group``
+    columns (None: it can): groups must tile each storage row and each tile exactly."""
+    r, tc = storage_shape[1], tile[1]
+    if group not in INT4_GROUPS:
+        return f"int4 group={group} is not one of {INT4_GROUPS}"
+    if r % group:
+        return (f"int4 needs the reduction axis (storage row of {r} columns) to be a multiple of group={group}; "
+                f"use a group dividing {r} or another codec")
+    if tc % group:
+        return f"int4 tile columns ({tc}) must be a multiple of group={group}"
+    return None
+
+
 def _tile_bounds(header: Header):
     (c, r), (tr, tc) = header.storage_shape, header.tile
     gr, gc = header.tile_grid
@@ -445,6 +487,11 @@ def expected_arrays(header: Header, nnz: int | None) -> dict[str, tuple[tuple[in
     elif header.codec == "int8":
         out["codes"] = ((c, r), np.dtype(np.int8))
         out["scales"] = ((c,), np.dtype(np.float32))
+    elif header.codec == "int4":
+        out["codes"] = ((c, r // 2), np.dtype(np.uint8))
+        out["scales"] = ((c, header.groups), np.dtype(np.float16))
+        if header.asymmetric:
+            out["mins"] = ((c, header.groups), np.dtype(np.float16))
     else:
         out["mask"] = ((c, header.mask_words), np.dtype(np.uint32))
         out["offsets"] = ((t,), np.dtype(np.int32))
@@ -477,6 +524,12 @@ def validate_header(header: Header) -> None:
         raise LTFormatError(str(e)) from None
     if tile != header.tile:
         raise LTFormatError(f"tile={header.tile} does not fit storage {header.storage_shape}")
+    why = group_reason(header.storage_shape, header.tile, header.group) if header.codec == "int4" else None
+    if why is not None:
+        raise LTFormatError(why)
+    if header.codec != "int4" and (header.group or header.asymmetric):
+        raise LTFormatError(f"codec {header.codec!r} has no groups (group={header.group}, "
+                            f"asymmetric={header.asymmetric})")
 
 
 def validate_arrays(header: Header, arrays: dict[str, Any]) -> None:
@@ -563,6 +616,44 @@ def int8_quantize(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scales
 
 
+def int4_quantize(x2: np.ndarray, group: int, asymmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Round-to-nearest int4 per group of ``group`` columns (llama.cpp's Q4_0 / Q4_1 rules):
+    (codes uint8 [C, R/2] two a byte, scales float16 [C, R/G], mins float16 [C, R/G] or None).
+
+    Symmetric: the group's largest-magnitude value maps to code 0 (``s = x_max / -8``), so the
+    codes span -8..7 around 8. Asymmetric: ``s = (max - min) / 15``, ``m = min``. Codes are
+    rounded against the float16 scale (and min) that decoding uses.
+    """
+    c, r = x2.shape
+    g = x2.astype(np.float32, copy=False).reshape(c, r // group, group)
+    if asymmetric:
+        lo, hi = g.min(axis=-1), g.max(axis=-1)
+        scales = _f16_scale((hi - lo) / np.float32(15.0))
+        mins = lo.astype(np.float16)
+        inv = np.where(scales != 0, 1.0 / np.where(scales != 0, scales, 1).astype(np.float32), 0).astype(np.float32)
+        q = np.rint((g - mins.astype(np.float32)[..., None]) * inv[..., None])
+    else:
+        idx = np.abs(g).argmax(axis=-1)
+        amax = np.take_along_axis(g, idx[..., None], axis=-1)[..., 0]
+        scales = _f16_scale(amax / np.float32(-8.0))
+        mins = None
+        inv = np.where(scales != 0, 1.0 / np.where(scales != 0, scales, 1).astype(np.float32), 0).astype(np.float32)
+        q = np.rint(g * inv[..., None]) + 8
+    q = np.clip(q, 0, 15).astype(np.uint8).reshape(c, r)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8), scales, mins
+
+
+def _f16_scale(s: np.ndarray) -> np.ndarray:
+    """Scales as float16, refusing what float16 cannot hold (a group scale is tiny but not zero, or huge)."""
+    a = np.abs(s)
+    bad = (a > 65504.0) | ((a > 0) & (a < 2.0**-14))
+    if bad.any():
+        v = float(s[np.unravel_index(int(np.flatnonzero(bad)[0]), s.shape)])
+        raise ValueError(f"int4 keeps group scales in float16; a scale of {v:.3g} is outside its normal range "
+                         "(2^-14 to 65504): rescale the tensor or use int8")
+    return s.astype(np.float16)
+
+
 def prepare(x: Any, *, name: str, axis: int | None | str,
             tile) -> tuple[np.ndarray, int | None, np.ndarray, tuple[int, int]]:
     """Checks a host tensor (dtype, empty, non-finite) and lays it out: (array, axis, storage, tile)."""
@@ -582,23 +673,46 @@ def pack(
     tile: int | tuple[int, int] | None = None,
     axis: int | None | str = "default",
     name: str = "tensor",
+    group: int | None = None,
+    asymmetric: bool = False,
+    int4: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
 ) -> CompressedTensor:
-    """Packs a host array into one codec. Vectorised numpy; checksums computed here, once."""
+    """Packs a host array into one codec. Vectorised numpy; checksums computed here, once.
+
+    ``group`` / ``asymmetric``: int4's scale groups (default `DEFAULT_INT4_GROUP`, symmetric).
+    ``int4``: the codes, scales and mins of an int4 tensor computed elsewhere (a calibrated
+    quantizer, a GGUF file), in `int4_quantize`'s layout; ``x`` then only gives shape and dtype.
+    """
     if codec not in CODECS:
         raise ValueError(f"{codec=} is not a codec; choose one of {CODECS}")
+    if codec != "int4" and (group is not None or asymmetric or int4 is not None):
+        raise ValueError(f"group / asymmetric / int4 arrays apply to codec 'int4', not {codec!r}")
     a, ax, x2, tile_rc = prepare(x, name=name, axis=axis, tile=tile)
+    group = (DEFAULT_INT4_GROUP if group is None else int(group)) if codec == "int4" else 0
+    if codec == "int4":
+        why = group_reason(x2.shape, tile_rc, group)
+        if why is not None:
+            raise ValueError(f"tensor {name!r}: {why}")
     header = Header(
         codec=codec,
         shape=tuple(int(s) for s in a.shape),
         dtype=_dtype_name(a.dtype),
         axis=ax,
         tile=tile_rc,
+        group=group,
+        asymmetric=bool(asymmetric) if codec == "int4" else False,
     )
     arrays: dict[str, np.ndarray] = {}
     if codec == "raw":
         arrays["values"] = np.ascontiguousarray(x2)
     elif codec == "int8":
         arrays["codes"], arrays["scales"] = int8_quantize(x2)
+    elif codec == "int4":
+        codes, scales, mins = int4_quantize(x2, group, header.asymmetric) if int4 is None else int4
+        arrays["codes"], arrays["scales"] = np.asarray(codes, np.uint8), np.asarray(scales, np.float16)
+        if header.asymmetric:
+            arrays["mins"] = np.asarray(mins, np.float16)
+        validate_arrays(header, {**arrays, "checksums": np.zeros((header.num_tiles,), np.uint32)})
     else:
         nz = _nonzero_bits(x2)
         arrays["mask"] = _pack_mask(nz)
@@ -643,6 +757,14 @@ def tile_checksums(header: Header, arrays: dict[str, Any]) -> np.ndarray:
             crc = _crc32c.crc32c(np.ascontiguousarray(a["values"][r0:r1, c0:c1]).tobytes(), crc)
         elif header.codec == "int8":
             crc = _crc32c.crc32c(np.ascontiguousarray(a["codes"][r0:r1, c0:c1]).tobytes(), crc)
+        elif header.codec == "int4":  # the tile's code bytes, then its groups' scales (and mins)
+            g0, g1 = c0 // header.group, c1 // header.group
+            crc = _crc32c.crc32c(np.ascontiguousarray(a["codes"][r0:r1, c0 // 2:c1 // 2]).tobytes(), crc)
+            for f in ("scales", "mins"):
+                if f in a:
+                    crc = _crc32c.crc32c(np.ascontiguousarray(a[f][r0:r1, g0:g1]).tobytes(), crc)
+            out[t] = crc
+            continue
         else:
             w0, w1 = c0 // 32, -(-c1 // 32)
             crc = _crc32c.crc32c(np.ascontiguousarray(a["mask"][r0:r1, w0:w1]).tobytes(), crc)
@@ -767,6 +889,8 @@ def decode_storage(ct: CompressedTensor, dtype=None) -> jax.Array:
         return jnp.asarray(ct.values).astype(dtype)
     if h.codec == "int8":
         return (jnp.asarray(ct.codes).astype(jnp.float32) * jnp.asarray(ct.scales)[:, None]).astype(dtype)
+    if h.codec == "int4":
+        return int4_dequantize(h, ct.codes, ct.scales, ct.mins).astype(dtype)
     bits = unpack_mask(jnp.asarray(ct.mask), r)
     packed = jnp.asarray(ct.values if h.codec == "bitmask" else ct.codes)
     if packed.shape[0] == 0:
@@ -777,6 +901,21 @@ def decode_storage(ct: CompressedTensor, dtype=None) -> jax.Array:
         return jnp.where(bits, gathered, jnp.zeros((), packed.dtype)).astype(dtype)
     dense = jnp.where(bits, gathered.astype(jnp.float32), 0.0) * jnp.asarray(ct.scales)[:, None]
     return dense.astype(dtype)
+
+
+def int4_nibbles(codes: jax.Array) -> jax.Array:
+    """uint8 ``[..., R/2]`` two codes a byte → int32 ``[..., R]`` codes 0..15 (low nibble first)."""
+    c = jnp.asarray(codes).astype(jnp.int32)
+    return jnp.stack([c & 15, c >> 4], axis=-1).reshape(c.shape[:-1] + (c.shape[-1] * 2,))
+
+
+def int4_dequantize(header: Header, codes: jax.Array, scales: jax.Array, mins: jax.Array | None) -> jax.Array:
+    """f32 rows ``[..., R]`` of an int4 tensor's storage (``codes [..., R/2]``, its rows' groups' scales and mins)."""
+    q = int4_nibbles(codes).astype(jnp.float32)
+    q = q.reshape(q.shape[:-1] + (q.shape[-1] // header.group, header.group))
+    s = jnp.asarray(scales).astype(jnp.float32)[..., None]
+    x = q * s + jnp.asarray(mins).astype(jnp.float32)[..., None] if header.asymmetric else (q - 8.0) * s
+    return x.reshape(q.shape[:-2] + (q.shape[-2] * header.group,))
 
 
 def from_storage(x2: jax.Array, header: Header) -> jax.Array:

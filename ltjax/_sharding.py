@@ -64,13 +64,18 @@ def shard(ct: CompressedTensor, sharding: NamedSharding) -> CompressedTensor:
     put = lambda a, *s: jax.device_put(a, NamedSharding(mesh, PartitionSpec(*s)))
     per_tile = (row,) if col is None else (None,)  # tile-row-major: contiguous only when columns are whole
     arrays = {"checksums": put(ct.checksums, *per_tile), "scales": None}
-    if ct.scales is not None:
+    if ct.codec == "int4":  # codes two a byte, scales and mins per group: all split like the storage matrix
+        arrays["codes"] = put(ct.codes, row, col)
+        arrays["scales"] = put(ct.scales, row, col)
+        if ct.mins is not None:
+            arrays["mins"] = put(ct.mins, row, col)
+    elif ct.scales is not None:
         arrays["scales"] = put(ct.scales, row)
     if ct.codec == "raw":
         arrays["values"] = put(ct.values, row, col)
     elif ct.codec == "int8":
         arrays["codes"] = put(ct.codes, row, col)
-    else:
+    elif ct.codec != "int4":
         n = _ways(mesh, row)
         packed_name = "values" if ct.codec == "bitmask" else "codes"
         packed = getattr(ct, packed_name)

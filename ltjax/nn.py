@@ -407,7 +407,7 @@ def intercept():
 
 
 # ---------------------------------------------------------------------- params
-_STACKABLE = ("int8", "raw")
+_STACKABLE = ("int8", "int4", "raw")  # one layout for every layer (bitmask codecs' nonzero counts differ)
 
 
 def compress_params(
@@ -585,7 +585,8 @@ def _compress_stacked(path: str, leaf: Any, policy: Policy) -> tuple[Any, LeafRe
     axis = policy.axis_for(path)
     if policy.codec == "auto":
         budget = 0.0 if policy.error_budget is None else float(policy.error_budget)
-        stats = [analyze_array(l, name=path, tile=policy.tile, axis=axis) for l in layers]
+        stats = [analyze_array(l, name=path, tile=policy.tile, axis=axis, group=policy.group,
+                               asymmetric=policy.asymmetric) for l in layers]
         ok = [
             c
             for c in _STACKABLE
@@ -596,7 +597,13 @@ def _compress_stacked(path: str, leaf: Any, policy: Policy) -> tuple[Any, LeafRe
         codec = policy.codec
     else:
         return dense(f"stacked layers cannot share one {policy.codec!r} layout (nonzero counts differ per layer)")
-    cts = [pack(l, codec, tile=policy.tile, axis=axis, name=f"{path}[{i}]") for i, l in enumerate(layers)]
+    int4 = dict(group=policy.group, asymmetric=policy.asymmetric) if codec == "int4" else {}
+    try:
+        cts = [pack(l, codec, tile=policy.tile, axis=axis, name=f"{path}[{i}]", **int4) for i, l in enumerate(layers)]
+    except ValueError as e:
+        if codec != "int4":
+            raise
+        return dense(str(e))  # e.g. int4's groups do not divide the reduction axis
     ct = jax.tree.map(lambda *xs: np.stack(xs), *cts)
     err = max(_rel_err(l, c) for l, c in zip(layers, cts))
     note = f"{len(layers)} stacked layers"

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ltjax._format import CompressedTensor, Header
+from ltjax._format import CompressedTensor, Header, int4_dequantize, int4_nibbles
 
 # The XLA path's contractions are f32 by contract: on GPU a plain f32 dot runs in TF32 (about
 # 1e-3 relative), ten times the error budget the codecs are measured against.
@@ -57,12 +57,15 @@ def base_of(ct: CompressedTensor) -> jax.Array | None:
 
 
 def decode_rows(ct: CompressedTensor, base: jax.Array | None, start: Any, size: int) -> jax.Array:
-    """Rows ``[start, start+size)`` of the storage matrix *before* scaling, as f32 (fusable).
-
-    ``start`` may be traced (a loop counter); ``base`` is `base_of(ct)`.
+    """Rows ``[start, start+size)`` of the storage matrix, as f32 (fusable): before the per-channel
+    scale for the codecs that have one (`has_scales`), decoded whole for int4 (its scales vary
+    along the row). ``start`` may be traced (a loop counter); ``base`` is `base_of(ct)`.
     """
     h = ct.header
     r = h.storage_shape[1]
+    if h.codec == "int4":
+        rows = lambda a: lax.dynamic_slice_in_dim(a, start, size, 0)  # noqa: E731
+        return int4_dequantize(h, rows(ct.codes), rows(ct.scales), None if ct.mins is None else rows(ct.mins))
     if h.codec in ("raw", "int8"):
         a = ct.values if h.codec == "raw" else ct.codes
         return lax.dynamic_slice_in_dim(a, start, size, 0).astype(jnp.float32)
@@ -74,6 +77,31 @@ def decode_rows(ct: CompressedTensor, base: jax.Array | None, start: Any, size: 
     )
     vals = jnp.take(packed, jnp.clip(idx, 0, packed.shape[0] - 1), axis=0, mode="clip")
     return jnp.where(bits, vals.astype(jnp.float32), 0.0)
+
+
+def int4_grads(ct: CompressedTensor, g_rows) -> dict[str, jax.Array]:
+    """Cotangents of an int4 tensor's ``scales`` (and ``mins``) given ``g_rows(start, size)``, the
+    f32 cotangent of storage rows ``[start, start+size)``: computed chunk by chunk over the rows, so
+    no dense ``[C, R]`` cotangent exists at once."""
+    h = ct.header
+    (c, r), gsz = h.storage_shape, h.group
+
+    def chunk(start, size):
+        gw = g_rows(start, size).reshape(size, r // gsz, gsz)
+        q = int4_nibbles(lax.dynamic_slice_in_dim(ct.codes, start, size, 0)).astype(jnp.float32)
+        q = q.reshape(size, r // gsz, gsz)
+        out = {"scales": jnp.sum(gw * (q if h.asymmetric else q - 8.0), axis=-1)}
+        if h.asymmetric:
+            out["mins"] = jnp.sum(gw, axis=-1)
+        return out
+
+    rows = max(1, min(c, 128))
+    nb, rem = c // rows, c % rows
+    parts = lax.map(lambda i: chunk(i * rows, rows), jnp.arange(nb, dtype=jnp.int32)) if nb else {}
+    tail = chunk(nb * rows, rem) if rem else {}
+    fields = ("scales", "mins") if h.asymmetric else ("scales",)
+    return {f: jnp.concatenate(([parts[f].reshape(nb * rows, -1)] if nb else []) + ([tail[f]] if rem else []),
+                               axis=0).astype(getattr(ct, f).dtype) for f in fields}
 
 
 def packed_positions(ct: CompressedTensor) -> tuple[jax.Array, jax.Array]:

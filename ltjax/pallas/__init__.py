@@ -8,6 +8,7 @@ taken where a tuned row carries `MosaicTiles`.
 """
 
 from ltjax.pallas._api import (
+    DECOMPRESS_CODECS,
     MATMUL_CODECS,
     can_use_pallas,
     decompress,
@@ -36,6 +37,7 @@ from ltjax.pallas.int8_matmul import int8_matmul, int8_matmul_reference, int8_ma
 __all__ = [
     "DEFAULT_BLOCK_SIZES",
     "INTERPRET_ENV",
+    "DECOMPRESS_CODECS",
     "MATMUL_CODECS",
     "TUNED_BLOCK_SIZES",
     "TUNED_ENV",

@@ -17,6 +17,7 @@ from ltjax.pallas.int8_dequant import int8_dequant
 from ltjax.pallas.int8_matmul import int8_matmul, int8_matmul_t, mosaic_reason
 
 MATMUL_CODECS = ("raw", "int8", "bitmask", "bitmask_int8")
+DECOMPRESS_CODECS = ("raw", "int8", "bitmask", "bitmask_int8")
 _MAX_PACKED = 2**31 - 2**16  # packed indices are int32 in the kernels
 
 

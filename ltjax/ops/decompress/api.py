@@ -12,10 +12,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from ltjax._format import CompressedTensor
 from ltjax.ops import _dispatch
-from ltjax.ops._common import base_of, cotangent, decode_rows, packed_positions
+from ltjax.ops._common import base_of, cotangent, decode_rows, int4_grads, packed_positions
 from ltjax.ops._dispatch import Config, Plan
 from ltjax.ops.decompress import cpu, pallas, reference, xla
 
@@ -52,6 +53,8 @@ def _bwd(plan, ct, g):
         cots["values"] = g_st.astype(ct.values.dtype)
     elif h.codec == "int8":
         cots["scales"] = jnp.sum(g_st * ct.codes.astype(jnp.float32), axis=-1)
+    elif h.codec == "int4":
+        cots.update(int4_grads(ct, lambda start, size: lax.dynamic_slice_in_dim(g_st, start, size, 0)))
     elif h.codec == "bitmask":
         rows, cols = packed_positions(ct)
         cots["values"] = g_st[rows, cols].astype(ct.values.dtype)

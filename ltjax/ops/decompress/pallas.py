@@ -16,6 +16,8 @@ except ImportError:  # pragma: no cover - an installation without Pallas
 def why_not(ct: CompressedTensor, *, platform: str, interpret: bool) -> str | None:
     if _pallas is None:
         return "ltjax.pallas is not available in this installation"
+    if ct.codec not in _pallas.DECOMPRESS_CODECS:
+        return f"the Pallas kernels decode {', '.join(_pallas.DECOMPRESS_CODECS)}, not {ct.codec!r}"
     sharded = explicit_sharding(ct)
     return None if sharded is None else f"the kernels take unsharded operands; {sharded} is sharded"
 

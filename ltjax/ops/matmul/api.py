@@ -27,7 +27,7 @@ from ltjax._config import host_platform
 from ltjax._format import CompressedTensor
 from ltjax._platform import PLATFORMS
 from ltjax.ops import _dispatch
-from ltjax.ops._common import F32, cotangent, float_leaves, has_scales, packed_positions
+from ltjax.ops._common import F32, cotangent, float_leaves, has_scales, int4_grads, packed_positions
 from ltjax.ops._dispatch import Config, Explanation, Plan
 from ltjax.ops.matmul import cpu, cuda, pallas, reference, xla
 from ltjax.ops.matmul.reference import matmul_reference
@@ -97,6 +97,9 @@ def _backward(c: Choice, x2, ct: CompressedTensor, acc, dy) -> tuple[jax.Array, 
     cots: dict[str, Any] = {}
     if ct.codec == "raw":  # dW^T = dy^T x, dense because the weight is
         cots["values"] = lax.dot_general(dyf, xf, (((0,), (0,)), ((), ())), precision=F32).astype(ct.values.dtype)
+    elif ct.codec == "int4":  # per-group scales (and mins) from dW = dy^T x, a chunk of rows at a time
+        cots.update(int4_grads(ct, lambda start, size: lax.dot_general(
+            lax.dynamic_slice_in_dim(dyf, start, size, 1), xf, (((0,), (0,)), ((), ())), precision=F32)))
     elif ct.codec == "bitmask":
         rows, cols = packed_positions(ct)
         dv = jnp.sum(jnp.take(dyf, rows, axis=1) * jnp.take(xf, cols, axis=1), axis=0)
