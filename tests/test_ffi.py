@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close, make_ct, rand
 
+import ltjax
 import ltjax.ffi.cpu as lffi
 from ltjax._format import decode_storage, decompress_reference, pack
 
@@ -26,21 +28,11 @@ CODECS = ("int8", "bitmask_int8", "bitmask")
 # 1000 x 300 is large enough to be split across the thread pool.
 SHAPES = [(100, 70, 3, (16, 32)), (300, 257, 5, (7, 64)), (1, 9, 2, None), (513, 130, 17, None),
           (300, 77, 1, (7, 64)), (1000, 6, 1, (16, 96)), (1000, 300, 1, None)]
-TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.6e-2}
 
 
 def _pack(key, k, n, codec, tile, dtype=np.float32):
-    rng = np.random.default_rng(key)
-    w = rng.standard_normal((k, n)).astype(np.float32)
-    if codec != "int8":
-        w[rng.random((k, n)) < 0.5] = 0.0
-    return jax.tree.map(jnp.asarray, pack(w.astype(dtype), codec, tile=tile))
-
-
-def _close(got, want, dtype):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    scale = max(1.0, float(np.abs(want).max()))
-    np.testing.assert_allclose(got, want, atol=TOL[dtype] * scale, rtol=TOL[dtype])
+    """int8 dense, the bitmask codecs half zeros."""
+    return make_ct(codec, k, n, tile=tile, sparsity=0.0 if codec == "int8" else 0.5, dtype=dtype, seed=key)
 
 
 @needs_ffi
@@ -50,71 +42,24 @@ def _close(got, want, dtype):
 def test_matmul_and_transposed_match_reference(codec, shape, xdtype):
     k, n, m, tile = shape
     ct = _pack(k * 7 + n, k, n, codec, tile)
-    w = decompress_reference(ct)
-    x = jax.random.normal(jax.random.key(m), (m, k)).astype(xdtype)
-    dy = jax.random.normal(jax.random.key(m + 1), (m, n)).astype(xdtype)
+    x, dy = rand((m, k), xdtype, seed=m), rand((m, n), xdtype, seed=m + 1)
     y = jax.jit(lffi.matmul)(x, ct)
     dx = jax.jit(lffi.matmul_t)(dy, ct)
-    assert y.shape == (m, n) and y.dtype == xdtype
-    assert dx.shape == (m, k) and dx.dtype == xdtype
-    _close(y, x.astype(jnp.float32) @ w, xdtype)
-    _close(dx, dy.astype(jnp.float32) @ w.T, xdtype)
+    assert_close(y, ltjax.matmul_reference(x, ct))
+    assert_close(dx, ltjax.matmul_reference(dy, ct.T))
 
 
 @needs_ffi
 @pytest.mark.parametrize("vdtype", [np.float32, jnp.bfloat16, np.float16], ids=["f32", "bf16", "f16"])
 def test_bitmask_values_dtypes(vdtype):
+    """Packed values of each float dtype (their unpack, bit-exact: tests/ops/test_decompress.py)."""
     ct = _pack(3, 96, 40, "bitmask", (8, 32), vdtype)
-    x = jax.random.normal(jax.random.key(0), (4, 96))
-    _close(lffi.matmul(x, ct), x @ decompress_reference(ct).astype(jnp.float32), jnp.float32)
-    # unpack is bit-exact in the values' own dtype (-0.0 included)
-    got = np.asarray(jax.jit(lffi.unpack)(ct))
-    want = np.asarray(decode_storage(ct))
-    assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+    x = rand((4, 96), seed=0)
+    assert_close(lffi.matmul(x, ct), ltjax.matmul_reference(x, ct))
 
 
-@needs_ffi
-def test_unpack_keeps_negative_zero_and_nd_shapes():
-    x = np.zeros((3, 5, 70), np.float32)
-    x[0, 0, :3] = [-0.0, 1.5, -2.0]
-    x[2, 4, 69] = 7.0
-    ct = pack(x, "bitmask", tile=(2, 32))
-    got = np.asarray(lffi.unpack(ct))
-    assert got.tobytes() == np.asarray(decode_storage(ct)).tobytes()
-    ct8 = pack(np.random.default_rng(0).standard_normal((4, 6, 50)).astype(np.float32), "bitmask_int8")
-    np.testing.assert_allclose(lffi.unpack(ct8), decode_storage(ct8), rtol=1e-6, atol=1e-7)
-
-
-@needs_ffi
-@pytest.mark.parametrize("codec", CODECS)
-def test_batch_dims_and_vmap(codec):
-    ct = _pack(1, 80, 48, codec, (16, 32))
-    w = decompress_reference(ct)
-    x = jax.random.normal(jax.random.key(2), (2, 3, 80))
-    _close(lffi.matmul(x, ct), x @ w, jnp.float32)
-    # vmap over activations: folded into M (one call)
-    _close(jax.jit(jax.vmap(lffi.matmul, in_axes=(0, None)))(x, ct), x @ w, jnp.float32)
-    dy = jax.random.normal(jax.random.key(3), (2, 3, 48))
-    _close(jax.vmap(lffi.matmul_t, in_axes=(0, None))(dy, ct), dy @ w.T, jnp.float32)
-    if codec != "int8":  # stacked bitmask weights (equal nnz): test_vmap_over_stacked_bitmask_weights
-        return
-    # vmap over stacked weights: one call per weight
-    ct2 = _pack(2, 80, 48, codec, (16, 32))
-    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), ct, ct2)
-    ys = jax.vmap(lffi.matmul, in_axes=(0, 0))(x[:, 0], stacked)
-    _close(ys[1], x[1, 0] @ decompress_reference(ct2), jnp.float32)
-
-
-@needs_ffi
-def test_vmap_over_stacked_bitmask_weights():
-    ct = _pack(5, 64, 32, "bitmask_int8", (8, 32))
-    stacked = jax.tree.map(lambda a: jnp.stack([a, a]), ct)
-    stacked = type(ct)(header=ct.header, **{**stacked.arrays(), "scales": stacked.scales * jnp.array([[1.0], [2.0]])})
-    x = jax.random.normal(jax.random.key(1), (2, 3, 64))
-    ys = jax.vmap(lffi.matmul)(x, stacked)
-    w = decompress_reference(ct)
-    _close(ys[0], x[0] @ w, jnp.float32)
-    _close(ys[1], 2 * (x[1] @ w), jnp.float32)
+# Batch dims, vmap over x and over stacked weights, gradients through the public VJP, bit-exact
+# unpack (-0.0, N-D): tests/ops/test_matmul.py and test_decompress.py, on impl="ffi".
 
 
 @needs_ffi
