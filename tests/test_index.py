@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close, random_weight
 
 import ltjax
 import ltjax.ffi as lffi
 from ltjax import pallas as lp
-from ltjax._format import decompress_reference, pack, row_starts
+from ltjax._format import pack, row_starts
 from ltjax.pallas import BlockSizes
 
 needs_ffi = pytest.mark.skipif(not lffi.available(), reason=f"ltjax.ffi unavailable: {lffi.unavailable_reason()}")
@@ -31,10 +32,8 @@ CASES = [
 
 
 def _weight(seed, k, n, sparsity):
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((k, n)).astype(np.float32)
-    w[rng.random((k, n)) < sparsity] = 0.0
-    return w
+    """`helpers.random_weight`, and the all-zero weight at sparsity 1."""
+    return np.zeros((k, n), np.float32) if sparsity == 1.0 else random_weight((k, n), sparsity=sparsity, seed=seed)
 
 
 def _count(ct) -> np.ndarray:
@@ -122,8 +121,7 @@ def test_matmul_over_an_indexed_weight(impl):
     rng = np.random.default_rng(6)
     for m in (1, 5):
         x = jnp.asarray(rng.standard_normal((m, 320)), jnp.float32)
-        want = x @ decompress_reference(ct)
-        _close(jax.jit(lambda x, c: ltjax.matmul(x, c, impl=impl))(x, ix), want)
+        assert_close(jax.jit(lambda x, c: ltjax.matmul(x, c, impl=impl))(x, ix), ltjax.matmul_reference(x, ct))
     if impl == "cuda":
         f = lambda x, c: ltjax.matmul(x, c, impl=impl)
     elif impl == "pallas":  # row bands: the Pallas kernels that take band starts from XLA
@@ -145,17 +143,12 @@ def test_gradients_and_vmap_with_an_index(impl):
     loss = lambda impl: (lambda x, c: jnp.sum(ltjax.matmul(x, c, impl=impl) * g))
     gx, gct = jax.jit(jax.grad(loss(impl), argnums=(0, 1), allow_int=True))(x, ct)
     rx, rct = jax.grad(loss("reference"), argnums=(0, 1), allow_int=True)(x, dataclasses.replace(ct, row_starts=None))
-    _close(gx, rx)
-    _close(gct.scales, rct.scales)
+    assert_close(gx, rx)
+    assert_close(gct.scales, rct.scales)
     assert gct.row_starts.dtype == jax.dtypes.float0
     stacked = ltjax.index_rows(jax.tree.map(lambda a: jnp.stack([a, a]), dataclasses.replace(ct, row_starts=None)))
     ys = jax.vmap(lambda c: ltjax.matmul(x, c, impl=impl))(stacked)
-    _close(ys[1], x @ decompress_reference(ct))
-
-
-def _close(got, want):
-    want = np.asarray(want, np.float32)
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-6 * float(np.abs(want).max()), rtol=0)
+    assert_close(ys[1], ltjax.matmul_reference(x, ct))
 
 
 def test_shard_places_the_index_with_the_rows():
@@ -196,4 +189,4 @@ def test_nnx_models_are_indexed_in_place():
         ct = layer.kernel.get_value()
         assert ct.row_starts is not None and ct.row_starts.shape == (rows,)
         np.testing.assert_array_equal(np.asarray(ct.row_starts), _count(ct))
-    _close(model(x), want)
+    assert_close(model(x), want)
