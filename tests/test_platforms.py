@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close, make_ct
 from jax import export
 
 import ltjax
@@ -27,10 +28,7 @@ def _targets(f, *args, platforms):
 
 
 def _weight(codec, k=256, n=128):
-    w = RNG.standard_normal((k, n)).astype(np.float32)
-    if codec.startswith("bitmask"):
-        w = np.where(np.abs(w) < 0.7, 0.0, w).astype(np.float32)
-    return ltjax.compress(w, codec)
+    return make_ct(codec, k, n, sparsity=0.5 if codec.startswith("bitmask") else 0.0)
 
 
 def _matmul(x, ct):
@@ -61,10 +59,10 @@ def test_cuda_lowering_from_cpu_host_holds_gpu_kernels(codec, fn):
 
 def test_matmul_impl_per_platform():
     ct, x = _weight("int8"), jax.ShapeDtypeStruct((1, 256), jnp.float32)
-    assert ltjax.matmul_impl(x, ct, platform="cuda") == "pallas"
-    assert ltjax.matmul_impl(x, ct, platform="cpu") == ("ffi" if ffi.available() else "xla")
-    assert ltjax.matmul_impl(x, ct) == ltjax.matmul_impl(x, ct, platform="cpu")  # this host
-    assert ltjax.matmul_impl(x, ct, impl="xla", platform="cuda") == "xla"  # forced: everywhere
+    assert ltjax.explain(x, ct, platform="cuda").impl == "pallas"
+    assert ltjax.explain(x, ct, platform="cpu").impl == ("ffi" if ffi.available() else "xla")
+    assert ltjax.explain(x, ct).platform == "cpu"  # this host
+    assert ltjax.explain(x, ct, impl="xla", platform="cuda").impl == "xla"  # forced: everywhere
 
 
 def _export(f, *args):
@@ -79,12 +77,11 @@ def _export(f, *args):
 def test_multi_platform_export_runs_here(codec):
     ct = _weight(codec)
     x = jnp.asarray(RNG.standard_normal((3, 256)).astype(np.float32))
-    w = ltjax.decompress(ct, impl="reference")
     exp = _export(_matmul, x, ct)
     assert exp.platforms == ("cpu", "cuda")
-    np.testing.assert_allclose(exp.call(x, ct), ltjax.matmul_reference(x, ct), rtol=1e-5, atol=1e-4)
+    assert_close(exp.call(x, ct), ltjax.matmul_reference(x, ct))
     g = _export(_grad_x, x, ct).call(x, ct)
-    np.testing.assert_allclose(g, jax.grad(lambda x: jnp.sum(x @ w))(x), rtol=1e-5, atol=1e-4)
+    assert_close(g, jax.grad(lambda x: jnp.sum(ltjax.matmul_reference(x, ct)))(x))
 
 
 def test_per_platform_under_vmap_and_grad_of_scales():
@@ -94,7 +91,7 @@ def test_per_platform_under_vmap_and_grad_of_scales():
     x = jnp.asarray(RNG.standard_normal((4, 2, 256)).astype(np.float32))
     y = jax.jit(jax.vmap(ltjax.matmul))(x, stack)
     ref = jax.vmap(ltjax.matmul_reference)(x, stack)
-    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
+    assert_close(y, ref)
     want = jax.vmap(lambda c: ltjax.decompress(c, impl="reference"))(stack)
     np.testing.assert_allclose(jax.jit(ltjax.decompress)(stack), want, rtol=1e-6, atol=1e-6)
     ct = _weight("int8")
@@ -103,7 +100,7 @@ def test_per_platform_under_vmap_and_grad_of_scales():
                                                              checksums=ct.checksums)).sum())(ct.scales)
     gref = jax.grad(lambda s: ltjax.matmul_reference(xs, ct.__class__(header=ct.header, codes=ct.codes, scales=s,
                                                                      checksums=ct.checksums)).sum())(ct.scales)
-    np.testing.assert_allclose(gs, gref, rtol=1e-4, atol=1e-4)
+    assert_close(gs, gref)
 
 
 def test_compressed_activation_residual_per_platform():
