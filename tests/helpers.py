@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ltjax._format import CompressedTensor, pack
+from ltjax._format import CODECS, INT4_GROUPS, CompressedTensor, group_reason, pack, prepare
 
-CODECS = ("raw", "int8", "bitmask", "bitmask_int8")
+# What the batteries run over: every codec, and int4 with a min per group beside its scale.
+WEIGHTS = CODECS + ("int4-asymmetric",)
 
 # Relative error allowed, as a fraction of max |reference|, keyed by the dtype of the array
 # compared (a result in x's dtype, or a cotangent in its leaf's dtype). One entry serves every
@@ -71,9 +72,33 @@ def random_weight(shape, *, sparsity: float = 0.6, dtype=np.float32, seed: int |
     return w.astype(dtype)
 
 
+def int4_group(shape, *, tile=None, axis="default") -> int | None:
+    """The largest of `INT4_GROUPS` a tensor of ``shape`` cut into ``tile`` takes (None: none)."""
+    _, _, storage, tile_rc = prepare(np.ones(shape, np.float32), name="w", axis=axis, tile=tile)
+    return next((g for g in sorted(INT4_GROUPS, reverse=True) if group_reason(storage.shape, tile_rc, g) is None), None)
+
+
+def holds(codec: str, shape, *, tile=None, axis="default") -> bool:
+    """Whether ``codec`` (one of `WEIGHTS`) can hold a tensor of this geometry (int4: its scale groups)."""
+    return not codec.startswith("int4") or int4_group(shape, tile=tile, axis=axis) is not None
+
+
+def pack_weight(w: np.ndarray, codec: str, *, tile=None, axis="default") -> CompressedTensor:
+    """``w`` packed into ``codec`` (one of `WEIGHTS`): int4 with the largest scale group the
+    geometry takes (`int4_group`); ``ValueError`` where none does."""
+    if not codec.startswith("int4"):
+        return pack(w, codec, tile=tile, axis=axis)
+    group = int4_group(w.shape, tile=tile, axis=axis)
+    if group is None:
+        raise ValueError(f"int4 cannot hold shape={w.shape} tile={tile}: no group of {INT4_GROUPS} divides "
+                         "its storage rows and tiles")
+    return pack(w, "int4", tile=tile, axis=axis, group=group, asymmetric=codec == "int4-asymmetric")
+
+
 def make_ct(codec: str, k: int, n: int, *, tile=None, sparsity: float = 0.6, dtype=np.float32,
             seed: int | None = None, axis="default", stack: tuple[int, ...] = ()) -> CompressedTensor:
-    """A logical ``[K, N]`` weight (a flax Dense kernel) of fresh random values, packed into ``codec``.
+    """A logical ``[K, N]`` weight (a flax Dense kernel) of fresh random values, packed into ``codec``
+    (one of `WEIGHTS`, by `pack_weight`).
 
     ``sparsity`` (fraction of exact zeros) applies to every codec; ``seed`` defaults to one
     derived from the arguments, so each geometry has its own fixed weight. ``stack``: a stacked
@@ -85,10 +110,10 @@ def make_ct(codec: str, k: int, n: int, *, tile=None, sparsity: float = 0.6, dty
         seed = case_seed(codec, k, n, tile, sparsity, str(np.dtype(dtype)), axis)
     w = random_weight((k, n), sparsity=sparsity, dtype=np.float32, seed=seed)
     if not stack:
-        return pack(w.astype(dtype), codec, tile=tile, axis=axis)
+        return pack_weight(w.astype(dtype), codec, tile=tile, axis=axis)
     count = int(np.prod(stack))
     factors = np.random.default_rng(seed + 1).uniform(0.5, 2.0, count) * np.where(np.arange(count) % 2, -1.0, 1.0)
-    layers = [pack((w * f + 0.0).astype(dtype), codec, tile=tile, axis=axis) for f in factors]
+    layers = [pack_weight((w * f + 0.0).astype(dtype), codec, tile=tile, axis=axis) for f in factors]
     flat = jax.tree.map(lambda *a: np.stack(a), *layers)
     return jax.tree.map(lambda a: a.reshape(tuple(stack) + a.shape[1:]), flat)
 

@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CODECS, assert_close, make_ct, rand, random_weight
+from helpers import WEIGHTS, assert_close, holds, make_ct, pack_weight, rand, random_weight
 
 import ltjax
 import ltjax._config
-from ltjax._format import pack
 from ltjax.ops.decompress import IMPLEMENTATIONS
 
 IMPLS = tuple(i.name for i in IMPLEMENTATIONS) + (None,)  # None: what ltjax.decompress picks by itself
@@ -50,7 +49,7 @@ class Case:
         w = random_weight(self.shape, dtype=np.float32)
         if self.signed_zeros:
             w.reshape(-1)[::7] = -0.0
-        return pack(w.astype(jnp.dtype(self.dtype)), codec, tile=self.tile, axis=self.axis)
+        return pack_weight(w.astype(jnp.dtype(self.dtype)), codec, tile=self.tile, axis=self.axis)
 
 
 CASES = [
@@ -60,14 +59,25 @@ CASES = [
     Case((64, 48), (16, 32), "float16", signed_zeros=True, few=True),
     Case((64, 48), (16, 32), axis=0),  # stored [K, N]
     Case((6, 40, 5), (8, 96), axis=1, few=True),  # N-D, a middle channel axis
+    Case((96, 45), (16, 32), few=True),  # 32-column groups (int4's scale groups: most others cannot hold int4)
+    Case((4, 64, 6), (16, 32), axis=2),  # N-D with int4 groups
 ]
 
 
 def refusals(impl: str | None, codec: str) -> list[str]:
-    """The reasons ``impl`` must give for refusing ``codec`` (any of them): empty where it must run it."""
+    """The reasons ``impl`` must give for refusing ``codec`` (`CompressedTensor.codec`; any of
+    them): empty where it must run it."""
     if impl == "ffi" and codec not in ("bitmask", "bitmask_int8"):
         return [f"the CPU handlers unpack bitmask and bitmask_int8, not '{codec}'"]
+    if impl == "pallas" and codec not in ("raw", "int8", "bitmask", "bitmask_int8"):
+        return [f"the Pallas kernels decode raw, int8, bitmask, bitmask_int8, not '{codec}'"]
     return []
+
+
+def weights_and(cases) -> list:
+    """(codec, case) for each of `WEIGHTS` and each case the codec can hold (int4: its scale groups)."""
+    return [pytest.param(c, case, id=f"{c}-{case}") for c in WEIGHTS for case in cases
+            if holds(c, case.shape, tile=case.tile, axis=case.axis)]
 
 
 @functools.cache
@@ -90,8 +100,8 @@ def require(impl: str | None, case: Case | None = None) -> None:
         pytest.skip(f"impl={impl!r} runs the battery's few marked cases only here")
 
 
-def _expect_refusal(impl, codec, f, *args) -> bool:
-    why = refusals(impl, codec)
+def _expect_refusal(impl, ct, f, *args) -> bool:
+    why = refusals(impl, ct.codec)
     if not why:
         return False
     with pytest.raises(ValueError, match=rf"impl='{impl}' cannot run decompress here: ({'|'.join(why)})"):
@@ -117,14 +127,13 @@ def assert_bits_equal(got, want):
 
 
 # ------------------------------------------------------------------ values
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec,case", weights_and(CASES))
 @pytest.mark.parametrize("impl", IMPLS, ids=_ids)
 def test_values(impl, codec, case):
     require(impl, case)
     ct = case.ct(codec)
     f = jax.jit(_decompress(impl))
-    if _expect_refusal(impl, codec, f, ct):
+    if _expect_refusal(impl, ct, f, ct):
         return
     assert_bits_equal(f(ct), ltjax.decompress_reference(ct))
 
@@ -135,8 +144,7 @@ def _grads(decompress, ct, c):
     return jax.jit(jax.grad(loss, allow_int=True))(ct)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5]], ids=str)  # the backward is shared: a few
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec,case", weights_and([CASES[0], CASES[2], CASES[5], CASES[6]]))  # the backward is shared
 @pytest.mark.parametrize("impl", IMPLS, ids=_ids)
 def test_vjp(impl, codec, case):
     """Cotangents of the float leaves (scales; values of raw and bitmask) against the reference's
@@ -144,7 +152,7 @@ def test_vjp(impl, codec, case):
     require(impl, case)
     ct = case.ct(codec)
     c = rand(case.shape, seed=3)
-    if _expect_refusal(impl, codec, _grads, _decompress(impl), ct, c):
+    if _expect_refusal(impl, ct, _grads, _decompress(impl), ct, c):
         return
     g, r = _grads(_decompress(impl), ct, c), _grads(ltjax.decompress_reference, ct, c)
     for name, a in ct.leaves().items():
@@ -155,33 +163,33 @@ def test_vjp(impl, codec, case):
 
 
 # ------------------------------------------------------------------ stacked tensors and vmap
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", WEIGHTS)
 @pytest.mark.parametrize("impl", IMPLS, ids=_ids)
 def test_stacked_and_vmap(impl, codec):
     """A stacked tensor (nn.scan layers) decodes layer by layer; vmap over a stack does the same,
     and its VJP is the reference's."""
     require(impl)
-    stack = make_ct(codec, 80, 45, tile=(16, 32), stack=(2, 3))
-    if _expect_refusal(impl, codec, _decompress(impl), stack):
+    stack = make_ct(codec, 96, 45, tile=(16, 32), stack=(2, 3))
+    if _expect_refusal(impl, stack, _decompress(impl), stack):
         return
     want = ltjax.decompress_reference(stack)
-    assert want.shape == (2, 3, 80, 45)
+    assert want.shape == (2, 3, 96, 45)
     assert_bits_equal(jax.jit(_decompress(impl))(stack), want)
     flat = jax.tree.map(lambda a: a.reshape((6,) + a.shape[2:]), stack)
-    assert_bits_equal(jax.jit(jax.vmap(_decompress(impl)))(flat), want.reshape(6, 80, 45))
-    c = rand((2, 3, 80, 45), seed=4)
+    assert_bits_equal(jax.jit(jax.vmap(_decompress(impl)))(flat), want.reshape(6, 96, 45))
+    c = rand((2, 3, 96, 45), seed=4)
     g, r = _grads(_decompress(impl), stack, c), _grads(ltjax.decompress_reference, stack, c)
-    for name in ("scales", "values"):
-        if getattr(stack, name) is not None:
+    for name, a in stack.leaves().items():
+        if jnp.issubdtype(a.dtype, jnp.floating):
             assert_close(getattr(g, name), getattr(r, name))
 
 
 # ------------------------------------------------------------------ dispatch
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", WEIGHTS)
 def test_default_here(codec):
     """On one CPU device with the handlers built, the bitmask codecs unpack in their custom call;
     elsewhere on the XLA path (no custom call of ltjax's own)."""
-    ct = make_ct(codec, 80, 45, tile=(16, 32))
+    ct = make_ct(codec, 96, 45, tile=(16, 32))
     host = ltjax._config.host_platform()
     text = jax.jit(ltjax.decompress).trace(ct).lower(lowering_platforms=(host,)).as_text()
     targets = set(re.findall(r"stablehlo.custom_call @(ltjax_\w+)", text))
