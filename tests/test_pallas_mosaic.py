@@ -15,12 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close, make_ct, rand
 
+import ltjax
 from ltjax import pallas as lp
 from ltjax._config import settings
-from ltjax._format import pack
 from ltjax.pallas import BlockSizes, MosaicTiles, int8_matmul_mosaic as mm
-from tests.test_pallas import INTERPRET, _close, _ref_matmul, _weight, _x
+
+INTERPRET = lp.resolve_interpret(None)
 
 MOSAIC = MosaicTiles(tile_m=64, tile_k=128, stages=4)
 BIG = MosaicTiles(tile_m=128, tile_k=128, stages=2)  # fits shared memory up to 128 activation columns
@@ -41,30 +43,30 @@ def _seed(*key) -> int:
 def test_columns_and_finish_against_reference(m, xdtype):
     """The B operand and the epilogue, with the kernel's contract (exact products, f32 sums) emulated in jnp."""
     k, n = 256, 128
-    ct = pack(_weight(_seed("cols", m, str(xdtype)), k, n, sparsity=0.0), "int8")
-    x = _x(_seed("x", m, str(xdtype)), (m, k), xdtype)
+    ct = make_ct("int8", k, n, sparsity=0.0, seed=_seed("cols", m, str(xdtype)))
+    x = rand((m, k), xdtype, seed=_seed("x", m, str(xdtype)))
     cols = mm.activation_columns(x)
     assert cols.shape == (k, mm.padded_cols(m, xdtype)) and cols.shape[1] in (32, 64, 128)
     assert cols.dtype == (jnp.float16 if xdtype == jnp.float16 else jnp.bfloat16)
     # What the kernel computes: int8 codes as the MMA's A operand, f32 accumulation of exact products.
     out = jnp.matmul(ct.codes.astype(jnp.float32), cols.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     got = mm.finish(out, m, ct.scales, x.dtype)
-    _close(got, _ref_matmul(x, ct), xdtype)
+    assert_close(got, ltjax.matmul_reference(x, ct))
     # The padding columns are zero: nothing of them can reach the result.
     used = 3 * m if xdtype == jnp.float32 else m
     assert not np.asarray(cols[:, used:], np.float32).any()
 
 
 def test_f32_split_carries_every_bit():
-    x = _x(7, (3, 512), jnp.float32) * 1e3
+    x = rand((3, 512), jnp.float32, seed=7) * 1e3
     hi, mid, lo = mm.split_bf16(x)
     np.testing.assert_array_equal(np.asarray(hi, np.float32) + np.asarray(mid, np.float32)
                                   + np.asarray(lo, np.float32), np.asarray(x))
 
 
 def test_why_not_names_the_obstacle():
-    ct = pack(_weight(1, 256, 128, sparsity=0.0), "int8")
-    x = _x(2, (4, 256), jnp.bfloat16)
+    ct = make_ct("int8", 256, 128, sparsity=0.0, seed=1)
+    x = rand((4, 256), jnp.bfloat16, seed=2)
     if mm.jax_kernel()[0] is None:
         assert "Mosaic GPU" in mm.why_not_mosaic(x, ct, MOSAIC, interpret=False)
         return
@@ -73,11 +75,11 @@ def test_why_not_names_the_obstacle():
         assert mm.why_not_mosaic(x, ct, MOSAIC, interpret=False) is not None
         return
     assert mm.why_not_mosaic(x, ct, MOSAIC, interpret=False) is None
-    ragged = pack(_weight(3, 200, 128, sparsity=0.0), "int8")
-    assert "K = 200" in mm.why_not_mosaic(_x(4, (4, 200), jnp.bfloat16), ragged, MOSAIC, interpret=False)
-    assert "rows" in mm.why_not_mosaic(x, pack(_weight(5, 256, 96, sparsity=0.0), "int8"), MOSAIC, interpret=False)
-    assert "exceed" in mm.why_not_mosaic(_x(6, (64, 256), jnp.float32), ct, MOSAIC, interpret=False)
-    bm = pack(_weight(8, 256, 128), "bitmask_int8")
+    ragged = make_ct("int8", 200, 128, sparsity=0.0, seed=3)
+    assert "K = 200" in mm.why_not_mosaic(rand((4, 200), jnp.bfloat16, seed=4), ragged, MOSAIC, interpret=False)
+    assert "rows" in mm.why_not_mosaic(x, make_ct("int8", 256, 96, sparsity=0.0, seed=5), MOSAIC, interpret=False)
+    assert "exceed" in mm.why_not_mosaic(rand((64, 256), jnp.float32, seed=6), ct, MOSAIC, interpret=False)
+    bm = make_ct("bitmask_int8", 256, 128, seed=8)
     assert "int8 only" in mm.why_not_mosaic(x, bm, MOSAIC, interpret=False)
 
 
@@ -88,11 +90,11 @@ def test_block_sizes_validation():
         MosaicTiles(stages=1)
     with pytest.raises(ValueError, match="MosaicTiles or None"):
         BlockSizes(mosaic=(64, 128, 4))
-    ct = pack(_weight(9, 128, 64), "bitmask_int8")
+    ct = make_ct("bitmask_int8", 128, 64, seed=9)
     with pytest.raises(ValueError, match="only a Triton one"):
-        lp.bitmask_matmul(_x(10, (2, 128), jnp.float32), ct, interpret=INTERPRET, block_sizes=WITH_MOSAIC)
+        lp.bitmask_matmul(rand((2, 128), jnp.float32, seed=10), ct, interpret=INTERPRET, block_sizes=WITH_MOSAIC)
     with pytest.raises(ValueError, match="only a Triton one"):
-        lp.int8_matmul_t(_x(10, (2, 64), jnp.float32), pack(_weight(9, 128, 64), "int8"),
+        lp.int8_matmul_t(rand((2, 64), jnp.float32, seed=10), make_ct("int8", 128, 64, seed=9),
                          interpret=INTERPRET, block_sizes=WITH_MOSAIC)
 
 
@@ -101,9 +103,9 @@ def test_block_sizes_validation():
 def test_mosaic_rows_run_or_fall_back(k, n, m, xdtype):
     """A "mosaic" block-size row gives the reference's answer wherever it runs: natively on Hopper,
     on the Triton kernel elsewhere (interpret mode on CPU) and for shapes the Mosaic tiles do not fit."""
-    ct = pack(_weight(_seed("fb", k, n, m), k, n, sparsity=0.0), "int8")
-    x = _x(_seed("fbx", k, n, m), (m, k), xdtype)
-    _close(lp.matmul(x, ct, interpret=INTERPRET, block_sizes=WITH_MOSAIC), _ref_matmul(x, ct), xdtype)
+    ct = make_ct("int8", k, n, sparsity=0.0, seed=_seed("fb", k, n, m))
+    x = rand((m, k), xdtype, seed=_seed("fbx", k, n, m))
+    assert_close(lp.matmul(x, ct, interpret=INTERPRET, block_sizes=WITH_MOSAIC), ltjax.matmul_reference(x, ct))
     if not ON_HOPPER:  # off Hopper the row's Triton blocks ran
         assert mm.why_not_mosaic(x, ct, MOSAIC, interpret=INTERPRET) is not None
 
@@ -115,12 +117,12 @@ def test_kernel_backend_follows_the_table_and_the_device(tmp_path, monkeypatch):
                  '"mosaic": {"tile_m": 64, "tile_k": 128, "stages": 4}}}]}')
     monkeypatch.setenv(lp.TUNED_ENV, str(f))
     settings.cache_clear()
-    ct = pack(_weight(11, 256, 128, sparsity=0.0), "int8")
-    x = _x(12, (4, 256), jnp.float32)
+    ct = make_ct("int8", 256, 128, sparsity=0.0, seed=11)
+    x = rand((4, 256), jnp.float32, seed=12)
     assert lp.kernel_backend(x, ct, interpret=INTERPRET) == ("mosaic" if ON_HOPPER else "triton")
-    assert lp.kernel_backend(_x(13, (40, 256), jnp.float32), ct, interpret=INTERPRET) == "triton"  # no such row
-    assert lp.kernel_backend(x, pack(_weight(14, 256, 128), "raw")) == "xla"
-    assert lp.kernel_backend(_x(15, (4, 128), jnp.float32), ct, transpose=True, interpret=INTERPRET) == "triton"
+    assert lp.kernel_backend(rand((40, 256), jnp.float32, seed=13), ct, interpret=INTERPRET) == "triton"  # no such row
+    assert lp.kernel_backend(x, make_ct("raw", 256, 128, seed=14)) == "xla"
+    assert lp.kernel_backend(rand((4, 128), jnp.float32, seed=15), ct, transpose=True, interpret=INTERPRET) == "triton"
 
 
 def test_tuned_file_rows_carry_mosaic_tiles(tmp_path, monkeypatch):
@@ -180,11 +182,11 @@ def test_smem_estimate_is_the_lowerings(tiles, m, k, monkeypatch):
 def test_native_against_reference(k, n, m, xdtype, tiles):
     if n % tiles.tile_m or k % tiles.tile_k:
         pytest.skip(f"[{n}, {k}] does not tile by {tiles.tile_m} x {tiles.tile_k} (the fallback test covers it)")
-    ct = pack(_weight(_seed("nat", k, n, m), k, n, sparsity=0.0), "int8")
-    x = _x(_seed("natx", k, n, m), (m, k), xdtype)
+    ct = make_ct("int8", k, n, sparsity=0.0, seed=_seed("nat", k, n, m))
+    x = rand((m, k), xdtype, seed=_seed("natx", k, n, m))
     assert mm.why_not_mosaic(x, ct, tiles, interpret=False) is None
     got = mm.int8_matmul_mosaic(x, ct, tiles)
-    _close(got, _ref_matmul(x, ct), xdtype)
+    assert_close(got, ltjax.matmul_reference(x, ct))
     # and the same through the public Pallas entry point
     bs = BlockSizes(block_m=16, block_n=32, block_k=128, split=1, mosaic=tiles)
-    _close(lp.matmul(x, ct, interpret=False, block_sizes=bs), _ref_matmul(x, ct), xdtype)
+    assert_close(lp.matmul(x, ct, interpret=False, block_sizes=bs), ltjax.matmul_reference(x, ct))
