@@ -1,4 +1,4 @@
-"""The CPU handlers: fused int8 / bitmask matmuls and bitmask unpack as XLA FFI custom calls.
+"""The CPU handlers: fused int8 / bitmask / int4 matmuls and bitmask / int4 unpack as XLA FFI custom calls.
 
 The handlers (C++, AVX-512 VBMI2 or AVX2 chosen at run time, a small thread pool over output
 channels) are built by the package install into ``ltjax/ffi/cpu/_ltjax_ffi*.so``, configured
@@ -8,7 +8,7 @@ imported. Where they are missing, `available()` is False and `unavailable_reason
 op layer owns the platform and the M at which they pay. See docs/ffi.md.
 
 Weights follow the LT-Block storage layout: a logical [K, N] kernel (channel axis 1) is the
-storage matrix W [N, K], one scale per output channel.
+storage matrix W [N, K], one scale per output channel (int4: one per group of G columns of a row).
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ltjax._format import CompressedTensor
+from ltjax._format import INT4_GROUPS, CompressedTensor
 from ltjax.ffi.cpu._registry import available, info, unavailable_reason
 from ltjax.ffi.cpu.bitmask_matmul import bitmask_matmul, bitmask_matmul_t
 from ltjax.ffi.cpu.bitmask_unpack import bitmask_unpack
+from ltjax.ffi.cpu.int4_matmul import int4_matmul, int4_matmul_t
+from ltjax.ffi.cpu.int4_unpack import int4_unpack
 from ltjax.ffi.cpu.int8_matmul import int8_matmul, int8_matmul_t
 
 __all__ = [
@@ -39,8 +41,8 @@ __all__ = [
     "why_not_unpack",
 ]
 
-MATMUL_CODECS = ("int8", "bitmask_int8", "bitmask")  # raw weights are left to XLA's own dot
-UNPACK_CODECS = ("bitmask", "bitmask_int8")
+MATMUL_CODECS = ("int8", "bitmask_int8", "bitmask", "int4")  # raw weights are left to XLA's own dot
+UNPACK_CODECS = ("bitmask", "bitmask_int8", "int4")
 X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
 
 
@@ -48,7 +50,9 @@ def why_not(x2: Any, ct: CompressedTensor) -> str | None:
     """Why the handlers cannot run ``x2 [M, K] @ ct`` (None: they can).
 
     Needs the extension loaded, a codec in `MATMUL_CODECS`, ``ct`` 2-D with channel axis 1
-    (logical [K, N], storage [N, K]) and ``x2[..., K]`` in f32 or bf16.
+    (logical [K, N], storage [N, K]) and ``x2[..., K]`` in f32 or bf16; int4: groups of
+    `ltjax._format.INT4_GROUPS` columns that tile K (what the format holds; a tensor built by hand
+    may not).
     """
     if not available():
         return unavailable_reason()
@@ -56,6 +60,8 @@ def why_not(x2: Any, ct: CompressedTensor) -> str | None:
         return f"the CPU handlers multiply {', '.join(MATMUL_CODECS)}, not {ct.codec!r}"
     if ct.ndim != 2 or ct.header.axis != 1:
         return f"the CPU handlers need a 2-D weight stored [N, K] (axis=1); got shape={ct.shape} axis={ct.header.axis}"
+    if ct.codec == "int4" and _int4_reason(ct) is not None:
+        return _int4_reason(ct)
     if np.dtype(x2.dtype) not in X_DTYPES:
         return f"the CPU handlers take float32/bfloat16 x, got {np.dtype(x2.dtype)}"
     if x2.ndim < 1 or x2.shape[-1] != ct.shape[0]:
@@ -68,7 +74,18 @@ def why_not_unpack(ct: CompressedTensor) -> str | None:
     if not available():
         return unavailable_reason()
     if ct.codec not in UNPACK_CODECS:
-        return f"the CPU handlers unpack {' and '.join(UNPACK_CODECS)}, not {ct.codec!r}"
+        return f"the CPU handlers unpack {', '.join(UNPACK_CODECS)}, not {ct.codec!r}"
+    if ct.codec == "int4":
+        return _int4_reason(ct)
+    return None
+
+
+def _int4_reason(ct: CompressedTensor) -> str | None:
+    """Why the int4 handlers cannot take ``ct``'s arrays (None: they can): the kernels' group loop
+    needs groups of `INT4_GROUPS` columns that tile the storage row."""
+    (_, r), g = ct.header.storage_shape, ct.header.group
+    if g not in INT4_GROUPS or r % g:
+        return f"the CPU handlers take int4 groups of {INT4_GROUPS} columns tiling the row; got group={g}, row={r}"
     return None
 
 
@@ -91,6 +108,8 @@ def matmul(x2: jax.Array, ct: CompressedTensor) -> jax.Array:
     with jax.named_scope("ltjax.ffi.cpu.matmul"):
         if ct.codec == "int8":
             y = int8_matmul(a, ct.codes, ct.scales)
+        elif ct.codec == "int4":
+            y = int4_matmul(a, ct.codes, ct.scales, ct.mins)
         else:
             y = bitmask_matmul(a, ct.mask, ct.offsets, ct.codes if ct.codec == "bitmask_int8" else ct.values,
                                ct.scales if ct.codec == "bitmask_int8" else None, tile=ct.tile)
@@ -105,6 +124,8 @@ def matmul_t(dy2: jax.Array, ct: CompressedTensor) -> jax.Array:
     with jax.named_scope("ltjax.ffi.cpu.matmul_t"):
         if ct.codec == "int8":
             y = int8_matmul_t(a, ct.codes, ct.scales)
+        elif ct.codec == "int4":
+            y = int4_matmul_t(a, ct.codes, ct.scales, ct.mins)
         else:
             y = bitmask_matmul_t(a, ct.mask, ct.offsets, ct.codes if ct.codec == "bitmask_int8" else ct.values,
                                  ct.scales if ct.codec == "bitmask_int8" else None, k=ct.shape[0], tile=ct.tile)
@@ -112,11 +133,13 @@ def matmul_t(dy2: jax.Array, ct: CompressedTensor) -> jax.Array:
 
 
 def unpack(ct: CompressedTensor) -> jax.Array:
-    """The dense storage matrix [C, R] of a bitmask / bitmask_int8 tensor, in its logical dtype
-    (bit-exact for ``bitmask``, -0.0 included)."""
+    """The dense storage matrix [C, R] of a bitmask / bitmask_int8 / int4 tensor, in its logical dtype
+    (bit-exact for ``bitmask``, -0.0 included, and for ``int4`` against the reference decoder)."""
     if ct.codec not in UNPACK_CODECS:
         raise ValueError(f"ltjax.ffi.cpu.unpack handles codecs {UNPACK_CODECS}, got {ct.codec=}")
     with jax.named_scope("ltjax.ffi.cpu.unpack"):
+        if ct.codec == "int4":
+            return int4_unpack(ct.codes, ct.scales, ct.mins, dtype=ct.dtype)
         if ct.codec == "bitmask":
             return bitmask_unpack(ct.mask, ct.offsets, ct.values, shape=ct.header.storage_shape, dtype=ct.dtype,
                                   tile=ct.tile)

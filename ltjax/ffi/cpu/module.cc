@@ -16,6 +16,12 @@ XLA_FFI_Error* LtjaxBitmaskMatmul(XLA_FFI_CallFrame*);
 XLA_FFI_Error* LtjaxBitmaskMatmulT(XLA_FFI_CallFrame*);
 XLA_FFI_Error* LtjaxBitmaskUnpack(XLA_FFI_CallFrame*);
 XLA_FFI_Error* LtjaxBitmaskInt8Unpack(XLA_FFI_CallFrame*);
+XLA_FFI_Error* LtjaxInt4Matmul(XLA_FFI_CallFrame*);
+XLA_FFI_Error* LtjaxInt4MatmulT(XLA_FFI_CallFrame*);
+XLA_FFI_Error* LtjaxInt4AsymMatmul(XLA_FFI_CallFrame*);
+XLA_FFI_Error* LtjaxInt4AsymMatmulT(XLA_FFI_CallFrame*);
+XLA_FFI_Error* LtjaxInt4Unpack(XLA_FFI_CallFrame*);
+XLA_FFI_Error* LtjaxInt4AsymUnpack(XLA_FFI_CallFrame*);
 }
 
 namespace {
@@ -34,6 +40,12 @@ const Target kTargets[] = {
     {"ltjax_bitmask_matmul_t", LtjaxBitmaskMatmulT},
     {"ltjax_bitmask_unpack", LtjaxBitmaskUnpack},
     {"ltjax_bitmask_int8_unpack", LtjaxBitmaskInt8Unpack},
+    {"ltjax_int4_matmul", LtjaxInt4Matmul},
+    {"ltjax_int4_matmul_t", LtjaxInt4MatmulT},
+    {"ltjax_int4_asym_matmul", LtjaxInt4AsymMatmul},
+    {"ltjax_int4_asym_matmul_t", LtjaxInt4AsymMatmulT},
+    {"ltjax_int4_unpack", LtjaxInt4Unpack},
+    {"ltjax_int4_asym_unpack", LtjaxInt4AsymUnpack},
 };
 
 // configure(isa, vnni, amx, threads, spin_us): ltjax.ffi.cpu._registry calls it right after import
@@ -101,7 +113,7 @@ PyMethodDef kMethods[] = {
      "(isa: '' for the best present, 'avx2' or 'avx512'; threads, spin_us: -1 for the default)"},
     {"targets", Targets, METH_NOARGS, "dict: FFI target name -> PyCapsule of its XLA FFI handler"},
     {"isa", IsaName, METH_NOARGS, "instruction set chosen at run time: 'avx512', 'avx2' or 'none'"},
-    {"vnni", Vnni, METH_NOARGS, "the M = 1 bitmask_int8 GEMV's integer path (x as digits): 'avx512_vnni', 'avx_vnni' or False"},
+    {"vnni", Vnni, METH_NOARGS, "the M = 1 bitmask_int8 and int4 GEMVs' integer path (x as digits; int4: AVX-512 VNNI only): 'avx512_vnni', 'avx_vnni' or False"},
     {"amx", Amx, METH_NOARGS, "whether the int8 GEMM (2 <= M <= 64) runs on AMX tiles (integer digits of x)"},
     {"num_threads", NumThreads, METH_NOARGS, "threads of the handlers' pool (caller included)"},
     {nullptr, nullptr, 0, nullptr},
