@@ -5,9 +5,10 @@
 //
 //  * `Int4RowF32`: the decoded row, f32, in column order, into a buffer (the M > 1 micro-kernel,
 //    the transposed product, unpack). Per 32 columns: 16 code bytes, the two nibbles masked out
-//    and interleaved back into column order (vpunpck{l,h}bw), widened, converted, and
-//    fma(q, s, c) with c = -8 s or m: exactly the reference's f32 weight ((q - 8) s has at most 14
-//    significant bits; q s + m is q s, exact, plus m, rounded once), so unpack is bit-exact.
+//    and interleaved back into column order (vpunpck{l,h}bw), 8 taken off when symmetric,
+//    widened, converted, and fma(q', s, c) with c = -0.0 or m: exactly the reference's f32 weight
+//    ((q - 8) s has at most 14 significant bits, and adding -0.0 keeps its sign; q s + m is q s,
+//    exact, plus m, rounded once), so unpack is bit-exact.
 //  * `GemvInt4F32`: the M = 1 dot without writing the row: the same decode in registers against x
 //    taken in "nibble order" (per 32 columns, the 16 even columns then the 16 odd ones; per 16 on
 //    AVX2), so the nibbles need no interleave. f32 products and sums, as the reference's.
@@ -40,28 +41,33 @@ LTJAX_AVX2 inline void F16RowToF32(const uint16_t* h, int64_t count, float* out)
   std::fill(out + count, out + count + 16, 0.0f);
 }
 
-// Row n's scales s and (c non-null) offsets c = m, or -8 s when symmetric, as f32 padded with 16 zeros.
-LTJAX_AVX2 inline void Int4RowScales(const Int4Weight& w, int64_t n, float* s, float* c) {
+// Row n's scales s and (c non-null) offsets c as f32, padded with 16 zeros. A weight is then
+// fma(q, s, c) with c = m, or -8 s when symmetric (the GEMVs: a dot product has no use for the
+// sign of a zero weight); `exact`: fma(q - 8, s, -0.0) when symmetric, which is (q - 8) * s with
+// its sign of zero (q = 8 and s < 0 give -0.0, as the reference decoder).
+LTJAX_AVX2 inline void Int4RowScales(const Int4Weight& w, int64_t n, float* s, float* c, bool exact = false) {
   const int64_t groups = w.groups();
   F16RowToF32(w.scales + n * groups, groups, s);
   if (!c) return;
   if (w.mins) return F16RowToF32(w.mins + n * groups, groups, c);
-  for (int64_t g = 0; g < groups + 16; ++g) c[g] = -8.0f * s[g];
+  for (int64_t g = 0; g < groups + 16; ++g) c[g] = exact ? -0.0f : -8.0f * s[g];
 }
 
 // ---------------------------------------------------------------- decoded rows (column order)
+// (`s`, `c` from Int4RowScales(..., exact = true): the codes lose 8 first when symmetric.)
 LTJAX_AVX512 inline void Int4RowF32_512(const Int4Weight& w, int64_t n, const float* s, const float* c,
                                         int64_t kp, float* dst) {
   const uint8_t* p = w.codes + n * w.ld();
-  const __m128i m4 = _mm_set1_epi8(0x0f);
+  const __m128i m4 = _mm_set1_epi8(0x0f), off = _mm_set1_epi8(w.mins ? 0 : 8);
   for (int64_t g = 0; g < w.groups(); ++g) {
     const __m512 vs = _mm512_set1_ps(s[g]), vc = _mm512_set1_ps(c[g]);
     for (int64_t j = g * w.g; j < (g + 1) * w.g; j += 32) {
       const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j / 2));
       const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-      const __m128i a = _mm_unpacklo_epi8(lo, hi), b = _mm_unpackhi_epi8(lo, hi);  // columns j.., j + 16..
-      _mm512_storeu_ps(dst + j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(a)), vs, vc));
-      _mm512_storeu_ps(dst + j + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), vs, vc));
+      const __m128i a = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), off);  // columns j .. j + 15
+      const __m128i b = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), off);  // columns j + 16 .. j + 31
+      _mm512_storeu_ps(dst + j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), vs, vc));
+      _mm512_storeu_ps(dst + j + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), vs, vc));
     }
   }
   std::fill(dst + w.k, dst + kp, 0.0f);
@@ -70,16 +76,16 @@ LTJAX_AVX512 inline void Int4RowF32_512(const Int4Weight& w, int64_t n, const fl
 LTJAX_AVX2 inline void Int4RowF32_256(const Int4Weight& w, int64_t n, const float* s, const float* c, int64_t kp,
                                       float* dst) {
   const uint8_t* p = w.codes + n * w.ld();
-  const __m128i m4 = _mm_set1_epi8(0x0f);
+  const __m128i m4 = _mm_set1_epi8(0x0f), off = _mm_set1_epi8(w.mins ? 0 : 8);
   for (int64_t g = 0; g < w.groups(); ++g) {
     const __m256 vs = _mm256_set1_ps(s[g]), vc = _mm256_set1_ps(c[g]);
     for (int64_t j = g * w.g; j < (g + 1) * w.g; j += 16) {
       const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + j / 2));
       const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-      const __m128i a = _mm_unpacklo_epi8(lo, hi);  // columns j .. j + 15
-      _mm256_storeu_ps(dst + j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a)), vs, vc));
+      const __m128i a = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), off);  // columns j .. j + 15
+      _mm256_storeu_ps(dst + j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a)), vs, vc));
       _mm256_storeu_ps(dst + j + 8,
-                       _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a, 8))), vs, vc));
+                       _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8))), vs, vc));
     }
   }
   std::fill(dst + w.k, dst + kp, 0.0f);
@@ -88,7 +94,7 @@ LTJAX_AVX2 inline void Int4RowF32_256(const Int4Weight& w, int64_t n, const floa
 // Row n decoded to f32 [kp] (zeros past k); `sc` holds room for its scales (2 * (groups + 16)).
 inline void Int4RowF32(const Int4Weight& w, int64_t n, int64_t kp, float* sc, float* dst) {
   const int64_t gs = w.groups() + 16;
-  Int4RowScales(w, n, sc, sc + gs);
+  Int4RowScales(w, n, sc, sc + gs, /*exact=*/true);
   if (CurrentIsa() == Isa::kAvx512) return Int4RowF32_512(w, n, sc, sc + gs, kp, dst);
   return Int4RowF32_256(w, n, sc, sc + gs, kp, dst);
 }
@@ -148,32 +154,32 @@ LTJAX_AVX512 LTJAX_INLINE void DotInt4F32_512(const Int4Weight& w, int64_t n, co
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
 }
 
-// The same for AVX2; `xn` in nibble order of 16.
+// The same for AVX2; `xn` in nibble order of 16. Two partial sums per row (even and odd columns)
+// take 8 of the 16 ymm registers, so each row's scale and offset are broadcast from L1 at each use.
 template <int R>
 LTJAX_AVX2 LTJAX_INLINE void DotInt4F32_256(const Int4Weight& w, int64_t n, const float* xn, const float* s,
                                             const float* c, int64_t gs, const uint8_t* pf, float* out) {
   const int64_t ld = w.ld();
   const __m128i m4 = _mm_set1_epi8(0x0f);
   const uint8_t* p[R];
-  __m256 a[R];
-  for (int r = 0; r < R; ++r) p[r] = w.codes + (n + r) * ld, a[r] = _mm256_setzero_ps();
+  __m256 a[R], b[R];
+  for (int r = 0; r < R; ++r) p[r] = w.codes + (n + r) * ld, a[r] = b[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < w.groups(); ++g) {
-    __m256 vs[R], vc[R];
-    for (int r = 0; r < R; ++r) vs[r] = _mm256_set1_ps(s[r * gs + g]), vc[r] = _mm256_set1_ps(c[r * gs + g]);
     for (int64_t j = g * w.g; j < (g + 1) * w.g; j += 16) {
       if ((j & 127) == 0)
         for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf + r * ld + j / 2), _MM_HINT_T0);
       const __m256 x0 = _mm256_loadu_ps(xn + j), x1 = _mm256_loadu_ps(xn + j + 8);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
+        const __m256 vs = _mm256_broadcast_ss(s + r * gs + g), vc = _mm256_broadcast_ss(c + r * gs + g);
         const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p[r] + j / 2));
         const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-        a[r] = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vs[r], vc[r]), x0, a[r]);
-        a[r] = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vs[r], vc[r]), x1, a[r]);
+        a[r] = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vs, vc), x0, a[r]);
+        b[r] = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vs, vc), x1, b[r]);
       }
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = Hsum256(a[r]);
+  for (int r = 0; r < R; ++r) out[r] = Hsum256(_mm256_add_ps(a[r], b[r]));
 }
 
 // y[n] for rows [n0, n1), f32 walk: four rows per pass (x loaded once for four; four streams in
@@ -205,19 +211,23 @@ LTJAX_GEMV_INT4_F32(GemvInt4F32_256, LTJAX_AVX2, DotInt4F32_256)
 // of 64 code bytes then gives two vectors of codes (low nibbles: even columns; high: odd), and
 // vpdpbusd of each against the matching digit vector puts, in int32 lane L, the sum over columns
 // b*128 + 8L .. 8L + 7: eight consecutive columns, inside one group for every G. Per block and
-// row: 6 vpdpbusd, t = T0 + 256 T1 + 65536 T2 (exact: |t| < 8 * 15 * 8355711 < 2^31), symmetric
-// minus 8 * E_lane (E_lane = sum of e over the lane's columns, so t = sum (q - 8) e exactly), then
-// converted to f32 and multiplied by the lane's group scale into an f32 accumulator. Asymmetric
-// adds sum_g m_g E_g once per row (E_g = sum of e over group g, as f32). y = qs * (that sum).
+// row: 6 vpdpbusd, t = T0 + 256 T1 + 65536 T2 - 8 E_lane (E_lane = sum of e over the lane's
+// columns, from the same digits), so t = sum (q - 8) e exactly (|t| <= 8 * 8 * 8355711 < 2^31,
+// intermediate wraps cancel), converted to f32 and multiplied by the lane's group scale into an
+// f32 accumulator. Both rules are centred on code 8: q s + m = (q - 8) s + (m + 8 s), so the
+// asymmetric rule adds sum_g (m_g + 8 s_g) E_g once per row (E_g: e summed over group g, as f32;
+// m + 8 s is the group's midpoint, small where the weights are centred, so the two terms do not
+// cancel). y = qs * (that sum).
 //
 // Error: x rounded to qs, |y - y_exact| <= (qs / 2) * sum_k |w_k|, plus the f32 roundings of the
 // lane sums' conversion, the scale products and the sums over blocks and lanes (and, asymmetric,
-// of the mins' term): of the order of an f32 dot's own (tests/test_ffi_int4.py states the bound).
-// Non-finite x cannot be digits: that call takes the f32 walk.
+// of the midpoints and their term): of the order of an f32 dot's own, over terms |(q - 8) s x|
+// and |m + 8 s| |x| (tests/test_ffi_int4.py checks the bound against float64, outliers in x
+// included). Non-finite x cannot be digits: that call takes the f32 walk.
 struct Int4Digits {
   const int8_t* d;    // [blocks][3][2][64]: digit, even/odd columns
-  const int32_t* e8;  // [blocks][16]: 8 * E_lane (symmetric's correction)
-  const float* eg;    // [groups + 16]: E_g (asymmetric's mins term), zeros past the groups
+  const int32_t* e8;  // [blocks][16]: 8 * E_lane (the centring on code 8)
+  const float* eg;    // [groups + 16]: E_g (the asymmetric rule's midpoint term), zeros past the groups
   int64_t blocks;
   double qs;
 };
@@ -273,9 +283,9 @@ LTJAX_AVX512_VNNI inline bool MakeInt4Digits(const float* x, int64_t kp, int64_t
   return true;
 }
 
-// acc for R rows (dot before qs; asymmetric without the mins term). `s`: the rows' f32 scales,
-// row r at r * gs, zeros past the groups. `k`: the true columns (the last block may be partial).
-template <bool kSym, int R>
+// sum_k (q - 8) s e for R rows (before qs; asymmetric without the midpoints' term). `s`: the rows'
+// f32 scales, row r at r * gs, zeros past the groups. The last block may be partial (w.k).
+template <int R>
 LTJAX_AVX512_VNNI LTJAX_INLINE void DotInt4Vnni(const Int4Weight& w, int64_t n, const Int4Digits& xd,
                                                 const float* s, int64_t gs, const uint8_t* pf, float* out) {
   const int64_t ld = w.ld(), full = w.k / kInt4Block, gpb = kInt4Block / w.g;  // groups per block
@@ -293,8 +303,7 @@ LTJAX_AVX512_VNNI LTJAX_INLINE void DotInt4Vnni(const Int4Weight& w, int64_t n, 
     const __m512i x0e = _mm512_load_si512(dg), x0o = _mm512_load_si512(dg + 64);
     const __m512i x1e = _mm512_load_si512(dg + 128), x1o = _mm512_load_si512(dg + 192);
     const __m512i x2e = _mm512_load_si512(dg + 256), x2o = _mm512_load_si512(dg + 320);
-    __m512i e8;
-    if constexpr (kSym) e8 = _mm512_loadu_si512(xd.e8 + 16 * b);
+    const __m512i e8 = _mm512_loadu_si512(xd.e8 + 16 * b);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(pf + r * ld + b * 64), _MM_HINT_T0);
@@ -304,8 +313,8 @@ LTJAX_AVX512_VNNI LTJAX_INLINE void DotInt4Vnni(const Int4Weight& w, int64_t n, 
       const __m512i t0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo, x0e), hi, x0o);
       const __m512i t1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo, x1e), hi, x1o);
       const __m512i t2 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo, x2e), hi, x2o);
-      __m512i t = _mm512_add_epi32(t0, _mm512_add_epi32(_mm512_slli_epi32(t1, 8), _mm512_slli_epi32(t2, 16)));
-      if constexpr (kSym) t = _mm512_sub_epi32(t, e8);
+      const __m512i t = _mm512_sub_epi32(
+          _mm512_add_epi32(t0, _mm512_add_epi32(_mm512_slli_epi32(t1, 8), _mm512_slli_epi32(t2, 16))), e8);
       const __m512 sv = _mm512_permutexvar_ps(gidx, _mm512_loadu_ps(s + r * gs + b * gpb));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sv, acc[r]);
     }
@@ -313,17 +322,20 @@ LTJAX_AVX512_VNNI LTJAX_INLINE void DotInt4Vnni(const Int4Weight& w, int64_t n, 
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-// sum_g m_g E_g over a row's mins `m` (f32, zero-padded like `eg`).
-LTJAX_AVX512 inline float Int4MinsTerm(const float* m, const float* eg, int64_t groups) {
+// sum_g (m_g + 8 s_g) E_g over a row's mins `m` and scales `s` (f32, zero-padded like `eg`).
+LTJAX_AVX512 inline float Int4MidpointTerm(const float* m, const float* s, const float* eg, int64_t groups) {
   __m512 a = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; g += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(m + g), _mm512_loadu_ps(eg + g), a);
+  for (int64_t g = 0; g < groups; g += 16) {
+    const __m512 mid = _mm512_fmadd_ps(_mm512_loadu_ps(s + g), _mm512_set1_ps(8.0f), _mm512_loadu_ps(m + g));
+    a = _mm512_fmadd_ps(mid, _mm512_loadu_ps(eg + g), a);
+  }
   return _mm512_reduce_add_ps(a);
 }
 
 // y[n] for rows [n0, n1): four rows per pass (x's digits loaded once for four; four streams of
 // codes in flight, with the prefetch of the block 8 rows ahead), the rest one by one.
-template <bool kSym>
-LTJAX_AVX512_VNNI inline void GemvInt4VnniRows(const Int4Weight& w, const Int4Digits& xd, int64_t n0, int64_t n1, Elt elt, void* y) {
+LTJAX_AVX512_VNNI inline void GemvInt4Vnni(const Int4Weight& w, const Int4Digits& xd, int64_t n0, int64_t n1,
+                                           Elt elt, void* y) {
   const int64_t groups = w.groups(), gs = groups + 16;
   float* s = Scratch(0, 5 * gs);
   float* m = s + 4 * gs;  // a row's mins (asymmetric)
@@ -331,24 +343,18 @@ LTJAX_AVX512_VNNI inline void GemvInt4VnniRows(const Int4Weight& w, const Int4Di
   for (int64_t n = n0; n < n1;) {
     const int rows = n + 4 <= n1 ? 4 : 1;
     for (int r = 0; r < rows; ++r) Int4RowScales(w, n + r, s + r * gs, nullptr);
-    if (rows == 4) DotInt4Vnni<kSym, 4>(w, n, xd, s, gs, w.codes + std::min(n + 8, w.n - 4) * w.ld(), d);
-    else DotInt4Vnni<kSym, 1>(w, n, xd, s, gs, w.codes + n * w.ld(), d);
+    if (rows == 4) DotInt4Vnni<4>(w, n, xd, s, gs, w.codes + std::min(n + 8, w.n - 4) * w.ld(), d);
+    else DotInt4Vnni<1>(w, n, xd, s, gs, w.codes + n * w.ld(), d);
     for (int r = 0; r < rows; ++r) {
       float dot = d[r];
-      if constexpr (!kSym) {
+      if (w.mins) {
         F16RowToF32(w.mins + (n + r) * groups, groups, m);
-        dot += Int4MinsTerm(m, xd.eg, groups);
+        dot += Int4MidpointTerm(m, s + r * gs, xd.eg, groups);
       }
       StoreOut(elt, y, n + r, static_cast<float>(static_cast<double>(dot) * xd.qs));
     }
     n += rows;
   }
-}
-
-LTJAX_AVX512_VNNI inline void GemvInt4Vnni(const Int4Weight& w, const Int4Digits& xd,
-                                                                   int64_t n0, int64_t n1, Elt elt, void* y) {
-  if (w.mins) GemvInt4VnniRows<false>(w, xd, n0, n1, elt, y);
-  else GemvInt4VnniRows<true>(w, xd, n0, n1, elt, y);
 }
 
 }  // namespace ltjax
