@@ -27,9 +27,11 @@ from ltjax._analyze import (
     compress_tree,
     tree_report,
 )
+from ltjax._calibrate import InputStats
 from ltjax._errors import ChecksumError, LTFormatError
 from ltjax._format import CODECS, FORMAT_VERSION, CompressedTensor, Header, index_rows
 from ltjax._io import load, save, verify
+from ltjax._plan import Plan, plan
 from ltjax._sharding import shard
 from ltjax.ops import decompress, decompress_reference, explain, matmul, matmul_impl, matmul_reference
 
@@ -43,7 +45,9 @@ __all__ = [
     "CompressedTensor",
     "CompressionReport",
     "Header",
+    "InputStats",
     "LTFormatError",
+    "Plan",
     "Policy",
     "TensorStats",
     "analyze",
@@ -67,6 +71,7 @@ __all__ = [
     "monitor",
     "nn",
     "nnx",
+    "plan",
     "save",
     "shard",
     "tree_report",

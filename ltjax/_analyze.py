@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ltjax._calibrate import InputStats, as_stats, gptq_int4, output_error
 from ltjax._format import (
     CODECS,
     DEFAULT_INT4_GROUP,
@@ -251,6 +252,8 @@ def compress(
     name: str = "tensor",
     group: int | None = None,
     asymmetric: bool = False,
+    calibration: Any = None,
+    act_order: bool = False,
 ) -> CompressedTensor:
     """Packs ``x`` (host side) into the LT-Block format.
 
@@ -271,6 +274,12 @@ def compress(
       group, asymmetric: int4's scale groups: columns of the storage row (the reduction axis
         of a Dense kernel) per scale, 32, 64 (default) or 128; ``asymmetric`` adds a min per
         group (docs/int4.md).
+      calibration: int4 only: the layer's inputs ``X [tokens, K]`` (numpy or jax; or their
+        `ltjax.InputStats`), ``K`` being the reduction axis (a Dense kernel ``[K, N]``'s first):
+        the codes come from GPTQ error feedback (`ltjax._calibrate`), which minimises the
+        output error ``||X (W - Q)||`` instead of each weight's; same format, same decoders.
+      act_order: with ``calibration``: quantize the columns by decreasing input energy (the
+        group scales are then fitted up front).
 
     >>> import numpy as np, ltjax
     >>> ct = ltjax.compress(np.eye(64, dtype=np.float32))   # 98% zeros: lossless bitmask
@@ -284,9 +293,27 @@ def compress(
         codec = stats.best(error_budget, codecs).codec
     elif codec not in CODECS:
         raise ValueError(f"{codec=} is not a codec; choose 'auto' or one of {CODECS}")
+    if calibration is not None and codec != "int4":
+        raise ValueError(f"calibration= applies to codec 'int4' (GPTQ), not {codec!r}")
     if codec != "int4":
         return pack(x, codec, tile=tile, axis=axis, name=name)
-    return pack(x, codec, tile=tile, axis=axis, name=name, group=group, asymmetric=asymmetric)
+    int4 = None
+    if calibration is not None:
+        int4 = calibrated_int4(x, axis, as_stats(calibration, name=name), group, asymmetric, name=name,
+                               act_order=act_order)
+    return pack(x, codec, tile=tile, axis=axis, name=name, group=group, asymmetric=asymmetric, int4=int4)
+
+
+def calibrated_int4(x: Any, axis: int | None | str, stats: InputStats, group: int | None, asymmetric: bool, *,
+                    name: str, act_order: bool = False):
+    """GPTQ int4 arrays of ``x`` (`ltjax._calibrate.gptq_int4`) for `pack(..., int4=...)`; the
+    storage rows must run along the reduction axis (the channel axis is the last one)."""
+    a, ax, x2, _ = prepare(x, name=name, axis=axis, tile=None)
+    if ax is None or ax != a.ndim - 1:
+        raise ValueError(f"tensor {name!r}: calibration needs the channel axis last (a Dense kernel [K, N], "
+                         f"storage [N, K]); got axis={ax} for shape={a.shape}")
+    group = DEFAULT_INT4_GROUP if group is None else int(group)
+    return gptq_int4(x2, stats, group, asymmetric, name=name, act_order=act_order)
 
 
 # ---------------------------------------------------------------------- trees
@@ -309,6 +336,11 @@ class Policy:
       tile: tile geometry for every tensor.
       group, asymmetric: int4's scale groups (`ltjax.compress`); a leaf whose reduction axis
         the group does not divide stays dense under ``codec="int4"``, with the reason.
+      act_order: GPTQ's column order where calibration is given (`ltjax.compress`).
+      max_bytes, bits: a budget (`ltjax.plan`): the whole tree in at most ``max_bytes`` bytes, or
+        the leaves this policy selects at ``bits`` bits per weight on average (scales and all
+        format overhead counted); each selected leaf's codec (dense, int8, int4 at a group, the
+        bitmask codecs where ``codecs`` allow) is then chosen for the least measured damage.
     """
 
     codec: str = "auto"
@@ -321,10 +353,18 @@ class Policy:
     tile: int | tuple[int, int] | None = None
     group: int | None = None
     asymmetric: bool = False
+    act_order: bool = False
+    max_bytes: int | None = None
+    bits: float | None = None
 
     def __post_init__(self):
         if self.codec != "auto" and self.codec not in CODECS:
             raise ValueError(f"Policy codec={self.codec!r} is not 'auto' or one of {CODECS}")
+        if self.max_bytes is not None and self.bits is not None:
+            raise ValueError(f"Policy: give max_bytes={self.max_bytes} or bits={self.bits}, not both")
+        for what, v in (("max_bytes", self.max_bytes), ("bits", self.bits)):
+            if v is not None and not (isinstance(v, (int, float, np.integer, np.floating)) and v > 0):
+                raise ValueError(f"Policy {what}={v!r} must be a positive number")
         object.__setattr__(self, "codecs", _codec_tuple(self.codecs, "Policy codecs"))
         object.__setattr__(self, "error_budget", _budget(self.error_budget, self.codecs, "Policy error_budget"))
         if isinstance(self.skip, str):
@@ -347,6 +387,7 @@ class LeafReport:
     nbytes: int
     rel_error: float | None = None
     reason: str = ""
+    out_error: float | None = None  # ‖X (W − Q)‖ / ‖X W‖ on the calibration inputs, where given
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,7 +443,7 @@ class CompressionReport:
         )
 
 
-def compress_tree(tree: Any, policy: Policy | None = None, *, return_report: bool = False,
+def compress_tree(tree: Any, policy: Any = None, *, calibration: Any = None, return_report: bool = False,
                   progress: bool | None = None):
     """Compresses every leaf of ``tree`` that ``policy`` selects; the rest stays as it is.
 
@@ -413,18 +454,30 @@ def compress_tree(tree: Any, policy: Policy | None = None, *, return_report: boo
     ``DenseGeneral`` convention: the bias has the features' shape) is stored as the 2-D
     ``[prod(in), prod(features)]`` matmul kernel `ltjax.nn.intercept` runs as one
     `ltjax.matmul` (`ltjax.nn.compress_params` with ``model=`` finds every layout, bias or not).
+
+    ``policy``: a `Policy` (default ``Policy()``; with ``max_bytes`` / ``bits``, planned by
+    `ltjax.plan` first), or a `ltjax.Plan`, whose per-leaf choices are applied.
+    ``calibration``: ``{path: ltjax.InputStats}`` (`ltjax.nn.calibration_stats`): int4 leaves
+    with statistics are quantized by GPTQ, and the report gives each such leaf's output error.
     ``progress``: a bar on stderr over the leaves (bytes, current path): ``None`` (default)
     only on a terminal and for more than a few leaves or MiB, ``True`` always, ``False`` never.
     """
-    policy = Policy() if policy is None else policy
+    policy, calibration, plan = resolve_plan(tree, policy, calibration, progress)
+    out, report = compress_planned(tree, policy, calibration, plan, progress)
+    return (out, report) if return_report else out
+
+
+def compress_planned(tree: Any, policy: Policy, calibration: dict, plan: Any, progress: bool | None):
+    """`compress_tree` once the plan is resolved: ``(tree, report)``."""
     paths_leaves = tree_leaves_with_paths(tree)
     layouts = bias_layouts(paths_leaves)
+    _check_calibration_paths(calibration, paths_leaves)
     total = sum(leaf_nbytes(l) for _, l in paths_leaves)
     with Progress("ltjax.compress_tree", total, len(paths_leaves), progress) as bar:
         new_leaves, reports, used = [], [], set()
         for path, leaf in paths_leaves:
             bar.at(path)
-            leaf_out, rep = _compress_leaf(path, leaf, policy, used, layouts.get(path))
+            leaf_out, rep = _compress_leaf(path, leaf, policy, used, layouts.get(path), calibration.get(path), plan)
             new_leaves.append(leaf_out)
             reports.append(rep)
             bar.step(leaf_nbytes(leaf))
@@ -433,53 +486,115 @@ def compress_tree(tree: Any, policy: Policy | None = None, *, return_report: boo
         log.warning("ltjax.compress_tree: skip patterns matched no leaf: %s", ", ".join(unmatched))
     treedef = jax.tree_util.tree_structure(tree, is_leaf=_is_ct)
     out = jax.tree_util.tree_unflatten(treedef, new_leaves)
-    report = CompressionReport(tuple(reports), unmatched)
-    return (out, report) if return_report else out
+    return out, CompressionReport(tuple(reports), unmatched)
 
 
-def _compress_leaf(path: str, leaf: Any, policy: Policy, used: set,
-                   layout: Layout | None = None) -> tuple[Any, LeafReport]:
-    """One leaf of `compress_tree`: (the leaf to keep, its report line); adds skip hits to ``used``.
-    ``layout``: the matmul layout a compressed kernel is stored in (`ltjax._layout`)."""
+def resolve_plan(tree: Any, policy: Any, calibration: Any, progress, flat_hits=None):
+    """``(policy, calibration dict, plan or None)``: a `Plan` as given, a budgeted `Policy` planned
+    here (`ltjax.plan`; over ``flat_hits``, the stored leaves and the stacked paths, where given),
+    a plain `Policy` with no plan."""
+    from ltjax._plan import Plan, plan, plan_leaves
+
+    if isinstance(policy, Plan):
+        if calibration is None:
+            calibration = policy.calibration
+        return policy.policy, dict(calibration or {}), policy
+    policy = Policy() if policy is None else policy
+    if not isinstance(policy, Policy):
+        raise ValueError(f"policy={policy!r} must be an ltjax.Policy or an ltjax.Plan")
+    if policy.max_bytes is None and policy.bits is None:
+        return policy, dict(calibration or {}), None
+    kw = dict(budget_bytes=policy.max_bytes, bits_per_weight=policy.bits, policy=policy, calibration=calibration,
+              progress=progress)
+    p = plan(tree, **kw) if flat_hits is None else plan_leaves(*flat_hits, **kw)
+    return policy, dict(calibration or {}), p
+
+
+def _check_calibration_paths(calibration: dict, flat: list[tuple[str, Any]]) -> None:
+    unknown = sorted(set(calibration) - {p for p, _ in flat})
+    if unknown:
+        raise ValueError(f"calibration has statistics for paths not in the tree: {unknown[:5]}; "
+                         f"leaf paths are like {flat[0][0]!r}")
+    bad = [p for p, v in calibration.items() if not isinstance(v, InputStats)]
+    if bad:
+        raise ValueError(f"calibration must map leaf paths to ltjax.InputStats; {bad[:5]} do not")
+
+
+def selection_reason(path: str, leaf: Any, policy: Policy, used: set) -> str:
+    """Why ``policy`` leaves ``leaf`` as it is (``""``: it is selected); adds skip hits to ``used``."""
     skip_hit = [p for p in policy.skip if fnmatch.fnmatchcase(path, p)]
     used.update(skip_hit)
     if isinstance(leaf, CompressedTensor):
-        return leaf, LeafReport(path, leaf.shape, leaf.header.dtype, leaf.codec, leaf.dense_nbytes, leaf.nbytes, None,
-                                "already compressed")
+        return "already compressed"
     why = _unsupported(leaf)
     shape = tuple(getattr(leaf, "shape", ()))
-    dtype = str(getattr(leaf, "dtype", type(leaf).__name__))
-    nb = int(getattr(leaf, "nbytes", 0) or 0)
     if not why and skip_hit:
         why = f"skipped by pattern {skip_hit[0]!r}"
     if not why and math.prod(shape) < policy.min_size:
         why = f"size {math.prod(shape)} < min_size {policy.min_size}"
     if not why and len(shape) < policy.min_ndim:
         why = f"ndim {len(shape)} < min_ndim {policy.min_ndim}"
+    return why
+
+
+def _compress_leaf(path: str, leaf: Any, policy: Policy, used: set, layout: Layout | None = None,
+                   stats: InputStats | None = None, plan: Any = None) -> tuple[Any, LeafReport]:
+    """One leaf of `compress_tree`: (the leaf to keep, its report line); adds skip hits to ``used``.
+    ``layout``: the matmul layout a compressed kernel is stored in (`ltjax._layout`); ``stats``:
+    its calibration; ``plan``: a `ltjax.Plan` whose choice for this leaf is applied."""
+    why = selection_reason(path, leaf, policy, used)
+    if isinstance(leaf, CompressedTensor):
+        return leaf, LeafReport(path, leaf.shape, leaf.header.dtype, leaf.codec, leaf.dense_nbytes, leaf.nbytes, None,
+                                why)
+    shape = tuple(getattr(leaf, "shape", ()))
+    dtype = str(getattr(leaf, "dtype", type(leaf).__name__))
+    nb = int(getattr(leaf, "nbytes", 0) or 0)
+    entry = None if plan is None or why else plan.entry(path)
+    if plan is not None and not why and entry is None:
+        why = "not in the plan (the plan was made for another tree or policy)"
     if why:
         return leaf, LeafReport(path, shape, dtype, "dense", nb, nb, None, why)
     axis = policy.axis_for(path)
     stored = in_layout(leaf, layout)
-    if policy.codec == "auto":
-        stats = analyze_array(stored, name=path, tile=policy.tile, axis=axis, group=policy.group,
-                              asymmetric=policy.asymmetric)
-        codec = stats.best(policy.error_budget, policy.codecs).codec
-        err = stats.estimate(codec).rel_error
+    note = ""
+    int4 = dict(group=policy.group, asymmetric=policy.asymmetric)
+    if entry is not None:
+        if tuple(np.shape(stored)) != entry.shape:
+            raise ValueError(f"{path}: the plan was made for a leaf of shape={entry.shape}, this one is stored as "
+                             f"{tuple(np.shape(stored))}: plan with the same model= / layouts as you compress with")
+        o = entry.option
+        if o.codec == "dense":
+            return leaf, LeafReport(path, shape, dtype, "dense", nb, nb, None, f"plan: {entry.reason}")
+        codec, err, note = o.codec, None, f"plan: {entry.reason}"
+        int4 = dict(group=o.group, asymmetric=o.asymmetric)
+    elif policy.codec == "auto":
+        stats_w = analyze_array(stored, name=path, tile=policy.tile, axis=axis, **int4)
+        codec = stats_w.best(policy.error_budget, policy.codecs).codec
+        err = stats_w.estimate(codec).rel_error
         if codec == "raw":  # raw saves nothing: the plain array is as small and faster
-            reason = stats.why_raw(policy.error_budget, policy.codecs)
+            reason = stats_w.why_raw(policy.error_budget, policy.codecs)
             return leaf, LeafReport(path, shape, dtype, "dense", nb, nb, None, reason)
     else:
         codec, err = policy.codec, None
-    int4 = dict(group=policy.group, asymmetric=policy.asymmetric) if codec == "int4" else {}
     try:
-        ct = pack(stored, codec, tile=policy.tile, axis=axis, name=path, **int4)
+        if codec == "int4":
+            arrays = None
+            if stats is not None:
+                arrays = calibrated_int4(stored, axis, stats, int4["group"], int4["asymmetric"], name=path,
+                                         act_order=policy.act_order)
+                note = "; ".join(filter(None, [f"GPTQ on {stats.count} tokens", note]))
+                err = None
+            ct = pack(stored, codec, tile=policy.tile, axis=axis, name=path, int4=arrays, **int4)
+        else:
+            ct = pack(stored, codec, tile=policy.tile, axis=axis, name=path)
     except ValueError as e:
         if codec != "int4":
             raise
         return leaf, LeafReport(path, shape, dtype, "dense", nb, nb, None, str(e))  # e.g. groups do not divide K
     if err is None:
         err = _measured_error(stored, ct)
-    return ct, LeafReport(path, shape, ct.header.dtype, codec, ct.dense_nbytes, ct.nbytes, err)
+    return ct, LeafReport(path, shape, ct.header.dtype, codec, ct.dense_nbytes, ct.nbytes, err, note,
+                          _output_error(stored, ct, stats))
 
 
 def tree_report(tree: Any) -> CompressionReport:
@@ -492,6 +607,18 @@ def tree_report(tree: Any) -> CompressionReport:
             nb = int(leaf.nbytes)
             leaves.append(LeafReport(path, tuple(leaf.shape), str(leaf.dtype), "dense", nb, nb))
     return CompressionReport(tuple(leaves))
+
+
+def _output_error(x: Any, ct: CompressedTensor, stats: InputStats | None) -> float | None:
+    """‖X (W − Q)‖ / ‖X W‖ of what ``ct`` stores, on the calibration statistics (None without them,
+    or where the storage rows are not the reduction axis they describe)."""
+    if stats is None:
+        return None
+    h = ct.header
+    if h.axis is None or h.axis != len(h.shape) - 1 or h.storage_shape[1] != stats.k:
+        return None
+    w2 = to_storage(np.asarray(x), h.axis)
+    return math.sqrt(output_error(w2, np.asarray(decode_storage(ct), np.float32), stats))
 
 
 def _measured_error(x: Any, ct: CompressedTensor) -> float:

@@ -69,6 +69,14 @@ class Contraction:
     out_perm: tuple[int, ...] | None = None
 
 
+def contraction_inputs(x: jax.Array, c: Contraction) -> jax.Array:
+    """``x`` as the ``[M, K]`` left operand of the contraction's matmul (what `ltjax.matmul` sees)."""
+    if c.x_summed:
+        x = jnp.sum(x, axis=c.x_summed, keepdims=True)
+    k = math.prod(x.shape[a] for a in c.x_contract)
+    return jnp.transpose(x, c.x_free + c.x_contract + c.x_summed).reshape(-1, k)
+
+
 def dense_general_contraction(
     x_ndim: int, n_kernel: int, axis: Sequence[int], batch_dims: Sequence[int]
 ) -> Contraction | None:

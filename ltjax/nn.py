@@ -25,6 +25,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import glob
 import inspect
@@ -43,8 +44,21 @@ from jax import lax
 from ltjax import _layers, _layout
 from ltjax._activation_modules import CompressedReLU, SparseDense
 from ltjax._activations import relu
-from ltjax._analyze import CompressionReport, LeafReport, Policy, analyze_array, compress_tree, tree_leaves_with_paths
+from ltjax._analyze import (
+    CompressionReport,
+    LeafReport,
+    Policy,
+    _output_error,
+    analyze_array,
+    calibrated_int4,
+    compress_planned,
+    compress_tree,
+    resolve_plan,
+    tree_leaves_with_paths,
+)
+from ltjax._calibrate import InputStats
 from ltjax._format import CompressedTensor, pack
+from ltjax._progress import Progress
 
 __all__ = [
     "CompressedDense",
@@ -53,6 +67,7 @@ __all__ = [
     "relu",
     "CompressedDenseGeneral",
     "CompressedEmbed",
+    "calibration_stats",
     "compress_params",
     "intercept",
 ]
@@ -419,6 +434,7 @@ def compress_params(
     kwargs: Mapping[str, Any] | None = None,
     stacked: str | Sequence[str] = (),
     flatten: Mapping[str, int] | None = None,
+    calibration: Mapping[str, InputStats] | None = None,
     return_report: bool = False,
 ):
     """`ltjax.compress_tree` for linen params: kernels stored as the matmuls their modules run.
@@ -443,7 +459,9 @@ def compress_params(
 
     Args:
       params: a flax param tree (the ``"params"`` collection).
-      policy: the `ltjax.Policy` (default ``Policy()``).
+      policy: the `ltjax.Policy` (default ``Policy()``; with ``max_bytes`` / ``bits``: planned by
+        `ltjax.plan` over the kernels as stored here), or a `ltjax.Plan` made with the same
+        ``model`` (``ltjax.plan(params, ..., model=model, args=args)``).
       model: the linen module whose params these are (optional, recommended).
       args: example positional arguments of ``model.apply`` after the variables (arrays or
         ``jax.ShapeDtypeStruct`` s).
@@ -455,6 +473,8 @@ def compress_params(
         store as ``[prod(in), prod(features)]``, ``n_in`` being the number of contracted
         axes; overrides what the trace or the bias found. A pattern that matches no leaf
         raises ``ValueError``.
+      calibration: `calibration_stats`' ``{path: ltjax.InputStats}``: int4 kernels with
+        statistics are quantized by GPTQ (a stacked kernel layer by layer).
       return_report: also return the `ltjax.CompressionReport`.
 
     >>> import jax, flax.linen as nn, ltjax
@@ -468,7 +488,32 @@ def compress_params(
     ...     attn.apply({"params": cparams}, x).shape
     (1, 8, 128)
     """
-    policy = Policy() if policy is None else policy
+    flat, hits = stored_leaves(params, model=model, args=args, kwargs=kwargs, stacked=stacked, flatten=flatten)
+    treedef = jax.tree_util.tree_structure(params, is_leaf=lambda x: isinstance(x, CompressedTensor))
+    stored = jax.tree_util.tree_unflatten(treedef, [leaf for _, leaf in flat])
+    policy, calibration, plan = resolve_plan(stored, policy, calibration, None, flat_hits=(flat, hits))
+    # Everything but the stacked leaves: the plain tree compression (which also reports skips).
+    hold = dataclasses.replace(policy, skip=tuple(policy.skip) + tuple(glob.escape(h) for h in hits))
+    out, report = compress_planned(stored, hold, {p: v for p, v in calibration.items() if p not in hits}, plan, None)
+    leaves = dict(tree_leaves_with_paths(out))
+    reports = {r.path: r for r in report.leaves}
+    for path, leaf in flat:
+        if path in hits and not isinstance(leaf, CompressedTensor):
+            entry = None if plan is None else plan.entry(path)
+            leaves[path], reports[path] = _compress_stacked(path, leaf, policy, calibration.get(path), entry,
+                                                            plan is not None)
+    new = [leaves[path] for path, _ in flat]
+    tree = jax.tree_util.tree_unflatten(treedef, new)
+    user_unmatched = tuple(p for p in report.unmatched_skip if p in policy.skip)
+    rep = CompressionReport(tuple(reports[path] for path, _ in flat), user_unmatched)
+    return (tree, rep) if return_report else tree
+
+
+def stored_leaves(params: Any, *, model: linen.Module | None = None, args: Sequence[Any] = (),
+                  kwargs: Mapping[str, Any] | None = None, stacked: str | Sequence[str] = (),
+                  flatten: Mapping[str, int] | None = None) -> tuple[list[tuple[str, Any]], set[str]]:
+    """``([(path, leaf as compress_params stores it)], stacked paths)``: each kernel in its [K, N]
+    matmul layout (`compress_params`' arguments; ``model``'s trace or the bias convention)."""
     patterns = (stacked,) if isinstance(stacked, str) else tuple(stacked)
     flat = tree_leaves_with_paths(params)
     hits = {path for path, _ in flat if any(fnmatch.fnmatchcase(path, p) for p in patterns)}
@@ -498,22 +543,7 @@ def compress_params(
                     "from its features"
                 )
             layouts[path] = _layout.Layout(tuple(range(nd)), n_in)
-    flat = [(path, _layout.in_layout(leaf, layouts.get(path), path in hits)) for path, leaf in flat]
-    treedef = jax.tree_util.tree_structure(params, is_leaf=lambda x: isinstance(x, CompressedTensor))
-    params = jax.tree_util.tree_unflatten(treedef, [leaf for _, leaf in flat])
-    # Everything but the stacked leaves: the plain tree compression (which also reports skips).
-    hold = policy.__class__(**{**_fields(policy), "skip": tuple(policy.skip) + tuple(glob.escape(h) for h in hits)})
-    out, report = compress_tree(params, hold, return_report=True)
-    leaves = dict(tree_leaves_with_paths(out))
-    reports = {r.path: r for r in report.leaves}
-    for path, leaf in flat:
-        if path in hits and not isinstance(leaf, CompressedTensor):
-            leaves[path], reports[path] = _compress_stacked(path, leaf, policy)
-    new = [leaves[path] for path, _ in flat]
-    tree = jax.tree_util.tree_unflatten(treedef, new)
-    user_unmatched = tuple(p for p in report.unmatched_skip if p in policy.skip)
-    rep = CompressionReport(tuple(reports[path] for path, _ in flat), user_unmatched)
-    return (tree, rep) if return_report else tree
+    return [(path, _layout.in_layout(leaf, layouts.get(path), path in hits)) for path, leaf in flat], hits
 
 
 def contractions(
@@ -566,13 +596,105 @@ def contractions(
     return {p: (None, v[1]) if p in clash else v for p, v in found.items()}
 
 
-def _fields(policy: Policy) -> dict:
-    import dataclasses
+def calibration_stats(
+    model: linen.Module,
+    params: Any,
+    batches: Iterable[Any],
+    *,
+    kwargs: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
+) -> dict[str, InputStats]:
+    """The input statistics GPTQ needs, per kernel: ``{param path: ltjax.InputStats}``.
 
-    return {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)}
+    Runs ``model.apply({"params": params}, *batch, **kwargs)`` (jitted) on each batch with
+    ``nn.intercept_methods``: the model is unmodified. Every ``Dense`` / ``DenseGeneral`` /
+    ``Einsum`` whose contraction is one matmul has its inputs seen as that matmul's ``[M, K]``
+    (`ltjax._layout.Contraction`: the ``[K, N]`` layout `compress_params` stores its kernel in),
+    and ``X^T X`` (float32 on the device) comes back to the host by an ordered
+    ``io_callback``, summed in float64: memory is K x K per kernel however many tokens pass.
+    A kernel under ``nn.scan`` gets one ``[L, K, K]`` stack, layer by layer in scan order.
+    Pass the result as ``calibration=`` to `compress_params`, `ltjax.compress_tree` or `ltjax.plan`.
+
+    Args:
+      model, params: the linen model and its ``"params"`` (dense).
+      batches: positional arguments of ``model.apply`` after the variables, one tuple per batch
+        (or one array per batch): a few hundred tokens or more in all.
+      kwargs: keyword arguments of ``model.apply``.
+      progress: a bar over the batches (`ltjax.compress_tree`'s rule).
+    """
+    from jax.experimental import io_callback
+
+    batches = [b if isinstance(b, tuple) else (b,) for b in batches]
+    if not batches:
+        raise ValueError("calibration_stats: no batches")
+    kwargs = dict(kwargs or {})
+    by_path = dict(tree_leaves_with_paths(params))
+    wanted = {p: shape for p, (layout, shape) in contractions(model, params, *batches[0], **kwargs).items()
+              if layout is not None and not p.endswith("/embedding")}
+    layers = {p: int(np.shape(by_path[p])[0]) for p, shape in wanted.items()
+              if p in by_path and tuple(np.shape(by_path[p])[1:]) == tuple(shape)}
+    xtx: dict[str, list[np.ndarray | None]] = {}
+    count: dict[str, int] = {}
+    calls: dict[str, int] = {}
+
+    def host(path: str, m: int, value) -> None:
+        i = calls.get(path, 0)
+        calls[path] = i + 1
+        n = layers.get(path, 1)
+        acc = xtx.setdefault(path, [None] * n)
+        v = np.asarray(value, np.float64)
+        acc[i % n] = v if acc[i % n] is None else acc[i % n] + v
+        if i % n == 0:
+            count[path] = count.get(path, 0) + m
+
+    def record(next_fun, a, kw, context):
+        m = context.module
+        if m.scope is not None and context.method_name == "__call__" and isinstance(
+                m, (linen.Dense, linen.DenseGeneral, linen.Einsum)):
+            path = "/".join(str(p) for p in m.scope.path + ("kernel",))
+            x2 = _matmul_inputs(m, a, kw) if path in wanted else None
+            if x2 is not None:
+                x2 = x2.astype(jnp.float32)
+                v = jnp.matmul(x2.T, x2, precision=lax.Precision.HIGHEST)
+                io_callback(lambda v, p=path, n=x2.shape[0]: host(p, n, v), None, v, ordered=True)
+        return next_fun(*a, **kw)
+
+    fn = jax.jit(lambda p, *xs: model.apply({"params": p}, *xs, **{"mutable": True, **kwargs}))
+    nbytes = lambda b: sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(b))
+    with Progress("ltjax.calibration_stats", sum(nbytes(b) for b in batches), len(batches), progress) as bar:
+        with linen.intercept_methods(record):
+            for i, batch in enumerate(batches):
+                bar.at(f"batch {i + 1}/{len(batches)}")
+                jax.block_until_ready(fn(params, *batch))
+                jax.effects_barrier()
+                calls.clear()
+                bar.step(nbytes(batch))
+    return {p: InputStats(np.stack(v) if p in layers else v[0], count[p]) for p, v in xtx.items()
+            if all(x is not None for x in v)}
 
 
-def _compress_stacked(path: str, leaf: Any, policy: Policy) -> tuple[Any, LeafReport]:
+def _matmul_inputs(m: linen.Module, a, kw) -> jax.Array | None:
+    """A Dense / DenseGeneral / Einsum call's inputs as its matmul's ``[M, K]`` (None: not one matmul)."""
+    if isinstance(m, linen.Dense):
+        x = _bind(linen.Dense, "__call__", m, a, kw)["inputs"]
+        return jnp.reshape(x, (-1, x.shape[-1]))
+    if isinstance(m, linen.DenseGeneral):
+        x = _bind(linen.DenseGeneral, "__call__", m, a, kw)["inputs"]
+        axis = tuple(i % x.ndim for i in _tuple(m.axis))
+        batch = tuple(i % x.ndim for i in _tuple(m.batch_dims))
+        c = _layout.dense_general_contraction(x.ndim, len(axis) + len(_tuple(m.features)), axis, batch)
+    else:
+        b = _bind(linen.Einsum, "__call__", m, a, kw)
+        x = b["inputs"]
+        eq = linen.module.merge_param("einsum_str", m.einsum_str, b["einsum_str"])
+        c, _ = _layout.einsum_contraction(eq, x.ndim, len(m.shape))
+    return None if c is None else _layout.contraction_inputs(x, c)
+
+
+def _compress_stacked(path: str, leaf: Any, policy: Policy, stats: InputStats | None = None,
+                      entry: Any = None, planned: bool = False) -> tuple[Any, LeafReport]:
+    """A stacked leaf (one layer per leading index), all layers under one codec and header; ``stats``:
+    its calibration (``[L, K, K]``), ``entry``: its `ltjax.Plan` choice (``planned``: a plan is applied)."""
     a = np.asarray(leaf)
     nb = int(a.nbytes)
     dense = lambda why: (leaf, LeafReport(path, tuple(a.shape), str(a.dtype), "dense", nb, nb, None, why))
@@ -582,36 +704,61 @@ def _compress_stacked(path: str, leaf: Any, policy: Policy) -> tuple[Any, LeafRe
     per = _layer_tree_check(path, layers[0], policy)
     if per:
         return dense(per)
+    if stats is not None and stats.stack_shape != (len(layers),):
+        raise ValueError(f"{path}: calibration holds statistics of shape={stats.xtx.shape} for a stack of "
+                         f"{len(layers)} layers")
     axis = policy.axis_for(path)
-    if policy.codec == "auto":
+    int4 = dict(group=policy.group, asymmetric=policy.asymmetric)
+    note = f"{len(layers)} stacked layers"
+    if planned:
+        if entry is None:
+            return dense("not in the plan (the plan was made for another tree or policy)")
+        o = entry.option
+        if o.codec == "dense":
+            return dense(f"plan: {entry.reason}")
+        codec, int4, note = o.codec, dict(group=o.group, asymmetric=o.asymmetric), f"{note}; plan: {entry.reason}"
+    elif policy.codec == "auto":
         budget = 0.0 if policy.error_budget is None else float(policy.error_budget)
-        stats = [analyze_array(l, name=path, tile=policy.tile, axis=axis, group=policy.group,
-                               asymmetric=policy.asymmetric) for l in layers]
+        est = [analyze_array(l, name=path, tile=policy.tile, axis=axis, **int4) for l in layers]
         ok = [
             c
             for c in _STACKABLE
-            if (c in policy.codecs or c == "raw") and all(s.estimate(c).rel_error <= budget for s in stats)
+            if (c in policy.codecs or c == "raw") and all(s.estimate(c).rel_error <= budget for s in est)
         ]
-        codec = min(ok, key=lambda c: stats[0].estimate(c).nbytes)
+        codec = min(ok, key=lambda c: est[0].estimate(c).nbytes)
     elif policy.codec in _STACKABLE:
         codec = policy.codec
     else:
         return dense(f"stacked layers cannot share one {policy.codec!r} layout (nonzero counts differ per layer)")
-    int4 = dict(group=policy.group, asymmetric=policy.asymmetric) if codec == "int4" else {}
     try:
-        cts = [pack(l, codec, tile=policy.tile, axis=axis, name=f"{path}[{i}]", **int4) for i, l in enumerate(layers)]
+        cts = []
+        for i, l in enumerate(layers):
+            name = f"{path}[{i}]"
+            if codec != "int4":
+                cts.append(pack(l, codec, tile=policy.tile, axis=axis, name=name))
+                continue
+            arrays = None if stats is None else calibrated_int4(l, axis, stats.layer(i), int4["group"],
+                                                                int4["asymmetric"], name=name,
+                                                                act_order=policy.act_order)
+            cts.append(pack(l, codec, tile=policy.tile, axis=axis, name=name, int4=arrays, **int4))
     except ValueError as e:
         if codec != "int4":
             raise
         return dense(str(e))  # e.g. int4's groups do not divide the reduction axis
+    if codec == "int4" and stats is not None:
+        note += f"; GPTQ on {stats.count} tokens"
     ct = jax.tree.map(lambda *xs: np.stack(xs), *cts)
     err = max(_rel_err(l, c) for l, c in zip(layers, cts))
-    note = f"{len(layers)} stacked layers"
-    return ct, LeafReport(path, tuple(a.shape), ct.header.dtype, codec, nb, ct.nbytes, err, note)
+    out_err = None
+    if stats is not None:
+        errs = [_output_error(l, c, stats.layer(i)) for i, (l, c) in enumerate(zip(layers, cts))]
+        out_err = None if None in errs else max(errs)
+    return ct, LeafReport(path, tuple(a.shape), ct.header.dtype, codec, nb, ct.nbytes, err, note, out_err)
 
 
 def _layer_tree_check(path: str, layer: np.ndarray, policy: Policy) -> str:
-    _, rep = compress_tree({path: layer}, policy.__class__(**{**_fields(policy), "codec": "raw"}), return_report=True)
+    plain = dataclasses.replace(policy, codec="raw", max_bytes=None, bits=None)
+    _, rep = compress_tree({path: layer}, plain, return_report=True)
     r = rep.leaves[0]
     return r.reason if r.codec == "dense" else ""
 

@@ -34,9 +34,12 @@ from jax import lax
 from ltjax import _layers, _layout
 from ltjax._activation_modules import NnxCompressedReLU as CompressedReLU, SparseLinear
 from ltjax._analyze import CompressionReport, LeafReport, Policy, compress_tree
+from ltjax._calibrate import InputStats
 from ltjax._format import CompressedTensor
+from ltjax._progress import Progress
 
 __all__ = [
+    "calibration_stats",
     "CompressedReLU",
     "SparseLinear",
     "CompressedEinsum",
@@ -491,7 +494,8 @@ def _replacement(m, value, layout) -> nnx.Module:
     return new
 
 
-def compress_model(model: nnx.Module, policy: Policy | None = None) -> CompressionReport:
+def compress_model(model: nnx.Module, policy: Policy | None = None, *,
+                   calibration: Mapping[str, InputStats] | None = None) -> CompressionReport:
     """Compresses the kernels of ``model``'s ``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Embed`` in place.
 
     Each selected layer (found anywhere in the graph, including inside ``nnx.List``,
@@ -506,7 +510,11 @@ def compress_model(model: nnx.Module, policy: Policy | None = None) -> Compressi
 
     Args:
       model: the nnx model, modified in place.
-      policy: the `ltjax.Policy` (default ``Policy()``); paths are ``a/0/kernel`` strings.
+      policy: the `ltjax.Policy` (default ``Policy()``); paths are ``a/0/kernel`` strings. With
+        ``max_bytes`` / ``bits`` the kernels are planned by `ltjax.plan` (``max_bytes`` then
+        counts the kernels found here, ``bits`` averages over those the policy selects).
+      calibration: `calibration_stats`' ``{path: ltjax.InputStats}``: int4 kernels with
+        statistics are quantized by GPTQ.
 
     Returns:
       The `ltjax.CompressionReport` of the kernels (``unmatched_skip`` lists skip patterns
@@ -527,7 +535,7 @@ def compress_model(model: nnx.Module, policy: Policy | None = None) -> Compressi
         layout = None if isinstance(value, CompressedTensor) else _stored_layout(m)
         layouts[path] = layout
         kernels[path] = value if layout is None else layout.to_matmul(np.asarray(value))
-    compressed, report = compress_tree(kernels, policy, return_report=True)
+    compressed, report = compress_tree(kernels, policy, calibration=calibration, return_report=True)
     for keys, m in found:
         path = _path(keys + (_kernel_name(m),))
         value = compressed.get(path)
@@ -553,6 +561,92 @@ def compress_model(model: nnx.Module, policy: Policy | None = None) -> Compressi
         else:
             setattr(parent, keys[-1], new)
     return CompressionReport(report.leaves + tuple(held), report.unmatched_skip) if held else report
+
+
+_CALIBRATED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+_MARK = "_ltjax_calibration_path"  # a static attribute: it survives nnx.jit's split and merge
+
+
+def calibration_stats(model: nnx.Module, batches, *, fn=None, progress: bool | None = None) -> dict[str, InputStats]:
+    """The input statistics GPTQ needs, per kernel of an nnx model: ``{path: ltjax.InputStats}``.
+
+    Calls ``fn(model, batch)`` for each batch (default: ``model(*batch)``, or ``model(batch)``
+    for a non-tuple batch); ``fn`` may be an ``nnx.jit`` function. Meanwhile every
+    ``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` of the model (each marked with its path,
+    and the classes' ``__call__`` wrapped for the duration) sends ``X^T X`` of its inputs, seen
+    as the ``[M, K]`` matmul `compress_model` stores its kernel for, to the host by an ordered
+    ``io_callback`` (summed in float64: K x K per kernel). Paths are `compress_model`'s; pass
+    the result as its ``calibration=``.
+    """
+    from jax.experimental import io_callback
+
+    found = [(keys, m) for keys, m in nnx.iter_graph(model) if isinstance(m, _CALIBRATED) and keys]
+    if isinstance(model, _CALIBRATED):
+        found.append(((), model))
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibration_stats: no batches")
+    xtx: dict[str, np.ndarray] = {}
+    count: dict[str, int] = {}
+
+    def host(path: str, m: int, value) -> None:
+        v = np.asarray(value, np.float64)
+        xtx[path] = v if path not in xtx else xtx[path] + v
+        count[path] = count.get(path, 0) + m
+
+    def wrap(cls):
+        orig = cls.__call__
+
+        def call(self, inputs, *a, **kw):
+            path = getattr(self, _MARK, None)
+            x2 = None if path is None else _matmul_inputs(self, inputs, a, kw)
+            if x2 is not None:
+                x2 = x2.astype(jnp.float32)
+                v = jnp.matmul(x2.T, x2, precision=lax.Precision.HIGHEST)
+                io_callback(lambda v, p=path, n=x2.shape[0]: host(p, n, v), None, v, ordered=True)
+            return orig(self, inputs, *a, **kw)
+
+        return orig, call
+
+    fn = fn or (lambda m, b: m(*b) if isinstance(b, tuple) else m(b))
+    patched = {cls: wrap(cls) for cls in _CALIBRATED}
+    nbytes = lambda b: sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(b))
+    try:
+        for keys, m in found:
+            object.__setattr__(m, _MARK, _path(keys + ("kernel",)))
+        for cls, (_, call) in patched.items():
+            cls.__call__ = call
+        with Progress("ltjax.calibration_stats", sum(nbytes(b) for b in batches), len(batches), progress) as bar:
+            for i, batch in enumerate(batches):
+                bar.at(f"batch {i + 1}/{len(batches)}")
+                jax.block_until_ready(fn(model, batch))
+                jax.effects_barrier()
+                bar.step(nbytes(batch))
+    finally:
+        for cls, (orig, _) in patched.items():
+            cls.__call__ = orig
+        for _, m in found:
+            if _MARK in vars(m):
+                object.__delattr__(m, _MARK)
+    if not xtx and found:
+        raise ValueError("calibration_stats: no layer inputs were recorded; a function jitted before this call keeps "
+                         "its old trace: pass fn= a function traced here (or the plain model call)")
+    return {p: InputStats(v, count[p]) for p, v in xtx.items()}
+
+
+def _matmul_inputs(m, inputs, a, kw):
+    """An nnx Linear / LinearGeneral / Einsum call's inputs as its matmul's ``[M, K]`` (None: not one matmul)."""
+    if isinstance(m, nnx.Linear):
+        return jnp.reshape(inputs, (-1, inputs.shape[-1]))
+    if isinstance(m, nnx.LinearGeneral):
+        if m.batch_axis:
+            return None
+        axis = tuple(int(i) % inputs.ndim for i in m.axis)
+        c = _layout.dense_general_contraction(inputs.ndim, len(m.kernel.shape), axis, ())
+    else:
+        eq = (a[0] if a else kw.get("einsum_str")) or m.einsum_str
+        c, _ = _layout.einsum_contraction(eq, inputs.ndim, len(m.kernel_shape))
+    return None if c is None else _layout.contraction_inputs(inputs, c)
 
 
 def index_rows(model: nnx.Module) -> nnx.Module:
