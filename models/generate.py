@@ -17,6 +17,7 @@ keeps a GGUF file's own quantization (its Q4_0 / Q4_1 tensors as ltjax int4, no 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 import time
@@ -77,7 +78,8 @@ def compress_params(
     Goes through ``ltjax.compress_tree`` under `weight_policy` (``error_budget`` is used by
     ``"auto"`` only; ``group`` / ``asymmetric`` / ``int4_embedding`` by ``"int4"``, whose
     embedding is then int8 unless ``int4_embedding``: on SmolLM2 an int4 embedding costs
-    +5.8% perplexity, and its lookup decodes the whole table). ``"gguf"``: ``params`` already
+    +5.8% perplexity, and its lookup decodes the whole table; a kernel whose K the group does
+    not divide is int8 too, the report giving int4's reason). ``"gguf"``: ``params`` already
     hold a GGUF file's own quantization (`load_model` with ``keep_quantized=True``) and are
     returned as they are. With ``return_report=True`` returns ``(params, report)``, the report
     being the `ltjax.CompressionReport` (``None`` for "none"). On a GPU the bitmask weights
@@ -105,10 +107,11 @@ def compress_params(
         return (params, ltjax.tree_report(params)) if return_report else params
     policy = weight_policy(codec, error_budget, group=group, asymmetric=asymmetric, int4_embedding=int4_embedding)
     params, report = ltjax.compress_tree(params, policy=policy, return_report=True)
-    if codec == "int4" and not int4_embedding:  # the embedding (skipped above) as int8
+    if codec == "int4":  # the embedding (unless int4_embedding) and what int4 refused, as int8
         params, rep8 = ltjax.compress_tree(params, policy=weight_policy("int8"), return_report=True)
-        report = ltjax.CompressionReport(tuple(
-            a if b.reason == "already compressed" else b for a, b in zip(report.leaves, rep8.leaves)))
+        report = ltjax.CompressionReport(tuple(  # int4's line, or int8's with int4's reason for refusing
+            a if b.reason == "already compressed" else dataclasses.replace(b, reason=a.reason)
+            for a, b in zip(report.leaves, rep8.leaves)))
     if jax.default_backend() == "gpu":  # the GPU kernels read the row index instead of counting it per step
         params = ltjax.index_rows(params)
     return (params, report) if return_report else params
