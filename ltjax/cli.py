@@ -61,6 +61,8 @@ def _cmd_compress(args) -> int:
         min_size=args.min_size,
         min_ndim=args.min_ndim,
         skip=tuple(args.skip or ()),
+        max_bytes=args.max_bytes,
+        bits=args.bits,
     )
     tree, report = compress_tree(_decoded(tensors), policy, return_report=True)
     save(args.output, tree)
@@ -207,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--min-size", type=int, default=4096)
     c.add_argument("--min-ndim", type=int, default=2)
     c.add_argument("--skip", action="append", help="glob pattern of tensor names to keep dense (repeatable)")
+    budget = c.add_mutually_exclusive_group()
+    budget.add_argument("--max-bytes", type=int, default=None,
+                        help="plan each tensor's codec (ltjax.plan) so the file's tensors take at most N bytes")
+    budget.add_argument("--bits", type=float, default=None,
+                        help="plan each tensor's codec so the compressed tensors average at most B bits per weight")
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=_cmd_compress)
 
