@@ -211,7 +211,8 @@ LTJAX_GEMV_INT4_F32(GemvInt4F32_256, LTJAX_AVX2, DotInt4F32_256)
 // of 64 code bytes then gives two vectors of codes (low nibbles: even columns; high: odd), and
 // vpdpbusd of each against the matching digit vector puts, in int32 lane L, the sum over columns
 // b*128 + 8L .. 8L + 7: eight consecutive columns, inside one group for every G. Per block and
-// row: 6 vpdpbusd, t = T0 + 256 T1 + 65536 T2 - 8 E_lane (E_lane = sum of e over the lane's
+// row: 6 vpdpbusd into one accumulator, shifted by 8 bits between digits, t = 65536 T2 + 256 T1
+// + T0 - 8 E_lane (E_lane = sum of e over the lane's
 // columns, from the same digits), so t = sum (q - 8) e exactly (|t| <= 8 * 8 * 8355711 < 2^31,
 // intermediate wraps cancel), converted to f32 and multiplied by the lane's group scale into an
 // f32 accumulator. Both rules are centred on code 8: q s + m = (q - 8) s + (m + 8 s), so the
@@ -309,12 +310,11 @@ LTJAX_AVX512_VNNI LTJAX_INLINE void DotInt4Vnni(const Int4Weight& w, int64_t n, 
       _mm_prefetch(reinterpret_cast<const char*>(pf + r * ld + b * 64), _MM_HINT_T0);
       const __m512i v = b < full ? _mm512_loadu_si512(p[r] + b * 64) : _mm512_maskz_loadu_epi8(tail, p[r] + b * 64);
       const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-      const __m512i z = _mm512_setzero_si512();
-      const __m512i t0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo, x0e), hi, x0o);
-      const __m512i t1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo, x1e), hi, x1o);
-      const __m512i t2 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo, x2e), hi, x2o);
-      const __m512i t = _mm512_sub_epi32(
-          _mm512_add_epi32(t0, _mm512_add_epi32(_mm512_slli_epi32(t1, 8), _mm512_slli_epi32(t2, 16))), e8);
+      // ((T2 * 256 + T1) * 256 + T0) in one accumulator: the shifts between the digits' sums
+      __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x2e), hi, x2o);
+      t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), lo, x1e), hi, x1o);
+      t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), lo, x0e), hi, x0o);
+      t = _mm512_sub_epi32(t, e8);
       const __m512 sv = _mm512_permutexvar_ps(gidx, _mm512_loadu_ps(s + r * gs + b * gpb));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sv, acc[r]);
     }
@@ -322,12 +322,21 @@ LTJAX_AVX512_VNNI LTJAX_INLINE void DotInt4Vnni(const Int4Weight& w, int64_t n, 
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-// sum_g (m_g + 8 s_g) E_g over a row's mins `m` and scales `s` (f32, zero-padded like `eg`).
-LTJAX_AVX512 inline float Int4MidpointTerm(const float* m, const float* s, const float* eg, int64_t groups) {
+// `count` float16 values as f32, then 16 zeros (AVX-512: 16 at a time, the tail masked).
+LTJAX_AVX512 inline void F16RowToF32_512(const uint16_t* h, int64_t count, float* out) {
+  for (int64_t g = 0; g < count + 16; g += 16) {
+    const __mmask16 live = g >= count ? 0 : count - g >= 16 ? 0xffff : static_cast<__mmask16>((1u << (count - g)) - 1);
+    _mm512_storeu_ps(out + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, h + g)));
+  }
+}
+
+// sum_g (m_g + 8 s_g) E_g over a row's float16 mins `mh` and f32 scales `s` (zero-padded like `eg`).
+LTJAX_AVX512 inline float Int4MidpointTerm(const uint16_t* mh, const float* s, const float* eg, int64_t groups) {
   __m512 a = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; g += 16) {
-    const __m512 mid = _mm512_fmadd_ps(_mm512_loadu_ps(s + g), _mm512_set1_ps(8.0f), _mm512_loadu_ps(m + g));
-    a = _mm512_fmadd_ps(mid, _mm512_loadu_ps(eg + g), a);
+    const __mmask16 live = groups - g >= 16 ? 0xffff : static_cast<__mmask16>((1u << (groups - g)) - 1);
+    const __m512 m = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, mh + g));
+    a = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_loadu_ps(s + g), _mm512_set1_ps(8.0f), m), _mm512_loadu_ps(eg + g), a);
   }
   return _mm512_reduce_add_ps(a);
 }
@@ -336,21 +345,17 @@ LTJAX_AVX512 inline float Int4MidpointTerm(const float* m, const float* s, const
 // codes in flight, with the prefetch of the block 8 rows ahead), the rest one by one.
 LTJAX_AVX512_VNNI inline void GemvInt4Vnni(const Int4Weight& w, const Int4Digits& xd, int64_t n0, int64_t n1,
                                            Elt elt, void* y) {
-  const int64_t groups = w.groups(), gs = groups + 16;
-  float* s = Scratch(0, 5 * gs);
-  float* m = s + 4 * gs;  // a row's mins (asymmetric)
+  const int64_t groups = w.groups(), gs = groups + 32;  // room for F16RowToF32_512's last 16
+  float* s = Scratch(0, 4 * gs);
   float d[4];
   for (int64_t n = n0; n < n1;) {
     const int rows = n + 4 <= n1 ? 4 : 1;
-    for (int r = 0; r < rows; ++r) Int4RowScales(w, n + r, s + r * gs, nullptr);
+    for (int r = 0; r < rows; ++r) F16RowToF32_512(w.scales + (n + r) * groups, groups, s + r * gs);
     if (rows == 4) DotInt4Vnni<4>(w, n, xd, s, gs, w.codes + std::min(n + 8, w.n - 4) * w.ld(), d);
     else DotInt4Vnni<1>(w, n, xd, s, gs, w.codes + n * w.ld(), d);
     for (int r = 0; r < rows; ++r) {
       float dot = d[r];
-      if (w.mins) {
-        F16RowToF32(w.mins + (n + r) * groups, groups, m);
-        dot += Int4MidpointTerm(m, s + r * gs, xd.eg, groups);
-      }
+      if (w.mins) dot += Int4MidpointTerm(w.mins + (n + r) * groups, s + r * gs, xd.eg, groups);
       StoreOut(elt, y, n + r, static_cast<float>(static_cast<double>(dot) * xd.qs));
     }
     n += rows;
