@@ -142,3 +142,31 @@ def test_compress_tree_leaves_what_int4_cannot_hold_dense_with_the_reason():
     assert by["ok/kernel"].codec == "int4" and 0.05 < by["ok/kernel"].rel_error < 0.15
     assert by["odd/kernel"].codec == "dense" and "multiple of group=64" in by["odd/kernel"].reason
     assert not isinstance(out["odd"]["kernel"], ltjax.CompressedTensor)
+
+
+@pytest.mark.parametrize("asymmetric", [False, True])
+@pytest.mark.parametrize("m", [1, 8, 64])
+def test_xla_path_holds_no_decoded_weight(asymmetric, m):
+    """The XLA path's compiled temp memory stays below one dense layer for a chain of int4 layers
+    (a decode of the weight alone is work XLA hoists and materialises for every layer at once)."""
+    from ltjax._format import choose_tile
+
+    k = n = 2048
+    h = Header(codec="int4", shape=(k, n), dtype="float32", axis=1, tile=choose_tile((n, k), None), group=64,
+               asymmetric=asymmetric)
+    sds = jax.ShapeDtypeStruct
+    arrays = dict(codes=sds((n, k // 2), jnp.uint8), scales=sds((n, k // 64), jnp.float16),
+                  checksums=sds((h.num_tiles,), jnp.uint32))
+    if asymmetric:
+        arrays["mins"] = jax.ShapeDtypeStruct((n, k // 64), jnp.float16)
+    cts = [ltjax.CompressedTensor(header=h, **arrays) for _ in range(6)]
+
+    def f(x, cts):
+        for ct in cts:
+            x = jnp.tanh(ltjax.matmul(x, ct, impl="xla"))
+        return jnp.sum(x)
+
+    x = jax.ShapeDtypeStruct((m, k), jnp.float32)
+    for fn in (f, jax.grad(f)):
+        temp = jax.jit(fn).lower(x, cts).compile().memory_analysis().temp_size_in_bytes
+        assert temp < k * n * 4, f"compiled temp {temp / 2**20:.1f} MiB holds a decoded layer"

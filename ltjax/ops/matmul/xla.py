@@ -42,6 +42,8 @@ def accumulate(x2: jax.Array, ct: CompressedTensor) -> jax.Array:
     (n, k), m = ct.header.storage_shape, x2.shape[0]
     xf = x2.astype(jnp.float32)
     base = base_of(ct)
+    if ct.codec == "int4" and m <= VMAP_MAX_M:
+        return _int4_reduce(xf, ct)
     if m == 1:  # x as 1-D: a [1, K] broadcast is the 100x cliff
         w = decode_rows(ct, base, 0, n)
         if n * k <= LOOP_DOT_MAX_ELEMENTS and ct.codec in ("raw", "int8"):
@@ -63,6 +65,33 @@ def accumulate(x2: jax.Array, ct: CompressedTensor) -> jax.Array:
                                preferred_element_type=jnp.float32)
         out = jnp.concatenate([out, tail], axis=1)
     return out
+
+
+def _int4_reduce(xf: jax.Array, ct: CompressedTensor) -> jax.Array:
+    """f32 ``[M, N]`` over int4 storage at small M: one multiply-reduce with ``x`` in every term.
+
+    A byte ``c = lo + 16 hi`` meets x's even column ``xe`` and odd column ``xo`` as
+    ``lo xe + hi xo = c xe + hi (xo - 16 xe)``, with ``hi = floor(c / 16)`` in f32: float
+    arithmetic fuses into the reduction where bitwise ops and an interleave of decoded columns
+    would not (XLA then materialises a decoded weight per layer). The codes' offset of 8
+    (symmetric) and the mins (asymmetric) multiply per-group sums of x instead.
+    """
+    h = ct.header
+    (n, k), g = h.storage_shape, h.group
+    cf = ct.codes.astype(jnp.float32)  # [N, K/2]
+    hi = jnp.floor(cf * 0.0625)
+    xe, xo = xf[:, 0::2], xf[:, 1::2]  # [M, K/2]
+    xg = jnp.sum((xe + xo).reshape(-1, k // g, g // 2), axis=-1)  # [M, K/G]: x summed per group
+    if xf.shape[0] == 1:  # 1-D x: a [1, K] broadcast is the 100x cliff
+        t = cf * xe[0] + hi * (xo[0] - 16.0 * xe[0])  # [N, K/2]
+        part = jnp.sum(t.reshape(n, k // g, g // 2), axis=-1)[None]  # [1, N, K/G]
+    else:
+        t = cf[None] * xe[:, None, :] + hi[None] * (xo - 16.0 * xe)[:, None, :]  # [M, N, K/2]
+        part = jnp.sum(t.reshape(xf.shape[0], n, k // g, g // 2), axis=-1)
+    if h.asymmetric:  # x = q s + m
+        return jnp.sum(part * ct.scales.astype(jnp.float32)[None] + ct.mins.astype(jnp.float32)[None] * xg[:, None],
+                       axis=-1)
+    return jnp.sum((part - 8.0 * xg[:, None]) * ct.scales.astype(jnp.float32)[None], axis=-1)  # x = (q - 8) s
 
 
 def run(x2: jax.Array, ct: CompressedTensor, *, interpret: bool):
