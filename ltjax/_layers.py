@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ltjax._config import log_once
-from ltjax._format import CompressedTensor
+from ltjax._format import CompressedTensor, int4_dequantize
 from ltjax._layout import Contraction, Layout
 from ltjax.ops import decompress, matmul
 
@@ -174,11 +174,13 @@ def general(
 def take_rows(ct: CompressedTensor, idx: jax.Array, dtype) -> jax.Array:
     """``jnp.take(E, idx, axis=0)`` for an embedding ``E [V, D]`` held in ``ct``.
 
-    ``raw`` and ``int8`` decode only the gathered rows (``codes[idx] * scales[idx]`` when the
-    rows are the channels, the gathered storage columns otherwise). The bitmask codecs
+    ``raw``, ``int8`` and ``int4`` decode only the gathered rows (``codes[idx] * scales[idx]`` when
+    the rows are the channels, the gathered storage columns otherwise). The bitmask codecs
     decompress the table first (logged once).
     """
     h = ct.header
+    if ct.codec == "int4" and h.axis in (0, 1):
+        return _int4_rows(ct, idx).astype(ct.dtype).astype(dtype)
     if ct.codec in ("raw", "int8") and h.axis in (0, 1):
         stored = ct.values if ct.codec == "raw" else ct.codes
         if h.axis == 0:  # storage [V, D]: rows are channels
@@ -195,6 +197,21 @@ def take_rows(ct: CompressedTensor, idx: jax.Array, dtype) -> jax.Array:
         f"ltjax: embedding lookup on a {ct.codec!r} table (axis={h.axis}) decompresses the whole table",
     )
     return jnp.take(decompress(ct).astype(dtype), idx, axis=0)
+
+
+def _int4_rows(ct: CompressedTensor, idx: jax.Array) -> jax.Array:
+    """f32 rows ``idx`` of an int4 embedding ``[V, D]``: only the gathered codes and groups are decoded."""
+    h = ct.header
+    mins = ct.mins
+    if h.axis == 0:  # storage [V, D]: a row is a channel, its groups run along D
+        take = lambda a: jnp.take(a, idx, axis=0)  # noqa: E731
+        return int4_dequantize(h, take(ct.codes), take(ct.scales), None if mins is None else take(mins))
+    # storage [D, V]: column v is nibble v % 2 of byte v // 2 in every row; its group is v // G
+    byte = jnp.take(ct.codes, idx // 2, axis=1).astype(jnp.int32)  # [D, *idx]
+    q = jnp.where(idx % 2 == 1, byte >> 4, byte & 15).astype(jnp.float32)
+    s = jnp.take(ct.scales, idx // h.group, axis=1).astype(jnp.float32)
+    x = q * s + jnp.take(mins, idx // h.group, axis=1).astype(jnp.float32) if h.asymmetric else (q - 8.0) * s
+    return jnp.moveaxis(x, 0, -1)
 
 
 def attend(query: jax.Array, ct: CompressedTensor, *, dtype) -> jax.Array:

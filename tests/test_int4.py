@@ -170,3 +170,20 @@ def test_xla_path_holds_no_decoded_weight(asymmetric, m):
     for fn in (f, jax.grad(f)):
         temp = jax.jit(fn).lower(x, cts).compile().memory_analysis().temp_size_in_bytes
         assert temp < k * n * 4, f"compiled temp {temp / 2**20:.1f} MiB holds a decoded layer"
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_embedding_lookup_decodes_only_the_gathered_rows(axis, asymmetric):
+    import flax.linen as nn
+
+    table = RNG.standard_normal((512, 128)).astype(np.float32)
+    ct = ltjax.compress(table, "int4", axis=axis, group=64 if axis == 0 else 128, asymmetric=asymmetric)
+    ids = jnp.asarray(RNG.integers(0, 512, (3, 5)))
+    emb = nn.Embed(512, 128)
+    params = {"params": {"embedding": ct}}
+    with ltjax.nn.intercept():
+        got = jax.jit(emb.apply)(params, ids)
+        temp = jax.jit(emb.apply).lower(params, ids).compile().memory_analysis().temp_size_in_bytes
+    np.testing.assert_array_equal(got, jnp.take(ltjax.decompress_reference(ct), ids, axis=0))
+    assert temp < table.nbytes / 4  # no decoded table
