@@ -13,11 +13,13 @@ from ltjax.pallas import _config
 from ltjax.pallas._config import BlockSizes
 from ltjax.pallas.bitmask_matmul import bitmask_matmul, bitmask_matmul_t
 from ltjax.pallas.bitmask_unpack import bitmask_unpack
+from ltjax.pallas.int4_dequant import int4_dequant
+from ltjax.pallas.int4_matmul import int4_matmul, int4_matmul_t
 from ltjax.pallas.int8_dequant import int8_dequant
 from ltjax.pallas.int8_matmul import int8_matmul, int8_matmul_t, mosaic_reason
 
-MATMUL_CODECS = ("raw", "int8", "bitmask", "bitmask_int8")
-DECOMPRESS_CODECS = ("raw", "int8", "bitmask", "bitmask_int8")
+MATMUL_CODECS = ("raw", "int8", "bitmask", "bitmask_int8", "int4")
+DECOMPRESS_CODECS = ("raw", "int8", "bitmask", "bitmask_int8", "int4")
 _MAX_PACKED = 2**31 - 2**16  # packed indices are int32 in the kernels
 
 
@@ -82,6 +84,9 @@ def _storage_matmul(x, ct: CompressedTensor, *, contract_cols: bool, interpret, 
     if ct.codec == "int8":
         f = int8_matmul if contract_cols else int8_matmul_t
         return f(x, ct, interpret=interpret, block_sizes=block_sizes)
+    if ct.codec == "int4":
+        f = int4_matmul if contract_cols else int4_matmul_t
+        return f(x, ct, interpret=interpret, block_sizes=block_sizes)
     f = bitmask_matmul if contract_cols else bitmask_matmul_t
     if block_sizes is None and _f32_as_bf16_rows(x, ct):
         m = x.shape[0]
@@ -120,7 +125,7 @@ def _require(x, ct, transpose: bool) -> None:
 def matmul(x2, ct: CompressedTensor, *, interpret: bool | None = None, block_sizes: BlockSizes | None = None):
     """``x2 [M, K] @ W [K, N] -> [M, N]`` in ``x2.dtype`` (f32 accumulation), ``W`` held by ``ct``.
 
-    int8 and bitmask codecs decode inside the kernel (registers only, no dense copy of W in
+    int8, int4 and bitmask codecs decode inside the kernel (registers only, no dense copy of W in
     device memory); raw goes to XLA's GEMM. ``interpret=None`` follows
     ``$LTJAX_PALLAS_INTERPRET`` (default: interpret off-GPU).
     """
@@ -148,6 +153,8 @@ def decompress(ct: CompressedTensor, *, interpret: bool | None = None):
             s, logical = ct.values, False
         elif ct.codec == "int8":
             s = int8_dequant(ct, interpret=interpret, transposed=logical)
+        elif ct.codec == "int4":
+            s = int4_dequant(ct, interpret=interpret, transposed=logical)
         elif ct.codec in ("bitmask", "bitmask_int8"):
             s = bitmask_unpack(ct, interpret=interpret, transposed=logical)
         else:

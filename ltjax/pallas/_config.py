@@ -191,6 +191,16 @@ def fit_block_m(bs: BlockSizes, m: int) -> BlockSizes:
     return bs if bm == bs.block_m else dataclasses.replace(bs, block_m=bm)
 
 
+def fit_group(bs: BlockSizes, group: int, *, explicit: bool) -> BlockSizes:
+    """``bs`` with ``block_k`` a multiple of an int4 tensor's scale ``group`` (both powers of 2: at
+    least ``group``): a tuned row is widened to it, block sizes the caller chose are refused."""
+    if bs.block_k >= group:
+        return bs
+    if explicit:
+        raise ValueError(f"the int4 kernels need block_k a multiple of the scale group: {bs.block_k=}, {group=}")
+    return dataclasses.replace(bs, block_k=group)
+
+
 def triton_only(bs: BlockSizes, kernel: str) -> BlockSizes:
     """``bs``, or ``ValueError`` when it gives ``kernel`` (Triton only) Mosaic GPU tiles."""
     if bs.mosaic is not None:
