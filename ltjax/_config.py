@@ -56,7 +56,7 @@ class Settings:
     cuda_gemv: bool  # LTJAX_CUDA_GEMV=1: impl=None may pick the CUDA small-M kernels (untimed: off)
     disable_ffi: bool  # LTJAX_DISABLE_FFI=1: never load the CPU extension
     ffi_isa: str | None  # LTJAX_FFI_ISA=avx2: the CPU handlers' instruction set (default: the best present)
-    ffi_vnni: bool | None  # LTJAX_FFI_VNNI=0: the VNNI paths off
+    ffi_vnni: bool | None  # LTJAX_FFI_VNNI=0: the integer (VNNI, int4 AVX2) paths off
     ffi_amx: bool | None  # LTJAX_FFI_AMX=0: the AMX int8 GEMM off
     ffi_threads: int | None  # LTJAX_FFI_THREADS: the handlers' thread count (default: the cores)
     ffi_spin_us: int | None  # LTJAX_FFI_SPIN_US: how long idle handler threads spin before sleeping
@@ -69,7 +69,8 @@ VARIABLES = {  # name: (Settings field, what it does): the README table
     "LTJAX_CUDA_GEMV": ("cuda_gemv", "1: `impl=None` may pick the CUDA small-M kernels on a GPU (off until timed)"),
     "LTJAX_DISABLE_FFI": ("disable_ffi", "1: do not load the CPU extension (the XLA path everywhere on CPU)"),
     "LTJAX_FFI_ISA": ("ffi_isa", "avx2: the CPU handlers' AVX2 code even where AVX-512 is present"),
-    "LTJAX_FFI_VNNI": ("ffi_vnni", "0: the CPU handlers' VNNI paths off"),
+    "LTJAX_FFI_VNNI": ("ffi_vnni",
+                       "0: the CPU handlers' integer paths off (VNNI; int4's AVX2 GEMV): their f32 walks run"),
     "LTJAX_FFI_AMX": ("ffi_amx", "0: the AMX int8 GEMM off"),
     "LTJAX_FFI_THREADS": ("ffi_threads", "the CPU handlers' threads (default: the cores)"),
     "LTJAX_FFI_SPIN_US": ("ffi_spin_us", "microseconds idle handler threads spin before sleeping"),

@@ -1,11 +1,13 @@
 """The CPU handlers' int4 kernels (ltjax.ffi.cpu, int4_matmul.cc / int4_unpack.cc) against the reference.
 
 Values against `ltjax.matmul_reference` for every group and both rules, f32 and bf16 x, M = 1 (the
-GEMV: exact integer sums on AVX-512 VNNI, else the f32 walk), 3, 16 and 64 (four decoded rows at a
+GEMV: exact integer sums against x as 24-bit fixed point, vpdpbusd on AVX-512 VNNI, vpmaddubsw on
+AVX2; with LTJAX_FFI_VNNI=0 or NaN/inf in x the f32 walk), 3, 16 and 64 (four decoded rows at a
 time through the shared micro-kernel), K with a partial 128-column block, N with row tails and
 large enough to be split across the pool, tiles that cut rows; the transposed product; unpack bit
-for bit; the VNNI GEMV's stated error against float64; gradients through ``ltjax.matmul(impl="ffi")``;
-bad input. The whole module runs once more on the AVX2 kernels and once with VNNI off (subprocesses).
+for bit; the GEMV's stated error against float64; gradients through ``ltjax.matmul(impl="ffi")``;
+bad input. In subprocesses: the whole module on the AVX2 kernels, and the GEMV tests on both f32
+walks (LTJAX_FFI_VNNI=0, AVX-512 and AVX2).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from helpers import assert_close, rand, random_weight
 
 import ltjax
 import ltjax.ffi.cpu as lffi
+from ltjax._config import settings
 from ltjax._format import decode_storage, decompress_reference, int4_nibbles, pack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +49,8 @@ SHAPES = {
     128: [(384, 77, 1, (7, 128)), (256, 300, 3, None), (1152, 300, 1, (16, 256)), (128, 7, 16, None),
           (384, 45, 64, None)],
 }
-CASES = [pytest.param(g, *s, id=f"g{g}-{s[0]}x{s[1]}-m{s[2]}-t{s[3]}") for g, shapes in SHAPES.items() for s in shapes]
+CASES = [pytest.param(g, *s, id=f"g{g}-{s[0]}x{s[1]}-{'gemv' if s[2] == 1 else f'm{s[2]}'}-t{s[3]}")
+         for g, shapes in SHAPES.items() for s in shapes]
 
 
 @needs_ffi
@@ -80,28 +84,28 @@ def _gemv_bound(ct, x64, y64) -> np.ndarray:
     ``depth`` deep, of terms no larger than the path's own, so depth * 2^-24 * their sum to first
     order (1% added for the rest), and one rounding of y.
 
-    * AVX-512 VNNI: exact integer sums of (q - 8) e per 8 columns, one conversion and K / 128 FMAs
-      per lane, the lanes, and (asymmetric) the midpoints m + 8 s and their term: terms |(q - 8) s x|
-      and |m + 8 s| |x|; plus the rounding of x to its 24-bit grid, (qs / 2) * sum_k |w_k| with
-      qs = max|x| / 8355711.
-    * The f32 walk: each weight decoded exactly as the reference's, products |w x|, K / 32 FMAs per
-      lane (AVX-512; K / 16 on AVX2), then the partial sums."""
+    * Integer sums (the default): exact sums of (q - 8) e per 8 columns, one conversion and one FMA
+      per lane per block (128 columns, or 64 on AVX2), the lanes, and (asymmetric) the midpoints
+      m + 8 s and their term: terms |(q - 8) s x| and |m + 8 s| |x|; plus the rounding of x to its
+      24-bit grid, (qs / 2) * sum_k |w_k| with qs = max|x| / 8355711.
+    * The f32 walk (LTJAX_FFI_VNNI=0): each weight decoded exactly as the reference's, products
+      |w x|, K / 32 FMAs per lane (AVX-512; K / 16 on AVX2), then the partial sums."""
     h = ct.header
     k, g = h.storage_shape[1], h.group
     w = np.asarray(decode_storage(ct), np.float64)
     ax = np.abs(x64)
-    info = lffi.info()
-    if info["vnni"] == "avx512_vnni":
+    avx512 = lffi.info()["isa"] == "avx512"
+    if settings().ffi_vnni is not False:
         s = np.asarray(ct.scales, np.float64)
         q = np.asarray(int4_nibbles(ct.codes), np.float64)  # [N, K]
         terms = (np.abs(q - 8) * np.repeat(np.abs(s), g, axis=1)) @ ax
         if h.asymmetric:
             terms += np.repeat(np.abs(np.asarray(ct.mins, np.float64) + 8 * s), g, axis=1) @ ax
-        depth = -(-k // 128) + h.groups // 16 + 12
+        depth = -(-k // (128 if avx512 else 64)) + h.groups // (16 if avx512 else 8) + 12
         extra = np.abs(w).sum(axis=1) * ax.max() / 8355711 / 2
     else:
         terms, extra = np.abs(w) @ ax, 0.0
-        depth = -(-k // (32 if info["isa"] == "avx512" else 16)) + 12
+        depth = -(-k // (32 if avx512 else 16)) + 12
     return terms * depth * 2.0**-24 * 1.01 + np.abs(y64) * 2.0**-23 + extra + 1e-30
 
 
@@ -115,10 +119,10 @@ GEMV_CASES = [(32, 4096, 300), (32, 1056, 77), (32, 160, 33), (64, 4096, 300), (
 @pytest.mark.parametrize("group,k,n", GEMV_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("asymmetric", RULES, ids=["sym", "asym"])
 @pytest.mark.parametrize("outliers", [False, True], ids=["normal", "outliers"])
-def test_m1_within_stated_error(group, k, n, asymmetric, outliers):
-    """M = 1 (exact integer sums against x as 24-bit fixed point where the CPU has AVX-512 VNNI, the
-    f32 walk elsewhere) against a float64 product of the decoded weight, within the bound docs/ffi.md
-    states, and that bound far below the values themselves. Outliers: LLM-like x, a few channels 100x."""
+def test_gemv_within_stated_error(group, k, n, asymmetric, outliers):
+    """M = 1 (exact integer sums against x as 24-bit fixed point; with LTJAX_FFI_VNNI=0 the f32
+    walk) against a float64 product of the decoded weight, within the bound docs/ffi.md states, and
+    that bound far below the values themselves. Outliers: LLM-like x, a few channels 100x."""
     ct = int4(k, n, group, asymmetric)
     rng = np.random.default_rng(k + n + group)
     x = rng.standard_normal((1, k)).astype(np.float32)
@@ -137,7 +141,7 @@ def test_m1_within_stated_error(group, k, n, asymmetric, outliers):
 @needs_ffi
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 @pytest.mark.parametrize("m", [1, 3])
-def test_non_finite_x_propagates(bad, m):
+def test_non_finite_x_propagates_gemv(bad, m):
     """x with NaN/inf cannot be written as integer digits: the f32 walk runs (its products are the
     decoded weight times x, as the reference's), so NaN/inf land where the reference puts them."""
     ct = int4(256, 40, 64, False)
@@ -222,20 +226,26 @@ def test_bad_input_gives_xla_errors():
 
 
 # ---------------------------------------------------------------------- the other kernels
+# (environment, tests, at least this many passed): the whole module on AVX2 (its row decode and its
+# integer GEMV); the GEMV tests (ids with "gemv") on the f32 walks, AVX-512 and AVX2.
+OTHER_KERNELS = [({"LTJAX_FFI_ISA": "avx2"}, "not test_whole_module_again", 100),
+                 ({"LTJAX_FFI_VNNI": "0"}, "gemv or isa_override", 40),
+                 ({"LTJAX_FFI_ISA": "avx2", "LTJAX_FFI_VNNI": "0"}, "gemv or isa_override", 40)]
+
+
 @needs_ffi
-@pytest.mark.parametrize("env", [{"LTJAX_FFI_ISA": "avx2"}, {"LTJAX_FFI_VNNI": "0"}], ids=["avx2", "novnni"])
-def test_whole_module_again_on_the_other_kernels(env):
+@pytest.mark.parametrize("env,select,at_least", OTHER_KERNELS, ids=["avx2", "f32-walk", "avx2-f32-walk"])
+def test_whole_module_again_on_the_other_kernels(env, select, at_least):
     """This module once more on the kernels this CPU would otherwise skip: AVX2 (CPUs without
-    AVX-512: the f32 walk and the AVX2 row decode) and, with LTJAX_FFI_VNNI=0, the AVX-512 f32 walk
-    (the int4 GEMV of AVX-512 CPUs without VNNI). The choice is fixed when the library loads, so in a
-    fresh process; `test_isa_override_is_honoured` there proves the override took."""
+    AVX-512), and the GEMV's f32 walks (LTJAX_FFI_VNNI=0: the path NaN/inf in x takes, and with
+    the setting, the only one). The choice is fixed when the library loads, so in a fresh process;
+    `test_isa_override_is_honoured` there proves the override took."""
     env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", str(Path(__file__)),
-           "-k", "not test_whole_module_again"]
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", str(Path(__file__)), "-k", select]
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     passed = re.search(r"(\d+) passed", r.stdout)
-    assert passed and int(passed.group(1)) >= 100, r.stdout[-2000:]
+    assert passed and int(passed.group(1)) >= at_least and "skipped" not in r.stdout, r.stdout[-2000:]
 
 
 @needs_ffi

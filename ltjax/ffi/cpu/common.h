@@ -50,7 +50,7 @@ namespace ffi = xla::ffi;
 // the first time it is asked for, which also marks the configuration as used.
 struct Config {
   bool avx2_only = false;  // LTJAX_FFI_ISA=avx2: the AVX2 kernels even where AVX-512 is present
-  bool vnni = true;        // LTJAX_FFI_VNNI=0: the VNNI paths off
+  bool vnni = true;        // LTJAX_FFI_VNNI=0: the VNNI paths (and int4's AVX2 integer GEMV) off
   bool amx = true;         // LTJAX_FFI_AMX=0: the AMX int8 GEMM off
   int threads = -1;        // LTJAX_FFI_THREADS (-1: the cores)
   int spin_us = 200;       // LTJAX_FFI_SPIN_US

@@ -7,9 +7,9 @@
 //   "ltjax_int4_matmul_t"       dx[M, K] = dy[M, N] @ W                            (backward for x)
 //   "ltjax_int4_asym_matmul"    y[M, N]  = x[M, K] @ W^T   W = q * s + m, mins [N, K/G] float16
 //   "ltjax_int4_asym_matmul_t"  dx[M, K] = dy[M, N] @ W
-// M = 1 streams the codes once: on AVX-512 VNNI in exact integer sums against x as 24-bit fixed
-// point (int4_rows.h, GemvInt4Vnni; its error is stated there), else (AVX2, no VNNI, or NaN/inf
-// in x) each weight decoded in registers and multiplied in f32. M > 1 and the transposed product
+// M = 1 streams the codes once, in exact integer sums against x as 24-bit fixed point
+// (int4_rows.h: vpdpbusd on AVX-512 VNNI, vpmaddubsw on AVX2; the error is stated there), or, with
+// LTJAX_FFI_VNNI=0 or NaN/inf in x, each weight decoded in registers and multiplied in f32. M > 1 and the transposed product
 // decode four rows at a time to f32 and run the shared drivers (kernels.h, Forward / Transposed).
 #include "int4_rows.h"
 
@@ -65,13 +65,17 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer sc
   void* out = y->untyped_data();
   if (m == 1) {
     const int64_t min_chunk = n * k < kInlineWork ? n : 16;
-    if (CurrentVnni() == Vnni::kAvx512) {
+    if (Int4IntegerGemv()) {  // x as 24-bit integers: AVX-512 VNNI, else AVX2 (vpmaddubsw)
+      const bool vnni = CurrentVnni() == Vnni::kAvx512;
       auto* buf = reinterpret_cast<int8_t*>(Scratch(1, (Int4DigitsBytes(kp, kp / w.g) + 3) / 4));
       Int4Digits xd;
-      if (MakeInt4Digits(xs, kp, w.g, buf, &xd)) {  // else (NaN/inf in x) the f32 walk
-        ParallelRange(n, 4, min_chunk, [&](int64_t n0, int64_t n1, int) { GemvInt4Vnni(w, xd, n0, n1, elt, out); });
+      if (vnni ? MakeInt4Digits(xs, kp, w.g, buf, &xd) : MakeInt4Digits256(xs, kp, w.g, buf, &xd)) {
+        ParallelRange(n, 4, min_chunk, [&](int64_t n0, int64_t n1, int) {
+          if (vnni) GemvInt4Vnni(w, xd, n0, n1, elt, out);
+          else GemvInt4Avx2Int(w, xd, n0, n1, elt, out);
+        });
         return ffi::Error::Success();
-      }
+      }  // else (NaN/inf in x) the f32 walk
     }
     const bool avx512 = CurrentIsa() == Isa::kAvx512;
     float* xn = Scratch(1, kp);

@@ -362,4 +362,124 @@ LTJAX_AVX512_VNNI inline void GemvInt4Vnni(const Int4Weight& w, const Int4Digits
   }
 }
 
+
+// ---------------------------------------------------------------- M = 1, AVX2 integer sums
+// The VNNI GEMV's scheme on AVX2, which has no vpdpbusd: vpmaddubsw (codes, unsigned, times x's
+// digits, signed: two products a 16-bit lane, |sum| <= 2 * 15 * 128, no saturation), the even and
+// odd columns' pairs added (<= 7680), vpmaddwd against ones (int32 lane L of a 64-column block:
+// columns 8L .. 8L + 7, as on AVX-512). Digits in nibble order per 64 columns: block b, digit d,
+// 32 bytes for the even columns, then 32 for the odd. The same exact integers t = sum (q - 8) e
+// per lane, the same f32 finish, the same error bound. LTJAX_FFI_VNNI=0 turns it off with the
+// VNNI paths (then the f32 walk runs), so both integer GEMVs and the f32 walks stay testable.
+constexpr int64_t kInt4Block256 = 64;
+
+inline bool Int4IntegerGemv() {
+  Configured().used = true;
+  return Configured().vnni;
+}
+
+// From x [kp] (f32, zeros past k, kp a multiple of kInt4Block). False if x is not finite. Scalar:
+// x's digits by MakeXDigitsScalar (the AVX-512 conversion's rounding), then placed one by one.
+LTJAX_AVX2 inline bool MakeInt4Digits256(const float* x, int64_t kp, int64_t group, int8_t* buf, Int4Digits* out) {
+  XDigits nat;
+  if (!MakeXDigitsScalar(x, kp, buf, &nat)) return false;
+  const int64_t blocks = kp / kInt4Block256, groups = kp / group;
+  auto align = [](int8_t* p) { return reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63}); };
+  int8_t* dst = align(buf + 3 * nat.stride);
+  int32_t* e8 = reinterpret_cast<int32_t*>(dst + 3 * kp);
+  int32_t* elane = e8 + kp / 8;
+  float* eg = reinterpret_cast<float*>(elane + kp / 8);
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int d = 0; d < 3; ++d) {
+      const int8_t* src = nat.d + d * nat.stride + b * kInt4Block256;
+      int8_t* o = dst + (b * 3 + d) * 64;
+      for (int i = 0; i < 32; ++i) o[i] = src[2 * i], o[32 + i] = src[2 * i + 1];
+    }
+  }
+  for (int64_t l = 0; l < kp / 8; ++l) {
+    int32_t e = 0;
+    for (int c = 0; c < 8; ++c)
+      for (int d = 2; d >= 0; --d) e += static_cast<int32_t>(nat.d[d * nat.stride + 8 * l + c]) << (8 * d);
+    elane[l] = e;
+    e8[l] = 8 * e;
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    int64_t sum = 0;
+    for (int64_t l = g * group / 8; l < (g + 1) * group / 8; ++l) sum += elane[l];
+    eg[g] = static_cast<float>(sum);
+  }
+  std::fill(eg + groups, eg + groups + 16, 0.0f);
+  *out = Int4Digits{dst, e8, eg, blocks, nat.qs};
+  return true;
+}
+
+template <int R>
+LTJAX_AVX2 LTJAX_INLINE void DotInt4Avx2Int(const Int4Weight& w, int64_t n, const Int4Digits& xd, const float* s,
+                                            int64_t gs, const uint8_t* pf, float* out) {
+  const int64_t ld = w.ld(), full = w.k / kInt4Block256;  // a partial block has 32 columns (K % 32 == 0)
+  const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  const int gshift = w.g == 32 ? 5 : w.g == 64 ? 6 : 7;  // log2(G)
+  const __m256i gidx = _mm256_srli_epi32(_mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56), gshift);
+  const uint8_t* p[R];
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) p[r] = w.codes + (n + r) * ld, acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < xd.blocks; ++b) {
+    const __m256i* dg = reinterpret_cast<const __m256i*>(xd.d + b * 192);
+    const __m256i e8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xd.e8 + 8 * b));
+    const int64_t g0 = (b * kInt4Block256) >> gshift;  // the block's first group
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      if ((b & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(pf + r * ld + b * 32), _MM_HINT_T0);
+      const __m256i v = b < full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[r] + b * 32))
+                                 : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + b * 32)));
+      const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      auto digit = [&](int d) LTJAX_AVX2 {
+        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256(dg + 2 * d)),
+                                               _mm256_maddubs_epi16(hi, _mm256_load_si256(dg + 2 * d + 1)));
+        return _mm256_madd_epi16(pairs, ones);
+      };
+      __m256i t = digit(2);
+      t = _mm256_add_epi32(_mm256_slli_epi32(t, 8), digit(1));
+      t = _mm256_add_epi32(_mm256_slli_epi32(t, 8), digit(0));
+      t = _mm256_sub_epi32(t, e8);
+      const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + r * gs + g0), gidx);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sv, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = Hsum256(acc[r]);
+}
+
+// sum_g (m_g + 8 s_g) E_g (AVX2): the row's mins as f32 in `m` (zero-padded), scales `s`.
+LTJAX_AVX2 inline float Int4MidpointTerm_256(const float* m, const float* s, const float* eg, int64_t groups) {
+  __m256 a = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; g += 8) {
+    const __m256 mid = _mm256_fmadd_ps(_mm256_loadu_ps(s + g), _mm256_set1_ps(8.0f), _mm256_loadu_ps(m + g));
+    a = _mm256_fmadd_ps(mid, _mm256_loadu_ps(eg + g), a);
+  }
+  return Hsum256(a);
+}
+
+LTJAX_AVX2 inline void GemvInt4Avx2Int(const Int4Weight& w, const Int4Digits& xd, int64_t n0, int64_t n1, Elt elt,
+                                       void* y) {
+  const int64_t groups = w.groups(), gs = groups + 16;
+  float* s = Scratch(0, 5 * gs);
+  float* m = s + 4 * gs;
+  float d[4];
+  for (int64_t n = n0; n < n1;) {
+    const int rows = n + 4 <= n1 ? 4 : 1;
+    for (int r = 0; r < rows; ++r) F16RowToF32(w.scales + (n + r) * groups, groups, s + r * gs);
+    if (rows == 4) DotInt4Avx2Int<4>(w, n, xd, s, gs, w.codes + std::min(n + 8, w.n - 4) * w.ld(), d);
+    else DotInt4Avx2Int<1>(w, n, xd, s, gs, w.codes + n * w.ld(), d);
+    for (int r = 0; r < rows; ++r) {
+      float dot = d[r];
+      if (w.mins) {
+        F16RowToF32(w.mins + (n + r) * groups, groups, m);
+        dot += Int4MidpointTerm_256(m, s + r * gs, xd.eg, groups);
+      }
+      StoreOut(elt, y, n + r, static_cast<float>(static_cast<double>(dot) * xd.qs));
+    }
+    n += rows;
+  }
+}
+
 }  // namespace ltjax
