@@ -66,9 +66,9 @@ CASES = [
     Case(*RAGGED, (1,), few=True),  # M = 1: the GEMV paths (XLA: 1-D reduce or loop dot; FFI/CUDA GEMVs)
     Case(*RAGGED, (4,), "bfloat16", few=True),
     Case(*RAGGED, (2, 3)),  # batch dims fold into M = 6
-    Case(*DEFAULT, (3,), few=True),
+    Case(*DEFAULT, (3,)),
     Case(*DEFAULT, (1,), "bfloat16"),
-    Case(*ROW, (16,), "bfloat16", few=True),  # the CUDA MMA kernels' largest M
+    Case(*ROW, (16,), "bfloat16"),  # the CUDA MMA kernels' largest M
     Case(*WIDE, (20,)),  # M > 16: the XLA path's chunked dots (a full chunk and a tail)
     Case(*WIDE, (40,), "bfloat16", few=True),  # Pallas' tuned rows for 16 < M <= 64
     Case(*ODD, (2,)),
@@ -81,7 +81,7 @@ CASES = [
 ]
 GRAD_CASES = [
     Case(*ROW, (1,)),
-    Case(*RAGGED, (3,), few=True),
+    Case(*RAGGED, (3,)),
     Case(*RAGGED, (2, 3), "bfloat16", few=True),
     Case(*DEFAULT, (20,)),  # M > 16; the XLA backward's 128-row chunk and its tail
     Case(*GROUPED, (3,), few=True),
