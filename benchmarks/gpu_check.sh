@@ -8,7 +8,8 @@
 #   3. the CUDA kernels against the Pallas kernels and the dense dots (benchmarks.cuda_kernels:
 #      int8 and bitmask_int8, M = 1, 4, 16, with and without the row index, both kernels where
 #      both apply);
-#   4. the matmul and unpack benchmark at K = N = 8192;
+#   4. the matmul and unpack benchmark at K = N = 8192 (int8, int4 and bitmask_int8 against the bf16 and
+#      f32 dots, in one run);
 #   5. a block-size sweep of the Pallas kernels, the fastest candidate of each group written as a
 #      tuned-table file (OUTDIR/tuned.json, for the built-in table or $LTJAX_PALLAS_TUNED later).
 # Writes OUTDIR/gpu_check.json (device, jax version, commit, every stage's result) beside the raw
