@@ -3,8 +3,9 @@
 Values against `ltjax.matmul_reference` (symmetric and asymmetric, 32- and 64-column groups, M = 1 and
 16, f32 and bf16 activations), dx and scale / min gradients through ``ltjax.matmul(impl="pallas")``
 against ``jax.grad`` of the reference, ``decompress`` bit for bit against
-`ltjax.decompress_reference`, the code paths only some block sizes take, the nibble decode's
-constants, and the CUDA lowering (Triton) of the shapes that matter, from any host.
+`ltjax.decompress_reference`, the code paths only some block sizes take, the nibble decode (its jnp
+recipe, and its inline PTX run instruction by instruction by a small emulator), and the CUDA
+lowering (Triton) of the shapes that matter, from any host.
 Interpret grids are small: K <= 256, N <= 48.
 """
 
@@ -185,6 +186,49 @@ def test_nibbles(dtype):
     assert bias >> 16 == bias & 0xFFFF and half(bias) == -(magic_value + 8.0)
     ptx = _decode._nibble_ptx(4, dtype)
     assert f"{magic * 0x10001:#010x}" in ptx and f"{bias:#010x}" in ptx and "shr.b32 w, $2, 4;" in ptx
+
+
+def _run_ptx(ptx: str, word: int, dtype) -> list[float]:
+    """The nibble PTX on one register of four code bytes, instruction by instruction (PTX ISA semantics
+    of mov / shr / prmt / lop3 / fma on packed pairs), under Triton's packing of ``pack=4``: byte i is
+    element i, and result element i is half i of ($0, $1), low half first."""
+    regs, to_int = {"$2": word}, lambda v: int(v, 0)
+    val = lambda t: regs[t] if t in regs else to_int(t)  # noqa: E731
+    half = lambda bits: float(np.array([bits], np.uint16).view(jnp.dtype(dtype))[0])  # noqa: E731
+    bits_of = lambda f: int(np.array([f], jnp.dtype(dtype)).view(np.uint16)[0])  # noqa: E731
+    for line in ptx.splitlines():
+        m = re.match(r"([\w.]+) ([^;]*);", line.strip())
+        if not m or m.group(1) == ".reg":
+            continue
+        op, args = m.group(1), [a.strip() for a in m.group(2).split(",")]
+        d, src = args[0], [val(a) for a in args[1:]]
+        if op == "mov.b32":
+            regs[d] = src[0]
+        elif op == "shr.b32":
+            regs[d] = src[0] >> src[1]
+        elif op == "prmt.b32":  # result byte i: byte (selector nibble i) of the 8 bytes {b, a}
+            pool = (src[1] << 32 | src[0]).to_bytes(8, "little")
+            regs[d] = int.from_bytes(bytes(pool[(src[2] >> 4 * i) & 7] for i in range(4)), "little")
+        elif op == "lop3.b32":
+            assert src[3] == 0xEA  # (a & b) | c
+            regs[d] = (src[0] & src[1]) | src[2]
+        elif op.startswith("fma.rn."):  # per 16-bit half, exact here (small integers)
+            h = lambda v, i: half((v >> 16 * i) & 0xFFFF)  # noqa: E731
+            regs[d] = sum(bits_of(h(src[0], i) * h(src[1], i) + h(src[2], i)) << 16 * i for i in range(2))
+        else:
+            raise AssertionError(f"unexpected PTX {line!r}")
+    return [half((regs[r] >> 16 * i) & 0xFFFF) for r in ("$0", "$1") for i in range(2)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
+def test_nibble_ptx_recipe(dtype):
+    """The inline PTX, run instruction by instruction on every byte value in every lane: element i of
+    the result is ``q - 8`` of byte i's low (shift 0) or high (shift 4) nibble."""
+    for v in range(256):
+        lanes = [(v + 37 * i) % 256 for i in range(4)]
+        word = int.from_bytes(bytes(lanes), "little")
+        assert _run_ptx(_decode._nibble_ptx(0, dtype), word, dtype) == [(b & 15) - 8.0 for b in lanes]
+        assert _run_ptx(_decode._nibble_ptx(4, dtype), word, dtype) == [(b >> 4) - 8.0 for b in lanes]
 
 
 # ------------------------------------------------------------------ CUDA lowering (on any host) and dispatch
