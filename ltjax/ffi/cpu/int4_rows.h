@@ -416,14 +416,16 @@ LTJAX_AVX2 inline bool MakeInt4Digits256(const float* x, int64_t kp, int64_t gro
 template <int R>
 LTJAX_AVX2 LTJAX_INLINE void DotInt4Avx2Int(const Int4Weight& w, int64_t n, const Int4Digits& xd, const float* s,
                                             int64_t gs, const uint8_t* pf, float* out) {
-  const int64_t ld = w.ld(), full = w.k / kInt4Block256;  // a partial block has 32 columns (K % 32 == 0)
+  // K's blocks (x's digits may run on to a multiple of 128 columns: zeros, not read); a partial
+  // block has 32 columns (K % 32 == 0), 16 code bytes, all inside the row
+  const int64_t ld = w.ld(), full = w.k / kInt4Block256, blocks = (w.k + kInt4Block256 - 1) / kInt4Block256;
   const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
   const int gshift = w.g == 32 ? 5 : w.g == 64 ? 6 : 7;  // log2(G)
   const __m256i gidx = _mm256_srli_epi32(_mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56), gshift);
   const uint8_t* p[R];
   __m256 acc[R];
   for (int r = 0; r < R; ++r) p[r] = w.codes + (n + r) * ld, acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < xd.blocks; ++b) {
+  for (int64_t b = 0; b < blocks; ++b) {
     const __m256i* dg = reinterpret_cast<const __m256i*>(xd.d + b * 192);
     const __m256i e8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xd.e8 + 8 * b));
     const int64_t g0 = (b * kInt4Block256) >> gshift;  // the block's first group
