@@ -39,7 +39,7 @@ def _timed(fn, *, budget_s: float, max_reps: int) -> float:
 
 
 def _impl_name(x, ct) -> str:
-    return ltjax.matmul_impl(x, ct)
+    return ltjax.explain(x, ct).impl
 
 
 def run(sizes, ms, cases, *, budget_s: float, max_reps: int, log=print) -> list[dict]:

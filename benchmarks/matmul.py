@@ -95,7 +95,7 @@ def run(sizes, ms, cases, x_dtypes, reps: int, layers: int, seed: int = 0, on_ro
             for xdt in x_dtypes:
                 for m in ms:
                     x = xs[m].astype(xdt)
-                    impl = ltjax.matmul_impl(x, cts[0])
+                    impl = ltjax.explain(x, cts[0]).impl
                     row = dict(M=m, K=kn, N=kn, codec=codec, sparsity=sparsity, x_dtype=jnp.dtype(xdt).name,
                                impl=impl, layers=layers, weight_bytes=cts[0].nbytes, ratio=round(cts[0].ratio, 3))
                     if impl == "pallas":  # which GPU kernel: Triton, or the int8 Mosaic GPU one

@@ -33,7 +33,8 @@ from ltjax._format import CODECS, FORMAT_VERSION, CompressedTensor, Header, inde
 from ltjax._io import load, save, verify
 from ltjax._plan import Plan, plan
 from ltjax._sharding import shard
-from ltjax.ops import decompress, decompress_reference, explain, matmul, matmul_impl, matmul_reference
+from ltjax.ops.decompress import decompress, decompress_reference
+from ltjax.ops.matmul import explain, matmul, matmul_impl, matmul_reference
 
 __version__ = "0.1.0"
 

@@ -22,7 +22,8 @@ from jax import lax
 from ltjax._config import log_once
 from ltjax._format import CompressedTensor, int4_dequantize
 from ltjax._layout import Contraction, Layout
-from ltjax.ops import decompress, matmul
+from ltjax.ops.decompress import decompress
+from ltjax.ops.matmul import matmul
 
 
 def note_once(key: str, message: str) -> None:

@@ -124,7 +124,7 @@ class Monitor:
     def record_path(self, name: str, x: Any, ct: Any) -> Any:
         """Records which implementation ``ltjax.matmul(x, ct)`` runs, and why not the others
         (`ltjax.explain`); returned too. ``x`` may be a ``jax.ShapeDtypeStruct``."""
-        from ltjax.ops import explain
+        from ltjax.ops.matmul import explain
 
         e = explain(x, ct)
         with self._lock:

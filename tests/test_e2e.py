@@ -113,7 +113,7 @@ def test_weight_policy_per_codec():
 def test_op_path_names_an_implementation():
     ct = ltjax.compress(np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32), "int8")
     info = gen.op_path({"emb": ltjax.compress(np.ones((64, 128), np.float32), "int8", axis=0), "w": ct})
-    assert info["path"] == ltjax.matmul_impl(jax.ShapeDtypeStruct((1, 64), np.float32), ct) and info["why"]
+    assert info["path"] == ltjax.explain(jax.ShapeDtypeStruct((1, 64), np.float32), ct).impl and info["why"]
     if jax.default_backend() == "cpu":
         assert info["path"] in ("ffi", "xla")  # a Dense kernel never falls back to the reference on CPU
     assert gen.op_path({"emb": ltjax.compress(np.ones((64, 128), np.float32), "int8", axis=0)})["path"] == "none"

@@ -7,10 +7,7 @@ ordered registry of implementations, one module each), on one shared registry wa
     ltjax/ops/residual/    api.py (bit packing of training residuals), reference.py, pallas.py
 
 A new codec adds its branch inside the implementations that support it; a new backend adds one
-module per op it serves and one line in that op's registry.
+module per op it serves and one line in that op's registry. The public functions are
+`ltjax.matmul`, `ltjax.explain`, `ltjax.decompress` and the references; this package re-exports
+nothing, so ``ltjax.ops.matmul`` is always the package.
 """
-
-from ltjax.ops.decompress import decompress, decompress_reference
-from ltjax.ops.matmul import explain, matmul, matmul_impl, matmul_reference
-
-__all__ = ["decompress", "decompress_reference", "explain", "matmul", "matmul_impl", "matmul_reference"]

@@ -35,6 +35,9 @@ class Implementation:
       why_not: ``(*args, platform, interpret) -> str | None``: None when it can run these arguments
         on ``platform`` (emulated if ``interpret``), else the reason it cannot.
       run: the call itself, ``(*args, interpret) -> result``.
+      prefer: ``(*args, platform) -> str | None``: why ``impl=None`` passes it over although it
+        can run (an opt-in, or a measured heuristic such as an M above which another path is
+        faster); forcing it does not ask.
     """
 
     name: str
@@ -42,7 +45,7 @@ class Implementation:
     emulated: bool
     why_not: Callable[..., str | None]
     run: Callable[..., Any]
-    opt_in: Callable[[], str | None] | None = None  # why ``impl=None`` does not pick it yet (forcing it does)
+    prefer: Callable[..., str | None] | None = None
 
     def reason(self, *args, platform: str, interpret: bool = False) -> str | None:
         """None when it can run on ``platform``, else why not (the platform first, then its own predicate)."""
@@ -51,8 +54,8 @@ class Implementation:
         return self.why_not(*args, platform=platform, interpret=interpret)
 
     def default_reason(self, *args, platform: str) -> str | None:
-        """`reason` for ``impl=None``: also None only where the implementation is opted in."""
-        why = self.opt_in() if self.opt_in is not None else None
+        """`reason` for ``impl=None``: also None only where `prefer` has nothing against it."""
+        why = self.prefer(*args, platform=platform) if self.prefer is not None else None
         return why if why is not None else self.reason(*args, platform=platform)
 
 
@@ -68,13 +71,13 @@ def choose(registry: Sequence[Implementation], args: tuple, platform: str, *, wh
     """The first implementation in ``registry`` that can run ``args`` on ``platform``."""
     log = platform == host_platform()
     for impl in registry:
-        if impl.opt_in is not None and impl.opt_in() is not None:
-            continue  # not opted in: a documented default, not a fallback (`explain` says it)
+        if impl.prefer is not None and impl.prefer(*args, platform=platform) is not None:
+            continue  # passed over by choice (opt-in, a measured crossover), not a fallback: `explain` says it
         why = impl.reason(*args, platform=platform)
         if why is None:
             return Config(impl.name)
         if log and (impl.platforms is ANYWHERE or platform in impl.platforms):  # a path of this platform said no
-            log_once(f"{what}:{impl.name}:{why}", "ltjax: %s falls back from %s: %s", what, impl.name, why)
+            log_once(why, "ltjax: %s falls back from %s: %s", what, impl.name, why)  # once per reason
     raise AssertionError(f"{what}: the last implementation ({registry[-1].name}) must run anywhere")
 
 

@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ltjax._config import host_platform
 from ltjax._format import CompressedTensor
+from ltjax._platform import PLATFORMS
 from ltjax.ops import _dispatch
 from ltjax.ops._common import base_of, cotangent, decode_rows, int4_grads, packed_positions
-from ltjax.ops._dispatch import Config, Plan
+from ltjax.ops._dispatch import Config, Explanation, Plan
 from ltjax.ops.decompress import cpu, pallas, reference, xla
 
 IMPLEMENTATIONS = (pallas.IMPL, cpu.IMPL, xla.IMPL, reference.IMPL)
@@ -64,6 +66,19 @@ def _bwd(plan, ct, g):
 
 
 _decompress.defvjp(_fwd, _bwd)
+
+
+def explain(ct: CompressedTensor, *, impl: str | None = None, platform: str | None = None) -> Explanation:
+    """The implementation ``decompress(ct, impl=impl)`` runs when lowered for ``platform`` (default:
+    this host's), and for every other implementation why not."""
+    if not isinstance(ct, CompressedTensor):
+        raise ValueError(f"ltjax.decompress needs a CompressedTensor, got {type(ct).__name__}")
+    platform = platform or host_platform()
+    plan = _plan(ct, impl)
+    return Explanation(op="decompress", what=repr(ct), platform=platform, impl=plan.of(platform).impl,
+                       interpret=plan.of(platform).interpret,
+                       reasons=_dispatch.reasons(IMPLEMENTATIONS, (ct,), platform),
+                       platforms={p: plan.of(p).impl for p in PLATFORMS})
 
 
 def decompress(ct: CompressedTensor, *, impl: str | None = None) -> jax.Array:

@@ -20,8 +20,8 @@ def why_not(ct: CompressedTensor, *, platform: str, interpret: bool) -> str | No
     if _cpu is None:
         return "ltjax.ffi.cpu is not available in this installation"
     if not _cpu.available():  # a broken install, not a routine fallback: said once, as a warning
-        log_once("ffi:unavailable", "ltjax: CPU FFI kernels unavailable, using the XLA path: %s",
-                 _cpu.unavailable_reason(), level=logging.WARNING)
+        log_once(_cpu.unavailable_reason(), "ltjax: CPU FFI kernels unavailable, using the XLA path: %s",
+                 _cpu.unavailable_reason(), level=logging.WARNING)  # the same key as the registry walk's note
         return _cpu.unavailable_reason()
     if host_platform() != "cpu":  # the extension and its ISA are this host's
         return f"the CPU handlers are chosen where the program is traced on a CPU host; this one is {host_platform()!r}"

@@ -57,8 +57,11 @@ def _choice(x2, ct: CompressedTensor, impl: str | None, platform: str) -> Choice
     else:
         fwd = _dispatch.forced(IMPLEMENTATIONS, impl, (x2, ct), what="matmul")
     same = _TRANSPOSE.get(fwd.impl)  # its own transposed kernel, run the same way, where it has one
-    if same is not None and same.reason(dy2, ct, platform=platform, interpret=fwd.interpret) is None:
-        return Choice(fwd, Config(fwd.impl, fwd.interpret))
+    if same is not None:  # (impl=None also asks whether it is the one to prefer at this M)
+        why = same.reason(dy2, ct, platform=platform, interpret=fwd.interpret) if impl is not None else \
+            same.default_reason(dy2, ct, platform=platform)
+        if why is None:
+            return Choice(fwd, Config(fwd.impl, fwd.interpret))
     return Choice(fwd, _dispatch.choose(TRANSPOSES, (dy2, ct), platform, what="matmul dx"))
 
 

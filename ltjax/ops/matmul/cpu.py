@@ -33,8 +33,8 @@ def _reason(a: jax.Array, ct: CompressedTensor, *, transpose: bool) -> str | Non
     if _cpu is None:
         return "ltjax.ffi.cpu is not available in this installation"
     if not _cpu.available():  # a broken install, not a routine fallback: said once, as a warning
-        log_once("ffi:unavailable", "ltjax: CPU FFI kernels unavailable, using the XLA path: %s",
-                 _cpu.unavailable_reason(), level=logging.WARNING)
+        log_once(_cpu.unavailable_reason(), "ltjax: CPU FFI kernels unavailable, using the XLA path: %s",
+                 _cpu.unavailable_reason(), level=logging.WARNING)  # the same key as the registry walk's note
         return _cpu.unavailable_reason()
     if host_platform() != "cpu":
         return f"the CPU handlers are chosen where the program is traced on a CPU host; this one is {host_platform()!r}"
@@ -43,11 +43,21 @@ def _reason(a: jax.Array, ct: CompressedTensor, *, transpose: bool) -> str | Non
         return f"the handlers take unsharded operands; {sharded} is sharded along an explicit mesh axis"
     if jax.device_count() > 1:
         return f"FFI custom calls are not partitioned across the {jax.device_count()} devices"
-    if a.shape[0] > MAX_M and (transpose or not _amx_int8(ct)):
-        return f"M={a.shape[0]} > {MAX_M}: the XLA path's chunked dots are faster there"
     if transpose:  # the transposed handlers take what the forward ones take, for dy [M, N]
         a = jax.ShapeDtypeStruct((a.shape[0], ct.shape[0]), a.dtype)
     return _cpu.why_not(a, ct)
+
+
+def prefer(x2, ct, *, platform: str) -> str | None:
+    if x2.shape[0] > MAX_M and not _amx_int8(ct):
+        return f"M={x2.shape[0]} > {MAX_M}: the XLA path's chunked dots are faster there"
+    return None
+
+
+def prefer_t(dy2, ct, *, platform: str) -> str | None:
+    if dy2.shape[0] > MAX_M:  # the transposed kernel is the f32 one, even on AMX
+        return f"M={dy2.shape[0]} > {MAX_M}: the XLA path's chunked dots are faster there"
+    return None
 
 
 def why_not(x2, ct, *, platform: str, interpret: bool) -> str | None:
@@ -66,5 +76,5 @@ def run_t(dy2: jax.Array, ct: CompressedTensor, *, interpret: bool) -> jax.Array
     return _cpu.matmul_t(dy2, ct)
 
 
-IMPL = Implementation("ffi", ("cpu",), False, why_not, run)
-IMPL_T = Implementation("ffi", ("cpu",), False, why_not_t, run_t)
+IMPL = Implementation("ffi", ("cpu",), False, why_not, run, prefer=prefer)
+IMPL_T = Implementation("ffi", ("cpu",), False, why_not_t, run_t, prefer=prefer_t)

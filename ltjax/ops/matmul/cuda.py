@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - an installation without the CUDA kerne
     _cuda = None
 
 
-def opt_in() -> str | None:
+def prefer(x2, ct, *, platform: str) -> str | None:
     return None if settings().cuda_gemv else "opt-in until timed on a GPU: set LTJAX_CUDA_GEMV=1 (or force impl='cuda')"
 
 
@@ -43,4 +43,4 @@ def run(x2: jax.Array, ct: CompressedTensor, *, interpret: bool):
     return _cuda.matmul(x2, ct), None  # off a GPU the same target names run the CPU emulation
 
 
-IMPL = Implementation("cuda", ("cuda",), True, why_not, run, opt_in=opt_in)
+IMPL = Implementation("cuda", ("cuda",), True, why_not, run, prefer=prefer)

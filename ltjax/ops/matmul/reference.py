@@ -15,8 +15,12 @@ from ltjax.ops.decompress.reference import decompress_reference
 
 
 def matmul_reference(x: jax.Array, ct: CompressedTensor) -> jax.Array:
-    """``x[..., K] @ W[K, N]`` by decoding ``W`` first (f32, returns ``x.dtype``): the ground truth."""
-    w = decompress_reference(ct).astype(jnp.float32)
+    """``x[..., K] @ W[K, N]`` by decoding ``W`` first, in f32 (returns ``x.dtype``): the ground truth.
+
+    The decoded weight is f32 whatever the tensor's logical dtype: ``codes * scales`` is not
+    rounded to bf16 first (every implementation multiplies the codes in f32 too).
+    """
+    w = decompress_reference(ct, jnp.float32)
     y = jnp.matmul(x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)
     return y.astype(x.dtype)
 
@@ -30,7 +34,7 @@ def run(x2: jax.Array, ct: CompressedTensor, *, interpret: bool):
 
 
 def run_t(dy2: jax.Array, ct: CompressedTensor, *, interpret: bool) -> jax.Array:
-    w = decompress_reference(ct).astype(jnp.float32)
+    w = decompress_reference(ct, jnp.float32)
     return jnp.matmul(dy2.astype(jnp.float32), w.T, precision=lax.Precision.HIGHEST)
 
 
