@@ -124,7 +124,7 @@ def info_report() -> dict[str, Any]:
     w = rng.standard_normal((256, 256)).astype(np.float32)
     w[rng.random(w.shape) < 0.5] = 0.0
     routes = {}
-    for codec in ("int8", "bitmask_int8", "bitmask"):
+    for codec in ("int8", "bitmask_int8", "bitmask", "int4"):
         ct = ltjax.compress(w, codec)
         for m in (1, 16, MAX_M + 1):
             x = jax.ShapeDtypeStruct((m, w.shape[0]), jnp.float32)

@@ -74,9 +74,10 @@ def test_info_says_what_runs_here(capsys):
     assert r["backend"] == jax.default_backend() and r["jax"] == jax.__version__
     assert r["cpu_ffi"]["loaded"] == lffi.available()
     routes = r["matmul_routes"]
-    assert set(routes) == {f"{c} M={m}" for c in ("int8", "bitmask_int8", "bitmask") for m in (1, 16, 65)}
+    assert set(routes) == {f"{c} M={m}" for c in ("int8", "bitmask_int8", "bitmask", "int4") for m in (1, 16, 65)}
     if jax.default_backend() == "cpu" and lffi.available() and jax.device_count() == 1:
         assert routes["bitmask_int8 M=1"]["impl"] == "ffi" and routes["bitmask_int8 M=1"]["why_not"] == {}
+        assert routes["int4 M=16"]["impl"] == "ffi" and routes["int4 M=16"]["backward"] == "dx: ffi"
         assert routes["bitmask_int8 M=65"]["impl"] == "xla"
         assert "M=65 > 64" in routes["bitmask_int8 M=65"]["why_not"]["ffi"]
     for route in routes.values():  # what a program lowered for another platform holds

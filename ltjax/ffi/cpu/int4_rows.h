@@ -1,7 +1,7 @@
 // Decoding int4 storage rows (docs/int4.md): codes [N, K/2] uint8, column 2j in the low nibble of
 // byte j and 2j + 1 in the high one; float16 scales [N, K/G] per group of G (32, 64, 128) columns;
 // float16 mins [N, K/G] when asymmetric. A weight is (q - 8) * s (symmetric) or q * s + m, in f32.
-// Shared by int4_matmul.cc and int4_unpack.cc. Three ways to use a row:
+// Shared by int4_matmul.cc and int4_unpack.cc. The ways to use a row:
 //
 //  * `Int4RowF32`: the decoded row, f32, in column order, into a buffer (the M > 1 micro-kernel,
 //    the transposed product, unpack). Per 32 columns: 16 code bytes, the two nibbles masked out
@@ -9,11 +9,13 @@
 //    widened, converted, and fma(q', s, c) with c = -0.0 or m: exactly the reference's f32 weight
 //    ((q - 8) s has at most 14 significant bits, and adding -0.0 keeps its sign; q s + m is q s,
 //    exact, plus m, rounded once), so unpack is bit-exact.
-//  * `GemvInt4F32`: the M = 1 dot without writing the row: the same decode in registers against x
-//    taken in "nibble order" (per 32 columns, the 16 even columns then the 16 odd ones; per 16 on
-//    AVX2), so the nibbles need no interleave. f32 products and sums, as the reference's.
-//  * `GemvInt4Vnni` (AVX-512 VNNI): x as 24-bit integers (bitmask_rows.h, XDigits) and vpdpbusd
-//    of the nibbles (0..15, the unsigned operand) against its three digits, exact in int32.
+//  * M = 1, the default: `GemvInt4Vnni` (AVX-512 VNNI) and `GemvInt4Avx2Int` (AVX2): x as 24-bit
+//    integers (bitmask_rows.h, XDigits), the nibbles (0..15, the unsigned operand) multiplied by
+//    its three digits in exact int32 sums, one f32 product per 8 columns and group scale.
+//  * M = 1, `GemvInt4F32_512` / `_256`, the f32 walk (LTJAX_FFI_VNNI=0, or NaN/inf in x): each
+//    weight decoded in registers against x in "nibble order" (per 32 columns, the 16 even columns
+//    then the 16 odd ones; per 16 on AVX2), so the nibbles need no interleave; f32 products and
+//    sums, as the reference's.
 #pragma once
 
 #include "bitmask_rows.h"
