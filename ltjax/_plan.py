@@ -96,6 +96,13 @@ class Plan:
     def entry(self, path: str) -> PlanEntry | None:
         return self._by_path.get(path)
 
+    def replan(self, *, budget_bytes: int | None = None, bits_per_weight: float | None = None) -> Plan:
+        """The same leaves and measured options under another budget (nothing is measured again)."""
+        budget, what = _budget(budget_bytes, bits_per_weight, self.elements, self.fixed_nbytes)
+        entries = [(e.path, e.shape, e.dtype, e.layers, list(e.options)) for e in self.entries]
+        return dataclasses.replace(self, entries=tuple(choose(entries, budget, self.fixed_nbytes, what)),
+                                   budget_nbytes=budget)
+
     @property
     def _by_path(self) -> dict[str, PlanEntry]:
         d = self.__dict__.get("_paths")
@@ -314,6 +321,18 @@ def choose(entries: list[tuple[str, tuple[int, ...], str, int, list[Option]]], b
     return out
 
 
+def _budget(budget_bytes, bits_per_weight, elements: int, fixed: int) -> tuple[int, str]:
+    """(bytes the planned leaves may take, the budget as the user gave it)."""
+    if (budget_bytes is None) == (bits_per_weight is None):
+        raise ValueError("plan: give exactly one of budget_bytes= and bits_per_weight=")
+    for what, v in (("budget_bytes", budget_bytes), ("bits_per_weight", bits_per_weight)):
+        if v is not None and not (isinstance(v, (int, float, np.integer, np.floating)) and v > 0):
+            raise ValueError(f"plan: {what}={v!r} must be a positive number")
+    if budget_bytes is not None:
+        return int(budget_bytes) - fixed, f"budget_bytes={int(budget_bytes)}"
+    return int(math.floor(bits_per_weight * elements / 8)), f"bits_per_weight={bits_per_weight}"
+
+
 # ---------------------------------------------------------------------- the public planner
 def plan(
     tree: Any,
@@ -375,11 +394,7 @@ def plan_leaves(flat: list[tuple[str, Any]], hits: set[str], *, budget_bytes, bi
     from ltjax._analyze import Policy, selection_reason
 
     policy = Policy() if policy is None else policy
-    if (budget_bytes is None) == (bits_per_weight is None):
-        raise ValueError("plan: give exactly one of budget_bytes= and bits_per_weight=")
-    for what, v in (("budget_bytes", budget_bytes), ("bits_per_weight", bits_per_weight)):
-        if v is not None and not (isinstance(v, (int, float, np.integer, np.floating)) and v > 0):
-            raise ValueError(f"plan: {what}={v!r} must be a positive number")
+    _budget(budget_bytes, bits_per_weight, 0, 0)  # checked before anything is measured
     calibration = dict(calibration or {})
     unknown = sorted(set(calibration) - {p for p, _ in flat})
     if unknown:
@@ -415,10 +430,6 @@ def plan_leaves(flat: list[tuple[str, Any]], hits: set[str], *, budget_bytes, bi
             else:
                 entries.append((path, tuple(shape), str(a.dtype), layers, opts))
             bar.step(leaf_nbytes(leaf))
-    elements = sum(math.prod(e[1]) for e in entries)
-    if budget_bytes is not None:
-        budget, what = int(budget_bytes) - fixed, f"budget_bytes={int(budget_bytes)}"
-    else:
-        budget, what = int(math.floor(bits_per_weight * elements / 8)), f"bits_per_weight={bits_per_weight}"
+    budget, what = _budget(budget_bytes, bits_per_weight, sum(math.prod(e[1]) for e in entries), fixed)
     chosen = choose(entries, budget, fixed, what)
     return Plan(tuple(chosen), fixed, budget, policy, calibration or None)

@@ -67,12 +67,16 @@ def test_budget_bytes_counts_the_whole_tree():
 def test_more_bytes_never_more_damage():
     tree = _tree(1)
     damages = []
-    for bits in np.linspace(4.15, 14.0, 25):
-        plan = ltjax.plan(tree, bits_per_weight=float(bits))
+    first = ltjax.plan(tree, bits_per_weight=4.15)
+    for bits in np.linspace(4.15, 14.0, 40):
+        plan = first.replan(bits_per_weight=float(bits))  # the same measured options, another budget
         assert plan.bits_per_weight <= bits
         damages.append(plan.damage)
     assert all(b <= a for a, b in zip(damages, damages[1:])), damages
     assert damages[0] > damages[-1]
+    for bits in (4.3, 6.0, 9.0):  # replan is plan
+        again = ltjax.plan(tree, bits_per_weight=bits)
+        assert [e.chosen for e in again.entries] == [e.chosen for e in first.replan(bits_per_weight=bits).entries]
 
 
 def test_mixing_beats_uniform_int4_at_the_same_bytes():
