@@ -286,6 +286,8 @@ def compress(
     >>> ct.codec, ct.shape
     ('bitmask', (64, 64))
     """
+    if calibration is not None and codec != "int4":
+        raise ValueError(f"calibration= applies to codec 'int4' (GPTQ), not {codec!r}")
     if codec == "auto":
         codecs = _codec_tuple(codecs, "codecs")
         error_budget = _budget(error_budget, codecs, "error_budget")
@@ -293,8 +295,6 @@ def compress(
         codec = stats.best(error_budget, codecs).codec
     elif codec not in CODECS:
         raise ValueError(f"{codec=} is not a codec; choose 'auto' or one of {CODECS}")
-    if calibration is not None and codec != "int4":
-        raise ValueError(f"calibration= applies to codec 'int4' (GPTQ), not {codec!r}")
     if codec != "int4":
         return pack(x, codec, tile=tile, axis=axis, name=name)
     int4 = None
@@ -410,6 +410,7 @@ class CompressionReport:
         return self.dense_nbytes / self.nbytes if self.nbytes else float("inf")
 
     def __str__(self) -> str:
+        calibrated = any(l.out_error is not None for l in self.leaves)  # ‖X (W − Q)‖ / ‖X W‖ where measured
         rows = [
             [
                 l.path,
@@ -420,13 +421,16 @@ class CompressionReport:
                 _fmt_bytes(l.nbytes),
                 f"{l.dense_nbytes / l.nbytes:.2f}x" if l.nbytes else "-",
                 "-" if l.rel_error is None else f"{l.rel_error:.2e}",
+                *(["-" if l.out_error is None else f"{l.out_error:.2e}"] if calibrated else []),
                 l.reason,
             ]
             for l in self.leaves
         ]
         rows.append(["TOTAL", "", "", "", _fmt_bytes(self.dense_nbytes), _fmt_bytes(self.nbytes), f"{self.ratio:.2f}x",
-                     "", ""])
-        out = _table(["leaf", "shape", "dtype", "codec", "dense", "stored", "ratio", "rel err", "note"], rows)
+                     "", *([""] if calibrated else []), ""])
+        head = ["leaf", "shape", "dtype", "codec", "dense", "stored", "ratio", "rel err",
+                *(["out err"] if calibrated else []), "note"]
+        out = _table(head, rows)
         if self.unmatched_skip:
             out += f"\nskip patterns that matched no leaf: {', '.join(self.unmatched_skip)}"
         return out

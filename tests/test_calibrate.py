@@ -99,8 +99,10 @@ def test_calibration_errors_are_clear():
     bad[3, 4], bad[5, 6] = np.nan, np.inf
     with pytest.raises(ValueError, match="2 non-finite values"):
         ltjax.compress(w, "int4", calibration=bad)
-    with pytest.raises(ValueError, match="calibration= applies to codec 'int4'"):
+    with pytest.raises(ValueError, match="calibration= applies to codec 'int4' \\(GPTQ\\), not 'int8'"):
         ltjax.compress(w, "int8", calibration=_inputs(200, 128))
+    with pytest.raises(ValueError, match="not 'auto'"):
+        ltjax.compress(w, calibration=_inputs(200, 128))
     with pytest.raises(ValueError, match=r"must be \[tokens, K\]"):
         ltjax.compress(w, "int4", calibration=np.ones((2, 100, 128), np.float32))
     with pytest.raises(ValueError, match="channel axis last"):
@@ -188,6 +190,7 @@ def test_compress_params_with_calibration_runs_gptq_per_kernel_and_layer():
     rtn, rep_rtn = ltjax.nn.compress_params(params, policy, **kw)
     cal, rep = ltjax.nn.compress_params(params, policy, calibration=stats, **kw)
     by = {l.path: l for l in rep.leaves}
+    assert "out err" in str(rep) and "out err" not in str(rep_rtn)
     for path in ("merge/kernel", "heads/kernel", "stack/fc/kernel", "out/kernel"):
         assert by[path].codec == "int4" and "GPTQ on" in by[path].reason, by[path]
         assert by[path].out_error is not None
