@@ -23,6 +23,12 @@
 namespace ltjax {
 
 constexpr int64_t kInt4Block = 128;  // columns per step of the VNNI GEMV (64 code bytes, one zmm)
+// The GEMVs prefetch the codes of the rows this many ahead, at the column they are reading, into
+// L2 (the int8 GEMV's scheme, docs/ffi.md "Cold-cache GEMV": a row of K = 8192 int4 codes is one
+// 4 KiB page, where the hardware prefetchers stop). Into L2, not L1: 8 rows ahead into L1 is 32 KiB,
+// a Zen 4 core's whole L1D, so the lines were evicted before use (8192^2, cold, 2 threads: median
+// 2.7 ms with _MM_HINT_T0 8 rows ahead, 2.2-2.4 ms with _MM_HINT_T1 8 or 16 ahead, 3.5 ms without).
+constexpr int64_t kInt4PrefetchRows = 16;
 
 struct Int4Weight {
   const uint8_t* codes;   // [n, k / 2]
@@ -127,8 +133,7 @@ inline void Int4NibbleOrder(const float* x, int64_t kp, int64_t p, float* out) {
 }
 
 // out[r] = dot(decoded row n + r, x) for R rows; `xn` in nibble order of 32; `s`, `c` the rows'
-// scales and offsets (row r at r * gs); `pf`: the rows to prefetch (the block 8 rows ahead, as
-// the int8 GEMV: docs/ffi.md "Cold-cache GEMV").
+// scales and offsets (row r at r * gs); `pf`: the rows to prefetch (kInt4PrefetchRows ahead).
 template <int R>
 LTJAX_AVX512 LTJAX_INLINE void DotInt4F32_512(const Int4Weight& w, int64_t n, const float* xn, const float* s,
                                               const float* c, int64_t gs, const uint8_t* pf, float* out) {
@@ -142,7 +147,7 @@ LTJAX_AVX512 LTJAX_INLINE void DotInt4F32_512(const Int4Weight& w, int64_t n, co
     for (int r = 0; r < R; ++r) vs[r] = _mm512_set1_ps(s[r * gs + g]), vc[r] = _mm512_set1_ps(c[r * gs + g]);
     for (int64_t j = g * w.g; j < (g + 1) * w.g; j += 32) {
       if ((j & 127) == 0)
-        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf + r * ld + j / 2), _MM_HINT_T0);
+        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf + r * ld + j / 2), _MM_HINT_T1);
       const __m512 x0 = _mm512_loadu_ps(xn + j), x1 = _mm512_loadu_ps(xn + j + 16);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
@@ -169,7 +174,7 @@ LTJAX_AVX2 LTJAX_INLINE void DotInt4F32_256(const Int4Weight& w, int64_t n, cons
   for (int64_t g = 0; g < w.groups(); ++g) {
     for (int64_t j = g * w.g; j < (g + 1) * w.g; j += 16) {
       if ((j & 127) == 0)
-        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf + r * ld + j / 2), _MM_HINT_T0);
+        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf + r * ld + j / 2), _MM_HINT_T1);
       const __m256 x0 = _mm256_loadu_ps(xn + j), x1 = _mm256_loadu_ps(xn + j + 8);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
@@ -196,7 +201,7 @@ LTJAX_AVX2 LTJAX_INLINE void DotInt4F32_256(const Int4Weight& w, int64_t n, cons
     for (int64_t n = n0; n < n1;) {                                                         \
       const int rows = n + 4 <= n1 ? 4 : 1;                                                 \
       for (int r = 0; r < rows; ++r) Int4RowScales(w, n + r, s + r * gs, c + r * gs);       \
-      if (rows == 4) DOT<4>(w, n, xn, s, c, gs, w.codes + std::min(n + 8, w.n - 4) * w.ld(), d); \
+      if (rows == 4) DOT<4>(w, n, xn, s, c, gs, w.codes + std::min(n + kInt4PrefetchRows, w.n - 4) * w.ld(), d); \
       else DOT<1>(w, n, xn, s, c, gs, w.codes + n * w.ld(), d);                             \
       for (int r = 0; r < rows; ++r) StoreOut(elt, y, n + r, d[r]);                         \
       n += rows;                                                                            \
@@ -309,7 +314,7 @@ LTJAX_AVX512_VNNI LTJAX_INLINE void DotInt4Vnni(const Int4Weight& w, int64_t n, 
     const __m512i e8 = _mm512_loadu_si512(xd.e8 + 16 * b);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(pf + r * ld + b * 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pf + r * ld + b * 64), _MM_HINT_T1);
       const __m512i v = b < full ? _mm512_loadu_si512(p[r] + b * 64) : _mm512_maskz_loadu_epi8(tail, p[r] + b * 64);
       const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
       // ((T2 * 256 + T1) * 256 + T0) in one accumulator: the shifts between the digits' sums
@@ -344,7 +349,7 @@ LTJAX_AVX512 inline float Int4MidpointTerm(const uint16_t* mh, const float* s, c
 }
 
 // y[n] for rows [n0, n1): four rows per pass (x's digits loaded once for four; four streams of
-// codes in flight, with the prefetch of the block 8 rows ahead), the rest one by one.
+// codes in flight, with the prefetch of the rows kInt4PrefetchRows ahead), the rest one by one.
 LTJAX_AVX512_VNNI inline void GemvInt4Vnni(const Int4Weight& w, const Int4Digits& xd, int64_t n0, int64_t n1,
                                            Elt elt, void* y) {
   const int64_t groups = w.groups(), gs = groups + 32;  // room for F16RowToF32_512's last 16
@@ -353,7 +358,7 @@ LTJAX_AVX512_VNNI inline void GemvInt4Vnni(const Int4Weight& w, const Int4Digits
   for (int64_t n = n0; n < n1;) {
     const int rows = n + 4 <= n1 ? 4 : 1;
     for (int r = 0; r < rows; ++r) F16RowToF32_512(w.scales + (n + r) * groups, groups, s + r * gs);
-    if (rows == 4) DotInt4Vnni<4>(w, n, xd, s, gs, w.codes + std::min(n + 8, w.n - 4) * w.ld(), d);
+    if (rows == 4) DotInt4Vnni<4>(w, n, xd, s, gs, w.codes + std::min(n + kInt4PrefetchRows, w.n - 4) * w.ld(), d);
     else DotInt4Vnni<1>(w, n, xd, s, gs, w.codes + n * w.ld(), d);
     for (int r = 0; r < rows; ++r) {
       float dot = d[r];
@@ -433,7 +438,7 @@ LTJAX_AVX2 LTJAX_INLINE void DotInt4Avx2Int(const Int4Weight& w, int64_t n, cons
     const int64_t g0 = (b * kInt4Block256) >> gshift;  // the block's first group
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      if ((b & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(pf + r * ld + b * 32), _MM_HINT_T0);
+      if ((b & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(pf + r * ld + b * 32), _MM_HINT_T1);
       const __m256i v = b < full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[r] + b * 32))
                                  : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + b * 32)));
       const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
@@ -472,7 +477,7 @@ LTJAX_AVX2 inline void GemvInt4Avx2Int(const Int4Weight& w, const Int4Digits& xd
   for (int64_t n = n0; n < n1;) {
     const int rows = n + 4 <= n1 ? 4 : 1;
     for (int r = 0; r < rows; ++r) F16RowToF32(w.scales + (n + r) * groups, groups, s + r * gs);
-    if (rows == 4) DotInt4Avx2Int<4>(w, n, xd, s, gs, w.codes + std::min(n + 8, w.n - 4) * w.ld(), d);
+    if (rows == 4) DotInt4Avx2Int<4>(w, n, xd, s, gs, w.codes + std::min(n + kInt4PrefetchRows, w.n - 4) * w.ld(), d);
     else DotInt4Avx2Int<1>(w, n, xd, s, gs, w.codes + n * w.ld(), d);
     for (int r = 0; r < rows; ++r) {
       float dot = d[r];
