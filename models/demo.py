@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ltjax
+from benchmarks._common import cpu_model
 from models import generate as gen, llama, perplexity as ppl
 
 PROMPT = "The capital of France is"
@@ -230,18 +231,6 @@ def llama_cpp_lines(ref: dict) -> list[str]:
     """The quoted llama.cpp figures, one line per machine, each naming the machine and the source."""
     return [f"on {machine}: " + ", ".join(f"{lo}-{hi} tok/s {fmt}" for fmt, (lo, hi) in q["tok_s"].items())
             + f" ({q['source']})" for machine, q in ref.items()]
-
-
-def cpu_model() -> str | None:
-    """This machine's CPU model name (Linux /proc/cpuinfo), or None."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def print_report(r: dict) -> None:
@@ -517,7 +506,7 @@ def main(argv=None) -> int:
         "backend": jax.default_backend(),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu_model(),  # benchmarks._common's: the one reading of the CPU's name
         "codec": args.codec,
         "main": main_name,
         "int4": {"groups": int4_groups, **int4_kw},

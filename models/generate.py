@@ -78,7 +78,7 @@ def compress_params(
     Goes through ``ltjax.compress_tree`` under `weight_policy` (``error_budget`` is used by
     ``"auto"`` only; ``group`` / ``asymmetric`` / ``int4_embedding`` by ``"int4"``, whose
     embedding is then int8 unless ``int4_embedding``: on SmolLM2 an int4 embedding costs
-    +5.8% perplexity, and its lookup decodes the whole table; a kernel whose K the group does
+    +5.8% perplexity (its lookup decodes only the gathered rows); a kernel whose K the group does
     not divide is int8 too, the report giving int4's reason). ``"gguf"``: ``params`` already
     hold a GGUF file's own quantization (`load_model` with ``keep_quantized=True``) and are
     returned as they are. With ``return_report=True`` returns ``(params, report)``, the report
@@ -431,8 +431,7 @@ def add_int4_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--symmetric", action="store_true",
                    help="int4: no min per group, (q - 8) * s (Q4_0's rule; default: q * s + m, Q4_1's)")
     p.add_argument("--int4-embedding", action="store_true",
-                   help="int4: the embedding in int4 too (default int8: int4 costs SmolLM2 +5.8%% perplexity and "
-                        "its lookup decodes the whole table)")
+                   help="int4: the embedding in int4 too (default int8: int4 costs SmolLM2 +5.8%% perplexity)")
     p.add_argument("--gguf-q8", choices=("exact", "int8"), default="exact",
                    help="gguf: a Q8_0 tensor whose block scales vary along rows stays exact f32 (default) or is "
                         "requantised to int8 (a second rounding)")

@@ -112,6 +112,21 @@ def explicit_sharding(*arrays: Any) -> str | None:
     return None
 
 
+def custom_call_reason(kind: str, host: str, *operands: Any) -> str | None:
+    """Why host-bound custom-call kernels (``kind``: their extension, ISA and runtime are this host's)
+    cannot be chosen for ``operands``: traced on another platform than ``host``, an explicitly
+    sharded operand (a custom call's result carries no sharding), or several devices (a custom
+    call is not partitioned: its operands would be all-gathered)."""
+    if host_platform() != host:
+        return f"the {kind} are chosen where the program is traced on a {host} host; this one is {host_platform()!r}"
+    sharded = explicit_sharding(*operands)
+    if sharded is not None:
+        return f"the {kind} take unsharded operands; {sharded} is sharded along an explicit mesh axis"
+    if jax.device_count() > 1:
+        return f"FFI custom calls are not partitioned across the {jax.device_count()} devices"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Explanation:
     """What an op runs for given arguments, and why not every other implementation.

@@ -1,4 +1,4 @@
-"""`ltjax.matmul` on the CPU handlers (`ltjax.ffi.cpu`, XLA FFI custom calls): int8 and bitmask codecs.
+"""`ltjax.matmul` on the CPU handlers (`ltjax.ffi.cpu`, XLA FFI custom calls): int8, int4 and bitmask codecs.
 
 Chosen up to `MAX_M` rows of x: above it the XLA path's chunked dots beat the handlers' GEMM
 (docs/ffi.md), except the int8 GEMM on AMX tiles, which wins at every M measured (to 1024);
@@ -9,43 +9,26 @@ device (a custom call is not partitioned: its operands would be all-gathered).
 
 from __future__ import annotations
 
-import logging
-
 import jax
 
-from ltjax._config import host_platform, log_once
 from ltjax._format import CompressedTensor
-from ltjax.ops._dispatch import Implementation, explicit_sharding
-
-try:
-    from ltjax.ffi import cpu as _cpu
-except ImportError:  # pragma: no cover - an installation without the CPU handlers' Python side
-    _cpu = None
+from ltjax.ops import _cpu
+from ltjax.ops._dispatch import Implementation
 
 MAX_M = 64
 
 
 def _amx_int8(ct: CompressedTensor) -> bool:
-    return ct.codec == "int8" and bool(_cpu.info().get("amx"))
+    return ct.codec == "int8" and bool(_cpu.handlers.info().get("amx"))
 
 
 def _reason(a: jax.Array, ct: CompressedTensor, *, transpose: bool) -> str | None:
-    if _cpu is None:
-        return "ltjax.ffi.cpu is not available in this installation"
-    if not _cpu.available():  # a broken install, not a routine fallback: said once, as a warning
-        log_once(_cpu.unavailable_reason(), "ltjax: CPU FFI kernels unavailable, using the XLA path: %s",
-                 _cpu.unavailable_reason(), level=logging.WARNING)  # the same key as the registry walk's note
-        return _cpu.unavailable_reason()
-    if host_platform() != "cpu":
-        return f"the CPU handlers are chosen where the program is traced on a CPU host; this one is {host_platform()!r}"
-    sharded = explicit_sharding(a, ct)
-    if sharded is not None:  # a custom call's result carries no sharding; the XLA path's does
-        return f"the handlers take unsharded operands; {sharded} is sharded along an explicit mesh axis"
-    if jax.device_count() > 1:
-        return f"FFI custom calls are not partitioned across the {jax.device_count()} devices"
+    why = _cpu.reason(a, ct)
+    if why is not None:
+        return why
     if transpose:  # the transposed handlers take what the forward ones take, for dy [M, N]
         a = jax.ShapeDtypeStruct((a.shape[0], ct.shape[0]), a.dtype)
-    return _cpu.why_not(a, ct)
+    return _cpu.handlers.why_not(a, ct)
 
 
 def prefer(x2, ct, *, platform: str) -> str | None:
@@ -69,11 +52,11 @@ def why_not_t(dy2, ct, *, platform: str, interpret: bool) -> str | None:
 
 
 def run(x2: jax.Array, ct: CompressedTensor, *, interpret: bool):
-    return _cpu.matmul(x2, ct).astype(x2.dtype), None
+    return _cpu.handlers.matmul(x2, ct).astype(x2.dtype), None
 
 
 def run_t(dy2: jax.Array, ct: CompressedTensor, *, interpret: bool) -> jax.Array:
-    return _cpu.matmul_t(dy2, ct)
+    return _cpu.handlers.matmul_t(dy2, ct)
 
 
 IMPL = Implementation("ffi", ("cpu",), False, why_not, run, prefer=prefer)

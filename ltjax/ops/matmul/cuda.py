@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import jax
 
-from ltjax._config import host_platform, settings
+from ltjax._config import settings
 from ltjax._format import CompressedTensor
-from ltjax.ops._dispatch import Implementation, explicit_sharding
+from ltjax.ops._dispatch import Implementation, custom_call_reason
 
 try:
     from ltjax.ffi import cuda as _cuda
@@ -28,14 +28,9 @@ def why_not(x2: jax.Array, ct: CompressedTensor, *, platform: str, interpret: bo
     if _cuda is None:
         return "ltjax.ffi.cuda is not available in this installation"
     if not interpret:
-        if host_platform() != "cuda":
-            return (f"the CUDA kernels are chosen where the program is traced on a CUDA host; "
-                    f"this one is {host_platform()!r}")
-        sharded = explicit_sharding(x2, ct)
-        if sharded is not None:
-            return f"the kernels take unsharded operands; {sharded} is sharded along an explicit mesh axis"
-        if jax.device_count() > 1:
-            return f"FFI custom calls are not partitioned across the {jax.device_count()} devices"
+        why = custom_call_reason("CUDA kernels", "cuda", x2, ct)
+        if why is not None:
+            return why
     return _cuda.why_not(x2, ct, emulate=interpret)
 
 
