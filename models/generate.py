@@ -29,7 +29,7 @@ import numpy as np
 
 from models.llama import Llama, LlamaConfig, cache_nbytes, init_cache
 
-CODECS = ("none", "int8", "int4", "auto", "raw", "gguf")
+CODECS = ("none", "int8", "int4", "auto", "raw", "gguf", "plan")
 # int4's default scale group: SmolLM2's GGUF is Q4_1, 32-groups along K with a min (asymmetric), so
 # 32 reproduces its linear weights almost exactly; other groups round them again.
 INT4_GROUP = 32
@@ -43,7 +43,7 @@ DEFAULT_ERROR_BUDGET = 0.01
 
 
 def weight_policy(codec: str, error_budget: float | None = DEFAULT_ERROR_BUDGET, *, group: int = INT4_GROUP,
-                  asymmetric: bool = True, int4_embedding: bool = False):
+                  asymmetric: bool = True, int4_embedding: bool = False, bits: float | None = None):
     """The `ltjax.Policy` for ``codec``: one codec for every weight, or the analyzer's pick.
 
     ``"int8"`` / ``"raw"``: every Dense kernel and the embedding in that codec. ``"int4"``: the
@@ -51,6 +51,9 @@ def weight_policy(codec: str, error_budget: float | None = DEFAULT_ERROR_BUDGET,
     Q4_1's rule; else Q4_0's); the embedding is skipped here (`compress_params` stores it int8)
     unless ``int4_embedding``. ``"auto"``: per tensor, the smallest codec whose relative error is
     within ``error_budget`` (``None``: lossless only), tensors that nothing shrinks stay dense.
+    ``"plan"``: the byte-budget planner (`ltjax.plan`) gives each weight, the embedding included,
+    dense, int8 or int4 (groups 32/64/128, symmetric or asymmetric) so that they average at most
+    ``bits`` bits per weight with the least relative weight error (the `ltjax.Plan`'s damage).
     1-D leaves (norm scales) and leaves under 4096 elements stay dense under every policy; the
     embedding's rows are its channels (`ltjax.Policy`'s default ``axes``), so a lookup decodes
     only its rows.
@@ -59,6 +62,10 @@ def weight_policy(codec: str, error_budget: float | None = DEFAULT_ERROR_BUDGET,
 
     if codec not in CODECS or codec in ("none", "gguf"):
         raise ValueError(f"{codec=} must be one of {tuple(c for c in CODECS if c not in ('none', 'gguf'))}")
+    if (codec == "plan") != (bits is not None):
+        raise ValueError(f"{bits=} is the budget of codec 'plan' (give both or neither; {codec=})")
+    if codec == "plan":
+        return ltjax.Policy(codec="auto", codecs=("raw", "int8", "int4"), bits=bits, min_size=4096)
     if codec == "auto":
         if error_budget is not None and not error_budget >= 0:
             raise ValueError(f"{error_budget=} must be >= 0 (or None for lossless only)")
@@ -71,7 +78,7 @@ def weight_policy(codec: str, error_budget: float | None = DEFAULT_ERROR_BUDGET,
 
 def compress_params(
     params, codec: str | None, *, error_budget: float | None = DEFAULT_ERROR_BUDGET, group: int = INT4_GROUP,
-    asymmetric: bool = True, int4_embedding: bool = False, return_report: bool = False
+    asymmetric: bool = True, int4_embedding: bool = False, bits: float | None = None, return_report: bool = False
 ):
     """Compresses Dense/Embed weights with ltjax (``codec`` in `CODECS`); "none" returns ``params``.
 
@@ -79,7 +86,8 @@ def compress_params(
     ``"auto"`` only; ``group`` / ``asymmetric`` / ``int4_embedding`` by ``"int4"``, whose
     embedding is then int8 unless ``int4_embedding``: on SmolLM2 an int4 embedding costs
     +5.8% perplexity (its lookup decodes only the gathered rows); a kernel whose K the group does
-    not divide is int8 too, the report giving int4's reason). ``"gguf"``: ``params`` already
+    not divide is int8 too, the report giving int4's reason). ``"plan"``: `weight_policy`'s
+    planner under ``bits`` bits per weight (each leaf's choice and why in the report). ``"gguf"``: ``params`` already
     hold a GGUF file's own quantization (`load_model` with ``keep_quantized=True``) and are
     returned as they are. With ``return_report=True`` returns ``(params, report)``, the report
     being the `ltjax.CompressionReport` (``None`` for "none"). On a GPU the bitmask weights
@@ -87,8 +95,9 @@ def compress_params(
     instead of counting it from the mask in every decode step.
 
     Raises:
-      ValueError: unknown codec, a negative error budget, or "gguf" on params with no
-        compressed leaf.
+      ValueError: unknown codec, a negative error budget, "plan" without ``bits`` (or ``bits``
+        with another codec), a budget no assignment meets (the planner's message gives the
+        smallest size there is), or "gguf" on params with no compressed leaf.
       ImportError: ltjax (or its ``compress_tree``) is not available.
     """
     if codec in (None, "none"):
@@ -105,7 +114,8 @@ def compress_params(
             raise ValueError("codec 'gguf' keeps a GGUF file's own quantization: load the params with "
                              "load_model(..., keep_quantized=True) (loaders.load_gguf(path, keep_quantized=True))")
         return (params, ltjax.tree_report(params)) if return_report else params
-    policy = weight_policy(codec, error_budget, group=group, asymmetric=asymmetric, int4_embedding=int4_embedding)
+    policy = weight_policy(codec, error_budget, group=group, asymmetric=asymmetric, int4_embedding=int4_embedding,
+                           bits=bits)
     params, report = ltjax.compress_tree(params, policy=policy, return_report=True)
     if codec == "int4":  # the embedding (unless int4_embedding) and what int4 refused, as int8
         params, rep8 = ltjax.compress_tree(params, policy=weight_policy("int8"), return_report=True)
@@ -425,21 +435,38 @@ def load_model(checkpoint: str | None = None, random_init: bool = False, seed: i
 
 
 def add_int4_args(p: argparse.ArgumentParser) -> None:
-    """``--group``, ``--symmetric``, ``--int4-embedding`` (``--codec int4``) and ``--gguf-q8`` (``--codec gguf``)."""
+    """``--group``, ``--symmetric``, ``--int4-embedding`` (``--codec int4``), ``--bits`` (``--codec plan``) and
+    ``--gguf-q8`` (``--codec gguf``)."""
     p.add_argument("--group", type=int, choices=(32, 64, 128), default=INT4_GROUP,
                    help="int4: weights per scale along K (default %(default)s: SmolLM2's Q4_1 blocks)")
     p.add_argument("--symmetric", action="store_true",
                    help="int4: no min per group, (q - 8) * s (Q4_0's rule; default: q * s + m, Q4_1's)")
     p.add_argument("--int4-embedding", action="store_true",
                    help="int4: the embedding in int4 too (default int8: int4 costs SmolLM2 +5.8%% perplexity)")
+    p.add_argument("--bits", type=float, default=None, metavar="B",
+                   help="the planner (ltjax.plan) picks each weight's codec (dense, int8, int4 at a group) so the "
+                        "weights average at most B bits, scales counted (implies --codec plan; e.g. 4.5)")
     p.add_argument("--gguf-q8", choices=("exact", "int8"), default="exact",
                    help="gguf: a Q8_0 tensor whose block scales vary along rows stays exact f32 (default) or is "
                         "requantised to int8 (a second rounding)")
 
 
 def int4_kwargs(args) -> dict:
-    """`compress_params`' int4 keywords from `add_int4_args`' flags."""
-    return dict(group=args.group, asymmetric=not args.symmetric, int4_embedding=args.int4_embedding)
+    """`compress_params`' int4 / plan keywords from `add_int4_args`' flags."""
+    return dict(group=args.group, asymmetric=not args.symmetric, int4_embedding=args.int4_embedding, bits=args.bits)
+
+
+def resolve_bits(p: argparse.ArgumentParser, args) -> None:
+    """``--bits`` means ``--codec plan``: sets it, or stops with a usage error where another codec was given."""
+    if args.bits is None:
+        if getattr(args, "codec", None) == "plan":
+            p.error("--codec plan needs --bits B (the budget in bits per weight)")
+        return
+    if not args.bits > 0:
+        p.error(f"--bits {args.bits} must be a positive number of bits per weight")
+    if getattr(args, "codec", None) not in (None, "none", "plan"):
+        p.error(f"--bits {args.bits} is the planner's budget (--codec plan), not an option of --codec {args.codec}")
+    args.codec = "plan"
 
 
 # ------------------------------------------------------------------ op path
@@ -491,6 +518,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="a random tiny model with a byte tokenizer (tests)")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the EOS token")
     args = p.parse_args(argv)
+    resolve_bits(p, args)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     if not args.error_budget >= 0:
@@ -512,6 +540,8 @@ def main(argv=None) -> int:
                                          **int4_kwargs(args))
     except ImportError as e:
         p.error(f"--codec {args.codec} needs ltjax weight compression, not available here: {e}")
+    except ValueError as e:  # e.g. a --bits budget no assignment meets
+        p.error(f"--codec {args.codec}: {e}")
     if report is not None:
         codecs = sorted({leaf.codec for leaf in report.leaves})
         print(

@@ -2,6 +2,7 @@
 
     python -m models.perplexity --windows 2 --window-len 512 [--json]
     python -m models.perplexity --codec int4 [--group 32|64|128] [--symmetric] [--int4-embedding]
+    python -m models.perplexity --bits 4.5
     python -m models.perplexity --variants dense,int8,int4,gguf
 
 The text defaults to the Python docs shipped with the standard library
@@ -18,6 +19,8 @@ Rows:
   int8+kv8   both.
   int4, int4+kv8   ltjax int4 weights (``--group``, ``--symmetric``; embedding int8 unless
              ``--int4-embedding``), without / with the int8 cache.
+  plan, plan+kv8   each weight's codec chosen by the planner (`ltjax.plan`) so the weights
+             average at most ``--bits`` bits per weight (``--bits B`` alone: dense and plan).
   gguf, gguf+kv8   the GGUF file's own quantization (its Q4_0 / Q4_1 tensors as ltjax int4,
              no second rounding; ``--gguf-q8`` for a Q8_0 embedding): on SmolLM2 these
              decode to exactly the dense row's weights.
@@ -45,7 +48,8 @@ from models.generate import add_int4_args, compress_params, int4_kwargs, make_ap
 from models.llama import LlamaConfig, init_cache
 
 VARIANTS = {"dense": ("none", None), "kv8": ("none", "int8"), "int8": ("int8", None), "int8+kv8": ("int8", "int8"),
-            "int4": ("int4", None), "int4+kv8": ("int4", "int8"), "gguf": ("gguf", None), "gguf+kv8": ("gguf", "int8")}
+            "int4": ("int4", None), "int4+kv8": ("int4", "int8"), "plan": ("plan", None), "plan+kv8": ("plan", "int8"),
+            "gguf": ("gguf", None), "gguf+kv8": ("gguf", "int8")}
 DEFAULT_VARIANTS = ("dense", "kv8", "int8", "int8+kv8")
 
 
@@ -101,7 +105,8 @@ def run_variants(params, config, windows, variants=DEFAULT_VARIANTS, *, gguf_par
     """Runs each named variant of `VARIANTS`; a missing weight codec gives ``{"unavailable": ...}``.
 
     ``gguf_params``: the GGUF file's own quantization (`models.generate.load_model` with
-    ``keep_quantized=True``), for the gguf rows. ``int4``: `compress_params`' int4 keywords.
+    ``keep_quantized=True``), for the gguf rows. ``int4``: `compress_params`' int4 keywords
+    (`models.generate.int4_kwargs`; its ``bits`` is the plan rows' budget).
     Each available row also carries ``vs_dense`` (its perplexity over the dense row's) when
     the dense row ran.
     """
@@ -115,7 +120,8 @@ def run_variants(params, config, windows, variants=DEFAULT_VARIANTS, *, gguf_par
         try:
             if codec not in compressed:
                 source = gguf_params if codec == "gguf" else params
-                compressed[codec] = (compress_params(source, codec, **int4), make_apply_fn(config, codec))
+                kw = {k: v for k, v in int4.items() if k != "bits" or codec == "plan"}
+                compressed[codec] = (compress_params(source, codec, **kw), make_apply_fn(config, codec))
         except ImportError as e:
             results[name] = {"unavailable": f"codec {codec!r}: {e}"}
             continue
@@ -145,11 +151,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.codec and args.variants:
         p.error("--codec C means --variants dense,C: give one of them")
+    if args.bits is not None and not args.bits > 0:
+        p.error(f"--bits {args.bits} must be a positive number of bits per weight")
+    if args.bits is not None and not args.codec and not args.variants:
+        args.codec = "plan"
     spec = f"dense,{args.codec}" if args.codec else args.variants or ",".join(DEFAULT_VARIANTS)
     variants = [v for v in spec.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         p.error(f"--variants {spec!r}: unknown {unknown}; choose from {list(VARIANTS)}")
+    if any(VARIANTS[v][0] == "plan" for v in variants) != (args.bits is not None):
+        p.error(f"--bits is the budget of the plan rows and only theirs: give both or neither (rows {variants}, "
+                f"--bits {args.bits})")
     if args.windows < 1 or args.window_len < 2:
         p.error(f"--windows {args.windows} must be >= 1 and --window-len {args.window_len} >= 2")
     if args.text_file and not os.path.isfile(args.text_file):
@@ -178,7 +191,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     load_before = os.getloadavg()
-    results = run_variants(params, config, windows, variants, gguf_params=gguf_params, **int4_kwargs(args))
+    try:
+        results = run_variants(params, config, windows, variants, gguf_params=gguf_params, **int4_kwargs(args))
+    except ValueError as e:  # e.g. a --bits budget no assignment meets
+        p.error(str(e))
     out = report(
         results,
         model=source,

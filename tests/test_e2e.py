@@ -67,6 +67,27 @@ def test_int4_generation_matches_decompressed_weights():
     assert down.codec == "int8" and "multiple of group=64" in down.reason
 
 
+def test_plan_codec_meets_its_bits_budget_and_runs():
+    # --bits B (codec "plan"): ltjax.plan picks each weight's codec; the weights average <= B bits.
+    params = _params()
+    cparams, rep = gen.compress_params(params, "plan", bits=5.0, return_report=True)
+    planned = [l for l in rep.leaves if l.reason and l.reason.startswith("plan:")]
+    assert planned and {l.codec for l in planned} <= {"dense", "int8", "int4"}
+    assert any(l.codec == "int4" for l in planned)
+    n = sum(int(np.prod(l.shape)) for l in planned)
+    assert sum(l.nbytes for l in planned) * 8 / n <= 5.0  # codes, scales, mins and checksums counted
+    prompt = np.random.default_rng(2).integers(0, CFG.vocab, size=(1, 5), dtype=np.int32)
+    out_c, _ = gen.generate(cparams, CFG, prompt, 5, apply_fn=gen.make_apply_fn(CFG, "plan"), warmup=False)
+    out_d, _ = gen.generate(_decompressed(cparams), CFG, prompt, 5, warmup=False)
+    np.testing.assert_array_equal(out_c, out_d)
+    with pytest.raises(ValueError, match="cannot be met: the smallest assignment"):
+        gen.compress_params(params, "plan", bits=1.0)
+    with pytest.raises(ValueError, match="budget of codec 'plan'"):
+        gen.compress_params(params, "int8", bits=5.0)
+    with pytest.raises(ValueError, match="budget of codec 'plan'"):
+        gen.compress_params(params, "plan")
+
+
 def test_gguf_codec_runs_the_files_own_quantization(tmp_path):
     from test_gguf import CFG as GCFG, write_quantized_gguf
 
@@ -132,6 +153,9 @@ def test_perplexity_json_schema(capsys):
     assert ppl.main(["--tiny", "--codec", "int4", "--windows", "1", "--window-len", "16", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert list(out["variants"]) == ["dense", "int4"] and abs(out["variants"]["int4"]["vs_dense"] - 1) < 0.05
+    assert ppl.main(["--tiny", "--bits", "5", "--windows", "1", "--window-len", "16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out["variants"]) == ["dense", "plan"] and abs(out["variants"]["plan"]["vs_dense"] - 1) < 0.05
 
 
 def test_demo_tiny_runs_end_to_end(tmp_path, capsys):
@@ -207,12 +231,19 @@ def test_smollm2_config_constant_matches_the_file():
         (gen, ["--tiny", "--prompt", "x", "--top-p", "0"], "--top-p 0.0 in (0, 1]"),
         (ppl, ["--tiny", "--variants", "dense,int3"], "unknown ['int3']"),
         (ppl, ["--tiny", "--codec", "int4", "--variants", "dense"], "give one of them"),
+        (gen, ["--tiny", "--prompt", "x", "--codec", "int8", "--bits", "5"], "not an option of --codec int8"),
+        (gen, ["--tiny", "--prompt", "x", "--codec", "plan"], "--codec plan needs --bits B"),
+        (gen, ["--tiny", "--prompt", "x", "--bits", "1"], "cannot be met: the smallest assignment"),
+        (gen, ["--tiny", "--prompt", "x", "--bits", "-2"], "must be a positive number"),
+        (ppl, ["--tiny", "--variants", "dense,int8", "--bits", "5"], "--bits is the budget of the plan rows"),
+        (ppl, ["--tiny", "--variants", "dense,plan"], "--bits is the budget of the plan rows"),
         (ppl, ["--tiny", "--windows", "0"], "--windows 0 must be >= 1"),
         (ppl, ["--tiny", "--text-file", "/nonexistent/x.txt"], "does not exist"),
         (demo, ["--tiny", "--codec", "bitmask"], "invalid choice: 'bitmask'"),
         (demo, ["--tiny", "--error-budget", "-0.5"], "--error-budget -0.5 must be >= 0"),
         (demo, ["--tiny", "--int4-groups", "32,48"], "each group must be 32, 64 or 128"),
         (demo, ["--tiny", "--json-out", "/nonexistent/dir/r.json"], "its directory does not exist"),
+        (demo, ["--tiny", "--bits", "0"], "--bits 0.0 must be a positive number"),
     ],
 )
 def test_bad_flags_give_clear_errors(module, argv, message, capsys):
