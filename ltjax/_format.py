@@ -137,6 +137,18 @@ class Header:
 _ARRAY_FIELDS = ("values", "codes", "scales", "mask", "offsets", "checksums", "mins")
 
 
+HOST_ALIGNMENT = 64
+
+
+def host_aligned(a: np.ndarray) -> np.ndarray:
+    """``a``'s contents in a C-contiguous array whose data starts on a `HOST_ALIGNMENT` boundary."""
+    buf = np.empty(a.nbytes + HOST_ALIGNMENT, np.uint8)
+    start = -buf.ctypes.data % HOST_ALIGNMENT
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class CompressedTensor:
@@ -173,6 +185,14 @@ class CompressedTensor:
     checksums: Any = None
     mins: Any = None  # int4 asymmetric: the per-group offsets
     row_starts: Any = None  # a derived index (above), not one of the format's arrays
+
+    def __post_init__(self):
+        # Host arrays are kept 64-byte aligned: jit reads an aligned numpy argument in place, and
+        # copies one that is not on every call (an int8 4096x4096 GEMV: 8.4 ms instead of 1.0).
+        for name in ARRAY_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, np.ndarray) and v.ctypes.data % HOST_ALIGNMENT:
+                object.__setattr__(self, name, host_aligned(v))
 
     # ---------------------------------------------------------------- properties
     @property
@@ -307,6 +327,9 @@ class CompressedTensor:
         if checksums:
             verify_checksums(self, name=name)
         _check_contents(self, name)
+
+
+ARRAY_FIELDS = tuple(f.name for f in dataclasses.fields(CompressedTensor) if f.name != "header")
 
 
 def is_concrete(ct: CompressedTensor) -> bool:

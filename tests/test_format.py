@@ -364,3 +364,27 @@ def test_damaged_tensors_are_refused_by_save_and_shard(tmp_path):
     mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
     with pytest.raises(ltjax.LTFormatError, match=r"'ltjax.shard input': offsets\[0\]"):
         ltjax.shard(bad, NamedSharding(mesh, P(None, "model")))
+
+
+@pytest.mark.parametrize("codec", ["raw", "int8", "bitmask", "bitmask_int8", "int4"])
+def test_host_arrays_are_aligned_so_jit_reads_them_in_place(codec):
+    """compress() returns numpy leaves that a jitted call reads without a copy (64-byte aligned)."""
+    rng = np.random.default_rng()
+    w = rng.standard_normal((128, 96)).astype(np.float32)
+    w[rng.random(w.shape) < 0.5] = 0.0
+    ct = ltjax.compress(w, codec)
+    for name, a in ct.leaves().items():
+        assert isinstance(a, np.ndarray) and a.ctypes.data % 64 == 0, name
+        assert jax.device_put(a).unsafe_buffer_pointer() == a.ctypes.data, name  # aliased, not copied
+    # A tensor built from misaligned arrays holds aligned copies of the same contents.
+    leaves = {}
+    for name, a in ct.arrays().items():
+        buf = np.empty(a.nbytes + 72, np.uint8)
+        start = (-buf.ctypes.data % 64) + 8
+        leaves[name] = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+        leaves[name][...] = a
+        assert leaves[name].ctypes.data % 64 == 8
+    moved = dataclasses.replace(ct, **leaves)
+    for name, a in moved.arrays().items():
+        assert a.ctypes.data % 64 == 0 and np.array_equal(a, leaves[name]), name
+    np.testing.assert_array_equal(np.asarray(ltjax.decompress(moved)), np.asarray(ltjax.decompress(ct)))
