@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
@@ -345,3 +346,32 @@ def test_readme_effective_memory_headline_is_bytes_held():
     header = next(ln for ln in text.splitlines() if ln.startswith("| family |"))
     assert "**effective, bytes held: vs bf16**" in header and "compiled (cpu)" in header
     assert "CPU artefact" in text
+
+
+def test_decode_budget_quick_and_the_llama_bench_reader(tmp_path, monkeypatch):
+    """`benchmarks.decode --quick`: one row per codec, its parts add up to the step, bandwidth measured;
+    `llama_bench_tg` reads llama-bench's JSON (a stand-in script printing its format) and its errors."""
+    from benchmarks import decode
+
+    out = tmp_path / "decode.json"
+    assert decode.main(["--quick", "--rows", "dense,int8", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["bandwidth"]["gb_s"] > 0 and [r["row"] for r in res["rows"]] == ["dense", "int8"]
+    for r in res["rows"]:
+        assert np.isclose(r["matmuls_s"] + r["head_s"] + r["rest_s"], r["step_s"]) and r["tok_s"] > 0
+        assert np.isclose(r["matmuls_gb_s"], r["matmul_weight_bytes"] / r["matmuls_s"] / 1e9)
+    int8 = res["rows"][1]
+    assert int8["path"] in ("ffi", "xla")
+    assert int8["matmul_weight_bytes"] < res["rows"][0]["matmul_weight_bytes"] / 2  # (kernels < 4096 stay dense)
+    assert "tok_s" not in res["llama_cpp"] and res["llama_cpp"]["note"]
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/bin/sh\necho '[{\"n_prompt\": 0, \"n_gen\": 64, \"avg_ts\": 123.5}]'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("LLAMA_BENCH", str(fake))
+    assert decode.llama_bench() == str(fake)
+    assert decode.llama_bench_tg(str(fake), "m.gguf", 64, 2) == 123.5
+    fake.write_text("#!/bin/sh\necho 'no model' >&2\nexit 3\n")
+    with pytest.raises(RuntimeError, match="exited 3: no model"):
+        decode.llama_bench_tg(str(fake), "m.gguf", 64, 2)
+    with pytest.raises(SystemExit):
+        decode.main(["--quick", "--rows", "dense,int3"])
