@@ -191,7 +191,7 @@ class CompressedTensor:
         # copies one that is not on every call (an int8 4096x4096 GEMV: 8.4 ms instead of 1.0).
         for name in ARRAY_FIELDS:
             v = getattr(self, name)
-            if isinstance(v, np.ndarray) and v.ctypes.data % HOST_ALIGNMENT:
+            if isinstance(v, np.ndarray) and v.nbytes and v.ctypes.data % HOST_ALIGNMENT:  # (not float0 cotangents)
                 object.__setattr__(self, name, host_aligned(v))
 
     # ---------------------------------------------------------------- properties
