@@ -1,4 +1,4 @@
-"""Text generation with `models.llama`: jitted prefill, jitted decode step, donated KV cache.
+"""Text generation with `models.llama`: jitted prefill, decode chunks looped on the device, donated KV cache.
 
 Library use::
 
@@ -7,6 +7,9 @@ Library use::
 Command line::
 
     python -m models.generate --prompt "The capital of France is" --max-new-tokens 8
+
+The text streams to stdout as it is generated, a chunk of ``--chunk`` tokens (default 8) at a
+time: each chunk is one dispatch, the steps and the sampling looped on the device.
 
 Weight compression (``--codec``) goes through ltjax, imported lazily in
 `compress_params` and `make_apply_fn` only: the model file never imports it. ``--codec gguf``
@@ -184,7 +187,13 @@ def sample_token(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0,
 
 @functools.lru_cache(maxsize=32)
 def _programs(apply_fn: ApplyFn, temperature: float, top_p: float):
-    """Jitted (prefill, decode_step) for one apply function and sampling setting."""
+    """Jitted (prefill, decode_step, decode_chunk) for one apply function and sampling setting.
+
+    ``decode_chunk(..., n=n)`` runs ``n`` decode steps on the device in one dispatch (a
+    ``fori_loop`` over `decode_step`'s body, the same key splits, so the same tokens): a call
+    whose arguments are SmolLM2's ~700 weight arrays costs ~0.5 ms to dispatch on the CPU, paid
+    once per chunk instead of once per token.
+    """
     sample = functools.partial(sample_token, temperature=temperature, top_p=top_p)
 
     def prefill(params, tokens, cache, key):
@@ -199,20 +208,32 @@ def _programs(apply_fn: ApplyFn, temperature: float, top_p: float):
             key, sub = jax.random.split(key)
             return sample(logits[:, -1], sub), cache, key
 
-    return (jax.jit(prefill, donate_argnums=(2,)), jax.jit(decode_step, donate_argnums=(2,)))
+    def decode_chunk(params, token, cache, pos, key, *, n: int):
+        def body(i, carry):
+            tok, cache, key, out = carry
+            tok, cache, key = decode_step(params, tok, cache, pos + i, key)
+            return tok, cache, key, out.at[:, i].set(tok)
+
+        out = jnp.zeros((token.shape[0], n), jnp.int32)
+        _, cache, key, out = jax.lax.fori_loop(0, n, body, (token, cache, key, out))
+        return out, cache, key
+
+    return (jax.jit(prefill, donate_argnums=(2,)), jax.jit(decode_step, donate_argnums=(2,)),
+            jax.jit(decode_chunk, donate_argnums=(2,), static_argnames="n"))
 
 
 _COMPILED: dict = {}
 
 
-def _compile(jitted, *args):
-    """AOT-compiles ``jitted`` for ``args``' shapes and dtypes, reusing earlier compiles."""
+def _compile(jitted, *args, **static):
+    """AOT-compiles ``jitted`` for ``args``' shapes and dtypes (and its ``static`` arguments),
+    reusing earlier compiles."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    key = (jitted, treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+    key = (jitted, treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves), tuple(sorted(static.items())))
     if key not in _COMPILED:
         if len(_COMPILED) >= 16:
             _COMPILED.pop(next(iter(_COMPILED)))
-        _COMPILED[key] = jitted.lower(*args).compile()
+        _COMPILED[key] = jitted.lower(*args, **static).compile()
     return _COMPILED[key]
 
 
@@ -230,7 +251,7 @@ def compiled_decode_step(
     ``.memory_analysis()`` on the result gives the program's argument / temp / output bytes.
     """
     apply_fn = _default_apply(config) if apply_fn is None else apply_fn
-    _, decode_step = _programs(apply_fn, float(temperature), float(top_p))
+    _, decode_step, _ = _programs(apply_fn, float(temperature), float(top_p))
     cache = jax.eval_shape(lambda: init_cache(config, batch, max_len, kind=kv_cache))
     return _compile(
         decode_step,
@@ -256,6 +277,8 @@ def generate(
     seed: int = 0,
     eos_id: int | None = None,
     warmup: bool = True,
+    chunk: int = 8,
+    on_tokens: Callable[[np.ndarray], None] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Generates ``max_new_tokens`` after ``prompt_ids`` with a static-shape KV cache.
 
@@ -277,6 +300,13 @@ def generate(
       warmup: Run prefill and one decode step once on a scratch cache before timing:
         the first execution of an XLA CPU program costs ~0.3 s extra here, which
         would otherwise land in the prefill figure. Reported as ``warmup_s``.
+      chunk: decode steps per dispatch, run on the device in one loop (sampling there too);
+        1 dispatches every token. The tokens are the same for every chunk. A stop at
+        ``eos_id`` is seen after the chunk that produced it (the steps after it are computed and
+        dropped, their time counted); a last chunk runs whole where the cache has room for it.
+      on_tokens: called with each batch of new tokens as it arrives (``[b, k]`` int32: the
+        prefill's token, then each chunk's), e.g. to stream text; what it receives is what is
+        returned, in order.
 
     Returns:
       ``(tokens [b, n_new] np.int32, stats)``; stats holds compile/prefill/decode
@@ -290,6 +320,8 @@ def generate(
         raise ValueError(f"prompt_ids must be [t] or [b, t] with t >= 1, got shape {prompt.shape}")
     if max_new_tokens < 1:
         raise ValueError(f"{max_new_tokens=} must be >= 1")
+    if chunk < 1:
+        raise ValueError(f"{chunk=} must be >= 1")
     b, t = prompt.shape
     need = t + max_new_tokens
     max_len = default_max_len(t, max_new_tokens) if max_len is None else max_len
@@ -297,7 +329,11 @@ def generate(
         raise ValueError(f"{max_len=} is shorter than prompt + new tokens = {need}")
     if apply_fn is None:
         apply_fn = _default_apply(config)
-    prefill, decode_step = _programs(apply_fn, float(temperature), float(top_p))
+    prefill, decode_step, decode_chunk = _programs(apply_fn, float(temperature), float(top_p))
+    steps = max_new_tokens - 1
+    c = max(1, min(chunk, steps))
+    whole = t + -(-steps // c) * c <= max_len  # every chunk full size (the last one's extra steps dropped)
+    sizes = sorted({c} | (set() if whole or steps % c == 0 else {steps % c})) if steps else []
 
     params = jax.block_until_ready(jax.device_put(params))
     cache = init_cache(config, b, max_len, kind=kv_cache)
@@ -314,13 +350,17 @@ def generate(
 
     t0 = time.perf_counter()
     prefill_c = _compile(prefill, params, tokens, cache, key)
-    decode_c = _compile(decode_step, params, jax.ShapeDtypeStruct((b,), jnp.int32), cache, pos0, key)
+    tok_shape = jax.ShapeDtypeStruct((b,), jnp.int32)
+    decode_c = {n: (_compile(decode_step, params, tok_shape, cache, pos0, key) if n == 1 else
+                    _compile(decode_chunk, params, tok_shape, cache, pos0, key, n=n)) for n in sizes}
     stats["compile_s"] = time.perf_counter() - t0
+    stats["chunk"] = c
     if warmup:
         t0 = time.perf_counter()
         scratch = init_cache(config, b, max_len, kind=kv_cache)
         tok, scratch, _ = prefill_c(params, tokens, scratch, key)
-        jax.block_until_ready(decode_c(params, tok, scratch, pos0, key))
+        for n in sizes:
+            _, scratch, _ = jax.block_until_ready(decode_c[n](params, tok, scratch, pos0, key))
         del scratch
         stats["warmup_s"] = time.perf_counter() - t0
 
@@ -328,23 +368,35 @@ def generate(
     tok, cache, key = prefill_c(params, tokens, cache, key)
     tok.block_until_ready()
     stats["prefill_s"] = time.perf_counter() - t0
-    out = [np.asarray(tok)]
-    done = np.zeros(b, bool) if eos_id is None else out[0] == eos_id
+    out = [np.asarray(tok)[:, None]]
+    done = np.zeros(b, bool) if eos_id is None else out[0][:, 0] == eos_id
+    if on_tokens is not None:
+        on_tokens(out[0])
 
     t0 = time.perf_counter()
-    for i in range(max_new_tokens - 1):
-        if done.all():
-            break
-        tok, cache, key = decode_c(params, tok, cache, jnp.asarray(t + i, jnp.int32), key)
-        out.append(np.asarray(tok))  # Syncs every step, as an interactive decoder would.
-        if eos_id is not None:
-            done |= out[-1] == eos_id
+    i = 0
+    while i < steps and not done.all():
+        n = c if c in decode_c and (whole or steps - i >= c) else steps - i
+        toks, cache, key = decode_c[n](params, tok, cache, jnp.asarray(t + i, jnp.int32), key)
+        toks = np.asarray(toks).reshape(b, -1)[:, : steps - i]  # syncs once a chunk (n = 1: every token)
+        keep = toks.shape[1]
+        if eos_id is not None:  # stop where the step-by-step loop would have: all rows past an eos
+            seen = done[:, None] | np.logical_or.accumulate(toks == eos_id, axis=1)
+            all_done = np.flatnonzero(seen.all(axis=0))
+            keep = int(all_done[0]) + 1 if all_done.size else keep
+            done = seen[:, keep - 1]
+        out.append(toks[:, :keep])
+        if on_tokens is not None:
+            on_tokens(out[-1])
+        tok = jnp.asarray(toks[:, -1])
+        i += toks.shape[1]
     stats["decode_s"] = time.perf_counter() - t0
-    stats["new_tokens"] = len(out)
+    tokens_out = np.concatenate(out, axis=1)
+    stats["new_tokens"] = tokens_out.shape[1]
     stats["prefill_tok_s"] = b * t / stats["prefill_s"]
-    n_dec = len(out) - 1
+    n_dec = tokens_out.shape[1] - 1
     stats["decode_tok_s"] = b * n_dec / stats["decode_s"] if n_dec else float("nan")
-    return np.stack(out, axis=1), stats
+    return tokens_out, stats
 
 
 @functools.lru_cache(maxsize=8)
@@ -353,6 +405,31 @@ def _default_apply(config: LlamaConfig) -> ApplyFn:
 
 
 # ------------------------------------------------------------------------- CLI
+
+
+class TextStream:
+    """Prints row 0's text as `generate` hands over tokens (``on_tokens``), after ``prompt``.
+
+    Each call decodes every token so far and prints what is new, holding back a tail that ends
+    in a partial character (U+FFFD) until the next tokens complete it; `finish` prints the rest
+    and a newline, so stdout ends with ``prompt + decode(tokens)``.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], prompt: str, file=None):
+        self.decode, self.file, self.ids, self.shown = decode, file or sys.stdout, [], ""
+        print(prompt, end="", file=self.file, flush=True)
+
+    def __call__(self, tokens: np.ndarray) -> None:
+        self.ids += np.asarray(tokens)[0].tolist()
+        text = self.decode(self.ids).rstrip("\ufffd")
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            print(text[len(self.shown):], end="", file=self.file, flush=True)
+            self.shown = text
+
+    def finish(self, ids: list[int]) -> None:
+        text = self.decode(ids)
+        rest = text[len(self.shown):] if text.startswith(self.shown) else "\n" + text  # (a changed prefix)
+        print(rest, file=self.file, flush=True)
 
 
 class _ByteTokenizer:
@@ -517,10 +594,15 @@ def main(argv=None) -> int:
     p.add_argument("--random-init", action="store_true", help="random weights, same shapes")
     p.add_argument("--tiny", action="store_true", help="a random tiny model with a byte tokenizer (tests)")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the EOS token")
+    p.add_argument("--chunk", type=int, default=8,
+                   help="decode steps per dispatch, looped on the device; the text streams a chunk at a time "
+                        "(default %(default)s; 1: a dispatch per token)")
     args = p.parse_args(argv)
     resolve_bits(p, args)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if args.chunk < 1:
+        p.error(f"--chunk {args.chunk} must be >= 1")
     if not args.error_budget >= 0:
         p.error(f"--error-budget {args.error_budget} must be >= 0")
     if args.temperature < 0 or not 0.0 < args.top_p <= 1.0:
@@ -553,6 +635,7 @@ def main(argv=None) -> int:
     ids = encode(args.prompt)
     if not ids:
         p.error(f"--prompt {args.prompt!r} encodes to no tokens")
+    stream = TextStream(decode, args.prompt)
     out, stats = generate(
         params,
         config,
@@ -564,8 +647,10 @@ def main(argv=None) -> int:
         top_p=args.top_p,
         seed=args.seed,
         eos_id=None if args.no_eos else eos,
+        chunk=args.chunk,
+        on_tokens=stream,
     )
-    print(args.prompt + decode(out[0].tolist()))
+    stream.finish(out[0].tolist())
     print(
         f"[codec={args.codec} kv_cache={args.kv_cache}] prompt {stats['prompt_tokens']} tok, "
         f"prefill {stats['prefill_s'] * 1e3:.1f} ms ({stats['prefill_tok_s']:.1f} tok/s); "

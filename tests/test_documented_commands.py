@@ -51,7 +51,7 @@ OWN_PACKAGES = ("ltjax", "models", "benchmarks")
 METAVARS = {
     "E": "0.01", "N": "2", "NAME": "ffi_matmul", "PREFIX": "int8_matmul", "DIR": "{tmp}/dir",
     "OUTDIR": "{tmp}/outdir", "$OUT": "{tmp}/out", "PATH": "{tmp}/out.json", "OUT.so": "{tmp}/out.so",
-    "OUT.json": "{tmp}/out.json", "RUN_DIR": "{tmp}/run",
+    "OUT.json": "{tmp}/out.json", "RUN_DIR": "{tmp}/run", "B": "5",
 }
 CHEAP_BENCHMARKS = {"gemm_overhead", "ffi_matmul", "pack"}  # --quick: a few seconds each
 SHELL_SEPARATORS = {"&&", "||", ";", "|"}

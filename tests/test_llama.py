@@ -291,6 +291,55 @@ def test_sampling_is_deterministic_per_seed():
     assert not np.array_equal(a, c)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 4, 16])
+@pytest.mark.parametrize("max_len", [None, 17])
+def test_chunked_decode_gives_the_step_by_step_tokens(chunk, max_len):
+    """Several decode steps per dispatch (a loop on the device) sample the same tokens, stop at an eos
+    where a step-by-step loop would, and hand each chunk to on_tokens as it arrives. max_len=17 leaves
+    no room for a last chunk's extra steps (5 + 12 tokens), so a shorter last chunk runs."""
+    params = _params(TINY)
+    prompt = _tokens(TINY, (2, 5))
+    kw = dict(temperature=1.2, top_p=0.9, seed=11, warmup=False, max_len=max_len)
+    ref, _ = gen.generate(params, TINY, prompt, 12, chunk=1, **kw)
+    got, stats = gen.generate(params, TINY, prompt, 12, chunk=chunk, **kw)
+    np.testing.assert_array_equal(got, ref)
+    assert stats["new_tokens"] == 12 and stats["chunk"] == min(chunk, 11)
+    # eos: the batch stops at the first step where every row has produced it (at or before); with
+    # one row and its own 7th token as eos it stops by then, with two rows wherever both have
+    ref1, _ = gen.generate(params, TINY, prompt[:1], 12, chunk=1, **kw)
+    for rows, eos in ((ref1, int(ref1[0, 6])), (ref, int(ref[1, 6]))):
+        seen = np.logical_or.accumulate(rows == eos, axis=1).all(axis=0)
+        want = rows[:, : int(np.flatnonzero(seen)[0]) + 1] if seen.any() else rows
+        pieces = []
+        got, _ = gen.generate(params, TINY, prompt[: len(rows)], 12, chunk=chunk, eos_id=eos,
+                              on_tokens=pieces.append, **kw)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(np.concatenate(pieces, axis=1), got)
+        assert pieces[0].shape == (len(rows), 1) and all(p.shape[1] <= chunk for p in pieces[1:])
+        if len(rows) == 1:
+            assert want.shape[1] <= 7
+    with pytest.raises(ValueError, match="chunk=0"):
+        gen.generate(params, TINY, prompt, 4, chunk=0, warmup=False)
+
+
+def test_text_stream_prints_the_same_text_as_a_whole():
+    """`models.generate`'s streaming: the text printed piece by piece is prompt + decode(all ids), also
+    when a token ends inside a multi-byte character (held back until the next one completes it)."""
+    import io
+
+    data = "héllo wörld, ünïcode ✓ done".encode()
+    decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")  # noqa: E731  (a byte tokenizer)
+    ids = list(data)
+    for cut in (1, 2, 3, 5):
+        f = io.StringIO()
+        stream = gen.TextStream(decode, "> ", file=f)
+        for i in range(0, len(ids), cut):
+            stream(np.asarray([ids[i:i + cut]]))
+            assert "\ufffd" not in f.getvalue()
+        stream.finish(ids)
+        assert f.getvalue() == "> " + data.decode() + "\n"
+
+
 def test_top_p_keeps_the_nucleus():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 400)
