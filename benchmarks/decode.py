@@ -1,6 +1,7 @@
 """SmolLM2 decode on this machine: where a token's time goes, against the machine's read bandwidth.
 
-    python -m benchmarks.decode [--quick] [--out PATH] [--rounds 5] [--steps 16] [--rows dense,int8,int4]
+    python -m benchmarks.decode [--quick] [--out PATH] [--rounds 5] [--steps 16] [--chunk 8]
+                                [--rows dense,int8,int4]
 
 First the machine's read bandwidth, measured in the same run: a jitted sum over a 1 GiB f32
 array (XLA:CPU splits it over the cores), the best of a few reads. Then, for each row (dense
@@ -8,7 +9,10 @@ f32, `--codec int8`, `--codec int4` at 32-groups with the int8 embedding, each t
 `models.llama` model under ``ltjax.nn.intercept()``, batch 1, dense f32 KV cache), in interleaved
 rounds (one call per row per round, the order rotating; medians over rounds):
 
-* ``step``: ``--steps`` compiled decode steps (`models.generate.compiled_decode_step`), per token;
+* ``step``: the decode time of `models.generate.generate` (``--steps`` new tokens after a
+  one-token prompt, ``--chunk`` steps a dispatch, as ``models.generate`` runs them), per token;
+* ``dispatch``: one call of a compiled program taking the row's weights and doing nothing with
+  them (what each dispatch of a step or a chunk pays to hand ~700 arrays to XLA);
 * ``matmuls``: the model's 210 projections alone, each ``x[1, K] @ W`` on the row's own weights in
   one jitted program (`ltjax.matmul` for compressed ones, ``x @ W`` for dense), per token, with
   the weight bytes it reads, its GB/s and the fraction of the measured bandwidth;
@@ -38,7 +42,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import _common as C
-from benchmarks.smollm2_int4 import decode_loop
 from models import generate as gen, llama, loaders, perplexity as ppl
 
 ROWS = ("dense", "int8", "int4")
@@ -147,13 +150,15 @@ def main(argv=None) -> int:
     p = C.parser(__doc__.splitlines()[0], "decode")
     p.add_argument("--rounds", type=int, help="timing rounds (default 5, --quick 2)")
     p.add_argument("--steps", type=int, help="decode steps per row per round (default 16, --quick 4)")
+    p.add_argument("--chunk", type=int, default=8, help="decode steps per dispatch (default %(default)s)")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of %(default)s")
     args = p.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 5)
     steps = args.steps or (4 if args.quick else 16)
     names = [r for r in args.rows.split(",") if r]
-    if rounds < 1 or steps < 1 or not names or any(r not in ROWS for r in names):
-        p.error(f"--rounds {rounds} and --steps {steps} must be >= 1, --rows {args.rows!r} a subset of {ROWS}")
+    if rounds < 1 or steps < 1 or args.chunk < 1 or not names or any(r not in ROWS for r in names):
+        p.error(f"--rounds {rounds}, --steps {steps} and --chunk {args.chunk} must be >= 1, --rows {args.rows!r} "
+                f"a subset of {ROWS}")
     import ltjax  # pylint: disable=import-outside-toplevel
 
     load0, t0 = C.loadavg(), time.perf_counter()
@@ -165,10 +170,10 @@ def main(argv=None) -> int:
         codec = CODEC[name]
         params = jax.device_put(gen.compress_params(dense, codec))
         fn = gen.make_apply_fn(config, codec)
-        compiled = gen.compiled_decode_step(params, config, apply_fn=fn, max_len=steps + 8)
         kernels = [w for _, w in projections(params)]
         emb = params["embed"]["embedding"]
-        calls[f"{name} step"] = decode_loop(compiled, params, config, steps)
+        calls[f"{name} step"] = _generate(params, config, fn, steps, args.chunk)
+        calls[f"{name} dispatch"] = _dispatch(params)
         calls[f"{name} matmuls"] = matmul_chain(kernels)
         calls[f"{name} head"] = head_call(emb, config.dim, codec)
         mm_bytes, head_bytes = sum(weight_bytes(w) for w in kernels), weight_bytes(emb)
@@ -181,13 +186,14 @@ def main(argv=None) -> int:
                              "no llama-bench binary (set LLAMA_BENCH=path or put llama-bench on PATH)")
     for fn in calls.values():
         jax.block_until_ready(fn())  # compile and warm
+        jax.block_until_ready(fn())
     samples = {k: [] for k in calls}
     keys = list(calls)
     for r in range(rounds):
         for k in keys[r % len(keys):] + keys[:r % len(keys)]:
             s = time.perf_counter()
-            jax.block_until_ready(calls[k]())
-            samples[k].append(time.perf_counter() - s)
+            own = jax.block_until_ready(calls[k]())  # a float: the call timed itself
+            samples[k].append(own if isinstance(own, float) else time.perf_counter() - s)
         if binary is not None:
             try:
                 llama_cpp["tok_s_rounds"].append(llama_bench_tg(binary, gguf, 64, os.cpu_count() or 1))
@@ -197,9 +203,11 @@ def main(argv=None) -> int:
     for name in names:
         step = statistics.median(samples[f"{name} step"]) / steps
         mm, head = statistics.median(samples[f"{name} matmuls"]), statistics.median(samples[f"{name} head"])
+        dispatch = statistics.median(samples[f"{name} dispatch"])
         i = info[name]
         stream = i["matmul_weight_bytes"] + i["head_weight_bytes"]
         rows.append({"row": name, **i, "step_s": step, "tok_s": 1 / step, "matmuls_s": mm, "head_s": head,
+                     "dispatch_s": dispatch, "chunk": args.chunk,
                      "rest_s": step - mm - head, "matmuls_gb_s": i["matmul_weight_bytes"] / mm / 1e9,
                      "matmuls_fraction_of_bandwidth": i["matmul_weight_bytes"] / mm / 1e9 / bw["gb_s"],
                      "step_stream_gb_s": stream / step / 1e9,
@@ -207,22 +215,42 @@ def main(argv=None) -> int:
                      "rounds": {k.split(" ", 1)[1]: samples[k] for k in samples if k.startswith(name + " ")}})
     if llama_cpp["tok_s_rounds"]:
         llama_cpp["tok_s"] = statistics.median(llama_cpp["tok_s_rounds"])
-    print(f"{source}; batch 1; {rounds} rounds, {steps} decode steps a round; load average {load0} -> {C.loadavg()}")
+    print(f"{source}; batch 1; {rounds} rounds, {steps} decode steps a round, {args.chunk} a dispatch; "
+          f"load average {load0} -> {C.loadavg()}")
     print(C.table(["row", "path", "tok/s", "step ms", "matmuls ms", "matmul GB/s", "of bw", "head ms", "rest ms",
-                   "step stream GB/s", "of bw"],
+                   "step stream GB/s", "of bw", "dispatch ms"],
                   [[r["row"], r["path"], f"{r['tok_s']:.1f}", f"{r['step_s'] * 1e3:.2f}", f"{r['matmuls_s'] * 1e3:.2f}",
                     f"{r['matmuls_gb_s']:.1f}", f"{r['matmuls_fraction_of_bandwidth']:.0%}",
                     f"{r['head_s'] * 1e3:.2f}", f"{r['rest_s'] * 1e3:.2f}", f"{r['step_stream_gb_s']:.1f}",
-                    f"{r['step_fraction_of_bandwidth']:.0%}"] for r in rows]))
+                    f"{r['step_fraction_of_bandwidth']:.0%}", f"{r['dispatch_s'] * 1e3:.2f}"] for r in rows]))
     if "tok_s" in llama_cpp:
         print(f"llama.cpp ({llama_cpp['binary']}) tg64 on {gguf}: {llama_cpp['tok_s']:.1f} tok/s (median of rounds)")
     else:
         print(f"llama.cpp: not run ({llama_cpp.get('error') or llama_cpp['note']})")
-    res = C.result("decode", args.quick, model=source, bandwidth=bw, rounds=rounds, steps=steps, rows=rows,
+    res = C.result("decode", args.quick, model=source, bandwidth=bw, rounds=rounds, steps=steps, chunk=args.chunk,
+                   rows=rows,
                    llama_cpp=llama_cpp, loadavg_start=load0, loadavg_end=C.loadavg(),
                    ltjax_version=ltjax.__version__, seconds=time.perf_counter() - t0)
     print(f"wrote {C.write_json(C.out_path(args, 'decode'), res)}")
     return 0
+
+
+def _generate(params, config, apply_fn, steps: int, chunk: int):
+    """A callable returning the decode seconds of `models.generate.generate` (``steps`` tokens after the first)."""
+    prompt = np.zeros((1, 1), np.int32)
+
+    def run() -> float:
+        _, stats = gen.generate(params, config, prompt, steps + 1, apply_fn=apply_fn, warmup=False, chunk=chunk)
+        return float(stats["decode_s"])
+
+    return run
+
+
+def _dispatch(params):
+    """A callable: one call of a compiled program that takes ``params`` and does nothing with them."""
+    f = jax.jit(lambda p, i: i + 1).lower(params, jnp.int32(0)).compile()
+    i = jnp.int32(0)
+    return lambda: f(params, i)
 
 
 if __name__ == "__main__":
