@@ -7,7 +7,12 @@ with the tolerance of the compared array's dtype (`TOLERANCE`) unless told other
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -146,3 +151,16 @@ def assert_close(actual, expected, rel: float | None = None) -> None:
             f"max |actual - expected| = {err:.3g} > {rel:g} * max|expected| ({scale:.3g})"
             + (f"; worst at {tuple(int(j) for j in i)}: {a64[i]!r} vs {b64[i]!r}" if i != () else "")
         )
+
+
+def rerun_module(path: str, env: dict, select: str, at_least: int) -> None:
+    """Runs the tests of module ``path`` (``-k select``) in a fresh process under ``env`` (the CPU
+    extension reads its settings once, when it loads): all must pass, none skip, at least
+    ``at_least`` of them."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, **env, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", str(path), "-k", select]
+    r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", r.stdout)
+    assert passed and int(passed.group(1)) >= at_least and "skipped" not in r.stdout, r.stdout[-2000:]

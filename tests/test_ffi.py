@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, make_ct, rand
+from helpers import assert_close, make_ct, rand, rerun_module
 
 import ltjax
 import ltjax.ffi.cpu as lffi
@@ -86,13 +85,7 @@ def test_whole_module_again_on_the_other_kernels(env, select, at_least):
     LTJAX_FFI_AMX=0 (the f32 micro-kernel that AMX replaces at 2 <= M <= 64). The choice is fixed
     when the library loads, so in a fresh process; `test_isa_override_is_honoured` there proves
     the override took."""
-    env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", str(Path(__file__)),
-           "-k", select + "not test_whole_module_again"]
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    passed = re.search(r"(\d+) passed", r.stdout)
-    assert passed and int(passed.group(1)) >= at_least and "skipped" not in r.stdout, r.stdout[-2000:]
+    rerun_module(__file__, env, select + "not test_whole_module_again", at_least)
 
 
 @needs_ffi

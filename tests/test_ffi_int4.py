@@ -13,23 +13,18 @@ walks (LTJAX_FFI_VNNI=0, AVX-512 and AVX2).
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, rand, random_weight
+from helpers import assert_close, rand, random_weight, rerun_module
 
 import ltjax
 import ltjax.ffi.cpu as lffi
 from ltjax._config import settings
 from ltjax._format import decode_storage, decompress_reference, int4_nibbles, pack
 
-ROOT = Path(__file__).resolve().parents[1]
 needs_ffi = pytest.mark.skipif(not lffi.available(), reason=f"ltjax.ffi.cpu unavailable: {lffi.unavailable_reason()}")
 RULES = [False, True]  # asymmetric: (q - 8) * s, or q * s + m
 
@@ -240,12 +235,7 @@ def test_whole_module_again_on_the_other_kernels(env, select, at_least):
     AVX-512), and the GEMV's f32 walks (LTJAX_FFI_VNNI=0: the path NaN/inf in x takes, and with
     the setting, the only one). The choice is fixed when the library loads, so in a fresh process;
     `test_isa_override_is_honoured` there proves the override took."""
-    env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", str(Path(__file__)), "-k", select]
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    passed = re.search(r"(\d+) passed", r.stdout)
-    assert passed and int(passed.group(1)) >= at_least and "skipped" not in r.stdout, r.stdout[-2000:]
+    rerun_module(__file__, env, select, at_least)
 
 
 @needs_ffi
