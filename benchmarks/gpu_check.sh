@@ -9,18 +9,22 @@
 #      int8 and bitmask_int8, M = 1, 4, 16, with and without the row index, both kernels where
 #      both apply);
 #   4. the matmul and unpack benchmark at K = N = 8192 (int8, int4 and bitmask_int8 against the bf16 and
-#      f32 dots, in one run);
-#   5. a block-size sweep of the Pallas kernels, the fastest candidate of each group written as a
+#      f32 dots, the decompress-then-dot path and, for int8, the plain-XLA int8 dot, in one run);
+#   5. decode end to end (benchmarks.decode, bf16 activations): dense bf16, int8 and int4 rows of a
+#      SmolLM2-135M-shaped and a Llama-3.2-1B-shaped model of random weights (the real file does
+#      not travel), tok/s, compiled step memory, and how much of a token the weight matmuls take;
+#   6. a block-size sweep of the Pallas kernels, the fastest candidate of each group written as a
 #      tuned-table file (OUTDIR/tuned.json, for the built-in table or $LTJAX_PALLAS_TUNED later).
 # Writes OUTDIR/gpu_check.json (device, jax version, commit, every stage's result) beside the raw
-# logs (11 files in all).
+# logs (14 files in all).
 #
 #   benchmarks/gpu_check.sh OUTDIR
 #
 # Runs from the source tree (PYTHONPATH=.) under a preinstalled jax with the CUDA plugin, no
 # network. Each stage has a time limit (build 90 s, tests 180, CUDA benchmark 150, benchmark 180,
-# sweep GPU_CHECK_SWEEP_S + 30), cut to what is left of GPU_CHECK_TOTAL_S (default 450: the
-# whole check within 7.5 minutes; about 4 in practice on an H200). The benchmarks rewrite their
+# decode GPU_CHECK_DECODE_S, sweep GPU_CHECK_SWEEP_S + 30), cut to what is left of
+# GPU_CHECK_TOTAL_S (default 540: the whole check within 9 minutes; about 4 without the decode
+# stage in practice on an H200). The benchmarks rewrite their
 # JSON after every row, so a stage cut short still reports what it measured.
 # ltjax's own dependencies must import there (crc32c is not in the GPU image: carry its wheel,
 # see benchmarks/README.md).
@@ -28,15 +32,17 @@
 # "1 4 16 64"), GPU_CHECK_REPS (default 20), GPU_CHECK_SWEEP_ARGS (extra sweep options, e.g.
 # "--only bitmask int8_matmul/64/float32"), GPU_CHECK_SWEEP_S (default 100; 0 skips the sweep),
 # GPU_CHECK_BENCH_S (default 180; 0 skips the benchmark), GPU_CHECK_CUDA_S (default 150; 0 skips the
-# CUDA benchmark), GPU_CHECK_BUILD_S (default 90; 0 skips the library's build), GPU_CHECK_TOTAL_S
-# (default 450), GPU_CHECK_TESTS_K (a pytest -k filter), PYTHON (default python).
+# CUDA benchmark), GPU_CHECK_BUILD_S (default 90; 0 skips the library's build), GPU_CHECK_DECODE_S
+# (default 150 for both models; 0 skips the stage), GPU_CHECK_DECODE_ARGS (extra benchmarks.decode
+# options, e.g. "--quick"), GPU_CHECK_TOTAL_S (default 540), GPU_CHECK_TESTS_K (a pytest -k
+# filter), PYTHON (default python).
 # tests/test_bench.py runs it on the CPU with every stage but a few tests skipped: its plumbing.
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 # A stage that is skipped or cut short must not report an earlier run's file as its own.
-rm -f "$OUT"/{gpu_check.json,cuda_kernels.json,matmul_bench.json,sweep.json,tuned.json,tests.xml}
+rm -f "$OUT"/{gpu_check.json,cuda_kernels.json,matmul_bench.json,sweep.json,tuned.json,tests.xml,decode_*.json}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
@@ -48,9 +54,9 @@ REPS=${GPU_CHECK_REPS:-20}
 SWEEP_S=${GPU_CHECK_SWEEP_S:-100}
 BENCH_S=${GPU_CHECK_BENCH_S:-180}
 START=$(date +%s)
-# Every stage's time limit is also cut to what is left of GPU_CHECK_TOTAL_S (default 450 s: the
-# whole check, JSON included, in 7.5 minutes), keeping 15 s for the JSON.
-DEADLINE=$((START + ${GPU_CHECK_TOTAL_S:-450}))
+# Every stage's time limit is also cut to what is left of GPU_CHECK_TOTAL_S (default 540 s: the
+# whole check, JSON included, in 9 minutes), keeping 15 s for the JSON.
+DEADLINE=$((START + ${GPU_CHECK_TOTAL_S:-540}))
 cap() { local left=$((DEADLINE - $(date +%s) - 15)); [ "$left" -lt 5 ] && left=5; echo $(( $1 < left ? $1 : left )); }
 
 echo "== device"
@@ -111,6 +117,20 @@ else
 fi
 BENCH_END=$(date +%s)
 
+DECODE_S=${GPU_CHECK_DECODE_S:-150}
+if [ "$DECODE_S" -gt 0 ]; then
+  echo "== decode end to end (benchmarks.decode, random weights): SmolLM2-135M and Llama-3.2-1B shapes"
+  for shape in smollm2-135m llama-1b; do  # a third of the time for the small model, the rest for the 1 B one
+    share=$((DECODE_S / 3)); [ "$shape" = llama-1b ] && share=$((DECODE_S - DECODE_S / 3))
+    # shellcheck disable=SC2086
+    timeout "$(cap "$share")" "$PY" -m benchmarks.decode --shape "$shape" --rows dense,int8,int4 \
+      --rounds 3 --steps 32 --out "$OUT/decode_$shape.json" ${GPU_CHECK_DECODE_ARGS:-} 2>&1 | tee -a "$OUT/decode.log"
+  done
+else
+  echo "decode skipped (GPU_CHECK_DECODE_S=0)" | tee "$OUT/decode.log"
+fi
+DECODE_END=$(date +%s)
+
 if [ "$SWEEP_S" -gt 0 ]; then
   echo "== block-size sweep (${SWEEP_S} s), fastest per group -> tuned.json"
   timeout "$(cap $((SWEEP_S + 30)))" "$PY" -m benchmarks.pallas_sweep --budget "$SWEEP_S" --reps "$REPS" \
@@ -124,12 +144,12 @@ fi
 END=$(date +%s)
 
 export GPU_CHECK_DEVICE="$DEVICE"
-"$PY" - "$OUT" "$TEST_RC" "$BENCH_RC" "$SWEEP_RC" "$START" "$BUILD_END" "$TESTS_END" "$CUDA_END" "$BENCH_END" "$END" <<'PYEOF'
+"$PY" - "$OUT" "$TEST_RC" "$BENCH_RC" "$SWEEP_RC" "$START" "$BUILD_END" "$TESTS_END" "$CUDA_END" "$BENCH_END" "$DECODE_END" "$END" <<'PYEOF'
 import json, os, sys
 import xml.etree.ElementTree as ET
 
 out = sys.argv[1]
-test_rc, bench_rc, sweep_rc, t0, t_build, t_tests, t_cuda, t_bench, t_end = map(int, sys.argv[2:11])
+test_rc, bench_rc, sweep_rc, t0, t_build, t_tests, t_cuda, t_bench, t_decode, t_end = map(int, sys.argv[2:12])
 
 try:
     import jax
@@ -158,11 +178,13 @@ except Exception as e:
 result = dict(device=device, backend=backend, jax_version=jax_version,
               commit=git.get("commit_file") or git["commit"], git=git,
               env={k: os.environ.get(k) for k in ("LTJAX_PALLAS_INTERPRET", "GPU_CHECK_SWEEP_ARGS", "GPU_CHECK_TESTS_K",
-                                                   "GPU_CHECK_SWEEP_S", "GPU_CHECK_BENCH_S", "GPU_CHECK_CUDA_S", "GPU_CHECK_BUILD_S")},
+                                                   "GPU_CHECK_SWEEP_S", "GPU_CHECK_BENCH_S", "GPU_CHECK_CUDA_S", "GPU_CHECK_BUILD_S",
+                                                   "GPU_CHECK_DECODE_S", "GPU_CHECK_DECODE_ARGS")},
               device_probe=os.environ.get("GPU_CHECK_DEVICE"), tuned_table=os.environ.get("LTJAX_PALLAS_TUNED"),
               seconds={"cuda_build": t_build - t0, "tests": t_tests - t_build, "cuda_benchmark": t_cuda - t_tests,
-                       "benchmark": t_bench - t_cuda, "sweep": t_end - t_bench},
-              tests=tests, benchmark_rc=bench_rc, benchmark=bench, cuda_build=cuda_build, cuda_benchmark=cuda_bench, sweep_rc=sweep_rc, sweep=sweep,
+                       "benchmark": t_bench - t_cuda, "decode": t_decode - t_bench, "sweep": t_end - t_decode},
+              tests=tests, benchmark_rc=bench_rc, benchmark=bench,
+              decode={s: load(os.path.join(out, f"decode_{s}.json")) for s in ("smollm2-135m", "llama-1b")}, cuda_build=cuda_build, cuda_benchmark=cuda_bench, sweep_rc=sweep_rc, sweep=sweep,
               tuned=load(os.path.join(out, "tuned.json")))
 with open(os.path.join(out, "gpu_check.json"), "w") as f:
     json.dump(result, f, indent=1)

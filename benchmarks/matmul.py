@@ -1,11 +1,14 @@
-"""Times `ltjax.matmul` against the dense dot (f32, bf16) and the naive `x @ decompress(ct)`,
-and the decode-to-dense op against a device copy of the same output.
+"""Times `ltjax.matmul` against the dense dot (f32, bf16), the naive `x @ decompress(ct)` and, for
+int8, the plain-XLA path a JAX quantization library lowers to, and the decode-to-dense op
+against a device copy of the same output.
 
 Runs on whatever backend jax has. For each K = N, codec, sparsity, activation dtype and M it
 reports the median time per layer of ltjax, the f32 and bf16 dense dots and the naive
-decode-then-dot (all measured in the same run), the compressed weight bytes streamed per
-second, the speedups over each baseline, and the relative difference between the ltjax and
-naive outputs. Prints a table and writes JSON.
+decode-then-dot (all measured in the same run), for int8 the plain-XLA int8 path
+``(x @ codes.astype(x.dtype).T) * scales`` (the int8 codes as an XLA dot operand, the
+per-channel scale after: what a qwix/AQT weight-only int8 user gets), the compressed weight
+bytes streamed per second, the speedups over each baseline, and the relative difference
+between the ltjax and naive outputs. Prints a table and writes JSON.
 
 Each timed call is a chain of ``--layers`` layers, ``y = op(y, W_i)`` over distinct copies of
 the weight, jitted as one program (default: 8 on GPU, 1 elsewhere). On a GPU a single 8192²
@@ -69,6 +72,13 @@ def chain(op):
     return jax.jit(run)
 
 
+def plain_int8_matmul(x, ct):
+    """``x @ W`` for an int8 `CompressedTensor` as plain XLA: the codes ``[N, K]`` converted to x's
+    dtype as the dot's operand, the per-output-channel scales applied after (no ltjax op)."""
+    y = jnp.matmul(x, ct.codes.astype(x.dtype).T, preferred_element_type=jnp.float32)
+    return (y * ct.scales.astype(jnp.float32)[None, :]).astype(x.dtype)
+
+
 def rel_diff(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -80,6 +90,7 @@ def run(sizes, ms, cases, x_dtypes, reps: int, layers: int, seed: int = 0, on_ro
     dense_bf16 = chain(lambda x, w: x.astype(jnp.bfloat16) @ w)
     fused = chain(lambda x, ct: ltjax.matmul(x, ct))
     naive = chain(lambda x, ct: x @ ltjax.decompress(ct).astype(x.dtype))
+    plain_int8 = chain(plain_int8_matmul)
     per_layer = lambda f, *a: _common.median_time(lambda: f(*a), reps=reps) / layers
     rows = []
     for kn in sizes:
@@ -107,6 +118,10 @@ def run(sizes, ms, cases, x_dtypes, reps: int, layers: int, seed: int = 0, on_ro
                         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     else:
                         t_f32, t_bf16 = baselines[m]
+                        if codec == "int8":
+                            t_plain = per_layer(plain_int8, x, cts)
+                            row.update(t_plain_int8_ms=t_plain * 1e3, speedup_vs_plain_int8=t_plain / t,
+                                       rel_diff_plain_int8_vs_naive=rel_diff(plain_int8(x, cts), naive(x, cts)))
                         row.update(
                             t_ltjax_ms=t * 1e3, t_f32_ms=t_f32 * 1e3, t_bf16_ms=t_bf16 * 1e3,
                             t_naive_ms=t_naive * 1e3, weight_GBps=cts[0].nbytes / t / 1e9,
@@ -203,6 +218,8 @@ def format_row(r: dict) -> str:
         f"{r['t_ltjax_ms']:>9.4f} {r['t_f32_ms']:>9.4f} {r['t_bf16_ms']:>9.4f} {r['t_naive_ms']:>9.4f} "
         f"{r['weight_GBps']:>7.1f} {r['speedup_vs_f32']:>6.2f} {r['speedup_vs_bf16']:>6.2f} "
         f"{r['speedup_vs_naive']:>7.2f} {r['rel_diff_vs_naive']:>8.1e}"
+        + (f"  plain-XLA int8 {r['t_plain_int8_ms']:.4f} -> {r['speedup_vs_plain_int8']:.2f}x"
+           if "t_plain_int8_ms" in r else "")
         + (f"  paired x{r['paired_burst']}: {r['t_ltjax_paired_ms']:.4f} vs {r['paired_dense']} dot "
            f"{r['t_dense_paired_ms']:.4f} -> {r['speedup_vs_dense_paired']:.2f}x"
            if "speedup_vs_dense_paired" in r else "")

@@ -130,14 +130,16 @@ def compress_params(
     return (params, report) if return_report else params
 
 
-def make_apply_fn(config: LlamaConfig, codec: str | None = None) -> ApplyFn:
+def make_apply_fn(config: LlamaConfig, codec: str | None = None, dtype=jnp.float32) -> ApplyFn:
     """``apply(params, tokens, cache, start_pos) -> (logits, cache)`` for the unmodified model.
+
+    ``dtype``: the model's activation dtype (`Llama.dtype`; bf16 beside bf16 weights on a GPU).
 
     With a codec other than "none", the call runs inside ``ltjax.nn.intercept()``,
     which swaps the model's ``nn.Dense`` / ``nn.Embed`` for compressed ones; the
     context is entered while jit traces, which is when interception matters.
     """
-    model = Llama(config)
+    model = Llama(config, dtype=dtype)
     if codec in (None, "none"):
 
         def apply(params, tokens, cache=None, start_pos=0):
@@ -244,7 +246,7 @@ def default_max_len(prompt_len: int, max_new_tokens: int) -> int:
 
 def compiled_decode_step(
     params, config: LlamaConfig, *, apply_fn: ApplyFn | None = None, batch: int = 1, max_len: int,
-    kv_cache: str = "dense", temperature: float = 0.0, top_p: float = 1.0,
+    kv_cache: str = "dense", temperature: float = 0.0, top_p: float = 1.0, kv_dtype=jnp.float32,
 ):
     """The AOT-compiled decode step `generate` runs for these shapes (shared with it, not recompiled).
 
@@ -252,7 +254,7 @@ def compiled_decode_step(
     """
     apply_fn = _default_apply(config) if apply_fn is None else apply_fn
     _, decode_step, _ = _programs(apply_fn, float(temperature), float(top_p))
-    cache = jax.eval_shape(lambda: init_cache(config, batch, max_len, kind=kv_cache))
+    cache = jax.eval_shape(lambda: init_cache(config, batch, max_len, kind=kv_cache, dtype=kv_dtype))
     return _compile(
         decode_step,
         params,
@@ -279,6 +281,7 @@ def generate(
     warmup: bool = True,
     chunk: int = 8,
     on_tokens: Callable[[np.ndarray], None] | None = None,
+    kv_dtype=jnp.float32,
 ) -> tuple[np.ndarray, dict]:
     """Generates ``max_new_tokens`` after ``prompt_ids`` with a static-shape KV cache.
 
@@ -291,6 +294,7 @@ def generate(
         to the plain model. Pass one function object across calls to reuse its
         compiled programs.
       kv_cache: ``"dense"`` or ``"int8"``.
+      kv_dtype: element type of a dense cache (e.g. ``jnp.bfloat16`` beside a bf16 model).
       max_len: Cache length; defaults to prompt + new tokens rounded up to 128 (so
         nearby prompt lengths share a decode program).
       temperature: 0 is greedy.
@@ -336,7 +340,7 @@ def generate(
     sizes = sorted({c} | (set() if whole or steps % c == 0 else {steps % c})) if steps else []
 
     params = jax.block_until_ready(jax.device_put(params))
-    cache = init_cache(config, b, max_len, kind=kv_cache)
+    cache = init_cache(config, b, max_len, kind=kv_cache, dtype=kv_dtype)
     key = jax.random.key(seed)
     tokens = jnp.asarray(prompt)
     pos0 = jnp.asarray(t, jnp.int32)
@@ -357,7 +361,7 @@ def generate(
     stats["chunk"] = c
     if warmup:
         t0 = time.perf_counter()
-        scratch = init_cache(config, b, max_len, kind=kv_cache)
+        scratch = init_cache(config, b, max_len, kind=kv_cache, dtype=kv_dtype)
         tok, scratch, _ = prefill_c(params, tokens, scratch, key)
         for n in sizes:
             _, scratch, _ = jax.block_until_ready(decode_c[n](params, tok, scratch, pos0, key))

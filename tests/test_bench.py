@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -277,7 +278,8 @@ def test_cuda_sass_analysis_finds_the_loop_and_the_aligned_path():
 
 
 def test_gpu_check_script_writes_its_json_on_the_cpu(tmp_path):
-    """`benchmarks/gpu_check.sh` off a GPU, every stage skipped but two CPU-only tests: the script's
+    """`benchmarks/gpu_check.sh` off a GPU, every stage skipped but two CPU-only tests and the decode
+    stage's --quick form: the script's
     plumbing (stage order, time caps, the one JSON with device, commit, every stage's result), so a
     lent GPU's few minutes are not lost to a broken script."""
     import subprocess
@@ -286,6 +288,7 @@ def test_gpu_check_script_writes_its_json_on_the_cpu(tmp_path):
     root = os.path.join(os.path.dirname(__file__), "..")
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_BUILD_S": "0", "GPU_CHECK_SWEEP_S": "0",
            "GPU_CHECK_BENCH_S": "0", "GPU_CHECK_CUDA_S": "0", "GPU_CHECK_TOTAL_S": "400",
+           "GPU_CHECK_DECODE_S": "240", "GPU_CHECK_DECODE_ARGS": "--quick",
            "GPU_CHECK_TESTS_K": "test_refusals_name_the_reason or test_int8_mma_splits_are_whole_steps"}
     (tmp_path / "cuda_kernels.json").write_text("{}")  # an earlier run's file: not this run's result
     proc = subprocess.run(["bash", os.path.join(root, "benchmarks", "gpu_check.sh"), str(tmp_path)], env=env,
@@ -296,7 +299,10 @@ def test_gpu_check_script_writes_its_json_on_the_cpu(tmp_path):
     assert r["tests"]["rc"] == 0 and r["tests"]["tests"] == 2 and r["tests"]["failed"] == [], r["tests"]
     assert "build skipped" in r["cuda_build"] and r["benchmark_rc"] == -1 and r["sweep_rc"] == -1
     assert r["cuda_benchmark"] is None and r["benchmark"] is None
-    assert list(r["seconds"]) == ["cuda_build", "tests", "cuda_benchmark", "benchmark", "sweep"]
+    assert list(r["seconds"]) == ["cuda_build", "tests", "cuda_benchmark", "benchmark", "decode", "sweep"]
+    for shape, d in r["decode"].items():  # --quick: the tiny shape, its three rows, each with its step memory
+        assert d["shape"] == shape and [x["row"] for x in d["rows"]] == ["dense", "int8", "int4"], (shape, d)
+        assert all(x["step_memory"]["argument_bytes"] > 0 and x["tok_s"] > 0 for x in d["rows"])
     assert all(v >= 0 for v in r["seconds"].values())
 
 
@@ -350,7 +356,7 @@ def test_readme_effective_memory_headline_is_bytes_held():
 
 def test_decode_budget_quick_and_the_llama_bench_reader(tmp_path, monkeypatch):
     """`benchmarks.decode --quick`: one row per codec, its parts add up to the step, bandwidth measured;
-    `llama_bench_tg` reads llama-bench's JSON (a stand-in script printing its format) and its errors."""
+    `llama_bench_run` reads llama-bench's JSON (a stand-in script printing its format) and its errors."""
     from benchmarks import decode
 
     out = tmp_path / "decode.json"
@@ -360,18 +366,71 @@ def test_decode_budget_quick_and_the_llama_bench_reader(tmp_path, monkeypatch):
     for r in res["rows"]:
         assert np.isclose(r["matmuls_s"] + r["head_s"] + r["rest_s"], r["step_s"]) and r["tok_s"] > 0
         assert np.isclose(r["matmuls_gb_s"], r["matmul_weight_bytes"] / r["matmuls_s"] / 1e9)
+        assert np.isclose(r["prefill_tok_s"], 128 / r["prefill_s"])
     int8 = res["rows"][1]
     assert int8["path"] in ("ffi", "xla")
     assert int8["matmul_weight_bytes"] < res["rows"][0]["matmul_weight_bytes"] / 2  # (kernels < 4096 stay dense)
     assert "tok_s" not in res["llama_cpp"] and res["llama_cpp"]["note"]
     fake = tmp_path / "llama-bench"
-    fake.write_text("#!/bin/sh\necho '[{\"n_prompt\": 0, \"n_gen\": 64, \"avg_ts\": 123.5}]'\n")
+    fake.write_text("#!/bin/sh\necho '[{\"n_prompt\": 128, \"n_gen\": 0, \"avg_ts\": 700.5}, "
+                    "{\"n_prompt\": 0, \"n_gen\": 64, \"avg_ts\": 123.5}]'\n")
     fake.chmod(0o755)
     monkeypatch.setenv("LLAMA_BENCH", str(fake))
     assert decode.llama_bench() == str(fake)
-    assert decode.llama_bench_tg(str(fake), "m.gguf", 64, 2) == 123.5
+    assert decode.llama_bench_run(str(fake), "m.gguf", 64, 128, 2) == (123.5, 700.5)
     fake.write_text("#!/bin/sh\necho 'no model' >&2\nexit 3\n")
     with pytest.raises(RuntimeError, match="exited 3: no model"):
-        decode.llama_bench_tg(str(fake), "m.gguf", 64, 2)
+        decode.llama_bench_run(str(fake), "m.gguf", 64, 128, 2)
     with pytest.raises(SystemExit):
         decode.main(["--quick", "--rows", "dense,int3"])
+    with pytest.raises(SystemExit):
+        decode.main(["--quick", "--rows", "file"])  # the tiny random model has no file
+
+
+def test_decode_file_row_against_llama_bench(tmp_path, monkeypatch):
+    """``--gguf`` with the ``file`` row: the GGUF's own tensors (its Q8_0 embedding as int8) beside a
+    compressed row, and llama-bench (a stand-in) run on that same file, its ratios in the JSON."""
+    from benchmarks import decode
+    from tests.test_llama import LOADER_CFG, _hf_tensors, _write_gguf
+
+    path = str(tmp_path / "m.gguf")
+    _write_gguf(path, LOADER_CFG, _hf_tensors(LOADER_CFG))
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/bin/sh\necho \"$@\" > " + str(tmp_path / "args") + "\n"
+                    "echo '[{\"n_prompt\": 8, \"n_gen\": 0, \"avg_ts\": 1000.0}, "
+                    "{\"n_prompt\": 0, \"n_gen\": 64, \"avg_ts\": 100.0}]'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("LLAMA_BENCH", str(fake))
+    out = tmp_path / "d.json"
+    assert decode.main(["--gguf", path, "--rows", "int8,file", "--rounds", "1", "--steps", "2", "--prompt", "8",
+                        "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["row"] for r in res["rows"]] == ["int8", "file"]
+    assert (tmp_path / "args").read_text().split()[:4] == ["-m", path, "-p", "8"]
+    assert res["llama_cpp"]["tok_s"] == 100.0 and res["llama_cpp"]["prefill_tok_s"] == 1000.0
+    for r in res["rows"]:
+        assert np.isclose(r["tok_s_vs_llama_cpp"], r["tok_s"] / 100.0)
+        assert np.isclose(r["prefill_vs_llama_cpp"], 8 / r["prefill_s"] / 1000.0)
+    assert res["rows"][1]["head_weight_bytes"] < LOADER_CFG.vocab * LOADER_CFG.dim * 2  # the Q8_0 embedding: int8
+    with pytest.raises(SystemExit):
+        decode.main(["--gguf", str(tmp_path / "missing.gguf"), "--rows", "file"])
+
+
+def test_decode_shape_layers_are_distinct_copies_of_one_drawn_layer():
+    """``--shape``: every layer holds its own buffers (compressed leaves included) with layer 0's
+    values, so a step streams n_layers layers' bytes, none read from another layer's cache lines."""
+    import ltjax
+    from benchmarks import decode
+    from models import generate as gen, llama
+
+    cfg = decode.one_layer(gen.TINY_CONFIG)
+    assert cfg.n_layers == 1 and decode.SHAPES["llama-1b"].n_layers == 16
+    params = decode.replicated_params(gen.compress_params(llama.init_params(cfg, 3), "int8"), 3)
+    assert sorted(k for k in params if k.startswith("layers_")) == ["layers_0", "layers_1", "layers_2"]
+    is_ct = lambda x: isinstance(x, ltjax.CompressedTensor)  # noqa: E731
+    leaves = [jax.tree_util.tree_leaves(params[f"layers_{i}"]) for i in range(3)]
+    assert any(is_ct(x) for x in jax.tree_util.tree_leaves(params["layers_2"], is_leaf=is_ct))
+    for a, b in zip(leaves[0], leaves[2]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        if a.size:
+            assert a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()
