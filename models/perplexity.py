@@ -3,6 +3,7 @@
     python -m models.perplexity --windows 2 --window-len 512 [--json]
     python -m models.perplexity --codec int4 [--group 32|64|128] [--symmetric] [--int4-embedding]
     python -m models.perplexity --bits 4.5
+    python -m models.perplexity --codec int4 --group 64 --calibrate 4096
     python -m models.perplexity --variants dense,int8,int4,gguf
 
 The text defaults to the Python docs shipped with the standard library
@@ -24,6 +25,8 @@ Rows:
   gguf, gguf+kv8   the GGUF file's own quantization (its Q4_0 / Q4_1 tensors as ltjax int4,
              no second rounding; ``--gguf-q8`` for a Q8_0 embedding): on SmolLM2 these
              decode to exactly the dense row's weights.
+``--calibrate T`` rounds the int4 and plan rows' projections by GPTQ, with input statistics from
+the T tokens that follow the scored windows (disjoint from them; `models.generate.calibration_stats`).
 The compressed rows go through ``ltjax.compress_tree`` (`models.generate.compress_params`) and
 run the unmodified model under ``ltjax.nn.intercept()`` (`make_apply_fn`). The default rows are
 dense, kv8, int8, int8+kv8; ``--codec C`` means dense and C. A row whose weights are not
@@ -44,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.generate import add_int4_args, compress_params, int4_kwargs, make_apply_fn
+from models.generate import add_int4_args, calibration_stats, compress_params, int4_kwargs, make_apply_fn
 from models.llama import LlamaConfig, init_cache
 
 VARIANTS = {"dense": ("none", None), "kv8": ("none", "int8"), "int8": ("int8", None), "int8+kv8": ("int8", "int8"),
@@ -101,12 +104,14 @@ def perplexity(params, config: LlamaConfig, windows: np.ndarray, *, apply_fn=Non
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": count, "seconds": time.perf_counter() - t0}
 
 
-def run_variants(params, config, windows, variants=DEFAULT_VARIANTS, *, gguf_params=None, **int4) -> dict:
+def run_variants(params, config, windows, variants=DEFAULT_VARIANTS, *, gguf_params=None, calibration=None,
+                 **int4) -> dict:
     """Runs each named variant of `VARIANTS`; a missing weight codec gives ``{"unavailable": ...}``.
 
     ``gguf_params``: the GGUF file's own quantization (`models.generate.load_model` with
     ``keep_quantized=True``), for the gguf rows. ``int4``: `compress_params`' int4 keywords
-    (`models.generate.int4_kwargs`; its ``bits`` is the plan rows' budget).
+    (`models.generate.int4_kwargs`; its ``bits`` is the plan rows' budget). ``calibration``:
+    `models.generate.calibration_stats` for the int4 and plan rows (GPTQ).
     Each available row also carries ``vs_dense`` (its perplexity over the dense row's) when
     the dense row ran.
     """
@@ -121,6 +126,8 @@ def run_variants(params, config, windows, variants=DEFAULT_VARIANTS, *, gguf_par
             if codec not in compressed:
                 source = gguf_params if codec == "gguf" else params
                 kw = {k: v for k, v in int4.items() if k != "bits" or codec == "plan"}
+                if calibration is not None and codec in ("int4", "plan"):
+                    kw["calibration"] = calibration
                 compressed[codec] = (compress_params(source, codec, **kw), make_apply_fn(config, codec))
         except ImportError as e:
             results[name] = {"unavailable": f"codec {codec!r}: {e}"}
@@ -165,6 +172,9 @@ def main(argv=None) -> int:
                 f"--bits {args.bits})")
     if args.windows < 1 or args.window_len < 2:
         p.error(f"--windows {args.windows} must be >= 1 and --window-len {args.window_len} >= 2")
+    if args.calibrate is not None and (args.calibrate < 1 or not any(VARIANTS[v][0] in ("int4", "plan")
+                                                                      for v in variants)):
+        p.error(f"--calibrate {args.calibrate}: a number of tokens >= 1, for int4 or plan rows (rows {variants})")
     if args.text_file and not os.path.isfile(args.text_file):
         p.error(f"--text-file {args.text_file!r} does not exist")
 
@@ -186,13 +196,22 @@ def main(argv=None) -> int:
             text = f.read()
     else:
         text = default_text()
+    ids = encode(text)
     try:
-        windows = make_windows(encode(text), args.windows, args.window_len)
+        windows = make_windows(ids, args.windows, args.window_len)
     except ValueError as e:
         p.error(str(e))
+    calibration = None
+    if args.calibrate is not None:  # the tokens after the scored windows: disjoint from them
+        try:
+            calibration = calibration_stats(params, config, ids[args.windows * args.window_len:], args.calibrate,
+                                            window=args.window_len)
+        except ValueError as e:
+            p.error(f"--calibrate {args.calibrate}: {e}")
     load_before = os.getloadavg()
     try:
-        results = run_variants(params, config, windows, variants, gguf_params=gguf_params, **int4_kwargs(args))
+        results = run_variants(params, config, windows, variants, gguf_params=gguf_params, calibration=calibration,
+                               **int4_kwargs(args))
     except ValueError as e:  # e.g. a --bits budget no assignment meets
         p.error(str(e))
     out = report(
@@ -202,11 +221,13 @@ def main(argv=None) -> int:
         windows=args.windows,
         window_len=args.window_len,
         loadavg=[load_before, os.getloadavg()],
+        calibration_tokens=args.calibrate,
     )
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"model: {source}; text: {out['text']}; {args.windows} x {args.window_len}-token windows")
+    print(f"model: {source}; text: {out['text']}; {args.windows} x {args.window_len}-token windows"
+          + (f"; int4 by GPTQ from the next {args.calibrate} tokens" if args.calibrate else ""))
     print(f"{'variant':<10} {'perplexity':>11} {'vs dense':>9} {'tokens':>7} {'seconds':>8}")
     for name, r in results.items():
         if "unavailable" in r:
@@ -227,10 +248,11 @@ def decompressed(tree):
     return jax.tree.map(lambda x: np.asarray(decode(x)) if is_ct(x) else x, tree, is_leaf=is_ct)
 
 
-def report(results: dict, *, model: str, text: str, windows: int, window_len: int, loadavg) -> dict:
+def report(results: dict, *, model: str, text: str, windows: int, window_len: int, loadavg,
+           calibration_tokens: int | None = None) -> dict:
     """The ``--json`` object.
 
-    ``{"model": str, "text": str, "windows": int, "window_len": int,
+    ``{"model": str, "text": str, "windows": int, "window_len": int, "calibration_tokens": int | None,
     "loadavg": [[1, 5, 15 min before], [... after]],
     "variants": {name: {"perplexity", "nll", "tokens", "seconds", "vs_dense"} | {"unavailable": str}}}``
     """
@@ -239,6 +261,7 @@ def report(results: dict, *, model: str, text: str, windows: int, window_len: in
         "text": text,
         "windows": windows,
         "window_len": window_len,
+        "calibration_tokens": calibration_tokens,
         "loadavg": [list(x) for x in loadavg],
         "variants": results,
     }
