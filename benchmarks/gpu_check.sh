@@ -33,7 +33,7 @@
 # "--only bitmask int8_matmul/64/float32"), GPU_CHECK_SWEEP_S (default 100; 0 skips the sweep),
 # GPU_CHECK_BENCH_S (default 180; 0 skips the benchmark), GPU_CHECK_CUDA_S (default 150; 0 skips the
 # CUDA benchmark), GPU_CHECK_BUILD_S (default 90; 0 skips the library's build), GPU_CHECK_DECODE_S
-# (default 150 for both models; 0 skips the stage), GPU_CHECK_DECODE_ARGS (extra benchmarks.decode
+# (default 200 for both models; 0 skips the stage), GPU_CHECK_DECODE_ARGS (extra benchmarks.decode
 # options, e.g. "--quick"), GPU_CHECK_TOTAL_S (default 540), GPU_CHECK_TESTS_K (a pytest -k
 # filter), PYTHON (default python).
 # tests/test_bench.py runs it on the CPU with every stage but a few tests skipped: its plumbing.
@@ -117,7 +117,7 @@ else
 fi
 BENCH_END=$(date +%s)
 
-DECODE_S=${GPU_CHECK_DECODE_S:-150}
+DECODE_S=${GPU_CHECK_DECODE_S:-200}
 if [ "$DECODE_S" -gt 0 ]; then
   echo "== decode end to end (benchmarks.decode, random weights): SmolLM2-135M and Llama-3.2-1B shapes"
   for shape in smollm2-135m llama-1b; do  # a third of the time for the small model, the rest for the 1 B one

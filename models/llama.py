@@ -33,6 +33,14 @@ stays within half a step (scale / 2) per element; rounding the scale to bf16 cha
 step by at most 0.4%. A bf16 scale makes the cache 1.03 bytes per element (1.94x smaller
 than bf16) instead of 1.06 with f32 scales (1.88x).
 The cache kind is read from the dtype of ``k``; the model has no cache option.
+
+Attention over a cache longer than `ATTEND_FULL_MAX` positions (and a multiple of
+`ATTEND_BLOCK`) reads only the blocks up to the newest written position: a loop over
+`ATTEND_BLOCK`-position blocks with a running softmax (max, sum, weighted values), its trip
+count ``ceil((start_pos + t) / ATTEND_BLOCK)`` read at run time. A decode step's attention then
+costs what the position needs, not what ``max_len`` reserves (a 2048-slot f32 cache is ~94 MB
+over SmolLM2's 30 layers, read in full by every step before). Shorter caches attend to every
+slot at once (one loop step would cost more than it saves).
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 
 KV_CACHE_KINDS = ("dense", "int8")
+ATTEND_BLOCK = 128  # cache positions per step of the bounded attention
+ATTEND_FULL_MAX = 256  # caches up to this length are attended in one piece
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -181,22 +191,54 @@ def cache_kind(layer_cache: dict[str, jax.Array]) -> str:
 
 
 def _write_cache(layer_cache, k, v, start_pos):
-    """Writes k, v ``[b, t, hkv, d]`` at ``start_pos``; returns (new cache, dense k, dense v)."""
+    """Writes k, v ``[b, t, hkv, d]`` at ``start_pos``; returns the new cache."""
     update = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, start_pos, axis=1)
     if cache_kind(layer_cache) == "int8":
         kq, ks = quantize_kv(k, layer_cache["k_scale"].dtype)
         vq, vs = quantize_kv(v, layer_cache["v_scale"].dtype)
-        new = {
+        return {
             "k": update(layer_cache["k"], kq),
             "v": update(layer_cache["v"], vq),
             "k_scale": update(layer_cache["k_scale"], ks),
             "v_scale": update(layer_cache["v_scale"], vs),
         }
-        # Dequantised inside the attention computation; XLA fuses it into the einsum.
-        return new, dequantize_kv(new["k"], new["k_scale"]), dequantize_kv(new["v"], new["v_scale"])
     dtype = layer_cache["k"].dtype
-    new = {"k": update(layer_cache["k"], k.astype(dtype)), "v": update(layer_cache["v"], v.astype(dtype))}
-    return new, new["k"], new["v"]
+    return {"k": update(layer_cache["k"], k.astype(dtype)), "v": update(layer_cache["v"], v.astype(dtype))}
+
+
+def _cache_slots(layer_cache, start=0, size=None):
+    """Dense f32 keys and values of cache slots ``[start, start + size)`` (all by default): int8
+    codes are dequantised here, inside the attention computation, where XLA fuses them."""
+    size = layer_cache["k"].shape[1] if size is None else size
+    sl = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1)
+    if cache_kind(layer_cache) == "int8":
+        return (dequantize_kv(sl(layer_cache["k"]), sl(layer_cache["k_scale"])),
+                dequantize_kv(sl(layer_cache["v"]), sl(layer_cache["v_scale"])))
+    return sl(layer_cache["k"]).astype(jnp.float32), sl(layer_cache["v"]).astype(jnp.float32)
+
+
+def _attend_bounded(qg, layer_cache, positions, end):
+    """Causal attention of ``qg [b, t, hkv, g, d]`` (f32, scaled) over cache slots ``[0, end)``,
+    `ATTEND_BLOCK` slots a step with a running softmax: ``[b, t, hkv, g, d]`` f32."""
+    b, t, hkv, g, d = qg.shape
+    blk = ATTEND_BLOCK
+
+    def step(i, carry):
+        m, l, acc = carry
+        kb, vb = _cache_slots(layer_cache, i * blk, blk)
+        s = jnp.einsum("btkgd,bskd->bkgts", qg, kb)
+        kpos = i * blk + jnp.arange(blk)
+        s = jnp.where((kpos[None, None, :] <= positions[:, :, None])[:, None, None], s, jnp.finfo(jnp.float32).min)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        return m_new, l * corr + p.sum(axis=-1), acc * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p, vb)
+
+    init = (jnp.full((b, hkv, g, t), -jnp.inf, jnp.float32), jnp.zeros((b, hkv, g, t), jnp.float32),
+            jnp.zeros((b, hkv, g, t, d), jnp.float32))
+    # Slot 0 is in block 0 and before every query: each row's max is finite after the first step.
+    _, l, acc = jax.lax.fori_loop(0, (end + blk - 1) // blk, step, init)
+    return jnp.transpose(acc / l[..., None], (0, 3, 1, 2, 4))
 
 
 class RMSNorm(nn.Module):
@@ -228,23 +270,27 @@ class Attention(nn.Module):
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if layer_cache is None:
-            new_cache, keys, values = None, k, v
-            key_pos = positions
-        else:
-            new_cache, keys, values = _write_cache(layer_cache, k, v, start_pos)
-            key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
-        # Causal mask; with a cache it is also the length mask (slots past the
-        # newest written position have key_pos > every query position).
-        mask = key_pos[:, None, :] <= positions[:, :, None]  # (b, t, s)
-
         group = c.n_heads // c.n_kv_heads
         qg = q.reshape(b, t, c.n_kv_heads, group, c.head_dim).astype(jnp.float32)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(jnp.float32))
-        scores = scores / np.sqrt(c.head_dim).astype(np.float32)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(jnp.float32))
+        new_cache = None if layer_cache is None else _write_cache(layer_cache, k, v, start_pos)
+        slots = None if new_cache is None else new_cache["k"].shape[1]
+        if slots is not None and slots > ATTEND_FULL_MAX and slots % ATTEND_BLOCK == 0:
+            qs = qg / np.sqrt(c.head_dim).astype(np.float32)
+            out = _attend_bounded(qs, new_cache, positions, start_pos + t)
+        else:
+            if new_cache is None:
+                keys, values, key_pos = k.astype(jnp.float32), v.astype(jnp.float32), positions
+            else:
+                keys, values = _cache_slots(new_cache)
+                key_pos = jnp.broadcast_to(jnp.arange(slots), (b, slots))
+            # Causal mask; with a cache it is also the length mask (slots past the
+            # newest written position have key_pos > every query position).
+            mask = key_pos[:, None, :] <= positions[:, :, None]  # (b, t, s)
+            scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys)
+            scores = scores / np.sqrt(c.head_dim).astype(np.float32)
+            scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1)
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, values)
         out = out.reshape(b, t, c.n_heads * c.head_dim).astype(x.dtype)
         return dense(c.dim, "o_proj")(out), new_cache
 

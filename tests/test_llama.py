@@ -183,11 +183,11 @@ def test_bf16_safetensors_checkpoint_loads_as_float32(tmp_path):
 # ------------------------------------------------------------------- KV cache
 
 
-def _incremental_logits(params, c, tokens, kind, prefill_len):
+def _incremental_logits(params, c, tokens, kind, prefill_len, max_len=32):
     """Prefill ``prefill_len`` tokens, then decode the rest one at a time; all logits."""
     model = llama.Llama(c)
     step = jax.jit(lambda p, x, cache, pos: model.apply({"params": p}, x, cache, pos))
-    cache = llama.init_cache(c, tokens.shape[0], 32, kind=kind)
+    cache = llama.init_cache(c, tokens.shape[0], max_len, kind=kind)
     logits, cache = step(params, tokens[:, :prefill_len], cache, 0)
     out = [logits]
     for i in range(prefill_len, tokens.shape[1]):
@@ -203,6 +203,30 @@ def test_dense_cache_decode_matches_full_recompute():
     inc, cache = _incremental_logits(params, TINY, tokens, "dense", prefill_len=5)
     np.testing.assert_allclose(inc, full, rtol=1e-5, atol=1e-5)
     assert llama.cache_nbytes(cache) == 2 * 2 * (2 * 32 * 2 * 8) * 4
+
+
+@pytest.mark.parametrize("kind", ["dense", "int8"])
+def test_long_cache_attends_only_up_to_the_position(kind):
+    """A cache longer than ATTEND_FULL_MAX: blocks of ATTEND_BLOCK slots up to the newest position,
+    a running softmax across them (here 3 blocks, the prompt ending past the first), against the
+    full recompute (dense) or the float64 reference with the same int8 rounding of k/v."""
+    max_len = 3 * llama.ATTEND_BLOCK
+    assert max_len > llama.ATTEND_FULL_MAX
+    params = _params(TINY)
+    tokens = _tokens(TINY, (2, llama.ATTEND_BLOCK + 12))
+    inc, _ = _incremental_logits(params, TINY, tokens, kind, prefill_len=llama.ATTEND_BLOCK + 4, max_len=max_len)
+    if kind == "dense":
+        full, _ = llama.Llama(TINY).apply({"params": params}, tokens)
+        np.testing.assert_allclose(inc, full, rtol=1e-4, atol=1e-4)
+    else:
+        for b in range(2):
+            np.testing.assert_allclose(inc[b], np_forward(params, TINY, tokens[b], kv8=True), rtol=1e-3, atol=1e-3)
+    cache = llama.init_cache(TINY, 1, max_len, kind=kind)
+    step = lambda p, x, c, pos: llama.Llama(TINY).apply({"params": p}, x, c, pos)
+    jaxpr = str(jax.make_jaxpr(step)(params, tokens[:1, :1], cache, jnp.int32(3)))
+    assert "while" in jaxpr  # the trip count is read at run time, from the position
+    short = llama.init_cache(TINY, 1, llama.ATTEND_FULL_MAX, kind=kind)
+    assert "while" not in str(jax.make_jaxpr(step)(params, tokens[:1, :1], short, jnp.int32(3)))
 
 
 def test_int8_cache_decode_matches_quantized_reference():
