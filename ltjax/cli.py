@@ -116,7 +116,6 @@ def info_report() -> dict[str, Any]:
     from ltjax._config import host_platform
     from ltjax.ffi import cpu as lffi, cuda as lcuda
     from ltjax.ops.matmul import IMPLEMENTATIONS
-    from ltjax.ops.matmul.cpu import MAX_M
 
     here = host_platform()
     native = [i.name for i in IMPLEMENTATIONS if i.platforms is None or here in i.platforms]
@@ -126,7 +125,7 @@ def info_report() -> dict[str, Any]:
     routes = {}
     for codec in ("int8", "bitmask_int8", "bitmask", "int4"):
         ct = ltjax.compress(w, codec)
-        for m in (1, 16, MAX_M + 1):
+        for m in (1, 16, 65, 257):  # 65, 257: past the CPU handlers' row limits (ltjax.ops.matmul.cpu)
             x = jax.ShapeDtypeStruct((m, w.shape[0]), jnp.float32)
             e = ltjax.explain(x, ct)
             ahead = native[: native.index(e.impl)] if e.impl in native else native

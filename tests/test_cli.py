@@ -74,12 +74,13 @@ def test_info_says_what_runs_here(capsys):
     assert r["backend"] == jax.default_backend() and r["jax"] == jax.__version__
     assert r["cpu_ffi"]["loaded"] == lffi.available()
     routes = r["matmul_routes"]
-    assert set(routes) == {f"{c} M={m}" for c in ("int8", "bitmask_int8", "bitmask", "int4") for m in (1, 16, 65)}
+    assert set(routes) == {f"{c} M={m}" for c in ("int8", "bitmask_int8", "bitmask", "int4") for m in (1, 16, 65, 257)}
     if jax.default_backend() == "cpu" and lffi.available() and jax.device_count() == 1:
         assert routes["bitmask_int8 M=1"]["impl"] == "ffi" and routes["bitmask_int8 M=1"]["why_not"] == {}
         assert routes["int4 M=16"]["impl"] == "ffi" and routes["int4 M=16"]["backward"] == "dx: ffi"
-        assert routes["bitmask_int8 M=65"]["impl"] == "xla"
+        assert routes["bitmask_int8 M=65"]["impl"] == "xla" and routes["int4 M=65"]["impl"] == "ffi"
         assert "M=65 > 64" in routes["bitmask_int8 M=65"]["why_not"]["ffi"]
+        assert routes["int4 M=257"]["impl"] == "xla" and "M=257 > 256" in routes["int4 M=257"]["why_not"]["ffi"]
     for route in routes.values():  # what a program lowered for another platform holds
         assert route["platforms"]["cuda"] == "pallas" and route["backward"].startswith("dx: ")
         assert routes["int8 M=65"]["impl"] == ("ffi" if lffi.info()["amx"] else "xla")  # the AMX GEMM wins at any M

@@ -172,12 +172,12 @@ def test_gradients_through_the_public_op(asymmetric, m):
 
 
 @needs_ffi
-@pytest.mark.parametrize("m,want", [(1, "ffi"), (64, "ffi"), (65, "xla")])
-def test_explain_picks_the_handlers_up_to_64_rows(m, want):
+@pytest.mark.parametrize("m,want", [(1, "ffi"), (64, "ffi"), (256, "ffi"), (257, "xla")])
+def test_explain_picks_the_handlers_up_to_256_rows(m, want):
     ct = int4(256, 64, 64, False)
     e = ltjax.explain(jax.ShapeDtypeStruct((m, 256), jnp.float32), ct)
     assert e.impl == want, str(e)
-    assert e.reasons["ffi"] is None if want == "ffi" else "M=65 > 64" in e.reasons["ffi"], str(e)
+    assert e.reasons["ffi"] is None if want == "ffi" else "M=257 > 256" in e.reasons["ffi"], str(e)
     assert lffi.why_not_unpack(ct) is None
 
 

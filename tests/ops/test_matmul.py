@@ -73,7 +73,7 @@ CASES = [
     Case(*WIDE, (20,)),  # M > 16: the XLA path's chunked dots (a full chunk and a tail)
     Case(*WIDE, (40,), "bfloat16", few=True),  # Pallas' tuned rows for 16 < M <= 64
     Case(*ODD, (2,)),
-    Case(*RAGGED, (80,)),  # M > 64: impl=None hands it to XLA (but the AMX int8 GEMM); forced, the handlers run it
+    Case(*RAGGED, (80,)),  # M > 64: past the handlers' rows for some codecs (_handler_rows); forced, they run it
     Case(*RAGGED, (3,), "float16", few=True),  # the CPU handlers refuse f16 x
     Case(*RAGGED, (3,), wdtype="bfloat16"),  # bf16 weights (raw / bitmask values, int8 of a bf16 tensor)
     Case(*GROUPED, (1,), few=True),
@@ -278,13 +278,21 @@ def test_scale_cotangent_fits_finetuning():
 
 
 # ------------------------------------------------------------------ dispatch
+def _handler_rows(ct) -> float:
+    """The rows of x up to which impl=None prefers the CPU handlers, as measured (docs/ffi.md,
+    "Prefill crossover"): int8 at any M on AMX, int4 to 256, the others to 64."""
+    if ct.codec == "int8" and ltjax.ffi.cpu.info()["amx"]:
+        return float("inf")
+    return 256 if ct.codec == "int4" else 64
+
+
 def _first_runnable(x, ct) -> str:
     """What the registry order says ``impl=None`` runs on this host for (x, ct)."""
     for impl in IMPLEMENTATIONS:
         if impl.name == "cuda" and not ltjax._config.settings().cuda_gemv:
             continue  # opt-in
-        if impl.name == "ffi" and x.shape[0] > 64 and not (ct.codec == "int8" and ltjax.ffi.cpu.info()["amx"]):
-            continue  # above 64 rows the XLA path's dots win, except the int8 GEMM on AMX tiles (docs/ffi.md)
+        if impl.name == "ffi" and x.shape[0] > _handler_rows(ct):
+            continue  # above these rows the XLA path's dots win (docs/ffi.md, "Prefill crossover")
         if cannot_run_here(impl.name) is None and not refusals(impl.name, ct.codec, Case(ct.shape[0], ct.shape[1],
                                                                                          ct.tile, (x.shape[0],))):
             if impl.platforms is None or ltjax._config.host_platform() in impl.platforms:
@@ -292,7 +300,7 @@ def _first_runnable(x, ct) -> str:
     raise AssertionError("the reference runs anywhere")
 
 
-@pytest.mark.parametrize("m", [1, 80])
+@pytest.mark.parametrize("m", [1, 80, 200, 300])
 @pytest.mark.parametrize("codec", WEIGHTS)
 def test_explain_here(codec, m):
     ct = make_ct(codec, *GROUPED[:2], tile=GROUPED[2])

@@ -1,8 +1,9 @@
 """`ltjax.matmul` on the CPU handlers (`ltjax.ffi.cpu`, XLA FFI custom calls): int8, int4 and bitmask codecs.
 
-Chosen up to `MAX_M` rows of x: above it the XLA path's chunked dots beat the handlers' GEMM
-(docs/ffi.md), except the int8 GEMM on AMX tiles, which wins at every M measured (to 1024);
-the backward's ``dx`` (an f32 kernel) stays on the handlers up to `MAX_M` only. Chosen only when
+Chosen up to `max_m` rows of x: above it the XLA path's chunked dots beat the handlers' GEMM
+(docs/ffi.md, "Prefill crossover"): `MAX_M` rows, 256 for int4 (`MAX_M_BY_CODEC`: SmolLM2's
+128-token prefill), any M for the int8 GEMM on AMX tiles (measured to 1024); the backward's
+``dx`` (an f32 kernel) stays on the handlers up to `MAX_M` only. Chosen only when
 the program is traced on a CPU host (the extension and its ISA are this host's) and on one
 device (a custom call is not partitioned: its operands would be all-gathered).
 """
@@ -16,6 +17,7 @@ from ltjax.ops import _cpu
 from ltjax.ops._dispatch import Implementation
 
 MAX_M = 64
+MAX_M_BY_CODEC = {"int4": 256}
 
 
 def _amx_int8(ct: CompressedTensor) -> bool:
@@ -31,9 +33,15 @@ def _reason(a: jax.Array, ct: CompressedTensor, *, transpose: bool) -> str | Non
     return _cpu.handlers.why_not(a, ct)
 
 
+def max_m(ct: CompressedTensor) -> int | None:
+    """The most rows of x the forward handlers are preferred for (None: any)."""
+    return None if _amx_int8(ct) else MAX_M_BY_CODEC.get(ct.codec, MAX_M)
+
+
 def prefer(x2, ct, *, platform: str) -> str | None:
-    if x2.shape[0] > MAX_M and not _amx_int8(ct):
-        return f"M={x2.shape[0]} > {MAX_M}: the XLA path's chunked dots are faster there"
+    limit = max_m(ct)
+    if limit is not None and x2.shape[0] > limit:
+        return f"M={x2.shape[0]} > {limit}: the XLA path's chunked dots are faster there for {ct.codec}"
     return None
 
 
