@@ -120,12 +120,13 @@ BENCH_END=$(date +%s)
 DECODE_S=${GPU_CHECK_DECODE_S:-200}
 if [ "$DECODE_S" -gt 0 ]; then
   echo "== decode end to end (benchmarks.decode, random weights): SmolLM2-135M and Llama-3.2-1B shapes"
-  for shape in smollm2-135m llama-1b; do  # a third of the time for the small model, the rest for the 1 B one
-    share=$((DECODE_S / 3)); [ "$shape" = llama-1b ] && share=$((DECODE_S - DECODE_S / 3))
-    # shellcheck disable=SC2086
-    timeout "$(cap "$share")" "$PY" -m benchmarks.decode --shape "$shape" --rows dense,int8,int4 \
-      --rounds 3 --steps 32 --out "$OUT/decode_$shape.json" ${GPU_CHECK_DECODE_ARGS:-} 2>&1 | tee -a "$OUT/decode.log"
-  done
+  # a third of the time for the small model, the rest for the 1 B one
+  # shellcheck disable=SC2086
+  timeout "$(cap $((DECODE_S / 3)))" "$PY" -m benchmarks.decode --shape smollm2-135m --rows dense,int8,int4 \
+    --rounds 3 --steps 32 --out "$OUT/decode_smollm2-135m.json" ${GPU_CHECK_DECODE_ARGS:-} 2>&1 | tee -a "$OUT/decode.log"
+  # shellcheck disable=SC2086
+  timeout "$(cap $((DECODE_S - DECODE_S / 3)))" "$PY" -m benchmarks.decode --shape llama-1b --rows dense,int8,int4 \
+    --rounds 3 --steps 32 --out "$OUT/decode_llama-1b.json" ${GPU_CHECK_DECODE_ARGS:-} 2>&1 | tee -a "$OUT/decode.log"
 else
   echo "decode skipped (GPU_CHECK_DECODE_S=0)" | tee "$OUT/decode.log"
 fi

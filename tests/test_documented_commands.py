@@ -51,7 +51,7 @@ OWN_PACKAGES = ("ltjax", "models", "benchmarks")
 METAVARS = {
     "E": "0.01", "N": "2", "NAME": "ffi_matmul", "PREFIX": "int8_matmul", "DIR": "{tmp}/dir",
     "OUTDIR": "{tmp}/outdir", "$OUT": "{tmp}/out", "PATH": "{tmp}/out.json", "OUT.so": "{tmp}/out.so",
-    "OUT.json": "{tmp}/out.json", "RUN_DIR": "{tmp}/run", "B": "5",
+    "OUT.json": "{tmp}/out.json", "RUN_DIR": "{tmp}/run", "B": "5", "T": "256",
 }
 CHEAP_BENCHMARKS = {"gemm_overhead", "ffi_matmul", "pack"}  # --quick: a few seconds each
 SHELL_SEPARATORS = {"&&", "||", ";", "|"}
@@ -149,7 +149,8 @@ def _shell_script_commands(path: Path) -> list[str]:
     """The ``"$PY" -m X ...`` lines of a shell script, continuations joined, its variables given
     smoke-run values."""
     text = path.read_text().replace("\\\n", " ")
-    subst = {r'"\$\(cap [^)]*\)\)?"': "1", r"\$\{GPU_CHECK_SWEEP_ARGS:-\}": "", r'"\$\{(PAR|KSEL|TESTS)\[@\]\}"': "",
+    subst = {r'"\$\(cap [^)]*\)\)?"': "1", r"\$\{GPU_CHECK_SWEEP_ARGS:-\}": "", r"\$\{GPU_CHECK_DECODE_ARGS:-\}": "",
+             r'"\$\{(PAR|KSEL|TESTS)\[@\]\}"': "",
              r"\$SIZES": "256", r"\$MS": "1 4", r'"\$REPS"': "2", r'"\$SWEEP_S"': "10", r'"\$OUT/': '"{tmp}/',
              r'"\$PY"': "python"}
     out = []

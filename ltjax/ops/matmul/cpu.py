@@ -21,7 +21,7 @@ MAX_M_BY_CODEC = {"int4": 256}
 
 
 def _amx_int8(ct: CompressedTensor) -> bool:
-    return ct.codec == "int8" and bool(_cpu.handlers.info().get("amx"))
+    return ct.codec == "int8" and _cpu.handlers is not None and bool(_cpu.handlers.info().get("amx"))
 
 
 def _reason(a: jax.Array, ct: CompressedTensor, *, transpose: bool) -> str | None:
@@ -39,6 +39,8 @@ def max_m(ct: CompressedTensor) -> int | None:
 
 
 def prefer(x2, ct, *, platform: str) -> str | None:
+    if x2.shape[0] <= MAX_M:
+        return None
     limit = max_m(ct)
     if limit is not None and x2.shape[0] > limit:
         return f"M={x2.shape[0]} > {limit}: the XLA path's chunked dots are faster there for {ct.codec}"
