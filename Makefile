@@ -24,7 +24,8 @@ demo: setup
 	$(PY) -m models.demo
 
 test: setup
-	$(PY) -m pytest
+	@# -n auto: a worker per core (pytest-xdist); most of the suite is single-threaded XLA compiles
+	$(PY) -m pytest -n auto
 
 lint: setup
 	$(PY) -m ruff check .
